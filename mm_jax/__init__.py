@@ -1,0 +1,1 @@
+"""mm_jax: Magic Mirror on CogVideoX in JAX/Flax NNX."""

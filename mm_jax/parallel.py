@@ -1,0 +1,184 @@
+"""Meshes and logical-axis sharding: the only module that knows mesh axis names.
+
+Models annotate parameters (``nnx.Param(..., logical_axes=("embed", "mlp"))``) and activations
+(``constrain(x, ("batch", "seq", "embed"))``) with *logical* names. ``LOGICAL_RULES`` below maps
+those names to the physical mesh axes, once, for the whole project. A logical dimension that does
+not divide evenly over its mesh axes is replicated instead, so every configuration (tiny test
+models included) runs on every mesh.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or tuple of axes, or None for replicated)
+LOGICAL_RULES: Mapping[str, Any] = {
+    # activations
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "frames": None,
+    "height": None,
+    "width": None,
+    "act_embed": "tensor",
+    "act_heads": "tensor",
+    "act_mlp": "tensor",
+    # parameters
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv": None,
+    "head_dim": None,
+    "vocab": "tensor",
+    "cond": None,
+    "norm": None,
+    "patch": None,
+    "channels": None,
+    "conv_in": None,
+    "conv_out": "tensor",
+    "rel_buckets": None,
+    "layers": None,
+}
+
+
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+    """``"data=1,fsdp=2,tensor=4"`` -> ``{"data": 1, "fsdp": 2, "tensor": 4}``."""
+    shape: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if "=" not in part:
+            raise ValueError(f"mesh spec {spec!r}: expected comma-separated axis=size, got {part!r}")
+        name, size = (s.strip() for s in part.split("=", 1))
+        if name not in MESH_AXES:
+            raise ValueError(f"mesh spec {spec!r}: unknown axis {name!r}; allowed: {', '.join(MESH_AXES)}")
+        if not size.isdigit() or int(size) < 1:
+            raise ValueError(f"mesh spec {spec!r}: axis {name!r} needs a positive integer size, got {size!r}")
+        shape[name] = int(size)
+    return shape
+
+
+def default_mesh_shape(num_devices: int) -> dict[str, int]:
+    """All devices on the fsdp axis: params and batch sharded, no tensor-parallel collectives."""
+    return {"data": 1, "fsdp": num_devices, "tensor": 1}
+
+
+def make_mesh(shape: Mapping[str, int] | str | None = None, devices: Sequence[Any] | None = None) -> Mesh:
+    """A ``Mesh`` over ``MESH_AXES``. Missing axes get size 1; the product must equal the device count."""
+    devices = list(jax.devices() if devices is None else devices)
+    if isinstance(shape, str):
+        shape = parse_mesh_spec(shape)
+    shape = dict(default_mesh_shape(len(devices)) if not shape else shape)
+    sizes = [shape.get(a, 1) for a in MESH_AXES]
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but {len(devices)} are present"
+        )
+    try:
+        arr = jax.experimental.mesh_utils.create_device_mesh(sizes, devices=devices)
+    except Exception:  # unusual topologies (fake CPU devices): plain reshape
+        arr = np.asarray(devices).reshape(sizes)
+    return Mesh(arr, MESH_AXES)
+
+
+def maybe_initialize_distributed() -> None:
+    """Call ``jax.distributed.initialize()`` when launched as one of several processes.
+
+    Detected from the usual launcher variables (``JAX_COORDINATOR_ADDRESS``, SLURM, TPU pods set
+    theirs); a single process does nothing.
+    """
+    multi = any(
+        os.environ.get(k)
+        for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES")
+    )
+    if multi and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
+        try:
+            jax.distributed.initialize()
+        except RuntimeError as e:  # already initialized
+            if "already" not in str(e):
+                raise
+
+
+def _mesh_axes_size(mesh_shape: Mapping[str, int], axes: Any) -> int:
+    if axes is None:
+        return 1
+    if isinstance(axes, str):
+        axes = (axes,)
+    return math.prod(mesh_shape.get(a, 1) for a in axes)
+
+
+def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int] | None = None,
+                    mesh_shape: Mapping[str, int] | None = None) -> P:
+    """Map logical axis names to a ``PartitionSpec`` through ``LOGICAL_RULES``.
+
+    With ``shape`` and ``mesh_shape`` given, a dimension that does not divide evenly over its mesh
+    axes, or whose mesh axes are already used by an earlier dimension, is replicated.
+    """
+    if logical is None:
+        return P()
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(logical):
+        axes = LOGICAL_RULES.get(name) if name is not None else None
+        if name is not None and name not in LOGICAL_RULES:
+            raise KeyError(f"logical axis {name!r} has no rule in mm_jax.parallel.LOGICAL_RULES")
+        if axes is not None:
+            tup = (axes,) if isinstance(axes, str) else tuple(axes)
+            if mesh_shape is not None:
+                tup = tuple(a for a in tup if a in mesh_shape and a not in used)
+                if shape is not None and shape[i] % max(_mesh_axes_size(mesh_shape, tup), 1):
+                    tup = ()
+            used.update(tup)
+            axes = None if not tup else (tup[0] if len(tup) == 1 else tup)
+        out.append(axes)
+    return P(*out)
+
+
+def _current_mesh_shape() -> dict[str, int] | None:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return None
+    return dict(mesh.shape)
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` by logical names; a no-op when no mesh is set."""
+    mesh_shape = _current_mesh_shape()
+    if mesh_shape is None or math.prod(mesh_shape.values()) == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, x.shape, mesh_shape))
+
+
+def variable_spec(var: Any, mesh: Mesh) -> P:
+    """The ``PartitionSpec`` of one NNX variable (abstract or concrete) from its ``logical_axes``."""
+    meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
+    logical = meta.get("logical_axes")
+    shape = var.get_value().shape if hasattr(var, "get_value") else var.shape
+    if logical is not None and len(logical) != len(shape):
+        raise ValueError(f"logical axes {logical} do not match a parameter of shape {shape}")
+    return logical_to_spec(logical, shape, dict(mesh.shape))
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """A pytree of ``NamedSharding`` matching an ``nnx.State`` (from ``nnx.state`` or ``nnx.eval_shape``)."""
+    from flax import nnx
+
+    flat = nnx.to_flat_state(state)
+    return nnx.from_flat_state([(p, NamedSharding(mesh, variable_spec(v, mesh))) for p, v in flat])
+
+
+def shard_module(module: Any, mesh: Mesh) -> Any:
+    """Place an existing module's variables on ``mesh`` by their logical axes (in place)."""
+    from flax import nnx
+
+    state = nnx.state(module)
+    flat = nnx.to_flat_state(state)
+    placed = [(p, jax.device_put(v.get_value(), NamedSharding(mesh, variable_spec(v, mesh)))) for p, v in flat]
+    for (p, var), (_, value) in zip(flat, placed):
+        var.set_value(value)
+    nnx.update(module, nnx.from_flat_state(flat))
+    return module

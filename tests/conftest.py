@@ -1,0 +1,42 @@
+"""Shared test helpers: seeded torch references, the converter, and the error measure."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared"
+if not SHARED.exists():  # CI clones with shared/ beside the checkout; a local tree may hold it inside
+    SHARED = ROOT / "shared"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def max_rel_err(ours, ref) -> float:
+    """max |ours - ref| / max |ref|: the error relative to the reference's scale."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def randomize_torch_params(module, seed: int = 0, scale: float = 0.2) -> None:
+    """Give every parameter (norms and zero-inits included) non-trivial random values."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * scale
+            if name.endswith("norm.weight") or ".norm_" in name and name.endswith("weight"):
+                noise = 1.0 + noise
+            p.copy_(noise.to(p.dtype))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return SHARED

@@ -1,0 +1,61 @@
+"""The Flax DiT equals diffusers' CogVideoXTransformer3DModel after conversion by our tool."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import max_rel_err, randomize_torch_params
+from tools.convert_weights.from_torch import convert
+from mm_jax import checkpoint
+
+TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=2,
+            text_embed_dim=32, time_embed_dim=16, sample_width=12, sample_height=8, sample_frames=9,
+            max_text_seq_length=7, patch_size=2)
+
+
+def _torch_model(rope: bool, seed: int = 0):
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = CogVideoXTransformer3DModel(**TINY, use_rotary_positional_embeddings=rope,
+                                    spatial_interpolation_scale=1.875 if not rope else 1.875).eval()
+    randomize_torch_params(m, seed)
+    return m
+
+
+def _torch_rope(m, frames, h, w):
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    p = m.config.patch_size
+    crops = get_resize_crop_region_for_grid((h // p, w // p), m.config.sample_width // p, m.config.sample_height // p)
+    return get_3d_rotary_pos_embed(embed_dim=m.config.attention_head_dim, crops_coords=crops,
+                                   grid_size=(h // p, w // p), temporal_size=frames, device="cpu")
+
+
+@pytest.fixture(scope="module", params=["rope", "sincos"])
+def converted(request, tmp_path_factory):
+    rope = request.param == "rope"
+    m = _torch_model(rope)
+    src = tmp_path_factory.mktemp("src") / "transformer"
+    m.save_pretrained(src, max_shard_size="40KB")  # several shards + index
+    assert len(list(src.glob("*.safetensors"))) > 1
+    dst = convert(src, tmp_path_factory.mktemp("dst") / "ckpt")
+    ours = checkpoint.load_component(dst, "transformer")
+    return rope, m, ours
+
+
+@pytest.mark.parametrize("frames,h,w", [(3, 8, 12), (2, 8, 8)])  # base grid (integer RoPE), other aspect (fractional)
+def test_dit_matches_diffusers(converted, frames, h, w):
+    rope, m, ours = converted
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, frames, 4, h, w, generator=g)
+    text = torch.randn(2, 7, 32, generator=g)
+    t = torch.tensor([999, 17])
+    with torch.no_grad():
+        ref = m(hidden_states=x, encoder_hidden_states=text, timestep=t,
+                image_rotary_emb=_torch_rope(m, frames, h, w) if rope else None, return_dict=False)[0]
+    y = ours(x.permute(0, 1, 3, 4, 2).numpy(), text.numpy(), t.numpy())
+    err = max_rel_err(np.asarray(y), ref.permute(0, 1, 3, 4, 2).numpy())
+    assert err <= 1e-5, err

@@ -1,0 +1,96 @@
+"""How our parameter tree maps onto a PyTorch state dict.
+
+Our parameters are named after the checkpoint's modules, so a torch key is our path joined with
+dots, with the leaf renamed (``kernel``/``scale``/``embedding`` -> ``weight``) and the few
+structural differences listed per component in ``RENAMES``. The array transform follows from the
+kind of parameter alone: a linear kernel is transposed, a conv kernel is moved to channels-last,
+everything else is copied.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+# our dotted path (regex) -> torch dotted path, applied in order, per component
+RENAMES: dict[str, list[tuple[str, str]]] = {
+    "transformer": [
+        (r"\.ff\.proj_in\.", ".ff.net.0.proj."),
+        (r"\.ff\.proj_out\.", ".ff.net.2."),
+        (r"\.attn1\.to_out\.", ".attn1.to_out.0."),
+    ],
+}
+
+# torch key -> other names the same tensor may be stored under (tied weights)
+ALIASES: dict[str, dict[str, tuple[str, ...]]] = {}
+
+LEAF_RENAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+
+# torch layout -> ours, by (leaf name, rank)
+_KERNEL_PERMS = {2: (1, 0), 3: (2, 1, 0), 4: (2, 3, 1, 0), 5: (2, 3, 4, 1, 0)}
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One parameter: our flat key, the torch key, shapes on both sides and the transform."""
+    ours: str
+    torch: str
+    our_shape: tuple[int, ...]
+    torch_shape: tuple[int, ...]
+    perm: tuple[int, ...] | None   # torch array -> ours via transpose(perm); None = identity
+
+    def to_ours(self, arr: np.ndarray) -> np.ndarray:
+        return arr if self.perm is None else arr.transpose(self.perm)
+
+
+def torch_key(component: str, our_key: str) -> str:
+    parts = our_key.split("/")
+    parts[-1] = LEAF_RENAMES.get(parts[-1], parts[-1])
+    key = "." + ".".join(parts) + "."
+    for pat, rep in RENAMES.get(component, []):
+        key = re.sub(pat, rep, key)
+    return key.strip(".")
+
+
+def build_mapping(component: str, our_shapes: dict[str, tuple[tuple[int, ...], object]]) -> dict[str, Mapping]:
+    """``{torch key: Mapping}`` for every parameter of our (abstract) model."""
+    out: dict[str, Mapping] = {}
+    for ours, (shape, _) in our_shapes.items():
+        leaf = ours.rsplit("/", 1)[-1]
+        perm = _KERNEL_PERMS.get(len(shape)) if leaf == "kernel" else None
+        if perm is None:
+            tshape = tuple(shape)
+        else:
+            inv = np.argsort(perm)
+            tshape = tuple(shape[i] for i in inv)
+        tk = torch_key(component, ours)
+        if tk in out:
+            raise AssertionError(f"two parameters map to torch key {tk!r}: {out[tk].ours} and {ours}")
+        out[tk] = Mapping(ours, tk, tuple(shape), tshape, perm)
+    return out
+
+
+def check_source(component: str, mapping: dict[str, Mapping], found: dict[str, tuple[int, ...]]) -> list[str]:
+    """Problems between the expected mapping and the source's ``{key: shape}``, one line each."""
+    aliases = ALIASES.get(component, {})
+    problems = []
+    resolved = set()
+    for tk, m in mapping.items():
+        names = (tk,) + aliases.get(tk, ())
+        hit = next((n for n in names if n in found), None)
+        if hit is None:
+            problems.append(f"missing key {tk} (expected shape {list(m.torch_shape)})")
+            continue
+        resolved.update(n for n in names if n in found)
+        if tuple(found[hit]) != m.torch_shape:
+            problems.append(f"shape mismatch for {hit}: expected {list(m.torch_shape)}, found {list(found[hit])}")
+    for k in sorted(set(found) - resolved):
+        problems.append(f"unexpected key {k} (shape {list(found[k])}): not part of the {component} architecture")
+    return problems
+
+
+def resolve(component: str, tk: str, found: dict) -> str:
+    names = (tk,) + ALIASES.get(component, {}).get(tk, ())
+    return next(n for n in names if n in found)
