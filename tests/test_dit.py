@@ -59,3 +59,21 @@ def test_dit_matches_diffusers(converted, frames, h, w):
     y = ours(x.permute(0, 1, 3, 4, 2).numpy(), text.numpy(), t.numpy())
     err = max_rel_err(np.asarray(y), ref.permute(0, 1, 3, 4, 2).numpy())
     assert err <= 1e-5, err
+
+
+@pytest.mark.parametrize("impl", ["chunked", "xla"])
+def test_attention_implementations_agree_with_a_key_mask(impl):
+    import jax
+
+    from mm_jax.models.layers import attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 37, 3, 8), dtype=np.float32) for _ in range(3))
+    k, v = k[:, :29], v[:, :29]
+    mask = np.ones((2, 29), bool)
+    mask[1, :5] = False
+    s = np.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(8) + np.where(mask, 0, -np.inf)[:, None, None, :]
+    p = np.exp(s - s.max(-1, keepdims=True))
+    ref = np.einsum("bnqk,bknh->bqnh", p / p.sum(-1, keepdims=True), v)
+    out = jax.jit(lambda q, k, v, m: attention(q, k, v, key_mask=m, implementation=impl))(q, k, v, mask)
+    assert max_rel_err(out, ref) <= 1e-6

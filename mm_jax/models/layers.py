@@ -74,27 +74,67 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
 
 # --------------------------------------------------------------------------------------------
 # Attention: every network calls this one function. The implementation is chosen by name;
-# "xla" works everywhere, "cudnn" is the fused flash kernel on NVIDIA GPUs, and further kernels
-# (the TPU splash kernel) register themselves in ATTENTION_IMPLS.
+# "xla" works everywhere, "chunked" is the fast exact path on CPU, "cudnn" is the fused flash
+# kernel on NVIDIA GPUs, and further kernels (the TPU splash kernel) register themselves in
+# ATTENTION_IMPLS.
 
 def _dpa(q, k, v, key_mask, scale, implementation):
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
 
 
+def chunked_attention(q, k, v, key_mask=None, scale=None, *, block_q: int = 512):
+    """Exact attention computed one (head, query block) at a time under ``lax.map``.
+
+    Each step's score matrix (block_q, T) stays small enough for the CPU caches, so the softmax
+    runs fused instead of streaming a (N, S, T) tensor through memory: 8x faster than the XLA
+    path of ``jax.nn.dot_product_attention`` on CPU for the DiT's 4.5k-token sequences. The
+    softmax is over all keys at once (not an online softmax), so the numbers are the plain ones.
+    """
+    b, s, n, h = q.shape
+    t = k.shape[1]
+    scale = h ** -0.5 if scale is None else scale
+    bq = min(block_q, s)
+    pad = (-s) % bq
+    nq = (s + pad) // bq
+    qt = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) * jnp.asarray(scale, q.dtype)
+    qt = qt.reshape(b, nq, bq, n, h).transpose(3, 1, 0, 2, 4).reshape(n * nq, b, bq, h)
+    kt, vt = k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3)  # (n, b, t, h)
+    bias = None if key_mask is None else jnp.where(key_mask, 0.0, -1e30).astype(jnp.float32)[:, None, :]
+
+    def one(args):
+        idx, qc = args
+        head = idx // nq
+        kc = jax.lax.dynamic_index_in_dim(kt, head, 0, keepdims=False)
+        vc = jax.lax.dynamic_index_in_dim(vt, head, 0, keepdims=False)
+        sc = jnp.einsum("bqh,bkh->bqk", qc, kc, preferred_element_type=jnp.float32)
+        if bias is not None:
+            sc = sc + bias
+        p = jnp.exp(sc - jnp.max(sc, axis=-1, keepdims=True))
+        o = jnp.einsum("bqk,bkh->bqh", p.astype(vc.dtype), vc, preferred_element_type=jnp.float32)
+        return (o / jnp.sum(p, axis=-1, keepdims=True)).astype(q.dtype)
+
+    o = jax.lax.map(one, (jnp.arange(n * nq), qt))  # (n*nq, b, bq, h)
+    o = o.reshape(n, nq, b, bq, h).transpose(2, 1, 3, 0, 4).reshape(b, nq * bq, n, h)
+    return o[:, :s]
+
+
 ATTENTION_IMPLS: dict[str, Callable] = {
+    "chunked": lambda q, k, v, key_mask, scale: chunked_attention(q, k, v, key_mask, scale),
     "xla": lambda q, k, v, key_mask, scale: _dpa(q, k, v, key_mask, scale, "xla"),
     "cudnn": lambda q, k, v, key_mask, scale: _dpa(q, k, v, key_mask, scale, "cudnn"),
 }
 
 
 def default_attention_impl() -> str:
-    """"cudnn" on NVIDIA GPUs, "splash" on TPU when registered, else "xla"."""
+    """"cudnn" on NVIDIA GPUs, "splash" on TPU when registered, "chunked" on CPU, else "xla"."""
     backend = jax.default_backend()
     if backend == "gpu":
         return "cudnn"
     if backend == "tpu" and "splash" in ATTENTION_IMPLS:
         return "splash"
+    if backend == "cpu":
+        return "chunked"
     return "xla"
 
 
