@@ -4,7 +4,9 @@ Layout of a converted (or trained) checkpoint folder::
 
     DIR/mm_jax_checkpoint.json        {"format": 1, "components": [...]}
     DIR/<component>/config.json       the architecture (diffusers/transformers field names)
-    DIR/<component>/params/           Orbax checkpoint of a flat {"a/b/0/kernel": array} dict
+    DIR/<component>/params/<group>/   Orbax checkpoints of flat {"a/b/0/kernel": array} dicts, one
+                                      per group (a top-level module, or one numbered block), so
+                                      writing and reading hold at most one block in host memory
     DIR/tokenizer/, DIR/scheduler/    copied verbatim from the source pipeline
 
 Restoring builds the network abstractly (``nnx.eval_shape``), derives each parameter's
@@ -65,18 +67,45 @@ def read_index(ckpt_dir: str | Path) -> list[str]:
     return json.loads(idx.read_text())["components"]
 
 
-def save_params(folder: Path, flat: Mapping[str, np.ndarray | jax.Array]) -> None:
-    """Orbax-save a flat ``{key: array}`` dict into ``folder/params`` (blocking)."""
+def group_of(key: str) -> str:
+    """The save group of a flat key: the path up to its first list index (``transformer_blocks.3``),
+    else its top-level module (``patch_embed``)."""
+    parts = key.split("/")
+    for i, p in enumerate(parts[:-1]):
+        if p.isdigit():
+            return ".".join(parts[: i + 1])
+    return parts[0] if len(parts) > 1 else "_root"
+
+
+def save_params(folder: Path, flat: Mapping[str, Any], progress: bool = False) -> None:
+    """Orbax-save a flat ``{key: array-or-callable}`` dict into ``folder/params``, one group at a time.
+
+    A value may be a zero-argument callable producing the array, so a caller streaming from disk
+    materializes only the current group.
+    """
+    groups: dict[str, list[str]] = {}
+    for k in flat:
+        groups.setdefault(group_of(k), []).append(k)
+    root = Path(folder).absolute() / "params"
+    root.mkdir(parents=True, exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(Path(folder).absolute() / "params", dict(flat))
-    ckptr.wait_until_finished()
+    items = groups.items()
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc=f"writing {Path(folder).name}", unit="group")
+    for g, keys in items:
+        tree = {k: (flat[k]() if callable(flat[k]) else flat[k]) for k in keys}
+        ckptr.save(root / g, tree)
+        ckptr.wait_until_finished()
+        del tree
 
 
-def save_component(ckpt_dir: str | Path, name: str, cfg: Any, flat: Mapping[str, Any]) -> None:
+def save_component(ckpt_dir: str | Path, name: str, cfg: Any, flat: Mapping[str, Any], progress: bool = False) -> None:
     folder = Path(ckpt_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
-    save_params(folder, flat)
+    save_params(folder, flat, progress)
 
 
 def save_module(ckpt_dir: str | Path, name: str, module: nnx.Module) -> None:
@@ -111,21 +140,28 @@ def load_component(ckpt_dir: str | Path, name: str, *, mesh: Mesh | None = None,
             params_target[flat_key(path)] = jax.ShapeDtypeStruct(
                 v.shape, v.dtype, sharding=NamedSharding(mesh, parallel.variable_spec(var, mesh)))
     params_dir = (Path(ckpt_dir) / name / "params").absolute()
-    meta = ocp.StandardCheckpointer().metadata(params_dir)
-    stored = getattr(meta, "item_metadata", meta)
-    stored_keys = set(stored.keys()) if hasattr(stored, "keys") else set(params_target)
-    missing = sorted(set(params_target) - stored_keys)
-    extra = sorted(stored_keys - set(params_target))
-    if missing or extra:
-        raise ValueError(f"checkpoint {params_dir} does not fit the {name} config: "
-                         f"missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
-                         f"unexpected {extra[:10]}{'...' if len(extra) > 10 else ''}")
+    ckptr = ocp.StandardCheckpointer()
+    groups: dict[str, dict[str, Any]] = {}
     for k, t in params_target.items():
-        s = stored[k]
-        if tuple(s.shape) != tuple(t.shape):
-            raise ValueError(f"checkpoint {params_dir}: parameter {k} has shape {tuple(s.shape)}, "
-                             f"the config expects {tuple(t.shape)}")
-    restored = ocp.StandardCheckpointer().restore(params_dir, params_target)
+        groups.setdefault(group_of(k), {})[k] = t
+    stored_groups = {p.name for p in params_dir.iterdir()} if params_dir.is_dir() else set()
+    problems = [f"missing group {g} ({len(ts)} params)" for g, ts in groups.items() if g not in stored_groups]
+    problems += [f"unexpected group {g}" for g in sorted(stored_groups - set(groups))]
+    stored = {}
+    for g in groups:
+        if g in stored_groups:
+            meta = ckptr.metadata(params_dir / g)
+            stored.update(dict(getattr(meta, "item_metadata", meta)))
+    problems += [f"missing {k} (expected shape {list(t.shape)})" for k, t in params_target.items() if k not in stored]
+    problems += [f"unexpected {k}" for k in sorted(set(stored) - set(params_target))]
+    problems += [f"{k}: stored shape {list(stored[k].shape)}, the config expects {list(t.shape)}"
+                 for k, t in params_target.items() if k in stored and tuple(stored[k].shape) != tuple(t.shape)]
+    if problems:
+        raise ValueError(f"checkpoint {params_dir} does not fit the {name} config ({len(problems)} problem(s)):\n  "
+                         + "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else ""))
+    restored = {}
+    for g, targets in groups.items():
+        restored.update(ckptr.restore(params_dir / g, targets))
     new_flat = []
     for path, var in flat:
         key = flat_key(path)

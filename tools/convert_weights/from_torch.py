@@ -70,17 +70,19 @@ def plan_component(spec: components.ComponentSpec, folder: Path):
 
 
 def convert_component(spec, cfg, mapping, tensors, out_dir: Path, dtype: str) -> int:
-    flat = {}
-    nparams = 0
-    for tk, m in tqdm(mapping.items(), desc=f"{spec.name}: mapping", unit="tensor", leave=False):
-        arr = m.to_ours(tensors[mp.resolve(spec.name, tk, tensors)].load())
-        if dtype != "source":
-            arr = arr.astype(np.dtype(DTYPES["BF16"] if dtype == "bfloat16" else np.float32))
-        flat[m.ours] = arr
-        nparams += arr.size
+    target = None if dtype == "source" else np.dtype(DTYPES["BF16"] if dtype == "bfloat16" else np.float32)
+
+    def reader(tk, m):  # materialized only while its group is written
+        def read():
+            arr = m.to_ours(tensors[mp.resolve(spec.name, tk, tensors)].load())
+            return np.ascontiguousarray(arr if target is None else arr.astype(target))
+        return read
+
+    flat = {m.ours: reader(tk, m) for tk, m in mapping.items()}
+    nparams = int(sum(np.prod(m.our_shape) for m in mapping.values()))
     t0 = time.time()
     print(f"{spec.name}: writing {len(flat)} tensors ({nparams:,} params)", file=sys.stderr)
-    checkpoint.save_component(out_dir, spec.name, cfg, flat)
+    checkpoint.save_component(out_dir, spec.name, cfg, flat, progress=True)
     print(f"{spec.name}: done in {time.time() - t0:.1f}s", file=sys.stderr)
     return nparams
 

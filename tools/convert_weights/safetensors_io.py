@@ -2,7 +2,8 @@
 
 A safetensors file is an 8-byte little-endian header length, a JSON header
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` and the raw data. We parse the header
-and hand out ``np.memmap`` views, so reading a tensor touches only its own bytes.
+and read each tensor's own byte range on demand, so converting holds one tensor (or one save
+group) in memory at a time, never a whole shard.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class TensorInfo:
     end: int
 
     def load(self) -> np.ndarray:
-        """A read-only memmap view of the tensor (a copy only for 0-d or empty tensors)."""
+        """Read just this tensor's bytes from its file into a fresh array."""
         dt = np.dtype(DTYPES[self.dtype])
         count = int(np.prod(self.shape)) if self.shape else 1
         if self.end - self.start != count * dt.itemsize:
@@ -43,7 +44,9 @@ class TensorInfo:
                                   f"expected {count * dt.itemsize} for {self.dtype}{list(self.shape)}")
         if count == 0:
             return np.zeros(self.shape, dt)
-        arr = np.memmap(self.file, dtype=dt, mode="r", offset=self.start, shape=(count,))
+        arr = np.fromfile(self.file, dtype=dt, count=count, offset=self.start)
+        if arr.size != count:
+            raise CheckpointError(f"{self.file.name}: truncated shard while reading tensor {self.name!r}")
         return arr.reshape(self.shape)
 
 
