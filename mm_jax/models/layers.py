@@ -139,13 +139,20 @@ def default_attention_impl() -> str:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array | None = None,
-              scale: float | None = None, implementation: str | None = None) -> jax.Array:
-    """softmax(q k^T * scale [+ key mask]) v.
+              scale: float | None = None, bias: jax.Array | None = None,
+              implementation: str | None = None) -> jax.Array:
+    """softmax(q k^T * scale [+ bias] [+ key mask]) v.
 
     q: (B, S, N, Dh), k/v: (B, T, N, Dh), key_mask: (B, T) bool (True = attend) -> (B, S, N, Dh).
-    ``scale`` defaults to 1/sqrt(Dh). ``implementation``: a key of ``ATTENTION_IMPLS`` or None
-    for the backend default. cuDNN needs bf16/fp16 inputs; fp32 falls back to "xla".
+    ``scale`` defaults to 1/sqrt(Dh). ``bias``: an additive (B or 1, N, S, T) logit bias (T5's
+    relative positions; short sequences, so it always takes the "xla" path). ``implementation``:
+    a key of ``ATTENTION_IMPLS`` or None for the backend default. cuDNN needs bf16/fp16 inputs;
+    fp32 falls back to "xla".
     """
+    if bias is not None:
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), mask=mask, scale=scale,
+                                            implementation="xla")
     impl = implementation or default_attention_impl()
     if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
         impl = "xla"

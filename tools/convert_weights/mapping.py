@@ -24,7 +24,9 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
 }
 
 # torch key -> other names the same tensor may be stored under (tied weights)
-ALIASES: dict[str, dict[str, tuple[str, ...]]] = {}
+ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "text_encoder": {"shared.weight": ("encoder.embed_tokens.weight",)},
+}
 
 LEAF_RENAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
