@@ -41,6 +41,8 @@ COMPONENTS: dict[str, ComponentSpec] = {
     "transformer": ComponentSpec(
         "transformer", "mm_jax.models.dit:DiTConfig", "mm_jax.models.dit:CogVideoXTransformer3D",
         ("CogVideoXTransformer3DModel",)),
+    "vae": ComponentSpec(
+        "vae", "mm_jax.models.vae:VAEConfig", "mm_jax.models.vae:AutoencoderKLCogVideoX", ("AutoencoderKLCogVideoX",)),
     "text_encoder": ComponentSpec(
         "text_encoder", "mm_jax.models.t5:T5Config", "mm_jax.models.t5:T5Encoder", ("T5EncoderModel",)),
 }

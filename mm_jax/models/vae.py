@@ -1,0 +1,526 @@
+"""The CogVideoX 3D causal VAE (diffusers ``AutoencoderKLCogVideoX``) in Flax NNX, channels-last.
+
+    video  (B, T, H, W, 3) in [-1, 1], T = 4k+1 (or 1)  --encode-->  posterior over (B, k+1, H/8, W/8, 16)
+    latent (B, F, h, w, 16)                              --decode-->  video (B, 4(F-1)+1, 8h, 8w, 3)
+
+Frames are processed in batches exactly as the reference does (encode: 8 pixel frames, the
+remainder joining the first batch; decode: 2 latent frames), because GroupNorm statistics are
+per batch. Temporal context flows between batches through an explicit conv cache: every causal
+conv with a temporal kernel > 1 returns the last ``kt - 1`` frames of its padded input, as a
+pytree mirroring the module tree. The first batch runs on its own (its size differs and it has
+no cache); the equal-size rest runs under one ``lax.scan``, so compile time does not grow with
+the number of frames.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mm_jax.models.layers import canonical_dtype
+
+Cache = Optional[dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 16
+    block_out_channels: tuple = (128, 256, 256, 512)
+    layers_per_block: int = 3
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    temporal_compression_ratio: int = 4
+    scaling_factor: float = 0.7
+    sample_height: int = 480
+    sample_width: int = 720
+    act_fn: str = "silu"
+    use_quant_conv: bool = False
+    use_post_quant_conv: bool = False
+    invert_scale_latents: bool = False
+    down_block_types: tuple = ("CogVideoXDownBlock3D",) * 4
+    up_block_types: tuple = ("CogVideoXUpBlock3D",) * 4
+    # runtime
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    use_tiling: bool = False
+    tile_sample_min_height: Optional[int] = None   # default sample_height // 2
+    tile_sample_min_width: Optional[int] = None    # default sample_width // 2
+    tile_overlap_factor_height: float = 1 / 6
+    tile_overlap_factor_width: float = 1 / 5
+    encode_frame_batch: int = 8
+    decode_frame_batch: int = 2
+
+    RUNTIME_FIELDS = ("dtype", "param_dtype", "use_tiling", "tile_sample_min_height", "tile_sample_min_width",
+                      "tile_overlap_factor_height", "tile_overlap_factor_width", "encode_frame_batch",
+                      "decode_frame_batch")
+    IGNORED = ("force_upcast", "shift_factor", "latents_mean", "latents_std", "dropout")
+
+    @classmethod
+    def from_dict(cls, d: dict, **overrides) -> "VAEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in d if k not in names and k not in cls.IGNORED and not k.startswith("_"))
+        if unknown:
+            raise ValueError(f"VAE config has fields this port does not know: {unknown}")
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+        cfg = cls(**kw, **overrides)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in self.RUNTIME_FIELDS:
+            d.pop(k)
+        d["_class_name"] = "AutoencoderKLCogVideoX"
+        return d
+
+    def validate(self) -> None:
+        if self.use_quant_conv or self.use_post_quant_conv:
+            raise ValueError("use_quant_conv / use_post_quant_conv are not used by CogVideoX and not supported")
+        if self.act_fn not in ("silu", "swish"):
+            raise ValueError(f"act_fn={self.act_fn!r}: only 'silu' is supported")
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise ValueError(f"block_out_channels {self.block_out_channels} must be multiples of "
+                                 f"norm_num_groups {self.norm_num_groups}")
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def temporal_levels(self) -> int:
+        return int(np.log2(self.temporal_compression_ratio))
+
+
+# -- layers ------------------------------------------------------------------------------------
+
+def _conv_param(rngs, shape, pdt):
+    fan_in = int(np.prod(shape[:-1]))
+    return nnx.Param(jax.random.normal(rngs.params(), shape, pdt) / np.sqrt(fan_in),
+                     logical_axes=(None,) * (len(shape) - 2) + ("conv_in", "conv_out"))
+
+
+class Conv(nnx.Module):
+    """A plain N-d convolution over channels-last input; ``kernel`` (*k, in, out) + ``bias``."""
+
+    def __init__(self, cin, cout, kernel: tuple, *, dtype, param_dtype, rngs):
+        self.kernel = _conv_param(rngs, tuple(kernel) + (cin, cout), param_dtype)
+        self.bias = nnx.Param(jnp.zeros((cout,), param_dtype), logical_axes=("conv_out",))
+        self.dtype = dtype
+
+    def __call__(self, x, stride=1, padding="VALID"):
+        nd = self.kernel.get_value().ndim - 2
+        spec = {2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}[nd]
+        y = jax.lax.conv_general_dilated(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                                         (stride,) * nd, padding, dimension_numbers=spec)
+        return y + self.bias[...].astype(self.dtype)
+
+
+class CausalConv3d(nnx.Module):
+    """Causal in time: prepend ``kt-1`` frames (the cache, else copies of the first frame); zero
+    padding in space. x (B, T, H, W, Cin) -> ((B, T, H, W, Cout), new cache (B, kt-1, H, W, Cin) | None)."""
+
+    def __init__(self, cin, cout, k: int, *, dtype, param_dtype, rngs):
+        self.conv = Conv(cin, cout, (k, k, k), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.k = k
+
+    def __call__(self, x, cache=None):
+        k = self.k
+        new_cache = None
+        if k > 1:
+            pre = cache if cache is not None else jnp.repeat(x[:, :1], k - 1, axis=1)
+            x = jnp.concatenate([pre.astype(x.dtype), x], axis=1)
+            new_cache = x[:, -(k - 1):]
+        p = (k - 1) // 2
+        return self.conv(x, padding=[(0, 0), (p, p), (p, p)]), new_cache
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm over (T, H, W, C/G) of the frames present; ``scale``/``bias`` per channel."""
+
+    def __init__(self, channels, groups, eps, *, param_dtype):
+        self.scale = nnx.Param(jnp.ones((channels,), param_dtype), logical_axes=("norm",))
+        self.bias = nnx.Param(jnp.zeros((channels,), param_dtype), logical_axes=("norm",))
+        self.groups, self.eps = groups, eps
+
+    def __call__(self, x):
+        shape = x.shape
+        xf = x.astype(jnp.float32).reshape(shape[0], -1, self.groups, shape[-1] // self.groups)
+        mean = jnp.mean(xf, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=(1, 3), keepdims=True)
+        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """torch 'nearest' (legacy): src = floor(dst * in / out)."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
+
+
+def nearest_resize(x, size: tuple[int, int, int]):
+    """x (B, T, H, W, C) -> (B, *size, C) by nearest neighbour, torch's rule."""
+    for axis, n in zip((1, 2, 3), size):
+        if x.shape[axis] != n:
+            x = jnp.take(x, jnp.asarray(_nearest_indices(x.shape[axis], n)), axis=axis)
+    return x
+
+
+class SpatialNorm3D(nnx.Module):
+    """Decoder norm conditioned on the latents zq: GN(f) * conv_y(zq') + conv_b(zq'), zq' = zq resized
+    to f (the first latent frame separately when f has an odd frame count > 1)."""
+
+    def __init__(self, f_channels, zq_channels, groups, *, dtype, param_dtype, rngs):
+        self.norm_layer = GroupNorm(f_channels, groups, 1e-6, param_dtype=param_dtype)
+        self.conv_y = CausalConv3d(zq_channels, f_channels, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.conv_b = CausalConv3d(zq_channels, f_channels, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, f, zq):
+        t, h, w = f.shape[1:4]
+        if t > 1 and t % 2 == 1:
+            zq = jnp.concatenate([nearest_resize(zq[:, :1], (1, h, w)), nearest_resize(zq[:, 1:], (t - 1, h, w))], 1)
+        else:
+            zq = nearest_resize(zq, (t, h, w))
+        return self.norm_layer(f) * self.conv_y(zq)[0] + self.conv_b(zq)[0]
+
+
+class ResnetBlock3D(nnx.Module):
+    """norm -> SiLU -> causal conv -> norm -> SiLU -> causal conv, + (1x1x1 conv) shortcut."""
+
+    def __init__(self, cin, cout, cfg: VAEConfig, zq_channels: int | None, *, rngs):
+        dt, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
+        g = cfg.norm_num_groups
+        if zq_channels is None:
+            self.norm1 = GroupNorm(cin, g, cfg.norm_eps, param_dtype=pdt)
+            self.norm2 = GroupNorm(cout, g, cfg.norm_eps, param_dtype=pdt)
+        else:
+            self.norm1 = SpatialNorm3D(cin, zq_channels, g, dtype=dt, param_dtype=pdt, rngs=rngs)
+            self.norm2 = SpatialNorm3D(cout, zq_channels, g, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.conv1 = CausalConv3d(cin, cout, 3, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.conv2 = CausalConv3d(cout, cout, 3, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.conv_shortcut = Conv(cin, cout, (1, 1, 1), dtype=dt, param_dtype=pdt, rngs=rngs) if cin != cout else None
+        self.spatial = zq_channels is not None
+
+    def _norm(self, norm, x, zq):
+        return norm(x, zq) if self.spatial else norm(x)
+
+    def __call__(self, x, zq=None, cache: Cache = None):
+        cache = cache or {}
+        h = jax.nn.silu(self._norm(self.norm1, x, zq))
+        h, c1 = self.conv1(h, cache.get("conv1"))
+        h = jax.nn.silu(self._norm(self.norm2, h, zq))
+        h, c2 = self.conv2(h, cache.get("conv2"))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return h + x, {"conv1": c1, "conv2": c2}
+
+
+class Downsample3D(nnx.Module):
+    """Optional temporal average pooling of frame pairs (the first frame kept alone when the count
+    is odd), then zero-pad right/bottom by 1 and a stride-2 3x3 conv per frame."""
+
+    def __init__(self, channels, compress_time: bool, *, dtype, param_dtype, rngs):
+        self.conv = Conv(channels, channels, (3, 3), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.compress_time = compress_time
+
+    def __call__(self, x):
+        if self.compress_time:
+            t = x.shape[1]
+            first, rest = (x[:, :1], x[:, 1:]) if t % 2 == 1 else (x[:, :0], x)
+            if rest.shape[1]:
+                rest = (rest[:, 0::2] + rest[:, 1::2]) / 2
+            x = jnp.concatenate([first, rest], axis=1)
+        b, t, h, w, c = x.shape
+        y = self.conv(x.reshape(b * t, h, w, c), stride=2, padding=[(0, 1), (0, 1)])
+        return y.reshape(b, t, *y.shape[1:])
+
+
+class Upsample3D(nnx.Module):
+    """Nearest x2 in space (and in time when compressing, the first frame of an odd count only in
+    space), then a 3x3 conv per frame."""
+
+    def __init__(self, channels, compress_time: bool, *, dtype, param_dtype, rngs):
+        self.conv = Conv(channels, channels, (3, 3), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.compress_time = compress_time
+
+    def __call__(self, x):
+        up_hw = lambda v: jnp.repeat(jnp.repeat(v, 2, axis=2), 2, axis=3)
+        t = x.shape[1]
+        if self.compress_time and t > 1 and t % 2 == 1:
+            x = jnp.concatenate([up_hw(x[:, :1]), jnp.repeat(up_hw(x[:, 1:]), 2, axis=1)], axis=1)
+        elif self.compress_time and t > 1:
+            x = jnp.repeat(up_hw(x), 2, axis=1)
+        else:
+            x = up_hw(x)
+        b, t, h, w, c = x.shape
+        y = self.conv(x.reshape(b * t, h, w, c), padding=[(1, 1), (1, 1)])
+        return y.reshape(b, t, *y.shape[1:])
+
+
+
+class DownBlock3D(nnx.Module):
+    def __init__(self, cin, cout, cfg: VAEConfig, add_down: bool, compress_time: bool, *, rngs):
+        dt, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
+        self.resnets = nnx.List([ResnetBlock3D(cin if i == 0 else cout, cout, cfg, None, rngs=rngs)
+                                 for i in range(cfg.layers_per_block)])
+        self.downsamplers = nnx.List([Downsample3D(cout, compress_time, dtype=dt, param_dtype=pdt, rngs=rngs)]
+                                     if add_down else [])
+
+    def __call__(self, x, cache: Cache = None):
+        cache = cache or {}
+        new = {}
+        for i, r in enumerate(self.resnets):
+            x, new[f"resnet_{i}"] = r(x, None, cache.get(f"resnet_{i}"))
+        for d in self.downsamplers:
+            x = d(x)
+        return x, new
+
+
+class UpBlock3D(nnx.Module):
+    def __init__(self, cin, cout, cfg: VAEConfig, add_up: bool, compress_time: bool, *, rngs):
+        dt, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
+        self.resnets = nnx.List([ResnetBlock3D(cin if i == 0 else cout, cout, cfg, cfg.latent_channels, rngs=rngs)
+                                 for i in range(cfg.layers_per_block + 1)])
+        self.upsamplers = nnx.List([Upsample3D(cout, compress_time, dtype=dt, param_dtype=pdt, rngs=rngs)]
+                                   if add_up else [])
+
+    def __call__(self, x, zq, cache: Cache = None):
+        cache = cache or {}
+        new = {}
+        for i, r in enumerate(self.resnets):
+            x, new[f"resnet_{i}"] = r(x, zq, cache.get(f"resnet_{i}"))
+        for u in self.upsamplers:
+            x = u(x)
+        return x, new
+
+
+class MidBlock3D(nnx.Module):
+    def __init__(self, channels, cfg: VAEConfig, zq_channels, *, rngs):
+        self.resnets = nnx.List([ResnetBlock3D(channels, channels, cfg, zq_channels, rngs=rngs) for _ in range(2)])
+
+    def __call__(self, x, zq=None, cache: Cache = None):
+        cache = cache or {}
+        new = {}
+        for i, r in enumerate(self.resnets):
+            x, new[f"resnet_{i}"] = r(x, zq, cache.get(f"resnet_{i}"))
+        return x, new
+
+
+class Encoder3D(nnx.Module):
+    """(B, T, H, W, 3) -> (B, T', H/8, W/8, 2*latent) for one frame batch, with its conv cache."""
+
+    def __init__(self, cfg: VAEConfig, *, rngs):
+        dt, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
+        ch = cfg.block_out_channels
+        self.conv_in = CausalConv3d(cfg.in_channels, ch[0], 3, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.down_blocks = nnx.List([
+            DownBlock3D(ch[max(i - 1, 0)], ch[i], cfg, i < len(ch) - 1, i < cfg.temporal_levels, rngs=rngs)
+            for i in range(len(ch))])
+        self.mid_block = MidBlock3D(ch[-1], cfg, None, rngs=rngs)
+        self.norm_out = GroupNorm(ch[-1], cfg.norm_num_groups, 1e-6, param_dtype=pdt)
+        self.conv_out = CausalConv3d(ch[-1], 2 * cfg.latent_channels, 3, dtype=dt, param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, x, cache: Cache = None):
+        cache = cache or {}
+        new = {}
+        h, new["conv_in"] = self.conv_in(x, cache.get("conv_in"))
+        for i, blk in enumerate(self.down_blocks):
+            h, new[f"down_block_{i}"] = blk(h, cache.get(f"down_block_{i}"))
+        h, new["mid_block"] = self.mid_block(h, None, cache.get("mid_block"))
+        h = jax.nn.silu(self.norm_out(h))
+        h, new["conv_out"] = self.conv_out(h, cache.get("conv_out"))
+        return h, new
+
+
+class Decoder3D(nnx.Module):
+    """(B, F, h, w, latent) -> (B, T, 8h, 8w, 3) for one latent frame batch; every norm is
+    conditioned on that batch of latents."""
+
+    def __init__(self, cfg: VAEConfig, *, rngs):
+        dt, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
+        ch = list(reversed(cfg.block_out_channels))
+        zc = cfg.latent_channels
+        self.conv_in = CausalConv3d(zc, ch[0], 3, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.mid_block = MidBlock3D(ch[0], cfg, zc, rngs=rngs)
+        self.up_blocks = nnx.List([
+            UpBlock3D(ch[max(i - 1, 0)], ch[i], cfg, i < len(ch) - 1, i < cfg.temporal_levels, rngs=rngs)
+            for i in range(len(ch))])
+        self.norm_out = SpatialNorm3D(ch[-1], zc, cfg.norm_num_groups, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.conv_out = CausalConv3d(ch[-1], cfg.out_channels, 3, dtype=dt, param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, z, cache: Cache = None):
+        cache = cache or {}
+        new = {}
+        h, new["conv_in"] = self.conv_in(z, cache.get("conv_in"))
+        h, new["mid_block"] = self.mid_block(h, z, cache.get("mid_block"))
+        for i, blk in enumerate(self.up_blocks):
+            h, new[f"up_block_{i}"] = blk(h, z, cache.get(f"up_block_{i}"))
+        h = jax.nn.silu(self.norm_out(h, z))
+        h, new["conv_out"] = self.conv_out(h, cache.get("conv_out"))
+        return h, new
+
+
+# -- batching over frames ----------------------------------------------------------------------
+
+def frame_batches(num_frames: int, batch: int) -> list[tuple[int, int]]:
+    """The reference's split: max(T // batch, 1) batches, the remainder joining the first."""
+    n = max(num_frames // batch, 1)
+    r = num_frames % batch
+    return [(0 if i == 0 else batch * i + r, min(batch * (i + 1) + r, num_frames)) for i in range(n)]
+
+
+def run_in_frame_batches(net: nnx.Module, x: jax.Array, batch: int) -> jax.Array:
+    """Apply a cached ``net(x, cache) -> (y, cache)`` over frame batches of x (B, T, ...): the first
+    batch alone, the equal-size rest under ``lax.scan``."""
+    spans = frame_batches(x.shape[1], batch)
+    s0, e0 = spans[0]
+    y0, cache = net(x[:, s0:e0], None)
+    if len(spans) == 1:
+        return y0
+    rest = x[:, e0:]
+    b = x.shape[0]
+    rest = rest.reshape(b, len(spans) - 1, batch, *x.shape[2:]).swapaxes(0, 1)
+    graphdef, state = nnx.split(net)
+
+    def body(c, xb):
+        y, c = nnx.merge(graphdef, state)(xb, c)
+        return c, y
+
+    _, ys = jax.lax.scan(body, cache, rest)
+    ys = ys.swapaxes(0, 1).reshape(b, -1, *ys.shape[3:])
+    return jnp.concatenate([y0, ys], axis=1)
+
+
+# -- the autoencoder ---------------------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DiagonalGaussian:
+    """Posterior over latents: mean and clamped logvar, (B, F, h, w, C) each."""
+    mean: jax.Array
+    logvar: jax.Array
+
+    @classmethod
+    def from_moments(cls, h):
+        mean, logvar = jnp.split(h, 2, axis=-1)
+        return cls(mean, jnp.clip(logvar, -30.0, 20.0))
+
+    @property
+    def std(self):
+        return jnp.exp(0.5 * self.logvar)
+
+    def mode(self):
+        return self.mean
+
+    def sample(self, key):
+        return self.mean + self.std * jax.random.normal(key, self.mean.shape, self.mean.dtype)
+
+
+def _check_video(x_shape, spatial: int):
+    t, h, w = x_shape[1:4]
+    if t != 1 and (t - 1) % 4:
+        raise ValueError(f"video has {t} frames: the VAE takes 4k+1 frames (1, 5, 9, ..., 49) or 1 for an image")
+    if h % spatial or w % spatial:
+        raise ValueError(f"video size {h}x{w}: height and width must be multiples of {spatial}")
+
+
+def _blend_axis(a, b, extent, axis):
+    extent = min(a.shape[axis], b.shape[axis], extent)
+    if extent == 0:
+        return b
+    w = (jnp.arange(extent, dtype=jnp.float32) / extent).reshape([-1 if i == axis else 1 for i in range(b.ndim)])
+    a_tail = jax.lax.slice_in_dim(a, a.shape[axis] - extent, a.shape[axis], axis=axis)
+    b_head = jax.lax.slice_in_dim(b, 0, extent, axis=axis)
+    mixed = (a_tail * (1 - w) + b_head * w).astype(b.dtype)
+    return jnp.concatenate([mixed, jax.lax.slice_in_dim(b, extent, b.shape[axis], axis=axis)], axis=axis)
+
+
+class AutoencoderKLCogVideoX(nnx.Module):
+    """CogVideoX VAE: ``encode(video) -> DiagonalGaussian``, ``decode(latents) -> video`` (unscaled
+    latents; see ``encode_video`` / ``decode_latents`` for the scaling factor)."""
+
+    def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        self.encoder = Encoder3D(cfg, rngs=rngs)
+        self.decoder = Decoder3D(cfg, rngs=rngs)
+
+    # tile geometry (pixel and latent), as the reference derives it
+    def _tiles(self):
+        cfg = self.cfg
+        th = cfg.tile_sample_min_height or cfg.sample_height // 2
+        tw = cfg.tile_sample_min_width or cfg.sample_width // 2
+        s = cfg.spatial_compression
+        return th, tw, int(th / s), int(tw / s)
+
+    def _encode_moments(self, x):
+        return run_in_frame_batches(self.encoder, x, self.cfg.encode_frame_batch)
+
+    def _decode_frames(self, z):
+        return run_in_frame_batches(self.decoder, z, self.cfg.decode_frame_batch)
+
+    def encode(self, x: jax.Array) -> DiagonalGaussian:
+        """x (B, T, H, W, in_channels) in [-1, 1] -> posterior."""
+        _check_video(x.shape, self.cfg.spatial_compression)
+        th, tw, lh, lw = self._tiles()
+        h, w = x.shape[2:4]
+        if self.cfg.use_tiling and (h > th or w > tw):
+            cfg = self.cfg
+            moments = self._tiled(x, self._encode_moments, (int(th * (1 - cfg.tile_overlap_factor_height)),
+                                                            int(tw * (1 - cfg.tile_overlap_factor_width))),
+                                  (th, tw), (int(lh * cfg.tile_overlap_factor_height),
+                                             int(lw * cfg.tile_overlap_factor_width)), (lh, lw))
+        else:
+            moments = self._encode_moments(x)
+        return DiagonalGaussian.from_moments(moments)
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        """z (B, F, h, w, latent_channels) -> video (B, T, 8h, 8w, out_channels), not clipped."""
+        cfg = self.cfg
+        th, tw, lh, lw = self._tiles()
+        h, w = z.shape[2:4]
+        if cfg.use_tiling and (h > lh or w > lw):
+            return self._tiled(z, self._decode_frames, (int(lh * (1 - cfg.tile_overlap_factor_height)),
+                                                        int(lw * (1 - cfg.tile_overlap_factor_width))),
+                               (lh, lw), (int(th * cfg.tile_overlap_factor_height),
+                                          int(tw * cfg.tile_overlap_factor_width)), (th, tw))
+        return self._decode_frames(z)
+
+    @staticmethod
+    def _tiled(x, fn, stride, tile, blend, out_tile):
+        """Overlapping tiles through ``fn``, blended with the tile above then the tile to the left
+        (both already blended, as the reference mutates them in place), cropped and joined."""
+        h, w = x.shape[2:4]
+        rows = []
+        for i in range(0, h, stride[0]):
+            rows.append([fn(x[:, :, i:i + tile[0], j:j + tile[1]]) for j in range(0, w, stride[1])])
+        limit = (out_tile[0] - blend[0], out_tile[1] - blend[1])
+        out_rows = []
+        for i, row in enumerate(rows):
+            for j in range(len(row)):
+                if i > 0:
+                    row[j] = _blend_axis(rows[i - 1][j], row[j], blend[0], 2)
+                if j > 0:
+                    row[j] = _blend_axis(row[j - 1], row[j], blend[1], 3)
+            out_rows.append(jnp.concatenate([t[:, :, :limit[0], :limit[1]] for t in row], axis=3))
+        return jnp.concatenate(out_rows, axis=2)
+
+
+# -- the one place the scaling factor is applied --------------------------------------------------
+
+def encode_video(vae: AutoencoderKLCogVideoX, video: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """Pixels (B, T, H, W, 3) in [-1, 1] -> DiT latents: posterior sample (mode without a key) x scaling_factor."""
+    post = vae.encode(video)
+    z = post.mode() if key is None else post.sample(key)
+    return z * vae.cfg.scaling_factor
+
+
+def decode_latents(vae: AutoencoderKLCogVideoX, latents: jax.Array) -> jax.Array:
+    """DiT latents (B, F, h, w, C) -> pixels in about [-1, 1]: decode(latents / scaling_factor)."""
+    return vae.decode(latents / vae.cfg.scaling_factor)

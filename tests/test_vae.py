@@ -1,0 +1,114 @@
+"""The Flax CogVideoX VAE equals diffusers' AutoencoderKLCogVideoX: frame batching, tiling, images."""
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mm_jax import checkpoint
+from mm_jax.models import vae as vae_lib
+from tests.conftest import max_rel_err, randomize_torch_params
+from tools.convert_weights.from_torch import check_manifest, convert
+from tools.convert_weights.safetensors_io import CheckpointError
+
+TINY = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+            norm_num_groups=4, temporal_compression_ratio=4, sample_height=64, sample_width=64,
+            down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from diffusers import AutoencoderKLCogVideoX
+
+    torch.manual_seed(0)
+    ref = AutoencoderKLCogVideoX(**TINY).eval()
+    randomize_torch_params(ref, 0, scale=0.15)
+    src = tmp_path_factory.mktemp("vae") / "vae"
+    ref.save_pretrained(src)
+    ckpt = convert(src, tmp_path_factory.mktemp("ck") / "ckpt")
+    return ref, ckpt, src
+
+
+def _video(t, h, w, seed=0):
+    return torch.rand(1, 3, t, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _cl(x):  # torch (B, C, T, H, W) -> ours (B, T, H, W, C)
+    return x.permute(0, 2, 3, 4, 1).numpy()
+
+
+@pytest.mark.parametrize("frames", [17, 1])  # batches 9+8 (odd first batch), and a single image
+def test_encode_matches_diffusers(pair, frames):
+    ref, ckpt, _ = pair
+    ours = checkpoint.load_component(ckpt, "vae")
+    x = _video(frames, 32, 32)
+    with torch.no_grad():
+        post = ref.encode(x).latent_dist
+    mine = jax.jit(lambda v: ours.encode(v))(_cl(x))
+    assert max_rel_err(mine.mean, _cl(post.mean)) <= 1e-4
+    assert max_rel_err(mine.logvar, _cl(post.logvar)) <= 1e-4
+
+
+@pytest.mark.parametrize("latent_frames", [5, 4, 1])  # batches 3+2 (odd), 2+2 (even), an image
+def test_decode_matches_diffusers(pair, latent_frames):
+    ref, ckpt, _ = pair
+    ours = checkpoint.load_component(ckpt, "vae")
+    z = torch.randn(1, 4, latent_frames, 4, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref.decode(z).sample
+    got = jax.jit(lambda v: ours.decode(v))(_cl(z))
+    assert got.shape == _cl(want).shape
+    assert max_rel_err(got, _cl(want)) <= 1e-4
+
+
+def test_tiled_decode_and_encode_match_diffusers(pair):
+    ref, ckpt, _ = pair
+    ref.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32)
+    try:
+        ours = checkpoint.load_component(ckpt, "vae", use_tiling=True, tile_sample_min_height=32,
+                                         tile_sample_min_width=32)
+        z = torch.randn(1, 4, 3, 7, 9, generator=torch.Generator().manual_seed(2))  # 2x3 latent tiles of 4x4
+        x = _video(9, 48, 48, seed=3)  # pixel tiles of 32 and 22/23 (stride 26 x 25)
+        with torch.no_grad():
+            want_dec = ref.decode(z).sample
+            want_enc = ref.encode(x).latent_dist.mean
+    finally:
+        ref.disable_tiling()
+    assert max_rel_err(ours.decode(_cl(z)), _cl(want_dec)) <= 1e-4
+    assert max_rel_err(ours.encode(_cl(x)).mean, _cl(want_enc)) <= 1e-4
+
+
+def test_scaling_factor_is_applied_once_each_way(pair):
+    _, ckpt, _ = pair
+    ours = checkpoint.load_component(ckpt, "vae")
+    x = _cl(_video(5, 16, 16))
+    np.testing.assert_allclose(vae_lib.encode_video(ours, x), ours.encode(x).mean * 0.7 / 0.7 * ours.cfg.scaling_factor,
+                               rtol=1e-6)
+    z = np.random.default_rng(0).standard_normal((1, 2, 2, 2, 4)).astype(np.float32)
+    np.testing.assert_allclose(vae_lib.decode_latents(ours, z), ours.decode(z / ours.cfg.scaling_factor), rtol=1e-6)
+
+
+def test_bad_frame_count_and_size_are_explained(pair):
+    _, ckpt, _ = pair
+    ours = checkpoint.load_component(ckpt, "vae")
+    with pytest.raises(ValueError, match="4k\\+1 frames"):
+        ours.encode(np.zeros((1, 6, 16, 16, 3), np.float32))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        ours.encode(np.zeros((1, 5, 20, 16, 3), np.float32))
+
+
+def test_manifest_of_the_real_vae_maps_exactly(shared_dir):
+    assert check_manifest(shared_dir / "manifests" / "cogvideox_vae.json") == 215_583_907
+
+
+def test_converter_rejects_a_vae_missing_a_key(pair, tmp_path):
+    _, _, src = pair
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((src / "config.json").read_text())
+    sd = load_file(next(src.glob("*.safetensors")))
+    sd.pop("decoder.up_blocks.3.resnets.0.conv_shortcut.weight")
+    save_file(sd, bad / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing key decoder\.up_blocks\.3\.resnets\.0\.conv_shortcut\.weight"):
+        convert(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
