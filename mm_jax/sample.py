@@ -1,0 +1,88 @@
+"""Sample a video: ``python -m mm_jax.sample --checkpoint DIR --prompt "..." --out video.mp4``.
+
+Prints the settings and the seed, shows a progress bar over denoising steps, and writes the
+frames (.mp4, .gif, .npy of floats in [0, 1], or a folder of PNGs) with a ``<out>.json`` sidecar
+of the settings. Bad input (frame count, sizes, a checkpoint missing a component, initial
+latents of the wrong shape) exits with code 2 and writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m mm_jax.sample", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="mm_jax checkpoint folder (from_torch.py --components all)")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--out", required=True, help="output: .mp4, .gif, .npy (float frames (F,H,W,3)) or a folder for PNGs")
+    ap.add_argument("--negative-prompt", default="")
+    ap.add_argument("--frames", type=int, default=49, help="pixel frames, 4k+1")
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=720)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=6.0, help="CFG scale (<= 1 disables CFG)")
+    ap.add_argument("--scheduler", choices=("ddim", "dpm"), default="ddim")
+    ap.add_argument("--dynamic-cfg", action="store_true", help="the reference's cosine guidance schedule")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--latents", help="initial noise .npy, (1, (F-1)/4+1, H/8, W/8, C)")
+    ap.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=1,tensor=8 (default: all devices on fsdp)")
+    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                    help="compute/param dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    ap.add_argument("--fps", type=int, default=8)
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import jax
+
+    from mm_jax import parallel, pipeline, video_io
+
+    try:
+        video_io.output_kind(args.out)
+        settings = pipeline.SampleSettings(
+            prompt=args.prompt, negative_prompt=args.negative_prompt, frames=args.frames, height=args.height,
+            width=args.width, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+            dynamic_cfg=args.dynamic_cfg, seed=args.seed)
+        settings.validate()
+        pipeline.check_checkpoint(args.checkpoint)
+        latents = None
+        if args.latents:
+            try:
+                latents = np.load(args.latents)
+            except Exception as e:  # unreadable / not an .npy
+                raise ValueError(f"--latents {args.latents}: cannot read ({e})") from None
+        parallel.maybe_initialize_distributed()
+        mesh = parallel.make_mesh(args.mesh)
+        dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    meta = dict(dataclasses.asdict(settings), checkpoint=str(args.checkpoint), dtype=dtype,
+                mesh=dict(mesh.shape), latents=args.latents)
+    print("settings: " + json.dumps(meta), file=sys.stderr)
+    t0 = time.time()
+    try:
+        frames = pipeline.generate(args.checkpoint, settings, latents=latents, mesh=mesh, dtype=dtype,
+                                   progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    meta["seconds"] = round(time.time() - t0, 2)
+    video_io.write_frames(args.out, frames, fps=args.fps, metadata=meta)
+    print(f"wrote {args.out} ({frames.shape[0]} frames, {frames.shape[1]}x{frames.shape[2]}) in {meta['seconds']} s",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
