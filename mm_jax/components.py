@@ -45,6 +45,9 @@ COMPONENTS: dict[str, ComponentSpec] = {
         "vae", "mm_jax.models.vae:VAEConfig", "mm_jax.models.vae:AutoencoderKLCogVideoX", ("AutoencoderKLCogVideoX",)),
     "text_encoder": ComponentSpec(
         "text_encoder", "mm_jax.models.t5:T5Config", "mm_jax.models.t5:T5Encoder", ("T5EncoderModel",)),
+    "image_encoder": ComponentSpec(
+        "image_encoder", "mm_jax.models.clip_vision:CLIPVisionConfig", "mm_jax.models.clip_vision:CLIPVisionTower",
+        ("CLIPVisionModel", "CLIPModel", "CLIPVisionModelWithProjection")),
 }
 
 # components of a pipeline folder that are copied verbatim (no weights to convert)

@@ -41,6 +41,11 @@ def component_for_config(cfg: dict, requested: str | None = None) -> components.
     if requested:
         return components.get(requested)
     spec = components.from_source_class(_source_class(cfg))
+    if spec is None:  # configs written without a class name: recognise them by their fields
+        if cfg.get("model_type") == "t5" or {"d_kv", "d_ff", "num_heads"} <= cfg.keys():
+            spec = components.get("text_encoder")
+        elif cfg.get("model_type") in ("clip_vision_model", "clip") or {"patch_size", "image_size", "hidden_act"} <= cfg.keys():
+            spec = components.get("image_encoder")
     if spec is None:
         raise CheckpointError(f"cannot tell which component config class {_source_class(cfg)!r} is; "
                               f"pass --components with one of {', '.join(components.COMPONENTS)}")
@@ -61,7 +66,8 @@ def plan_component(spec: components.ComponentSpec, folder: Path):
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
     mapping = mp.build_mapping(spec.name, checkpoint.param_shapes(checkpoint.abstract_model(spec.name, cfg)))
-    tensors = read_folder(folder)
+    stored = read_folder(folder)
+    tensors = {k: stored[v] for k, v in mp.normalize_source_keys(spec.name, stored).items()}
     problems = mp.check_source(spec.name, mapping, {k: t.shape for k, t in tensors.items()})
     if problems:
         raise CheckpointError(f"{folder} does not match the {spec.name} architecture of its config.json "
@@ -155,7 +161,8 @@ def check_manifest(manifest: str | Path, config: str | Path | None = None, compo
     spec = component_for_config(hf_cfg, component)
     cfg = spec.config_from_dict(hf_cfg)
     mapping = mp.build_mapping(spec.name, checkpoint.param_shapes(checkpoint.abstract_model(spec.name, cfg)))
-    found = {k: tuple(v[0]) for k, v in json.loads(manifest.read_text()).items()}
+    listed = json.loads(manifest.read_text())
+    found = {k: tuple(listed[v][0]) for k, v in mp.normalize_source_keys(spec.name, listed).items()}
     problems = mp.check_source(spec.name, mapping, found)
     if problems:
         raise CheckpointError(f"{manifest} does not match the {spec.name} architecture "

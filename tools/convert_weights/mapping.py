@@ -28,6 +28,28 @@ ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "text_encoder": {"shared.weight": ("encoder.embed_tokens.weight",)},
 }
 
+# source-key prefixes stripped before matching (older transformers / full CLIPModel checkpoints),
+# and source keys of other towers that a component ignores
+STRIP_PREFIXES: dict[str, tuple[str, ...]] = {"image_encoder": ("vision_model.",)}
+IGNORE_PREFIXES: dict[str, tuple[str, ...]] = {
+    "image_encoder": ("text_model.", "logit_scale", "text_projection", "visual_projection"),
+}
+
+
+def normalize_source_keys(component: str, keys) -> dict[str, str]:
+    """``{our-side key: stored key}`` after prefix stripping, without ignored keys."""
+    out = {}
+    for k in keys:
+        if k.startswith(IGNORE_PREFIXES.get(component, ())) or k.endswith("position_ids"):
+            continue
+        kk = k
+        for p in STRIP_PREFIXES.get(component, ()):
+            if kk.startswith(p):
+                kk = kk[len(p):]
+        out[kk] = k
+    return out
+
+
 LEAF_RENAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
 # torch layout -> ours, by (leaf name, rank)

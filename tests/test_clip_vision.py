@@ -1,0 +1,30 @@
+"""The Flax CLIP ViT tower equals transformers' CLIPVisionModel on the penultimate hidden states."""
+import numpy as np
+import torch
+
+from mm_jax import checkpoint
+from tests.conftest import max_rel_err, randomize_torch_params
+from tools.convert_weights.from_torch import check_manifest, convert
+
+
+def test_penultimate_hidden_states_match_transformers(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    ref = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=4, image_size=56, patch_size=14)).eval()
+    randomize_torch_params(ref, 0)
+    ref.save_pretrained(tmp_path / "src")
+    ours = checkpoint.load_component(convert(tmp_path / "src", tmp_path / "ckpt"), "image_encoder")
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(pixel_values=x, output_hidden_states=True).hidden_states
+    got = ours(x.permute(0, 2, 3, 1).numpy())
+    assert got.shape == (2, 17, 32)
+    assert max_rel_err(got, want[-2].numpy()) <= 1e-5
+    every = ours(x.permute(0, 2, 3, 1).numpy(), all_hidden=True)
+    assert len(every) == len(want) and max_rel_err(every[-1], want[-1].numpy()) <= 1e-5
+
+
+def test_manifest_of_clip_vit_l14_maps_exactly(shared_dir):
+    assert check_manifest(shared_dir / "manifests" / "clip_vit_l14_vision.json") == 303_179_776
