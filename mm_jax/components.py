@@ -48,6 +48,9 @@ COMPONENTS: dict[str, ComponentSpec] = {
     "image_encoder": ComponentSpec(
         "image_encoder", "mm_jax.models.clip_vision:CLIPVisionConfig", "mm_jax.models.clip_vision:CLIPVisionTower",
         ("CLIPVisionModel", "CLIPModel", "CLIPVisionModelWithProjection")),
+    "adapter": ComponentSpec(
+        "adapter", "mm_jax.models.id_adapter:AdapterConfig", "mm_jax.models.id_adapter:MagicMirrorAdapter",
+        ("MagicMirrorAdapter",)),
 }
 
 # components of a pipeline folder that are copied verbatim (no weights to convert)
