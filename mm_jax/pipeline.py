@@ -11,6 +11,7 @@ are never resident together.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 from pathlib import Path
@@ -96,9 +97,18 @@ def guidance_per_step(schedule: sch.Schedule, guidance: float, dynamic: bool) ->
                       np.float32)
 
 
-def make_denoise_fn(kind: str, cfg_on: bool, progress: Optional[Callable[[int], None]] = None):
-    """A jitted ``(dit, latents, text_emb, schedule, guidance, key, model_kwargs) -> latents``:
-    the whole loop is one ``lax.fori_loop``, compiled once for all steps."""
+_PROGRESS: list = [None]  # the live progress bar, updated from inside the compiled loop
+
+
+def _tick(i):
+    if _PROGRESS[0] is not None:
+        _PROGRESS[0].update(1)
+
+
+@functools.lru_cache(maxsize=None)
+def make_denoise_fn(kind: str, cfg_on: bool, progress: bool = True):
+    """A jitted ``(dit, latents, text_emb, schedule, guidance, key, model_fn) -> latents``: the whole
+    loop is one ``lax.fori_loop``, compiled once for all steps (and cached across calls)."""
 
     def loop(dit, latents, text_emb, schedule, guidance, key, model_fn):
         n = schedule.timesteps.shape[0]
@@ -120,8 +130,8 @@ def make_denoise_fn(kind: str, cfg_on: bool, progress: Optional[Callable[[int], 
                 n1 = jax.random.normal(k1, x.shape, jnp.float32)
                 n2 = jax.random.normal(k2, x.shape, jnp.float32)
                 x_new, x0 = sch.dpm_step(schedule, i, v, xf, x0_old, n1, n2)
-            if progress is not None:
-                jax.debug.callback(progress, i, ordered=True)
+            if progress:
+                jax.debug.callback(_tick, i, ordered=True)
             return x_new.astype(x_dtype), x0.astype(jnp.float32)
 
         x0_init = jnp.zeros(latents.shape, jnp.float32)
@@ -143,18 +153,26 @@ def denoise(dit, latents, text_emb, settings: SampleSettings, scheduler_cfg: dic
     schedule = sch.make_schedule(cfg, settings.steps)
     cfg_on = settings.guidance > 1.0
     guidance = jnp.asarray(guidance_per_step(schedule, settings.guidance, settings.dynamic_cfg))
-    bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=settings.steps, desc="denoising", unit="step")
-    fn = make_denoise_fn(kind, cfg_on, (lambda i: bar.update(1)) if bar is not None else None)
-    key = jax.random.key(settings.seed)
-    out = fn(dit, latents, text_emb, schedule, guidance, key, model_fn)
-    out = jax.block_until_ready(out)
-    if bar is not None:
-        bar.close()
+        _PROGRESS[0] = tqdm(total=settings.steps, desc="denoising", unit="step")
+    try:
+        fn = make_denoise_fn(kind, cfg_on, progress)
+        key = jax.random.key(settings.seed)
+        out = jax.block_until_ready(fn(dit, latents, text_emb, schedule, guidance, key, model_fn))
+    finally:
+        if _PROGRESS[0] is not None:
+            _PROGRESS[0].close()
+        _PROGRESS[0] = None
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_fn():
+    from mm_jax.models import vae as vae_lib
+
+    return nnx.jit(lambda vae, z: vae_lib.decode_latents(vae, z))
 
 
 # -- end to end ------------------------------------------------------------------------------
@@ -173,7 +191,7 @@ def initial_latents(settings: SampleSettings, channels: int, spatial: int, tempo
 
 def generate(ckpt_dir: str | Path, settings: SampleSettings, *, latents: np.ndarray | None = None, mesh=None,
              dtype: str = "float32", progress: bool = True, text_embeddings: np.ndarray | None = None,
-             model_fn: Callable = default_model_fn, transformer=None) -> np.ndarray:
+             model_fn: Callable = default_model_fn, transformer=None, vae=None) -> np.ndarray:
     """Text to video: returns frames (F, H, W, 3) float32 in [0, 1]."""
     ckpt_dir = Path(ckpt_dir)
     check_checkpoint(ckpt_dir)
@@ -188,16 +206,17 @@ def generate(ckpt_dir: str | Path, settings: SampleSettings, *, latents: np.ndar
         prompts = [settings.negative_prompt, settings.prompt] if cfg_on else [settings.prompt]
         text_embeddings = encode_prompts(ckpt_dir, prompts, max_length=settings.max_sequence_length, mesh=mesh,
                                          dtype=dtype)
+    owns_dit = transformer is None
     dit = transformer or checkpoint.load_component(ckpt_dir, "transformer", mesh=mesh, dtype=dtype, param_dtype=dtype)
     scheduler_cfg = json.loads((ckpt_dir / "scheduler" / "scheduler_config.json").read_text())
     with jax.set_mesh(mesh):
         z = denoise(dit, x.astype(dtype), jnp.asarray(text_embeddings, dtype), settings, scheduler_cfg,
                     progress=progress, model_fn=model_fn)
     del dit
-    gc.collect()
-    vae = checkpoint.load_component(ckpt_dir, "vae", mesh=mesh)
-    from mm_jax.models import vae as vae_lib
-
-    video = vae_lib.decode_latents(vae, jnp.asarray(z, jnp.float32))
+    if owns_dit:  # release the DiT before the VAE is placed
+        gc.collect()
+    vae = vae or checkpoint.load_component(ckpt_dir, "vae", mesh=mesh)
+    with jax.set_mesh(mesh):
+        video = _decode_fn()(vae, jnp.asarray(z, jnp.float32))
     frames = np.clip(np.asarray(video[0], np.float32) / 2 + 0.5, 0.0, 1.0)
     return frames
