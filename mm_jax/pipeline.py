@@ -110,7 +110,7 @@ def make_denoise_fn(kind: str, cfg_on: bool, progress: bool = True):
     """A jitted ``(dit, latents, text_emb, schedule, guidance, key, model_fn) -> latents``: the whole
     loop is one ``lax.fori_loop``, compiled once for all steps (and cached across calls)."""
 
-    def loop(dit, latents, text_emb, schedule, guidance, key, model_fn):
+    def loop(dit, latents, text_emb, schedule, guidance, key, model_fn, extras):
         n = schedule.timesteps.shape[0]
         x_dtype = latents.dtype
 
@@ -118,7 +118,7 @@ def make_denoise_fn(kind: str, cfg_on: bool, progress: bool = True):
             x, x0_old = carry
             t = schedule.timesteps[i]
             xin = jnp.concatenate([x, x], axis=0) if cfg_on else x
-            v = model_fn(dit, xin, text_emb, jnp.full((xin.shape[0],), t)).astype(jnp.float32)
+            v = model_fn(dit, xin, text_emb, jnp.full((xin.shape[0],), t), extras).astype(jnp.float32)
             if cfg_on:
                 v_uncond, v_text = jnp.split(v, 2, axis=0)
                 v = v_uncond + guidance[i] * (v_text - v_uncond)
@@ -141,12 +141,13 @@ def make_denoise_fn(kind: str, cfg_on: bool, progress: bool = True):
     return nnx.jit(loop, static_argnums=(6,))
 
 
-def default_model_fn(dit, x, text_emb, t):
+def default_model_fn(dit, x, text_emb, t, extras=None):
+    """The plain DiT; ``extras`` (any pytree, modules included) is passed through the compiled loop."""
     return dit(x, text_emb, t)
 
 
 def denoise(dit, latents, text_emb, settings: SampleSettings, scheduler_cfg: dict, *, progress: bool = True,
-            model_fn: Callable = default_model_fn, mesh=None) -> jax.Array:
+            model_fn: Callable = default_model_fn, extras=None, mesh=None) -> jax.Array:
     """Run the sampling loop. ``text_emb`` is (2, L, T) [negative, positive] with CFG, else (1, L, T)."""
     kind = settings.scheduler
     cfg = sch.SchedulerConfig.from_dict(scheduler_cfg, kind=kind)
@@ -160,7 +161,7 @@ def denoise(dit, latents, text_emb, settings: SampleSettings, scheduler_cfg: dic
     try:
         fn = make_denoise_fn(kind, cfg_on, progress)
         key = jax.random.key(settings.seed)
-        out = jax.block_until_ready(fn(dit, latents, text_emb, schedule, guidance, key, model_fn))
+        out = jax.block_until_ready(fn(dit, latents, text_emb, schedule, guidance, key, model_fn, extras))
     finally:
         if _PROGRESS[0] is not None:
             _PROGRESS[0].close()
@@ -191,8 +192,12 @@ def initial_latents(settings: SampleSettings, channels: int, spatial: int, tempo
 
 def generate(ckpt_dir: str | Path, settings: SampleSettings, *, latents: np.ndarray | None = None, mesh=None,
              dtype: str = "float32", progress: bool = True, text_embeddings: np.ndarray | None = None,
-             model_fn: Callable = default_model_fn, transformer=None, vae=None) -> np.ndarray:
-    """Text to video: returns frames (F, H, W, 3) float32 in [0, 1]."""
+             model_fn: Callable = default_model_fn, transformer=None, vae=None,
+             identity: Optional[Any] = None) -> np.ndarray:
+    """Text (+ identity) to video: returns frames (F, H, W, 3) float32 in [0, 1].
+
+    ``identity``: an ``mm_jax.identity.Identity`` (reference embeddings + adapter folder); None is
+    plain CogVideoX text-to-video."""
     ckpt_dir = Path(ckpt_dir)
     check_checkpoint(ckpt_dir)
     vae_cfg = checkpoint.load_config(ckpt_dir, "vae")
@@ -209,9 +214,15 @@ def generate(ckpt_dir: str | Path, settings: SampleSettings, *, latents: np.ndar
     owns_dit = transformer is None
     dit = transformer or checkpoint.load_component(ckpt_dir, "transformer", mesh=mesh, dtype=dtype, param_dtype=dtype)
     scheduler_cfg = json.loads((ckpt_dir / "scheduler" / "scheduler_config.json").read_text())
+    extras = None
+    text = jnp.asarray(text_embeddings, dtype)
+    if identity is not None:
+        from mm_jax import identity as id_lib
+
+        text, extras, model_fn = id_lib.prepare(identity, dit, text, settings, ckpt_dir, mesh, dtype, cfg_on)
     with jax.set_mesh(mesh):
-        z = denoise(dit, x.astype(dtype), jnp.asarray(text_embeddings, dtype), settings, scheduler_cfg,
-                    progress=progress, model_fn=model_fn)
+        z = denoise(dit, x.astype(dtype), text, settings, scheduler_cfg, progress=progress, model_fn=model_fn,
+                    extras=extras)
     del dit
     if owns_dit:  # release the DiT before the VAE is placed
         gc.collect()

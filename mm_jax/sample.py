@@ -1,5 +1,8 @@
 """Sample a video: ``python -m mm_jax.sample --checkpoint DIR --prompt "..." --out video.mp4``.
 
+With an identity (Magic Mirror): ``--adapter DIR --ref face.jpg --face-models DIR`` (or ``--id
+id.npz`` saved earlier with ``--save-id``); the prompt must name the subject with a class word.
+
 Prints the settings and the seed, shows a progress bar over denoising steps, and writes the
 frames (.mp4, .gif, .npy of floats in [0, 1], or a folder of PNGs) with a ``<out>.json`` sidecar
 of the settings. Bad input (frame count, sizes, a checkpoint missing a component, initial
@@ -21,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mm_jax.sample", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="mm_jax checkpoint folder (from_torch.py --components all)")
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--out", required=True, help="output: .mp4, .gif, .npy (float frames (F,H,W,3)) or a folder for PNGs")
+    ap.add_argument("--prompt", help="what happens; with --ref it must contain a class word (man, woman, ...)")
+    ap.add_argument("--out", help="output: .mp4, .gif, .npy (float frames (F,H,W,3)) or a folder for PNGs")
     ap.add_argument("--negative-prompt", default="")
     ap.add_argument("--frames", type=int, default=49, help="pixel frames, 4k+1")
     ap.add_argument("--height", type=int, default=480)
@@ -38,7 +41,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute/param dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     ap.add_argument("--fps", type=int, default=8)
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    idg = ap.add_argument_group("identity (Magic Mirror)")
+    idg.add_argument("--adapter", help="mm_jax checkpoint folder with the 'adapter' (and optionally 'image_encoder') component")
+    idg.add_argument("--ref", help="reference photo of the person")
+    idg.add_argument("--face-models", help="local insightface model pack folder (SCRFD detector + ArcFace)")
+    idg.add_argument("--save-id", help="write the reference's embeddings to this .npz for reuse")
+    idg.add_argument("--id", help="reuse embeddings saved with --save-id instead of --ref")
+    ap.add_argument("--info", action="store_true", help="print model and adapter parameter counts and exit")
     return ap
+
+
+def _info(args) -> int:
+    from mm_jax import checkpoint
+    from mm_jax.models.id_adapter import AdapterConfig, count_params
+
+    dit_cfg = checkpoint.load_config(args.checkpoint, "transformer")
+    dit_n = sum(int(np.prod(s)) for s, _ in checkpoint.param_shapes(checkpoint.abstract_model("transformer", dit_cfg)).values())
+    ad_cfg = (checkpoint.load_config(args.adapter, "adapter") if args.adapter else AdapterConfig.for_dit(dit_cfg))
+    n = count_params(ad_cfg)
+    print(f"transformer: {dit_n:,} params ({dit_cfg.num_layers} blocks, width {dit_cfg.inner_dim})")
+    print(f"adapter ({'from ' + args.adapter if args.adapter else 'default config for this DiT'}): {n:,} params "
+          f"(+{100 * n / dit_n:.1f}%), in blocks {list(ad_cfg.adapter_layers)}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -47,7 +71,18 @@ def main(argv=None) -> int:
 
     from mm_jax import parallel, pipeline, video_io
 
+    if args.info:
+        return _info(args)
     try:
+        for flag in ("prompt", "out"):
+            if not getattr(args, flag):
+                raise ValueError(f"--{flag} is required")
+        if (args.ref or args.id) and not args.adapter:
+            raise ValueError("--ref / --id need --adapter DIR")
+        if args.ref and not args.face_models:
+            raise ValueError("--ref needs --face-models DIR (a local insightface model pack)")
+        if args.ref and args.id:
+            raise ValueError("give either --ref or --id, not both")
         video_io.output_kind(args.out)
         settings = pipeline.SampleSettings(
             prompt=args.prompt, negative_prompt=args.negative_prompt, frames=args.frames, height=args.height,
@@ -64,16 +99,29 @@ def main(argv=None) -> int:
         parallel.maybe_initialize_distributed()
         mesh = parallel.make_mesh(args.mesh)
         dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+        ident = None
+        if args.ref or args.id:
+            from mm_jax import identity
+
+            if args.id:
+                ident = identity.load(args.id, args.adapter)
+            else:
+                clip_dir = identity.component_dir("image_encoder", args.adapter, args.checkpoint)
+                ident = identity.compute(args.ref, args.face_models, clip_dir, args.adapter, mesh=mesh)
+            if args.save_id:
+                identity.save(args.save_id, ident)
+                print(f"saved the identity embeddings to {args.save_id}", file=sys.stderr)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = dict(dataclasses.asdict(settings), checkpoint=str(args.checkpoint), dtype=dtype,
-                mesh=dict(mesh.shape), latents=args.latents)
+                mesh=dict(mesh.shape), latents=args.latents, adapter=args.adapter,
+                reference=(ident.source if ident is not None else None))
     print("settings: " + json.dumps(meta), file=sys.stderr)
     t0 = time.time()
     try:
         frames = pipeline.generate(args.checkpoint, settings, latents=latents, mesh=mesh, dtype=dtype,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, identity=ident)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,113 @@
+"""Sampling with an identity end to end: tiny random backbone + adapter + stand-in face models."""
+import json
+
+import imageio.v3 as iio
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from mm_jax import checkpoint, sample
+from mm_jax.models.id_adapter import AdapterConfig, MagicMirrorAdapter
+from tests.conftest import randomize_torch_params
+from tests.face_models import face_image, make_pack
+from tests.tiny_pipeline import make_pipeline
+from tools.convert_weights.from_torch import convert
+
+PROMPT = "a man is walking on the beach"
+
+
+def _adapter(dit_cfg, seed=0, **over):
+    cfg = AdapterConfig.for_dit(dit_cfg, clip_width=32, width=32, depth=1, heads=2, head_dim=16, num_face_tokens=4,
+                                num_id_tokens=2, id_mlp_hidden=32, **over)
+    ad = MagicMirrorAdapter(cfg, rngs=nnx.Rngs(seed))
+    key = jax.random.key(seed)
+    for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(ad, nnx.Param))):  # trained-like: nothing at zero
+        v = var.get_value()
+        var.set_value(v + 0.1 * jax.random.normal(jax.random.fold_in(key, i), v.shape, v.dtype))
+    return ad
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    root = tmp_path_factory.mktemp("idpipe")
+    make_pipeline(root / "src")
+    ckpt = convert(root / "src", root / "ckpt")
+    torch.manual_seed(0)
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, image_size=224, patch_size=14)).eval()
+    randomize_torch_params(clip, 0)
+    clip.save_pretrained(root / "clip")
+    adapter_dir = convert(root / "clip", root / "adapter")  # holds image_encoder ...
+    dit_cfg = checkpoint.load_config(ckpt, "transformer")
+    checkpoint.save_module(adapter_dir, "adapter", _adapter(dit_cfg))  # ... and the adapter
+    checkpoint.write_index(adapter_dir, ["image_encoder", "adapter"])
+    pack = make_pack(root / "faces")
+    refs = []
+    for i, at in enumerate([(96, 160), (120, 200)]):
+        refs.append(root / f"ref{i}.png")
+        iio.imwrite(refs[-1], face_image(at=at, seed=i))
+    lat = np.random.default_rng(0).standard_normal((1, 3, 8, 8, 4)).astype(np.float32)
+    np.save(root / "latents.npy", lat)
+    return root, ckpt, adapter_dir, pack, refs
+
+
+def _run(setup, out, *extra):
+    root, ckpt, adapter_dir, pack, _ = setup
+    args = ["--checkpoint", str(ckpt), "--prompt", PROMPT, "--frames", "9", "--height", "64", "--width", "64",
+            "--steps", "3", "--latents", str(root / "latents.npy"), "--out", str(out), "--quiet", *extra]
+    return sample.main(args)
+
+
+def test_identity_reaches_the_video_and_saved_ids_reproduce_it(setup, tmp_path):
+    root, ckpt, adapter_dir, pack, refs = setup
+    ident = ["--adapter", str(adapter_dir), "--face-models", str(pack)]
+    assert _run(setup, tmp_path / "a.npy", *ident, "--ref", str(refs[0]), "--save-id", str(tmp_path / "a.npz")) == 0
+    assert _run(setup, tmp_path / "b.npy", *ident, "--ref", str(refs[1])) == 0
+    assert _run(setup, tmp_path / "plain.npy") == 0
+    assert _run(setup, tmp_path / "a2.npy", "--adapter", str(adapter_dir), "--id", str(tmp_path / "a.npz")) == 0
+    a, b, plain, a2 = (np.load(tmp_path / f"{n}.npy") for n in ("a", "b", "plain", "a2"))
+    assert a.shape == (9, 64, 64, 3)
+    assert np.max(np.abs(a - b)) > 1e-3 and np.max(np.abs(a - plain)) > 1e-3  # the identity changes the video
+    np.testing.assert_array_equal(a, a2)  # embeddings computed once and reused give the same video
+    assert json.loads((tmp_path / "a.npy.json").read_text())["reference"].endswith("ref0.png")
+
+
+def test_plain_sampling_with_an_adapter_but_no_face_is_plain_cogvideox(setup, tmp_path):
+    _, _, adapter_dir, _, _ = setup
+    assert _run(setup, tmp_path / "p1.npy") == 0
+    assert _run(setup, tmp_path / "p2.npy", "--adapter", str(adapter_dir)) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "p1.npy"), np.load(tmp_path / "p2.npy"))
+
+
+def test_identity_errors_exit_2_with_a_clear_message(setup, tmp_path, capsys):
+    root, ckpt, adapter_dir, pack, refs = setup
+    ident = ["--adapter", str(adapter_dir), "--face-models", str(pack)]
+    empty = tmp_path / "empty.png"
+    iio.imwrite(empty, np.zeros((64, 64, 3), np.uint8))
+    assert _run(setup, tmp_path / "x.mp4", *ident, "--ref", str(empty)) == 2
+    assert "no face found in" in capsys.readouterr().err
+    args = ["--checkpoint", str(ckpt), "--prompt", "a dog runs on the beach", "--frames", "9", "--height", "64",
+            "--width", "64", "--steps", "2", "--out", str(tmp_path / "y.mp4"), "--quiet", *ident, "--ref", str(refs[0])]
+    assert sample.main(args) == 2
+    assert "class word" in capsys.readouterr().err
+    bad = tmp_path / "bad_adapter"
+    dit_cfg = checkpoint.load_config(ckpt, "transformer")
+    checkpoint.save_module(bad, "adapter", _adapter(dit_cfg, time_embed_dim=8))
+    import shutil
+
+    shutil.copytree(adapter_dir / "image_encoder", bad / "image_encoder")
+    checkpoint.write_index(bad, ["image_encoder", "adapter"])
+    assert _run(setup, tmp_path / "z.mp4", "--adapter", str(bad), "--face-models", str(pack), "--ref", str(refs[0])) == 2
+    err = capsys.readouterr().err
+    assert "adapter does not fit the backbone: adapter time_embed_dim=8" in err
+    assert not any(tmp_path.glob("*.mp4"))
+
+
+def test_info_prints_the_added_parameter_count(setup, capsys):
+    _, ckpt, adapter_dir, _, _ = setup
+    assert sample.main(["--checkpoint", str(ckpt), "--info", "--adapter", str(adapter_dir)]) == 0
+    assert "adapter (from" in capsys.readouterr().out
