@@ -114,6 +114,24 @@ class Conv(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((cout,), param_dtype), logical_axes=("conv_out",))
         self.dtype = dtype
 
+    def temporal_taps(self, x):
+        """A 3D conv (no temporal padding, 'same' spatial zero padding) as a sum over its temporal
+        taps of per-frame 2D convs: the same numbers, with a third of the im2col workspace that
+        XLA's CPU 3D convolution would materialize."""
+        kt, kh, kw = self.kernel.get_value().shape[:3]
+        b, t, h, w, c = x.shape
+        to = t - kt + 1
+        kern = self.kernel[...].astype(self.dtype)
+        x = x.astype(self.dtype)
+        y = None
+        for k in range(kt):
+            xs = x[:, k:k + to].reshape(b * to, h, w, c)
+            yk = jax.lax.conv_general_dilated(xs, kern[k], (1, 1), [((kh - 1) // 2,) * 2, ((kw - 1) // 2,) * 2],
+                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = yk if y is None else y + yk
+        y = y + self.bias[...].astype(self.dtype)
+        return y.reshape(b, to, h, w, -1)
+
     def __call__(self, x, stride=1, padding="VALID"):
         nd = self.kernel.get_value().ndim - 2
         spec = {2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}[nd]
@@ -137,8 +155,7 @@ class CausalConv3d(nnx.Module):
             pre = cache if cache is not None else jnp.repeat(x[:, :1], k - 1, axis=1)
             x = jnp.concatenate([pre.astype(x.dtype), x], axis=1)
             new_cache = x[:, -(k - 1):]
-        p = (k - 1) // 2
-        return self.conv(x, padding=[(0, 0), (p, p), (p, p)]), new_cache
+        return self.conv.temporal_taps(x), new_cache
 
 
 class GroupNorm(nnx.Module):
