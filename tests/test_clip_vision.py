@@ -1,5 +1,6 @@
 """The Flax CLIP ViT tower equals transformers' CLIPVisionModel on the penultimate hidden states."""
 import numpy as np
+import pytest
 import torch
 
 from mm_jax import checkpoint
@@ -7,23 +8,36 @@ from tests.conftest import max_rel_err, randomize_torch_params
 from tools.convert_weights.from_torch import check_manifest, convert
 
 
-def test_penultimate_hidden_states_match_transformers(tmp_path):
+def _converted_pair(tmp_path, hidden_act):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(0)
     ref = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                           num_attention_heads=4, image_size=56, patch_size=14)).eval()
+                                           num_attention_heads=4, image_size=56, patch_size=14,
+                                           hidden_act=hidden_act)).eval()
     randomize_torch_params(ref, 0)
     ref.save_pretrained(tmp_path / "src")
-    ours = checkpoint.load_component(convert(tmp_path / "src", tmp_path / "ckpt"), "image_encoder")
+    return ref, checkpoint.load_component(convert(tmp_path / "src", tmp_path / "ckpt"), "image_encoder")
+
+
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
+def test_penultimate_hidden_states_match_transformers(tmp_path, hidden_act):
+    ref, ours = _converted_pair(tmp_path, hidden_act)
     x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        want = ref(pixel_values=x, output_hidden_states=True).hidden_states
+        want = ref(pixel_values=x, output_hidden_states=True).hidden_states  # L + 1 = 4 entries
     got = ours(x.permute(0, 2, 3, 1).numpy())
-    assert got.shape == (2, 17, 32)
+    assert got.shape == (2, 1 + 16, 32)
     assert max_rel_err(got, want[-2].numpy()) <= 1e-5
     every = ours(x.permute(0, 2, 3, 1).numpy(), all_hidden=True)
-    assert len(every) == len(want) and max_rel_err(every[-1], want[-1].numpy()) <= 1e-5
+    assert len(every) == len(want) == 4
+    assert max(max_rel_err(a, b.numpy()) for a, b in zip(every, want)) <= 1e-5
+
+
+def test_pixels_of_another_size_are_refused(tmp_path):
+    _, ours = _converted_pair(tmp_path, "quick_gelu")
+    with pytest.raises(ValueError, match=r"takes \(B, 56, 56, 3\)"):
+        ours(np.zeros((1, 42, 42, 3), np.float32))
 
 
 def test_manifest_of_clip_vit_l14_maps_exactly(shared_dir):

@@ -13,15 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mm_jax.models.config_base import ConfigBase
 from mm_jax.models.layers import Dense, LayerNorm, attention, canonical_dtype
 from mm_jax.models.t5 import Embedding
+from mm_jax.parallel import constrain
 
 ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
                "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(ConfigBase):
     hidden_size: int = 1024
     intermediate_size: int = 4096
     num_hidden_layers: int = 24
@@ -34,22 +36,11 @@ class CLIPVisionConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
 
-    RUNTIME_FIELDS = ("dtype", "param_dtype")
+    TAG = {"architectures": ["CLIPVisionModel"]}
 
     @classmethod
-    def from_dict(cls, d: dict, **overrides) -> "CLIPVisionConfig":
-        d = d.get("vision_config", d)  # a full CLIPModel config holds the tower's fields there
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names}, **overrides)
-        cfg.validate()
-        return cfg
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k in self.RUNTIME_FIELDS:
-            d.pop(k)
-        d["architectures"] = ["CLIPVisionModel"]
-        return d
+    def source_fields(cls, d: dict) -> dict:
+        return d.get("vision_config", d)  # a full CLIPModel config holds the tower's fields there
 
     def validate(self) -> None:
         if self.hidden_act not in ACTIVATIONS:
@@ -63,6 +54,9 @@ class CLIPVisionConfig:
 
 
 class Embeddings(nnx.Module):
+    """Patch embedding (conv without bias, as a reshape + einsum), class token and learned
+    positions: ``pixels (B, H, W, C) -> (B, 1 + (H/p)(W/p), width)``."""
+
     def __init__(self, cfg: CLIPVisionConfig, *, rngs):
         pdt, d, p = canonical_dtype(cfg.param_dtype), cfg.hidden_size, cfg.patch_size
         self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (d,), pdt), logical_axes=("embed",))
@@ -71,20 +65,27 @@ class Embeddings(nnx.Module):
             jax.random.normal(rngs.params(), (p, p, cfg.num_channels, d), pdt) / np.sqrt(p * p * cfg.num_channels),
             logical_axes=("patch", "patch", "channels", "embed"))
         self.position_embedding = Embedding(cfg.num_positions, d, axes=(None, "embed"), param_dtype=pdt, rngs=rngs)
-        self.p, self.dtype = p, canonical_dtype(cfg.dtype)
+        self.p, self.image_size, self.dtype = p, cfg.image_size, canonical_dtype(cfg.dtype)
 
     def __call__(self, pixels):
         b, h, w, c = pixels.shape
         p = self.p
+        if (h, w, c) != (self.image_size, self.image_size, self.patch_embedding.kernel.shape[2]):
+            # the learned positions fix the grid; transformers would fail (or interpolate on request)
+            raise ValueError(f"pixels of shape {pixels.shape}: the CLIP tower takes (B, {self.image_size}, "
+                             f"{self.image_size}, {self.patch_embedding.kernel.shape[2]})")
         x = pixels.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
         x = jnp.einsum("biyjxc,yxcd->bijd", x, self.patch_embedding.kernel[...].astype(self.dtype))
         x = x.reshape(b, -1, x.shape[-1])
         cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1)
-        return x + self.position_embedding.embedding[...][: x.shape[1]].astype(self.dtype)
+        return x + self.position_embedding.embedding[...].astype(self.dtype)
 
 
 class SelfAttention(nnx.Module):
+    """Multi-head self-attention with biased q/k/v/out projections, scale 1/sqrt(head_dim):
+    ``(B, S, width) -> (B, S, width)``."""
+
     def __init__(self, cfg: CLIPVisionConfig, *, rngs):
         d = cfg.hidden_size
         kw = dict(dtype=canonical_dtype(cfg.dtype), param_dtype=canonical_dtype(cfg.param_dtype), rngs=rngs)
@@ -102,6 +103,8 @@ class SelfAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
+    """fc1 -> activation (quick-GELU for OpenAI CLIP) -> fc2: ``(B, S, width) -> (B, S, width)``."""
+
     def __init__(self, cfg: CLIPVisionConfig, *, rngs):
         kw = dict(dtype=canonical_dtype(cfg.dtype), param_dtype=canonical_dtype(cfg.param_dtype), rngs=rngs)
         self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
@@ -113,6 +116,8 @@ class MLP(nnx.Module):
 
 
 class EncoderLayer(nnx.Module):
+    """Pre-LN transformer layer: ``x + attn(LN1(x))``, then ``+ mlp(LN2(.))``; shape-preserving."""
+
     def __init__(self, cfg: CLIPVisionConfig, *, rngs):
         kw = dict(eps=cfg.layer_norm_eps, dtype=canonical_dtype(cfg.dtype), param_dtype=canonical_dtype(cfg.param_dtype))
         self.layer_norm1 = LayerNorm(cfg.hidden_size, **kw)
@@ -122,7 +127,8 @@ class EncoderLayer(nnx.Module):
 
     def __call__(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        x = x + self.mlp(self.layer_norm2(x))
+        return constrain(x, ("batch", "seq", "act_embed"))
 
 
 class Encoder(nnx.Module):
@@ -131,8 +137,11 @@ class Encoder(nnx.Module):
 
 
 class CLIPVisionTower(nnx.Module):
-    """``pixels (B, H, W, 3) -> penultimate hidden states (B, 1+P, width)``; ``all_hidden=True`` returns
-    every hidden state (embeddings after ``pre_layrnorm`` first), as transformers' ``hidden_states``."""
+    """``pixels (B, H, W, 3)`` (CLIP-normalized) -> penultimate hidden states ``(B, 1+P, width)``.
+
+    transformers' ``hidden_states`` has L+1 entries: the embeddings after ``pre_layrnorm``, then the
+    output of each of the L layers (no ``post_layernorm``). Magic Mirror takes ``hidden_states[-2]``,
+    the output of layer L-1, so the last layer is not run. ``all_hidden=True`` returns all L+1."""
 
     def __init__(self, cfg: CLIPVisionConfig, *, rngs: nnx.Rngs):
         cfg.validate()
@@ -144,7 +153,7 @@ class CLIPVisionTower(nnx.Module):
         self.post_layernorm = LayerNorm(cfg.hidden_size, **kw)  # unused by Magic Mirror; kept for the checkpoint
 
     def __call__(self, pixels: jax.Array, all_hidden: bool = False):
-        h = self.pre_layrnorm(self.embeddings(pixels))
+        h = constrain(self.pre_layrnorm(self.embeddings(pixels)), ("batch", "seq", "act_embed"))
         states = [h]
         layers = self.encoder.layers if all_hidden else list(self.encoder.layers)[:-1]
         for layer in layers:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mm_jax.models.config_base import ConfigBase
 from mm_jax.models.layers import (Dense, LayerNorm, TimestepEmbedding, attention, canonical_dtype, gelu_tanh,
                                   timestep_embedding)
 from mm_jax.models.positional import rope_3d, sincos_3d
@@ -39,7 +40,7 @@ REMAT_POLICIES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(ConfigBase):
     """Architecture (diffusers ``config.json`` field names) plus runtime choices."""
 
     num_attention_heads: int = 48
@@ -77,6 +78,8 @@ class DiTConfig:
     attention_impl: Optional[str] = None
 
     RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
+    TAG = {"_class_name": "CogVideoXTransformer3DModel"}
+    STRICT = True
 
     @property
     def inner_dim(self) -> int:
@@ -85,24 +88,6 @@ class DiTConfig:
     @property
     def out_dim(self) -> int:
         return self.out_channels or self.in_channels
-
-    @classmethod
-    def from_dict(cls, d: dict, **overrides) -> "DiTConfig":
-        """Build from a diffusers ``config.json`` dict (unknown ``_``-keys ignored) and overrides."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in d if k not in names and not k.startswith("_"))
-        if unknown:
-            raise ValueError(f"transformer config has fields this port does not know: {unknown}")
-        cfg = cls(**{k: v for k, v in d.items() if k in names}, **overrides)
-        cfg.validate()
-        return cfg
-
-    def to_dict(self, runtime: bool = False) -> dict:
-        d = dataclasses.asdict(self)
-        if not runtime:
-            for k in self.RUNTIME_FIELDS:
-                d.pop(k)
-        return d
 
     def validate(self) -> None:
         unsupported = {
