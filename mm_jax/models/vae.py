@@ -21,13 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mm_jax.models.config_base import ConfigBase
 from mm_jax.models.layers import canonical_dtype
 
 Cache = Optional[dict]
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(ConfigBase):
     in_channels: int = 3
     out_channels: int = 3
     latent_channels: int = 16
@@ -60,24 +61,8 @@ class VAEConfig:
                       "tile_overlap_factor_height", "tile_overlap_factor_width", "encode_frame_batch",
                       "decode_frame_batch")
     IGNORED = ("force_upcast", "shift_factor", "latents_mean", "latents_std", "dropout")
-
-    @classmethod
-    def from_dict(cls, d: dict, **overrides) -> "VAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in d if k not in names and k not in cls.IGNORED and not k.startswith("_"))
-        if unknown:
-            raise ValueError(f"VAE config has fields this port does not know: {unknown}")
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
-        cfg = cls(**kw, **overrides)
-        cfg.validate()
-        return cfg
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k in self.RUNTIME_FIELDS:
-            d.pop(k)
-        d["_class_name"] = "AutoencoderKLCogVideoX"
-        return d
+    TAG = {"_class_name": "AutoencoderKLCogVideoX"}
+    STRICT = True
 
     def validate(self) -> None:
         if self.use_quant_conv or self.use_post_quant_conv:
