@@ -77,3 +77,23 @@ def test_attention_implementations_agree_with_a_key_mask(impl):
     ref = np.einsum("bnqk,bknh->bqnh", p / p.sum(-1, keepdims=True), v)
     out = jax.jit(lambda q, k, v, m: attention(q, k, v, key_mask=m, implementation=impl))(q, k, v, mask)
     assert max_rel_err(out, ref) <= 1e-6
+
+
+def test_remat_policies_change_memory_not_numbers():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mm_jax.models.dit import CogVideoXTransformer3D, DiTConfig
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 2, 8, 12, 4), dtype=np.float32)
+    text = rng.standard_normal((1, 7, 32), dtype=np.float32)
+    grads = {}
+    for policy in ("none", "full", "dots"):
+        cfg = DiTConfig.from_dict({k: v for k, v in TINY.items()}, use_rotary_positional_embeddings=True,
+                                  remat_policy=policy)
+        m = CogVideoXTransformer3D(cfg, rngs=nnx.Rngs(0))
+        loss = lambda m: jnp.mean(m(x, text, jnp.array([10])) ** 2)
+        grads[policy] = nnx.grad(loss)(m).transformer_blocks[0].attn1.to_q.kernel.get_value()
+    assert max_rel_err(grads["full"], grads["none"]) <= 1e-6 and max_rel_err(grads["dots"], grads["none"]) <= 1e-6

@@ -2,11 +2,18 @@
 
 Embedding (no sqrt(d) scaling) -> N blocks of [RMS norm -> self-attention with a relative
 position bias, no 1/sqrt(d) logit scaling] + [RMS norm -> gated tanh-GELU feed-forward] ->
-final RMS norm. The position bias table lives in block 0 only and is reused by every block.
+final RMS norm (``feed_forward_proj`` "relu" / "gated-silu" etc. swap the feed-forward for
+original T5's variants). The position bias table lives in block 0 only and is reused by every block.
 Module names mirror the checkpoint (``encoder.block.3.layer.1.DenseReluDense.wi_0``) so the
 converter maps keys with its generic rules.
 
     input_ids (B, S) int -> (B, S, d_model)
+
+Precision: ``dtype`` float32 or bfloat16. Under bfloat16 everything, ``wo`` included, runs in
+bfloat16, as transformers 5 does for ``T5EncoderModel.from_pretrained(..., dtype=torch.bfloat16)``
+(what CogVideoXPipeline loads): its ``_keep_in_fp32_modules = ["wo"]`` upcasts only under float16.
+Norm statistics are float32 in both. float16 is refused: the reference needs activation clamping
+there (T5 overflows fp16), which this port does not reproduce.
 """
 from __future__ import annotations
 
@@ -19,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mm_jax.models.config_base import ConfigBase
 from mm_jax.models.layers import Dense, attention, canonical_dtype, gelu_tanh
 from mm_jax.parallel import constrain
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(ConfigBase):
     vocab_size: int = 32128
     d_model: int = 4096
     d_kv: int = 64
@@ -35,29 +43,45 @@ class T5Config:
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "gated-gelu"
+    # runtime (not part of the checkpoint)
     dtype: str = "float32"
     param_dtype: str = "float32"
 
-    RUNTIME_FIELDS = ("dtype", "param_dtype")
+    TAG = {"architectures": ["T5EncoderModel"]}
 
     @classmethod
-    def from_dict(cls, d: dict, **overrides) -> "T5Config":
-        """From a transformers ``config.json`` dict; decoder-only fields are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names}, **overrides)
-        cfg.validate()
-        return cfg
+    def source_fields(cls, d: dict) -> dict:
+        # transformers 5 writes the stored precision ("dtype") into config.json; it is not our
+        # runtime choice (that comes from overrides only)
+        return {k: v for k, v in d.items() if k not in cls.RUNTIME_FIELDS}
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k in self.RUNTIME_FIELDS:
-            d.pop(k)
-        d["architectures"] = ["T5EncoderModel"]
-        return d
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def act_name(self) -> str:
+        """transformers' ``dense_act_fn``: "gated-gelu" means the tanh GELU (``gelu_new``)."""
+        return "gelu_new" if self.feed_forward_proj == "gated-gelu" else self.feed_forward_proj.split("-")[-1]
 
     def validate(self) -> None:
-        if self.feed_forward_proj != "gated-gelu":
-            raise ValueError(f"feed_forward_proj={self.feed_forward_proj!r}: only 'gated-gelu' (T5 v1.1) is supported")
+        parts = self.feed_forward_proj.split("-")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated") or parts[-1] not in ACTIVATIONS:
+            raise ValueError(f"feed_forward_proj={self.feed_forward_proj!r}: supported are "
+                             f"{sorted(ACTIVATIONS)} and their 'gated-' forms ('gated-gelu' = T5 v1.1, "
+                             "'relu' = original T5)")
+        if canonical_dtype(self.dtype) not in (jnp.float32, jnp.bfloat16):
+            raise ValueError(f"dtype={self.dtype!r}: T5 runs in 'float32' or 'bfloat16' (float16 overflows "
+                             "without the reference's clamping, which is not ported)")
+
+
+# transformers' ACT2FN entries that T5 configs use ("gelu" is the exact erf GELU there)
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": gelu_tanh,
+    "silu": jax.nn.silu,
+}
 
 
 def relative_position_buckets(q_len: int, k_len: int, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -85,8 +109,11 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x):
         var = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
-        y = x * jax.lax.rsqrt(var + self.eps).astype(jnp.promote_types(x.dtype, jnp.float32))
-        return (self.scale[...] * y).astype(self.dtype)
+        y = x.astype(jnp.float32) * jax.lax.rsqrt(var + self.eps)
+        w = self.scale[...]
+        if w.dtype in (jnp.bfloat16, jnp.float16):
+            y = y.astype(w.dtype)  # the reference rounds to the half weight's dtype before the product
+        return (w * y).astype(self.dtype)
 
 
 class Embedding(nnx.Module):
@@ -100,6 +127,11 @@ class Embedding(nnx.Module):
 
 
 class SelfAttention(nnx.Module):
+    """Multi-head attention with logits ``q k^T + bias`` (no 1/sqrt(d_kv) scaling, as T5 was trained).
+
+    h: (B, S, d_model), bias: (1, heads, S, S), key_mask: (B, S) bool | None -> (B, S, d_model).
+    """
+
     def __init__(self, cfg: T5Config, has_bias: bool, *, rngs: nnx.Rngs):
         inner = cfg.num_heads * cfg.d_kv
         dtype, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
@@ -121,6 +153,8 @@ class SelfAttention(nnx.Module):
 
 
 class AttentionLayer(nnx.Module):
+    """``h + SelfAttention(RMS(h))``: (B, S, d_model) -> (B, S, d_model)."""
+
     def __init__(self, cfg: T5Config, has_bias: bool, *, rngs: nnx.Rngs):
         dtype, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
         self.SelfAttention = SelfAttention(cfg, has_bias, rngs=rngs)
@@ -130,24 +164,34 @@ class AttentionLayer(nnx.Module):
         return h + self.SelfAttention(self.layer_norm(h), bias, key_mask)
 
 
-class GatedGeluFF(nnx.Module):
-    """wo(gelu_tanh(wi_0 x) * wi_1 x)."""
+class DenseReluDense(nnx.Module):
+    """Gated: ``wo(act(wi_0 x) * wi_1 x)`` (T5 v1.1, act = tanh GELU); plain: ``wo(act(wi x))``.
+
+    x: (B, S, d_model) -> (B, S, d_model).
+    """
 
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         dtype, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
         kw = dict(use_bias=False, dtype=dtype, param_dtype=pdt, rngs=rngs)
-        self.wi_0 = Dense(cfg.d_model, cfg.d_ff, axes=("embed", "mlp"), **kw)
-        self.wi_1 = Dense(cfg.d_model, cfg.d_ff, axes=("embed", "mlp"), **kw)
+        if cfg.is_gated:
+            self.wi_0 = Dense(cfg.d_model, cfg.d_ff, axes=("embed", "mlp"), **kw)
+            self.wi_1 = Dense(cfg.d_model, cfg.d_ff, axes=("embed", "mlp"), **kw)
+        else:
+            self.wi = Dense(cfg.d_model, cfg.d_ff, axes=("embed", "mlp"), **kw)
         self.wo = Dense(cfg.d_ff, cfg.d_model, axes=("mlp", "embed"), **kw)
+        self.act, self.gated = ACTIVATIONS[cfg.act_name], cfg.is_gated
 
     def __call__(self, x):
-        return self.wo(constrain(gelu_tanh(self.wi_0(x)) * self.wi_1(x), ("batch", "seq", "act_mlp")))
+        h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
+        return self.wo(constrain(h, ("batch", "seq", "act_mlp")))
 
 
 class FFLayer(nnx.Module):
+    """``h + DenseReluDense(RMS(h))``: (B, S, d_model) -> (B, S, d_model)."""
+
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         dtype, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
-        self.DenseReluDense = GatedGeluFF(cfg, rngs=rngs)
+        self.DenseReluDense = DenseReluDense(cfg, rngs=rngs)
         self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype=dtype, param_dtype=pdt)
 
     def __call__(self, h):
@@ -155,6 +199,8 @@ class FFLayer(nnx.Module):
 
 
 class T5Block(nnx.Module):
+    """``layer[0]`` attention then ``layer[1]`` feed-forward: (B, S, d_model) -> (B, S, d_model)."""
+
     def __init__(self, cfg: T5Config, has_bias: bool, *, rngs: nnx.Rngs):
         self.layer = nnx.List([AttentionLayer(cfg, has_bias, rngs=rngs), FFLayer(cfg, rngs=rngs)])
 
