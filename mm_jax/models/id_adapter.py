@@ -1,101 +1,126 @@
-"""The Magic Mirror identity adapter in Flax NNX (design: shared/design/magic_mirror_reference.md s.3).
+"""The Magic Mirror identity adapter in Flax NNX (design: shared/design/magic_mirror_reference.md s.3-4).
 
-    clip_hidden (B, 257, clip_width)  -- penultimate CLIP ViT states of the 224x224 face crop
-    e_id        (B, 512)              -- L2-normalized ArcFace embedding
-        -> ID perceiver (queries from MLP(e_id))  -> x_id   (B, N_id, T)    fused into the text
-        -> face perceiver (learned queries)        -> x_face (B, N_face, D)  joined to the attention
-    CAN per adapter block: cond = SiLU(temb + Linear_id(mean_k x_id_k)) -> Linear_l(cond) -> 14 D-chunks:
-        6 for the face tokens (attn shift/scale/gate, FF shift/scale/gate; initialized from the
-        block's text expert), 8 residuals added to the block's video/text shift and scale (zero-init).
+    clip_hidden (B, 257, clip_width)  penultimate CLIP ViT states of the 224x224 face crop
+    e_id        (B, id_dim)           L2-normalized ArcFace embedding
+      -> ID perceiver, queries MLP(e_id)  -> x_id   (B, N_id, T)    fused into the text (s.3.3)
+      -> face perceiver, learned queries  -> x_face (B, N_face, D)  joins the DiT attention (s.3.4)
+    CAN, per adapter block l (s.3.5): cond = SiLU(temb + Linear_id(mean_k x_id_k)),
+      Linear_l(cond) -> 14 D-chunks: 6 face shift/scale/gate (attention, then FF), initialized from
+      the block's text expert; 8 residuals (zero-init) added to the block's video/text shift, scale.
 
-Choices the paper leaves open and we fixed (all config fields, documented in README):
-every Linear has a bias; GELU is the exact (erf) one; LayerNorms are affine with eps 1e-5;
-perceiver attention has no 1/sqrt scaling change (softmax(q k^T / sqrt(head_dim))).
+Choices the paper leaves open, fixed here and kept as config fields: every Linear has a bias;
+GELU is the exact (erf) one (``gelu="erf"``, torch ``nn.GELU()``'s default and what the
+PhotoMaker / IP-Adapter perceivers use); LayerNorms are affine with eps 1e-5; the perceiver
+attention scale is 1/sqrt(head_dim).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+import re
+import warnings
+from typing import Container, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mm_jax.models.config_base import ConfigBase
 from mm_jax.models.dit import BlockConditioning, CogVideoXTransformer3D
 from mm_jax.models.layers import Dense, LayerNorm, attention, canonical_dtype
 
 DEFAULT_CLASS_WORDS = ("man", "woman", "person", "boy", "girl", "kid", "child", "lady", "gentleman", "guy",
                        "baby", "teenager", "men", "women", "people")
+GELUS = ("erf", "tanh")
 
 
 @dataclasses.dataclass(frozen=True)
-class AdapterConfig:
-    dit_dim: int = 3072            # D
-    text_dim: int = 4096           # T
-    time_embed_dim: int = 512
+class AdapterConfig(ConfigBase):
+    """Every size of the adapter (the [ours] numbers of the design are defaults here)."""
+
+    # the backbone it joins
+    dit_dim: int = 3072            # D, the DiT inner width
+    text_dim: int = 4096           # T, the T5 width
+    time_embed_dim: int = 512      # width of the DiT's temb
     num_dit_layers: int = 42
-    adapter_layers: tuple = tuple(range(0, 42, 2))
+    adapter_layers: tuple = tuple(range(0, 42, 2))   # paper: every even-indexed block
+    # perceivers
     clip_width: int = 1024
     id_dim: int = 512
-    width: int = 1024              # perceiver width W
+    width: int = 1024              # W
     depth: int = 4
     heads: int = 16
     head_dim: int = 64
     ff_mult: int = 4
-    num_face_tokens: int = 32
-    num_id_tokens: int = 4
+    num_face_tokens: int = 32      # N_face
+    num_id_tokens: int = 4         # N_id
     id_mlp_hidden: int = 1024
     norm_eps: float = 1e-5
+    gelu: str = "erf"              # every GELU of the adapter: "erf" (exact) or "tanh"
+    # fusion into the text
     class_words: tuple = DEFAULT_CLASS_WORDS
+    fuse_hidden: Optional[int] = None   # hidden width of MLP_fuse; None = T
+    pad_token_id: int = 0          # T5's <pad>: the dropped tail positions should hold it
+    # runtime
     dtype: str = "float32"
     param_dtype: str = "float32"
+    attention_impl: Optional[str] = None
 
-    RUNTIME_FIELDS = ("dtype", "param_dtype")
+    RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl")
+    TAG = {"_class_name": "MagicMirrorAdapter"}
 
     @classmethod
-    def for_dit(cls, dit_cfg, **overrides) -> "AdapterConfig":
-        """The spec's adapter for a DiT config: text width from the DiT, adapters in the even blocks."""
+    def for_dit(cls, dit_cfg, clip_width: int = 1024, **overrides) -> "AdapterConfig":
+        """The design's adapter for a DiT config: widths from the DiT, adapters in the even blocks."""
         kw = dict(dit_dim=dit_cfg.inner_dim, text_dim=dit_cfg.text_embed_dim, time_embed_dim=dit_cfg.time_embed_dim,
-                  num_dit_layers=dit_cfg.num_layers, adapter_layers=tuple(range(0, dit_cfg.num_layers, 2)))
+                  num_dit_layers=dit_cfg.num_layers, adapter_layers=tuple(range(0, dit_cfg.num_layers, 2)),
+                  clip_width=clip_width)
         kw.update(overrides)
-        return cls(**kw)
-
-    @classmethod
-    def from_dict(cls, d: dict, **overrides) -> "AdapterConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
-        cfg = cls(**kw, **overrides)
+        cfg = cls(**kw)
         cfg.validate()
         return cfg
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k in self.RUNTIME_FIELDS:
-            d.pop(k)
-        d["_class_name"] = "MagicMirrorAdapter"
-        return d
+    @property
+    def fuse_width(self) -> int:
+        return self.fuse_hidden or self.text_dim
 
     def validate(self) -> None:
-        bad = [i for i in self.adapter_layers if not 0 <= i < self.num_dit_layers]
+        sizes = ("dit_dim", "text_dim", "time_embed_dim", "num_dit_layers", "clip_width", "id_dim", "width", "depth",
+                 "heads", "head_dim", "ff_mult", "num_face_tokens", "num_id_tokens", "id_mlp_hidden")
+        bad = [f"{k}={getattr(self, k)}" for k in sizes if int(getattr(self, k)) < 1]
         if bad:
-            raise ValueError(f"adapter_layers {bad} outside the DiT's {self.num_dit_layers} blocks")
-        if list(self.adapter_layers) != sorted(set(self.adapter_layers)):
-            raise ValueError(f"adapter_layers {self.adapter_layers} must be increasing and unique")
-
-
-def _gelu(x):
-    return jax.nn.gelu(x, approximate=False)
+            raise ValueError(f"adapter sizes must be positive: {', '.join(bad)}")
+        out = [i for i in self.adapter_layers if not 0 <= i < self.num_dit_layers]
+        if out:
+            raise ValueError(f"adapter_layers {out} lie outside the DiT's {self.num_dit_layers} blocks "
+                             f"(allowed: 0..{self.num_dit_layers - 1})")
+        if not self.adapter_layers or list(self.adapter_layers) != sorted(set(self.adapter_layers)):
+            raise ValueError(f"adapter_layers {tuple(self.adapter_layers)} must be non-empty, increasing and unique")
+        if self.gelu not in GELUS:
+            raise ValueError(f"gelu {self.gelu!r}; choose from {GELUS}")
+        if not self.class_words or not all(isinstance(w, str) and w.strip() for w in self.class_words):
+            raise ValueError(f"class_words {self.class_words!r} must be a non-empty list of words")
 
 
 def _zeros(key, shape, dtype):
     return jnp.zeros(shape, dtype)
 
 
-class PerceiverLayer(nnx.Module):
-    """q <- q + Attn(LN_q(q), kv = [LN_f(f'), LN_q(q)]);  q <- q + FF(LN_ff(q))."""
+def _gelu(cfg: AdapterConfig):
+    return lambda x: jax.nn.gelu(x, approximate=cfg.gelu == "tanh")
 
-    def __init__(self, cfg: AdapterConfig, *, rngs):
+
+# --------------------------------------------------------------------------------------------
+# Perceivers (s.3.2)
+
+class PerceiverLayer(nnx.Module):
+    """q <- q + Attn(LN_q(q), kv = [LN_f(f'), LN_q(q)]);  q <- q + FF(LN_ff(q)).
+
+    q: (B, N, W), f': (B, P, W) -> (B, N, W). FF = Linear(W, ff_mult W), GELU (``cfg.gelu``,
+    exact erf by default), Linear(ff_mult W, W).
+    """
+
+    def __init__(self, cfg: AdapterConfig, *, rngs: nnx.Rngs):
         dt, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
         w, inner = cfg.width, cfg.heads * cfg.head_dim
         ln = dict(eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
@@ -109,22 +134,26 @@ class PerceiverLayer(nnx.Module):
         self.norm_ff = LayerNorm(w, **ln)
         self.ff_in = Dense(w, cfg.ff_mult * w, axes=("embed", "mlp"), **kw)
         self.ff_out = Dense(cfg.ff_mult * w, w, axes=("mlp", "embed"), **kw)
-        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.heads, self.head_dim, self.impl = cfg.heads, cfg.head_dim, cfg.attention_impl
+        self.act = _gelu(cfg)
 
-    def __call__(self, q, f):
+    def __call__(self, q: jax.Array, f: jax.Array) -> jax.Array:
         b, n, _ = q.shape
         qn = self.norm_q(q)
         kv = jnp.concatenate([self.norm_f(f), qn], axis=1)
         split = lambda t: t.reshape(b, t.shape[1], self.heads, self.head_dim)
-        o = attention(split(self.to_q(qn)), split(self.to_k(kv)), split(self.to_v(kv)))
+        o = attention(split(self.to_q(qn)), split(self.to_k(kv)), split(self.to_v(kv)), implementation=self.impl)
         q = q + self.to_out(o.reshape(b, n, -1))
-        return q + self.ff_out(_gelu(self.ff_in(self.norm_ff(q))))
+        return q + self.ff_out(self.act(self.ff_in(self.norm_ff(q))))
 
 
 class Perceiver(nnx.Module):
-    """f (B, P, clip_width), queries (B, N, W) or learned -> LN(Linear(W -> out)(q)) (B, N, out)."""
+    """f (B, P, clip_width), queries (B, N, W) or the learned ``latents`` -> LN(Linear(W -> out)(q)) (B, N, out).
 
-    def __init__(self, cfg: AdapterConfig, out_dim: int, num_latents: int | None, *, rngs):
+    f' = Linear(clip_width -> W)(f) is the key/value source of every layer.
+    """
+
+    def __init__(self, cfg: AdapterConfig, out_dim: int, num_latents: int | None, *, rngs: nnx.Rngs):
         dt, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
         self.proj_in = Dense(cfg.clip_width, cfg.width, axes=(None, "embed"), dtype=dt, param_dtype=pdt, rngs=rngs)
         self.latents = (nnx.Param(jax.random.normal(rngs.params(), (num_latents, cfg.width), pdt) * cfg.width ** -0.5,
@@ -133,30 +162,44 @@ class Perceiver(nnx.Module):
         self.proj_out = Dense(cfg.width, out_dim, axes=("embed", None), dtype=dt, param_dtype=pdt, rngs=rngs)
         self.norm_out = LayerNorm(out_dim, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
 
-    def __call__(self, f, queries=None):
+    def __call__(self, f: jax.Array, queries: jax.Array | None = None) -> jax.Array:
         f = self.proj_in(f)
-        q = queries if queries is not None else jnp.broadcast_to(self.latents[...].astype(f.dtype),
-                                                                 (f.shape[0],) + self.latents.get_value().shape)
+        if queries is None:
+            lat = self.latents[...]
+            queries = jnp.broadcast_to(lat.astype(f.dtype), (f.shape[0],) + lat.shape)
+        q = queries.astype(f.dtype)
         for layer in self.layers:
             q = layer(q, f)
         return self.norm_out(self.proj_out(q))
 
 
 class MLP2(nnx.Module):
-    """Linear -> GELU -> Linear (``linear_1``, ``linear_2``); the last may start at zero."""
+    """Linear -> GELU (``cfg.gelu``) -> Linear (``linear_1``, ``linear_2``); the last may start at zero.
 
-    def __init__(self, din, dhidden, dout, cfg: AdapterConfig, *, zero_last: bool = False, rngs):
+    x (..., din) -> (..., dout).
+    """
+
+    def __init__(self, din: int, dhidden: int, dout: int, cfg: AdapterConfig, *, zero_last: bool = False,
+                 rngs: nnx.Rngs):
         dt, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
         self.linear_1 = Dense(din, dhidden, axes=("embed", "mlp"), dtype=dt, param_dtype=pdt, rngs=rngs)
         self.linear_2 = Dense(dhidden, dout, axes=("mlp", "embed"), dtype=dt, param_dtype=pdt, rngs=rngs,
                               kernel_init=_zeros if zero_last else None)
+        self.act = _gelu(cfg)
 
-    def __call__(self, x):
-        return self.linear_2(_gelu(self.linear_1(x)))
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(self.act(self.linear_1(x)))
 
+
+# --------------------------------------------------------------------------------------------
+# The adapter
 
 class MagicMirrorAdapter(nnx.Module):
-    """All trainable Magic Mirror parameters (the DiT, T5, VAE, CLIP and ArcFace stay frozen)."""
+    """All trainable Magic Mirror parameters (the DiT, T5, VAE, CLIP and ArcFace stay frozen).
+
+    ``encode`` -> (x_id, x_face); ``fuse`` puts x_id into the text; ``dit_forward`` runs the DiT
+    with the face tokens and CAN. Parameter names are the torch reference's state-dict keys.
+    """
 
     def __init__(self, cfg: AdapterConfig, *, rngs: nnx.Rngs):
         cfg.validate()
@@ -165,43 +208,52 @@ class MagicMirrorAdapter(nnx.Module):
         self.face_perceiver = Perceiver(cfg, cfg.dit_dim, cfg.num_face_tokens, rngs=rngs)
         self.id_mlp = MLP2(cfg.id_dim, cfg.id_mlp_hidden, cfg.num_id_tokens * cfg.width, cfg, rngs=rngs)
         self.id_perceiver = Perceiver(cfg, cfg.text_dim, None, rngs=rngs)
-        self.fuse_mlp = MLP2(2 * cfg.text_dim, cfg.text_dim, cfg.text_dim, cfg, zero_last=True, rngs=rngs)
+        self.fuse_mlp = MLP2(2 * cfg.text_dim, cfg.fuse_width, cfg.text_dim, cfg, zero_last=True, rngs=rngs)
         self.linear_id = Dense(cfg.text_dim, cfg.time_embed_dim, axes=("embed", "cond"), dtype=dt, param_dtype=pdt,
                                kernel_init=_zeros, rngs=rngs)
         self.can = nnx.List([Dense(cfg.time_embed_dim, 14 * cfg.dit_dim, axes=("cond", "mlp"), dtype=dt,
                                    param_dtype=pdt, kernel_init=_zeros, rngs=rngs) for _ in cfg.adapter_layers])
 
-    # -- identity embeddings ----------------------------------------------------------------------
-    def encode(self, clip_hidden: jax.Array, e_id: jax.Array):
-        """-> x_id (B, N_id, T), x_face (B, N_face, D)."""
+    # -- identity embeddings (s.3.2) ----------------------------------------------------------
+    def encode(self, clip_hidden: jax.Array, e_id: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """clip_hidden (B, P, clip_width), e_id (B, id_dim) -> x_id (B, N_id, T), x_face (B, N_face, D)."""
         cfg = self.cfg
-        q_id = self.id_mlp(e_id.astype(canonical_dtype(cfg.dtype))).reshape(e_id.shape[0], cfg.num_id_tokens, cfg.width)
+        e_id = e_id.astype(canonical_dtype(cfg.dtype))
+        q_id = self.id_mlp(e_id).reshape(e_id.shape[0], cfg.num_id_tokens, cfg.width)
         return self.id_perceiver(clip_hidden, q_id), self.face_perceiver(clip_hidden)
 
-    # -- fusion into the text embedding -----------------------------------------------------------
+    # -- fusion into the text embedding (s.3.3) -----------------------------------------------
     def fuse(self, text: jax.Array, x_id: jax.Array, class_index: jax.Array) -> jax.Array:
-        """Replace token ``class_index`` (B,) of text (B, L, T) by N_id tokens c_w + MLP([c_w, x_id_k]);
-        the last N_id - 1 positions fall off so the length stays L."""
+        """text (B, L, T), x_id (B, N_id, T), class_index (B,) int -> (B, L, T).
+
+        Token w = class_index is replaced by the N_id tokens c_k = c_w + MLP_fuse([c_w, x_id_k]);
+        what followed it shifts right by N_id - 1 and the last N_id - 1 positions fall off (check
+        them on the host with ``check_dropped_tokens``). Static shapes: the output is a gather
+        through an index map, so ``class_index`` may be traced.
+        """
         b, L, _ = text.shape
         n = self.cfg.num_id_tokens
         c_w = jnp.take_along_axis(text, class_index[:, None, None], axis=1)  # (B, 1, T)
-        fused = c_w + self.fuse_mlp(jnp.concatenate([jnp.broadcast_to(c_w, x_id.shape[:2] + (c_w.shape[-1],)),
-                                                     x_id.astype(text.dtype)], axis=-1))
+        c_rep = jnp.broadcast_to(c_w, (b, n, c_w.shape[-1]))
+        fused = (c_rep + self.fuse_mlp(jnp.concatenate([c_rep, x_id.astype(text.dtype)], axis=-1))).astype(text.dtype)
         j = jnp.arange(L)[None, :]
         w = class_index[:, None]
-        src = jnp.where(j < w, j, jnp.where(j < w + n, w, j - n + 1))
-        out = jnp.take_along_axis(text, src[..., None], axis=1)
-        k = jnp.clip(j - w, 0, n - 1)
+        src = jnp.where(j < w, j, jnp.where(j < w + n, w, j - n + 1))     # source position in text
+        kept = jnp.take_along_axis(text, src[..., None], axis=1)
+        k = jnp.clip(j - w, 0, n - 1)                                       # which fused token
         from_fused = jnp.take_along_axis(fused, k[..., None], axis=1)
-        return jnp.where(((j >= w) & (j < w + n))[..., None], from_fused, out)
+        return jnp.where(((j >= w) & (j < w + n))[..., None], from_fused, kept)
 
-    # -- CAN ---------------------------------------------------------------------------------------
+    # -- CAN (s.3.5) --------------------------------------------------------------------------
     def block_conditioning(self, x_id: jax.Array, has_id: jax.Array | None = None):
-        """The DiT hook: ``(block index, temb) -> BlockConditioning | None``. Samples with
-        ``has_id`` False get zero residuals (their face tokens are masked as keys by the caller)."""
+        """The DiT hook ``(block index, temb (B, time_embed_dim)) -> BlockConditioning | None``.
+
+        None for blocks without an adapter. Samples whose ``has_id`` (B,) is False get zero
+        residuals (the caller masks their face tokens as keys), which is the plain block.
+        """
         d = self.cfg.dit_dim
         slot = {layer: k for k, layer in enumerate(self.cfg.adapter_layers)}
-        id_vec = self.linear_id(jnp.mean(x_id, axis=1))
+        id_vec = self.linear_id(jnp.mean(x_id, axis=1))  # shared by all adapter layers
 
         def fn(i: int, temb: jax.Array):
             if i not in slot:
@@ -216,56 +268,114 @@ class MagicMirrorAdapter(nnx.Module):
         return fn
 
     def init_from_dit(self, dit: CogVideoXTransformer3D) -> None:
-        """Face modulation starts as the text expert of each adapter block (rows enc_shift, enc_scale,
-        enc_gate of norm1/norm2), residuals at zero: at step 0 face tokens are modulated like text."""
+        """Start each CAN as its block's text expert: the face rows copy the rows of norm1.linear
+        and norm2.linear that make enc_shift, enc_scale, enc_gate; the 8 residual chunks are zero.
+        At step 0 (Linear_id is zero) face tokens are then modulated exactly like text tokens."""
         d = self.cfg.dit_dim
+        if dit.cfg.inner_dim != d or dit.cfg.num_layers != self.cfg.num_dit_layers:
+            raise ValueError(f"adapter (dit_dim={d}, num_dit_layers={self.cfg.num_dit_layers}) does not fit the DiT "
+                             f"(inner_dim={dit.cfg.inner_dim}, num_layers={dit.cfg.num_layers})")
         for k, layer in enumerate(self.cfg.adapter_layers):
             blk = dit.transformer_blocks[layer]
             kern = jnp.zeros_like(self.can[k].kernel[...])
             bias = jnp.zeros_like(self.can[k].bias[...])
-            for slot, norm in ((0, blk.norm1), (1, blk.norm2)):
-                kern = kern.at[:, slot * 3 * d:(slot + 1) * 3 * d].set(norm.linear.kernel[...][:, 3 * d:])
-                bias = bias.at[slot * 3 * d:(slot + 1) * 3 * d].set(norm.linear.bias[...][3 * d:])
+            for j, norm in enumerate((blk.norm1, blk.norm2)):
+                # AdaLN chunk order: shift, scale, gate (video), enc_shift, enc_scale, enc_gate (text)
+                kern = kern.at[:, 3 * j * d:3 * (j + 1) * d].set(norm.linear.kernel[...][:, 3 * d:].astype(kern.dtype))
+                bias = bias.at[3 * j * d:3 * (j + 1) * d].set(norm.linear.bias[...][3 * d:].astype(bias.dtype))
             self.can[k].kernel.set_value(kern)
             self.can[k].bias.set_value(bias)
+
+    # -- the DiT with the identity joined (s.3.4, s.4) ----------------------------------------
+    def dit_forward(self, dit: CogVideoXTransformer3D, latents: jax.Array, text: jax.Array, timestep: jax.Array,
+                    face_tokens: jax.Array | None = None, x_id: jax.Array | None = None,
+                    has_id: jax.Array | None = None) -> jax.Array:
+        """latents (B, F, H, W, C), text (B, L, T) (already fused where there is an identity),
+        timestep (B,), face_tokens (B, N_face, D), x_id (B, N_id, T), has_id (B,) bool -> (B, F, H, W, C_out).
+
+        No face tokens: exactly the plain DiT call. ``has_id`` False for a sample (the
+        unconditional half of a CFG batch) masks its face tokens as keys and zeroes its residual
+        modulation, which equals running it with no face tokens.
+        """
+        if face_tokens is None:
+            return dit(latents, text, timestep)
+        if x_id is None:
+            raise ValueError("dit_forward: face_tokens were given without x_id (CAN is conditioned on x_id)")
+        mask = None if has_id is None else jnp.broadcast_to(has_id[:, None], face_tokens.shape[:2])
+        return dit(latents, text, timestep, extra_tokens=face_tokens, extra_mask=mask,
+                   block_conditioning=self.block_conditioning(x_id, has_id))
 
 
 def identity_forward(dit: CogVideoXTransformer3D, adapter: MagicMirrorAdapter | None, latents, text, timestep, *,
                      x_id=None, x_face=None, has_id=None):
-    """The DiT with the identity joined (text must already be fused where has_id). With no adapter or
-    no identity this is exactly the plain DiT."""
+    """``adapter.dit_forward`` that also accepts no adapter: then (or with no x_face) the plain DiT."""
     if adapter is None or x_face is None:
         return dit(latents, text, timestep)
-    mask = None if has_id is None else jnp.broadcast_to(has_id[:, None], x_face.shape[:2])
-    return dit(latents, text, timestep, extra_tokens=x_face, extra_mask=mask,
-               block_conditioning=adapter.block_conditioning(x_id, has_id))
+    return adapter.dit_forward(dit, latents, text, timestep, x_face, x_id, has_id)
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side helpers for the fusion: where the class word is, and what falls off the end.
+
+def class_token_index(input_ids: Sequence[int], word_token_ids: Sequence[Sequence[int]],
+                      continues_word: Container[int]) -> int | None:
+    """First position p where one of ``word_token_ids`` starts in ``input_ids`` as a whole word
+    (the token after it is not in ``continues_word``); None when there is none. Pure."""
+    ids = [int(i) for i in input_ids]
+    words = [list(map(int, w)) for w in word_token_ids if len(w)]
+    for p in range(len(ids)):
+        for w in words:
+            end = p + len(w)
+            if ids[p:end] == w and (end >= len(ids) or ids[end] not in continues_word):
+                return p
+    return None
 
 
 def find_class_token(tokenizer, prompt: str, input_ids: np.ndarray, class_words: Sequence[str]) -> int:
-    """Index of the first T5 token of the first class word found in ``prompt``.
+    """Index into ``input_ids`` of the first T5 token of the first class word of ``prompt``.
 
-    Words are matched case-insensitively as whole words; the token index is found by tokenizing
-    the prompt text before the word. Raises ValueError listing the words when none is present.
+    A class word is matched as the token sequence the tokenizer gives the word on its own
+    (lower-case, Capitalized or UPPER), starting a word and not continued by the next token
+    ("man" does not match "manly"). Raises ValueError listing the words when none is found.
     """
-    import re
+    variants = sorted({v for w in class_words for v in (w.strip(), w.strip().lower(), w.strip().capitalize(),
+                                                         w.strip().upper())})
+    unk = getattr(tokenizer, "unk_token_id", None)
+    # a spelling with unknown pieces would match any unknown text (<unk> stands for many strings)
+    word_ids = [ids for ids in (tokenizer(v, add_special_tokens=False).input_ids for v in variants) if unk not in ids]
+    present = sorted({int(i) for i in np.asarray(input_ids).reshape(-1)})
+    pieces = tokenizer.convert_ids_to_tokens(present)
+    # a SentencePiece piece without the word-start mark that begins with a letter/digit continues a word
+    continues = {i for i, p in zip(present, pieces) if p and not p.startswith("\u2581") and p[0].isalnum()}
+    idx = class_token_index(np.asarray(input_ids).reshape(-1), word_ids, continues)
+    if idx is None:
+        said = [w for w in class_words if re.search(rf"\b{re.escape(w.strip())}\b", prompt, flags=re.IGNORECASE)]
+        where = (f"; {said} appear in the prompt but not within its {len(input_ids)} kept text tokens" if said else "")
+        raise ValueError(f"the prompt names no subject class word; it needs one of: {', '.join(class_words)}"
+                         f"{where} (prompt: {prompt!r})")
+    return idx
 
-    best = None
-    for word in class_words:
-        m = re.search(rf"\b{re.escape(word)}\b", prompt, flags=re.IGNORECASE)
-        if m and (best is None or m.start() < best.start()):
-            best = m
-    if best is None:
-        raise ValueError(f"the prompt names no subject class word; it needs one of: {', '.join(class_words)} "
-                         f"(prompt: {prompt!r})")
-    # tokens of the text through the word, minus the word's own tokens = where the word starts
-    prefix = tokenizer(prompt[:best.end()], add_special_tokens=False).input_ids
-    word_ids = tokenizer(prompt[best.start():best.end()], add_special_tokens=False).input_ids
-    idx = max(len(prefix) - len(word_ids), 0)
-    if idx >= len(input_ids):
-        raise ValueError(f"class word {best.group(0)!r} lies beyond the {len(input_ids)} text tokens kept")
-    return int(idx)
+
+def check_dropped_tokens(input_ids: np.ndarray, num_id_tokens: int, pad_token_id: int = 0) -> bool:
+    """Warn when fusion drops real tokens: it keeps the length by dropping the last N_id - 1
+    positions, which should be padding. input_ids (L,) or (B, L). Returns True when all were padding."""
+    n = num_id_tokens - 1
+    ids = np.asarray(input_ids)
+    if n <= 0:
+        return True
+    tail = ids[..., -n:]
+    if np.all(tail == pad_token_id):
+        return True
+    warnings.warn(f"the prompt fills the last {n} of its {ids.shape[-1]} text positions (token ids "
+                  f"{tail.tolist()}); the identity fusion inserts {num_id_tokens} tokens for the class word and "
+                  f"drops them: shorten the prompt", stacklevel=2)
+    return False
 
 
-def count_params(cfg: AdapterConfig) -> int:
+def count_adapter_params(cfg: AdapterConfig) -> int:
+    """Number of added (trainable) parameters for ``cfg``, from shapes only (``nnx.eval_shape``)."""
     abstract = nnx.eval_shape(lambda: MagicMirrorAdapter(cfg, rngs=nnx.Rngs(0)))
     return int(sum(np.prod(v.get_value().shape) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))))
+
+
+count_params = count_adapter_params  # the name sample.py and the benchmark use

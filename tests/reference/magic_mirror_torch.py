@@ -2,8 +2,9 @@
 shared/design/magic_mirror_reference.md sections 3.2-3.5 (not from the Flax code), on top of
 diffusers' CogVideoXTransformer3DModel. Used only by tests.
 
-Open choices are the ones the design fixes for us: every Linear has a bias, GELU is exact (erf),
-LayerNorms are affine with eps 1e-5.
+Open choices are the ones the design fixes for us (config fields): every Linear has a bias, GELU is
+exact (erf) unless ``gelu == "tanh"``, LayerNorms are affine with eps ``norm_eps`` (1e-5), MLP_fuse's
+hidden width is ``fuse_hidden`` or T.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from torch import nn
 
 
 class PerceiverLayer(nn.Module):
-    def __init__(self, width, heads, head_dim, ff_mult, eps):
+    def __init__(self, width, heads, head_dim, ff_mult, eps, gelu):
         super().__init__()
+        self.gelu = gelu
         inner = heads * head_dim
         self.norm_f, self.norm_q = nn.LayerNorm(width, eps=eps), nn.LayerNorm(width, eps=eps)
         self.to_q, self.to_k, self.to_v = nn.Linear(width, inner), nn.Linear(width, inner), nn.Linear(width, inner)
@@ -32,15 +34,15 @@ class PerceiverLayer(nn.Module):
         o = F.scaled_dot_product_attention(heads(self.to_q(qn)), heads(self.to_k(kv)), heads(self.to_v(kv)))
         q = q + self.to_out(o.transpose(1, 2).reshape(b, q.shape[1], -1))
         # "q <- q + FF(LN(q)), FF = Linear(W, 4W), GELU, Linear(4W, W)"
-        return q + self.ff_out(F.gelu(self.ff_in(self.norm_ff(q))))
+        return q + self.ff_out(self.gelu(self.ff_in(self.norm_ff(q))))
 
 
 class Perceiver(nn.Module):
-    def __init__(self, clip_width, width, depth, heads, head_dim, ff_mult, out_dim, num_latents, eps):
+    def __init__(self, clip_width, width, depth, heads, head_dim, ff_mult, gelu, out_dim, num_latents, eps):
         super().__init__()
         self.proj_in = nn.Linear(clip_width, width)  # f' = Linear(1024 -> W)(f)
         self.latents = nn.Parameter(torch.randn(num_latents, width)) if num_latents else None
-        self.layers = nn.ModuleList([PerceiverLayer(width, heads, head_dim, ff_mult, eps) for _ in range(depth)])
+        self.layers = nn.ModuleList([PerceiverLayer(width, heads, head_dim, ff_mult, eps, gelu) for _ in range(depth)])
         self.proj_out = nn.Linear(width, out_dim)
         self.norm_out = nn.LayerNorm(out_dim, eps=eps)
 
@@ -53,12 +55,13 @@ class Perceiver(nn.Module):
 
 
 class MLP2(nn.Module):
-    def __init__(self, din, dh, dout):
+    def __init__(self, din, dh, dout, gelu):
         super().__init__()
         self.linear_1, self.linear_2 = nn.Linear(din, dh), nn.Linear(dh, dout)
+        self.gelu = gelu
 
     def forward(self, x):
-        return self.linear_2(F.gelu(self.linear_1(x)))
+        return self.linear_2(self.gelu(self.linear_1(x)))
 
 
 class MagicMirrorAdapterTorch(nn.Module):
@@ -66,11 +69,12 @@ class MagicMirrorAdapterTorch(nn.Module):
         super().__init__()
         self.c = c
         W, D, T = c["width"], c["dit_dim"], c["text_dim"]
-        args = (c["clip_width"], W, c["depth"], c["heads"], c["head_dim"], c["ff_mult"])
+        gelu = nn.GELU(approximate="tanh" if c.get("gelu", "erf") == "tanh" else "none")
+        args = (c["clip_width"], W, c["depth"], c["heads"], c["head_dim"], c["ff_mult"], gelu)
         self.face_perceiver = Perceiver(*args, D, c["num_face_tokens"], c["norm_eps"])
-        self.id_mlp = MLP2(c["id_dim"], c["id_mlp_hidden"], c["num_id_tokens"] * W)
+        self.id_mlp = MLP2(c["id_dim"], c["id_mlp_hidden"], c["num_id_tokens"] * W, gelu)
         self.id_perceiver = Perceiver(*args, T, None, c["norm_eps"])
-        self.fuse_mlp = MLP2(2 * T, T, T)
+        self.fuse_mlp = MLP2(2 * T, c.get("fuse_hidden") or T, T, gelu)  # "Linear(2T, T), GELU, Linear(T, T)"
         self.linear_id = nn.Linear(T, c["time_embed_dim"])
         self.can = nn.ModuleList([nn.Linear(c["time_embed_dim"], 14 * D) for _ in c["adapter_layers"]])
 
