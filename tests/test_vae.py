@@ -3,6 +3,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from safetensors.torch import load_file, save_file
 
 from mm_jax import checkpoint
@@ -67,25 +68,27 @@ def test_tiled_decode_and_encode_match_diffusers(pair):
     try:
         ours = checkpoint.load_component(ckpt, "vae", use_tiling=True, tile_sample_min_height=32,
                                          tile_sample_min_width=32)
-        z = torch.randn(1, 4, 3, 7, 9, generator=torch.Generator().manual_seed(2))  # 2x3 latent tiles of 4x4
-        x = _video(9, 48, 48, seed=3)  # pixel tiles of 32 and 22/23 (stride 26 x 25)
+        z = torch.randn(1, 4, 3, 5, 9, generator=torch.Generator().manual_seed(2))  # 2x3 latent tiles: 4|2 x 4|4|3
+        x = _video(9, 48, 48, seed=3)  # 2x2 pixel tiles: 32|22 x 32|23 (stride 26 x 25)
         with torch.no_grad():
             want_dec = ref.decode(z).sample
             want_enc = ref.encode(x).latent_dist.mean
     finally:
         ref.disable_tiling()
-    assert max_rel_err(ours.decode(_cl(z)), _cl(want_dec)) <= 1e-4
-    assert max_rel_err(ours.encode(_cl(x)).mean, _cl(want_enc)) <= 1e-4
+    assert max_rel_err(jax.jit(ours.decode)(_cl(z)), _cl(want_dec)) <= 1e-4
+    assert max_rel_err(jax.jit(lambda v: ours.encode(v).mean)(_cl(x)), _cl(want_enc)) <= 1e-4
 
 
 def test_scaling_factor_is_applied_once_each_way(pair):
-    _, ckpt, _ = pair
+    ref, ckpt, _ = pair
     ours = checkpoint.load_component(ckpt, "vae")
-    x = _cl(_video(5, 16, 16))
-    np.testing.assert_allclose(vae_lib.encode_video(ours, x), ours.encode(x).mean * 0.7 / 0.7 * ours.cfg.scaling_factor,
-                               rtol=1e-6)
-    z = np.random.default_rng(0).standard_normal((1, 2, 2, 2, 4)).astype(np.float32)
-    np.testing.assert_allclose(vae_lib.decode_latents(ours, z), ours.decode(z / ours.cfg.scaling_factor), rtol=1e-6)
+    sf = ref.config.scaling_factor  # the pipelines: latents = mode * sf; pixels = decode(latents / sf)
+    x = _cl(_video(1, 16, 16))
+    z = np.random.default_rng(0).standard_normal((1, 1, 2, 2, 4)).astype(np.float32)
+    enc = jax.jit(lambda v: (vae_lib.encode_video(ours, v), ours.encode(v).mean))
+    dec = jax.jit(lambda v: (vae_lib.decode_latents(ours, v), ours.decode(v / sf)))
+    np.testing.assert_allclose(*(lambda a, b: (a, b * sf))(*enc(x)), rtol=1e-6)
+    np.testing.assert_allclose(*dec(z), rtol=1e-6)
 
 
 def test_bad_frame_count_and_size_are_explained(pair):
@@ -101,14 +104,37 @@ def test_manifest_of_the_real_vae_maps_exactly(shared_dir):
     assert check_manifest(shared_dir / "manifests" / "cogvideox_vae.json") == 215_583_907
 
 
+def test_converter_round_trip_keeps_every_parameter(pair):
+    ref, ckpt, _ = pair
+    ours = checkpoint.load_component(ckpt, "vae")
+    sd = ref.state_dict()
+    mine = {".".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
+    assert len(mine) == len(sd)
+    w = sd["decoder.up_blocks.1.resnets.0.conv1.conv.weight"].numpy()  # (out, in, kt, kh, kw)
+    np.testing.assert_array_equal(mine["decoder.up_blocks.1.resnets.0.conv1.conv.kernel"], w.transpose(2, 3, 4, 1, 0))
+
+
+def _bad_copy(src, dst, edit):
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    sd = load_file(next(src.glob("*.safetensors")))
+    edit(sd)
+    save_file(sd, dst / "diffusion_pytorch_model.safetensors")
+    return dst
+
+
+def test_converter_rejects_a_vae_with_a_wrong_shape(pair, tmp_path):
+    _, _, src = pair
+    key = "encoder.conv_in.conv.bias"
+    bad = _bad_copy(src, tmp_path / "bad", lambda sd: sd.__setitem__(key, sd[key][:-1].clone()))
+    with pytest.raises(CheckpointError, match=r"shape mismatch for encoder\.conv_in\.conv\.bias: expected \[8\], found \[7\]"):
+        convert(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_converter_rejects_a_vae_missing_a_key(pair, tmp_path):
     _, _, src = pair
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text((src / "config.json").read_text())
-    sd = load_file(next(src.glob("*.safetensors")))
-    sd.pop("decoder.up_blocks.3.resnets.0.conv_shortcut.weight")
-    save_file(sd, bad / "diffusion_pytorch_model.safetensors")
+    bad = _bad_copy(src, tmp_path / "bad", lambda sd: sd.pop("decoder.up_blocks.3.resnets.0.conv_shortcut.weight"))
     with pytest.raises(CheckpointError, match=r"missing key decoder\.up_blocks\.3\.resnets\.0\.conv_shortcut\.weight"):
         convert(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -169,8 +169,15 @@ def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
 def nearest_resize(x, size: tuple[int, int, int]):
     """x (B, T, H, W, C) -> (B, *size, C) by nearest neighbour, torch's rule."""
     for axis, n in zip((1, 2, 3), size):
-        if x.shape[axis] != n:
-            x = jnp.take(x, jnp.asarray(_nearest_indices(x.shape[axis], n)), axis=axis)
+        m = x.shape[axis]
+        if m == n:
+            continue
+        idx = _nearest_indices(m, n)
+        if n % m == 0 and np.array_equal(idx, np.arange(n) // (n // m)):
+            # an integer factor is a repeat: a broadcast XLA fuses into the consumer, not a gather
+            x = jnp.repeat(x, n // m, axis=axis)
+        else:
+            x = jnp.take(x, jnp.asarray(idx), axis=axis)
     return x
 
 
@@ -183,13 +190,18 @@ class SpatialNorm3D(nnx.Module):
         self.conv_y = CausalConv3d(zq_channels, f_channels, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.conv_b = CausalConv3d(zq_channels, f_channels, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
+    @staticmethod
+    def _resize(zq, t, h, w):
+        if t > 1 and t % 2 == 1:
+            return jnp.concatenate([nearest_resize(zq[:, :1], (1, h, w)), nearest_resize(zq[:, 1:], (t - 1, h, w))], 1)
+        return nearest_resize(zq, (t, h, w))
+
     def __call__(self, f, zq):
         t, h, w = f.shape[1:4]
-        if t > 1 and t % 2 == 1:
-            zq = jnp.concatenate([nearest_resize(zq[:, :1], (1, h, w)), nearest_resize(zq[:, 1:], (t - 1, h, w))], 1)
-        else:
-            zq = nearest_resize(zq, (t, h, w))
-        return self.norm_layer(f) * self.conv_y(zq)[0] + self.conv_b(zq)[0]
+        # the 1x1x1 convs commute with nearest resizing (both act per position), so they run at the
+        # latent resolution and the resized maps fuse into the product instead of being materialized
+        y, b = self.conv_y(zq)[0], self.conv_b(zq)[0]
+        return self.norm_layer(f) * self._resize(y, t, h, w) + self._resize(b, t, h, w)
 
 
 class ResnetBlock3D(nnx.Module):
@@ -499,9 +511,18 @@ class AutoencoderKLCogVideoX(nnx.Module):
         """Overlapping tiles through ``fn``, blended with the tile above then the tile to the left
         (both already blended, as the reference mutates them in place), cropped and joined."""
         h, w = x.shape[2:4]
-        rows = []
-        for i in range(0, h, stride[0]):
-            rows.append([fn(x[:, :, i:i + tile[0], j:j + tile[1]]) for j in range(0, w, stride[1])])
+        starts = [(i, j) for i in range(0, h, stride[0]) for j in range(0, w, stride[1])]
+        # tiles of one shape go through one compiled body, one after another under lax.map: compile
+        # time is per distinct shape (at most 4) and memory holds one tile's activations at a time
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for i, j in starts:
+            groups.setdefault((min(tile[0], h - i), min(tile[1], w - j)), []).append((i, j))
+        done = {}
+        for (th, tw), members in groups.items():
+            crops = [x[:, :, i:i + th, j:j + tw] for i, j in members]
+            outs = jax.lax.map(fn, jnp.stack(crops)) if len(crops) > 1 else fn(crops[0])[None]
+            done.update({ij: outs[k] for k, ij in enumerate(members)})
+        rows = [[done[(i, j)] for j in range(0, w, stride[1])] for i in range(0, h, stride[0])]
         limit = (out_tile[0] - blend[0], out_tile[1] - blend[1])
         out_rows = []
         for i, row in enumerate(rows):
