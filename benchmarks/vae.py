@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -106,14 +107,17 @@ def main():
     AutoencoderKLCogVideoX(**{k: v for k, v in cfg.items() if not k.startswith("_")}).save_pretrained(folder / "src")
     convert(folder / "src", folder / "ckpt")
     res = {}
-    for side in ("ours", "diffusers"):
-        cmd = [sys.executable, __file__, "--child", side, str(folder)] + (["--gpu"] if args.gpu else []) + \
-              ["--repeat", str(args.repeat)]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if out.returncode:
-            print(out.stderr[-3000:])
-            raise SystemExit(f"{side} failed")
-        res[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        for side in ("ours", "diffusers"):
+            cmd = [sys.executable, __file__, "--child", side, str(folder)] + (["--gpu"] if args.gpu else []) + \
+                  ["--repeat", str(args.repeat)]
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if out.returncode:
+                print(out.stderr[-3000:])
+                raise SystemExit(f"{side} failed")
+            res[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # two copies of the 5B VAE weights
     o, d = res["ours"], res["diffusers"]
     what = "13x60x90 bf16 tiled" if args.gpu else "1x4x16x16x16 fp32"
     print(f"VAE decode of a {what} latent (5B widths)")
