@@ -1,0 +1,82 @@
+"""Assets a tiny/demo run generates in its workdir instead of reading them from disk: a random
+tiny backbone and adapter, a stand-in insightface pack, a synthetic dataset, a reference face.
+Each is built once (re-used when the workdir already has it), so restarts are cheap."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+
+def _done(folder: Path) -> bool:
+    return (folder / ".complete").exists()
+
+
+def _mark(folder: Path) -> Path:
+    (folder / ".complete").write_text("ok\n")
+    return folder
+
+
+def tiny_models(workdir: Path) -> tuple[Path, Path]:
+    from mm_jax.testing.tiny_checkpoint import build_tiny_adapter, build_tiny_checkpoint
+
+    backbone, adapter = workdir / "tiny_models" / "backbone", workdir / "tiny_models" / "adapter"
+    if not _done(backbone):
+        _mark(build_tiny_checkpoint(backbone))
+    if not _done(adapter):
+        _mark(build_tiny_adapter(adapter, backbone))
+    return backbone, adapter
+
+
+def standin_faces(workdir: Path) -> Path:
+    from mm_jax.testing.standin_faces import make_pack
+
+    pack = workdir / "standin_faces"
+    if not _done(pack):
+        _mark(make_pack(pack))
+    return pack
+
+
+def synthetic_dataset(workdir: Path, synthetic_cfg, face_models: Path, seed: int) -> Path:
+    from mm_jax.data.build import build_dataset
+    from mm_jax.data.synthetic import make_demo_source
+
+    source, out = workdir / "synthetic_source", workdir / "synthetic_data"
+    if not _done(out):
+        if not _done(source):
+            _mark(make_demo_source(source, num_clips=synthetic_cfg.num_clips, num_images=synthetic_cfg.num_images,
+                                   frames=synthetic_cfg.frames, height=synthetic_cfg.height,
+                                   width=synthetic_cfg.width, seed=seed))
+        build_dataset(source, out, face_models)
+        _mark(out)
+    return out
+
+
+def reference_face(workdir: Path, height: int, width: int) -> Path:
+    import imageio.v3 as iio
+
+    from mm_jax.testing.standin_faces import face_image
+
+    path = workdir / "reference_face.png"
+    if not path.exists():
+        iio.imwrite(path, face_image(h=max(height, 64), w=max(width, 64), at=(max(height, 64) // 2, max(width, 64) // 2),
+                                     seed=7))
+    return path
+
+
+def resolve(cfg, workdir: Path) -> None:
+    """Replace the "tiny" / "standin" / "synthetic" markers in ``cfg`` by the built paths (in place)."""
+    if cfg.model.checkpoint == "tiny" or cfg.model.adapter == "tiny":
+        backbone, adapter = tiny_models(workdir)
+        if cfg.model.checkpoint == "tiny":
+            cfg.model.checkpoint = str(backbone)
+        if cfg.model.adapter == "tiny":
+            cfg.model.adapter = str(adapter)
+    if cfg.data.face_models == "standin":
+        cfg.data.face_models = str(standin_faces(workdir))
+    if cfg.data.path == "synthetic":
+        if not cfg.data.face_models:
+            raise ValueError("data.path=synthetic needs data.face_models (a pack folder, or 'standin')")
+        cfg.data.path = str(synthetic_dataset(workdir, cfg.data.synthetic, Path(cfg.data.face_models),
+                                              int(cfg.train.seed)))
+    if cfg.sample.ref == "synthetic":
+        cfg.sample.ref = str(reference_face(workdir, cfg.sample.height, cfg.sample.width))

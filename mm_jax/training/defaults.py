@@ -1,0 +1,98 @@
+"""Fields shared by ``configs/image.py`` and ``configs/video.py`` (each sets its stage's own
+resolution, frames, batch, steps and presets on top). Every number is a config field."""
+from __future__ import annotations
+
+import ml_collections
+
+PLACEHOLDER = ml_collections.config_dict.placeholder
+
+
+def common(stage: str) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+    cfg.stage = stage
+    cfg.mesh = ""          # e.g. "data=2,fsdp=4,tensor=1"; empty: every device on fsdp
+    cfg.init_from = ""     # stage 2: a stage-1 workdir or an exported adapter folder
+
+    cfg.model = ml_collections.ConfigDict()
+    cfg.model.checkpoint = ""       # converted CogVideoX folder; "tiny": a random tiny one built in the workdir
+    cfg.model.adapter = ""          # folder with image_encoder (+ adapter to continue from); "tiny" likewise
+    cfg.model.dtype = "bfloat16"    # compute dtype; trainable params stay float32
+    cfg.model.remat_policy = "full"  # per DiT block: none | full | dots | dots_all
+    cfg.model.attention_impl = PLACEHOLDER(str)
+
+    cfg.adapter = ml_collections.ConfigDict()  # AdapterConfig overrides for a fresh adapter
+    cfg.adapter.adapter_every = 2               # the adapter in every 2nd block (0, 2, ...), as the paper
+
+    cfg.data = ml_collections.ConfigDict()
+    cfg.data.path = ""              # built dataset folder; "synthetic": the demo set built in the workdir
+    cfg.data.stage = stage
+    cfg.data.height, cfg.data.width = 480, 720
+    cfg.data.frames = 1
+    cfg.data.frame_stride = 1
+    cfg.data.max_text_length = 226
+    cfg.data.drop_text, cfg.data.drop_id, cfg.data.drop_both = 0.05, 0.05, 0.05
+    cfg.data.class_words = ["man", "woman", "person", "boy", "girl", "child", "kid", "lady", "gentleman", "baby"]
+    cfg.data.num_workers = 4
+    cfg.data.prefetch_buffer = 2
+    cfg.data.precomputed = False
+    cfg.data.shuffle = True
+    cfg.data.num_epochs = PLACEHOLDER(int)
+    cfg.data.face_models = ""       # insightface pack for building the synthetic set / the periodic sample
+    cfg.data.synthetic = ml_collections.ConfigDict(dict(num_clips=24, num_images=0, frames=9, height=64, width=64))
+
+    cfg.optimizer = ml_collections.ConfigDict(dict(lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4,
+                                                   warmup_steps=500, grad_clip=1.0))
+
+    cfg.train = ml_collections.ConfigDict()
+    cfg.train.steps = 1000
+    cfg.train.global_batch_size = 8
+    cfg.train.seed = 0
+    cfg.train.trainable = ("adapter",)  # the design; ("adapter", "dit") also trains the DiT (tiny demos)
+    cfg.train.face_loss_prob = 0.5     # share of samples with the face-weighted term
+    cfg.train.face_loss_lambda = 1.0   # weight 1 + lambda * M_face
+    cfg.train.log_every = 10
+    cfg.train.checkpoint_every = 500
+    cfg.train.keep_checkpoints = 3
+    cfg.train.async_checkpointing = True
+
+    cfg.sample = ml_collections.ConfigDict()
+    cfg.sample.every = 0               # steps between sample videos; 0: only after the last step
+    cfg.sample.enabled = True
+    cfg.sample.prompt = "a man is walking on the beach at sunset"
+    cfg.sample.ref = ""                # reference photo; "synthetic": a generated stand-in face
+    cfg.sample.steps = 50
+    cfg.sample.guidance = 6.0
+    cfg.sample.frames = 49
+    cfg.sample.height, cfg.sample.width = 480, 720
+    cfg.sample.seed = 42
+    return cfg
+
+
+def tiny(cfg: ml_collections.ConfigDict, *, frames: int, steps: int, batch: int) -> ml_collections.ConfigDict:
+    """Everything generated in the workdir (random tiny backbone, stand-in faces, synthetic data),
+    float32, sized for 2 CPU cores."""
+    cfg.model.checkpoint = cfg.model.adapter = "tiny"
+    cfg.model.dtype = "float32"
+    cfg.model.remat_policy = "none"
+    cfg.data.path = "synthetic"
+    cfg.data.face_models = "standin"
+    cfg.data.height = cfg.data.width = 64
+    cfg.data.frames = frames
+    cfg.data.max_text_length = 32
+    cfg.data.num_workers = 0
+    cfg.data.synthetic = ml_collections.ConfigDict(dict(num_clips=8, num_images=0, frames=max(frames, 9), height=64,
+                                                        width=64))
+    cfg.optimizer.lr = 1e-2  # the frozen tiny backbone is random: the adapter alone needs big steps to move the loss
+    cfg.optimizer.warmup_steps = 5
+    cfg.train.steps = steps
+    cfg.train.global_batch_size = batch
+    cfg.train.log_every = 5
+    cfg.train.checkpoint_every = 10
+    cfg.train.async_checkpointing = False
+    cfg.sample.enabled = False
+    cfg.sample.ref = "synthetic"
+    cfg.sample.steps = 4
+    cfg.sample.guidance = 6.0
+    cfg.sample.frames = frames
+    cfg.sample.height = cfg.sample.width = 64
+    return cfg
