@@ -122,8 +122,9 @@ def sample_video(cfg, workdir: Path, step: int, models, params, aux) -> Path | N
     return out
 
 
-def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
-    """Run (or resume) training; returns a summary dict (first/last loss, steps, timings)."""
+def train(cfg, workdir: str | Path, *, progress: bool = True, return_state: bool = False):
+    """Run (or resume) training; returns a summary dict (first/last loss, steps, timings), and
+    with ``return_state`` also the final trainable params and the frozen states (for tests)."""
     from tqdm.auto import tqdm
 
     from mm_jax import parallel
@@ -227,7 +228,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                "data_wait_fraction": data_wait / step_time if step_time else None, "workdir": str(workdir)}
     if main_process:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return (summary, params, frozen) if return_state else summary
 
 
 def main(argv=None) -> int:
