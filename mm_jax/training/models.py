@@ -33,13 +33,15 @@ class TrainModels:
     scheduler: sch.SchedulerConfig
     backbone_dir: Path
     adapter_dir: Path
+    temporal_ratio: int = 4  # the VAE's temporal compression (face masks are pooled by it)
 
     @property
     def alphas_cumprod(self) -> np.ndarray:
         return sch.alphas_cumprod(self.scheduler)
 
     def frozen_modules(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in FROZEN}
+        """The frozen networks present (VAE / T5 / CLIP may be None when the data is precomputed)."""
+        return {name: getattr(self, name) for name in FROZEN if getattr(self, name) is not None}
 
 
 def _scheduler_config(backbone: Path) -> sch.SchedulerConfig:
@@ -88,7 +90,8 @@ def load_models(model_cfg, adapter_overrides: dict, mesh) -> TrainModels:
     else:
         adapter = new_adapter(dit, clip.cfg.hidden_size, adapter_overrides, dt, mesh)
     tok = text_lib.load_tokenizer(backbone / "tokenizer")
-    return TrainModels(dit, vae, t5, clip, adapter, tok, _scheduler_config(backbone), backbone, adapter_dir)
+    return TrainModels(dit, vae, t5, clip, adapter, tok, _scheduler_config(backbone), backbone, adapter_dir,
+                       vae.cfg.temporal_compression_ratio)
 
 
 def count(tree) -> int:

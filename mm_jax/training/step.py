@@ -31,6 +31,7 @@ BATCH_AXES = {  # logical names per batch field (leading axis sharded over the b
     "class_index": ("batch",),
     "e_id": ("batch", None),
     "ref_pixels": ("batch", "height", "width", None),
+    "clip_hidden": ("batch", "seq", None),
     "has_id": ("batch",),
 }
 
@@ -101,7 +102,8 @@ def put_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 
 
 def conditions(frozen_mods: dict, batch: dict, key: jax.Array, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Frozen encoders: -> (clean latents x0 (B, f, h, w, C) fp32, text (B, L, T), CLIP states (B, P, W))."""
+    """Frozen encoders (skipped for fields the batch already holds: latents, text_embeddings,
+    clip_hidden): -> (clean latents x0 (B, f, h, w, C) fp32, text (B, L, T), CLIP states (B, P, W))."""
     if "latents" in batch:
         x0 = batch["latents"].astype(jnp.float32)
     else:
@@ -110,7 +112,10 @@ def conditions(frozen_mods: dict, batch: dict, key: jax.Array, dtype) -> tuple[j
         text = batch["text_embeddings"].astype(dtype)
     else:
         text = frozen_mods["text_encoder"](batch["input_ids"]).astype(dtype)
-    clip_hidden = frozen_mods["image_encoder"](batch["ref_pixels"].astype(dtype))
+    if "clip_hidden" in batch:
+        clip_hidden = batch["clip_hidden"].astype(dtype)
+    else:
+        clip_hidden = frozen_mods["image_encoder"](batch["ref_pixels"].astype(dtype))
     return jax.lax.stop_gradient(x0), jax.lax.stop_gradient(text), jax.lax.stop_gradient(clip_hidden)
 
 
@@ -120,7 +125,7 @@ def make_loss_fn(models: TrainModels, aux, train_cfg) -> Callable:
     graphdefs, templates, rest, _ = aux
     abar = jnp.asarray(models.alphas_cumprod, jnp.float32)
     n_train = int(models.scheduler.num_train_timesteps)
-    temporal = models.vae.cfg.temporal_compression_ratio
+    temporal = models.temporal_ratio
     dtype = jnp.dtype(models.dit.cfg.dtype)
     seed = int(train_cfg.seed)
     face_prob, face_lambda = float(train_cfg.face_loss_prob), float(train_cfg.face_loss_lambda)

@@ -1,0 +1,176 @@
+"""Training speed: our jitted step vs the PyTorch reference step, and the whole tiny loop.
+
+1. Step (always): the DiT + Magic Mirror adapter forward/backward and AdamW on the adapter (the
+   frozen DiT gets no weight gradients), from precomputed latents, text and CLIP states, fp32.
+   Ours: ``mm_jax.training.step.make_train_step``. Reference: diffusers' CogVideoXTransformer3DModel
+   + tests/reference/magic_mirror_torch.py (the spec's adapter in torch), torch.optim.AdamW.
+2. Loop (CPU): ``python -m mm_jax.train --config configs/video.py:tiny`` style run: steps/s and the
+   share of step time spent waiting for data (goal < 5%).
+GPU (--gpu): step 1 at CogVideoX-5B size, 49x480x720 (13x60x90 latents), batch 1, bf16, remat per
+block: step time, MFU = model FLOPs / (time x peak) and peak device memory (torch side skipped).
+
+    python benchmarks/train.py [--gpu] [--repeat 5] [--loop-steps 40]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from benchmarks.common import dit_forward_flops, time_it
+from mm_jax import parallel, schedulers as sch
+from mm_jax.models.dit import CogVideoXTransformer3D, DiTConfig
+from mm_jax.models.id_adapter import AdapterConfig, MagicMirrorAdapter
+from mm_jax.testing.tiny_checkpoint import SCHEDULER
+from mm_jax.training.models import TrainModels
+from mm_jax.training.optim import make_optimizer
+from mm_jax.training.step import init_state, make_train_step, put_batch
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A800": 312e12}
+CLASS_INDEX = 3
+
+
+def configs(gpu: bool):
+    if gpu:
+        d = DiTConfig(dtype="bfloat16", param_dtype="bfloat16", remat_policy="full")
+        return d, AdapterConfig.for_dit(d, dtype="bfloat16", param_dtype="float32"), (13, 60, 90), 1
+    d = DiTConfig(num_attention_heads=4, attention_head_dim=32, num_layers=4, text_embed_dim=64, time_embed_dim=32,
+                  sample_width=24, sample_height=16, sample_frames=9, attention_impl="xla")  # as the tiny presets
+    return d, AdapterConfig.for_dit(d, clip_width=64, width=64, depth=2, heads=2, head_dim=32, id_mlp_hidden=64,
+                                    attention_impl="xla"), (3, 16, 24), 2
+
+
+def batch(dcfg, acfg, lat, b, seed=0):
+    rng = np.random.default_rng(seed)
+    f, h, w = lat
+    frames = 1 + 4 * (f - 1)
+    mask = np.zeros((b, frames, 8 * h, 8 * w), np.float32)
+    mask[:, :, 2 * h:4 * h, 3 * w:5 * w] = 1
+    return dict(latents=rng.standard_normal((b, f, h, w, dcfg.in_channels)).astype(np.float32),
+                text_embeddings=rng.standard_normal((b, 226, dcfg.text_embed_dim)).astype(np.float32),
+                clip_hidden=rng.standard_normal((b, 257, acfg.clip_width)).astype(np.float32),
+                e_id=rng.standard_normal((b, acfg.id_dim)).astype(np.float32), face_mask=mask,
+                class_index=np.full((b,), CLASS_INDEX, np.int32), has_id=np.ones((b,), bool))
+
+
+def ours(dcfg, acfg, lat, b, repeat):
+    mesh = parallel.make_mesh()
+    with jax.set_mesh(mesh):
+        dit = nnx.jit(lambda: CogVideoXTransformer3D(dcfg, rngs=nnx.Rngs(0)))()
+        adapter = nnx.jit(lambda: MagicMirrorAdapter(acfg, rngs=nnx.Rngs(1)))()
+    models = TrainModels(dit, None, None, None, adapter, None, sch.SchedulerConfig.from_dict(SCHEDULER), Path("."),
+                         Path("."))
+    opt = ml_collections.ConfigDict(dict(lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4, warmup_steps=0,
+                                         grad_clip=1.0))
+    train_cfg = ml_collections.ConfigDict(dict(seed=0, face_loss_prob=0.5, face_loss_lambda=1.0))
+    tx = make_optimizer(opt)
+    state, aux = init_state(models, tx, mesh)
+    step = make_train_step(models, tx, state, aux, train_cfg, mesh)
+    x = put_batch(batch(dcfg, acfg, lat, b), mesh)
+    holder = {"p": state.params, "o": state.opt_state, "i": 0}
+
+    def run():
+        with jax.set_mesh(mesh):
+            holder["p"], holder["o"], m = step(holder["p"], holder["o"], aux[-1], x, holder["i"])
+        holder["i"] += 1
+        return m["loss"]
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(run())
+    compile_s = time.perf_counter() - t0
+    return time_it(run, repeat, jax.block_until_ready), compile_s
+
+
+def reference(dcfg, acfg, lat, b, repeat):
+    import torch
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    from tests.reference.magic_mirror_torch import MagicMirrorAdapterTorch, magic_mirror_forward
+
+    keys = [k for k in DiTConfig.__dataclass_fields__ if k not in ("dtype", "param_dtype", "remat_policy",
+                                                                   "attention_impl")]
+    dit = CogVideoXTransformer3DModel(**{k: getattr(dcfg, k) for k in keys if hasattr(dcfg, k)}).eval()
+    dit.requires_grad_(False)
+    ad = MagicMirrorAdapterTorch(acfg.to_dict())
+    opt = torch.optim.AdamW(ad.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4)
+    x = {k: torch.from_numpy(v) for k, v in batch(dcfg, acfg, lat, b).items()}
+    f, h, w = lat
+    p = dcfg.patch_size
+    crops = get_resize_crop_region_for_grid((h // p, w // p), dcfg.sample_width // p, dcfg.sample_height // p)
+    rope = get_3d_rotary_pos_embed(embed_dim=dcfg.attention_head_dim, crops_coords=crops, grid_size=(h // p, w // p),
+                                   temporal_size=f, device="cpu")
+    latents = x["latents"].permute(0, 1, 4, 2, 3)  # (B, F, C, H, W)
+    abar = torch.from_numpy(sch.alphas_cumprod(sch.SchedulerConfig.from_dict(SCHEDULER))).float()
+
+    def run():
+        t = torch.randint(0, 1000, (b,))
+        eps = torch.randn_like(latents)
+        a = abar[t].view(-1, 1, 1, 1, 1)
+        x_t = a.sqrt() * latents + (1 - a).sqrt() * eps
+        v = a.sqrt() * eps - (1 - a).sqrt() * latents
+        v_hat = magic_mirror_forward(dit, ad, x_t, x["text_embeddings"], t, x["clip_hidden"], x["e_id"], CLASS_INDEX,
+                                     rope)
+        loss = ((v_hat - v) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ad.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    run()
+    return time_it(run, repeat)
+
+
+def loop(steps: int):
+    from mm_jax import config
+    from mm_jax.train import train
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg = config.load("configs/video.py:tiny", [f"train.steps={steps}", "train.checkpoint_every=1000000"])
+        s = train(cfg, Path(d) / "run", progress=False)
+    return s
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--loop-steps", type=int, default=40, help="tiny-loop steps on CPU (0: skip)")
+    args = ap.parse_args()
+    dcfg, acfg, lat, b = configs(args.gpu)
+    t_ours, compile_s = ours(dcfg, acfg, lat, b, args.repeat)
+    print(f"step: DiT {dcfg.num_layers}x{dcfg.inner_dim}, adapter in {len(acfg.adapter_layers)} blocks, "
+          f"latents {lat}, batch {b}, backend {jax.default_backend()}")
+    print(f"  ours   {t_ours * 1e3:9.1f} ms/step (compile {compile_s:.1f} s)")
+    if args.gpu:
+        f, h, w = lat
+        flops = 2 * dit_forward_flops(dcfg, b, f, h * 1, w * 1, 226)  # forward + input-gradient backward
+        dev = jax.devices()[0]
+        peak = next((v for k, v in PEAK_BF16.items() if k in dev.device_kind), None)
+        mem = dev.memory_stats() or {}
+        print(f"  model FLOPs/step {flops:.3e}; MFU {flops / (t_ours * peak):.1%} of {dev.device_kind} bf16 peak"
+              if peak else f"  model FLOPs/step {flops:.3e} (unknown peak for {dev.device_kind})")
+        print(f"  peak device memory {mem.get('peak_bytes_in_use', 0) / 2**30:.1f} GiB")
+        return
+    t_ref = reference(dcfg, acfg, lat, b, args.repeat)
+    print(f"  torch  {t_ref * 1e3:9.1f} ms/step")
+    print(f"  ratio ours/torch {t_ours / t_ref:.2f}")
+    if args.loop_steps:
+        s = loop(args.loop_steps)
+        print(f"loop (configs/video.py:tiny, {args.loop_steps} steps): {1 / s['mean_step_s']:.1f} steps/s, "
+              f"data wait {s['data_wait_fraction']:.1%} of step time, first step (compile) {s['compile_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
