@@ -86,9 +86,10 @@ def load_models(model_cfg, adapter_overrides: dict, mesh) -> TrainModels:
     t5 = checkpoint.load_component(backbone, "text_encoder", mesh=mesh, dtype=dt, param_dtype=dt)
     clip = checkpoint.load_component(adapter_dir, "image_encoder", mesh=mesh, dtype=dt, param_dtype=dt)
     if (adapter_dir / "adapter" / "config.json").exists():
-        adapter = checkpoint.load_component(adapter_dir, "adapter", mesh=mesh, dtype=dt, param_dtype="float32")
+        adapter = checkpoint.load_component(adapter_dir, "adapter", mesh=mesh, dtype=dt, param_dtype="float32",
+                                            **runtime)
     else:
-        adapter = new_adapter(dit, clip.cfg.hidden_size, adapter_overrides, dt, mesh)
+        adapter = new_adapter(dit, clip.cfg.hidden_size, dict(adapter_overrides, **runtime), dt, mesh)
     tok = text_lib.load_tokenizer(backbone / "tokenizer")
     return TrainModels(dit, vae, t5, clip, adapter, tok, _scheduler_config(backbone), backbone, adapter_dir,
                        vae.cfg.temporal_compression_ratio)
