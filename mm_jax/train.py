@@ -172,7 +172,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, return_state: bool
     step_fn = make_train_step(models, tx, state, aux, cfg.train, mesh)
     log = MetricLog(workdir, resume_step=start, enabled=main_process)
     if main_process:
-        print(f"training {count(params):,} adapter params ({cfg.stage} stage) over {count(frozen):,} frozen; mesh "
+        print(f"training {count(params):,} params of {'+'.join(trainable)} ({cfg.stage} stage) over {count(frozen):,} frozen; mesh "
               f"{dict(mesh.shape)}; global batch {cfg.train.global_batch_size} ({n_batch_shards} batch shards)")
     first_loss, loss, data_wait, step_time, compile_s = None, float("nan"), 0.0, 0.0, None
     bar = tqdm(total=cfg.train.steps, initial=start, desc=f"train {cfg.stage}", unit="step",

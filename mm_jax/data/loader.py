@@ -1,0 +1,235 @@
+"""Grain loaders for both training stages: ArrayRecord shards -> per-process numpy batches.
+
+Pipeline (``grain.MapDataset``): records -> this process's slice (``ShardByJaxProcess``
+semantics: element i goes to process i mod P) -> seeded shuffle, reshuffled each epoch -> repeat ->
+``random_map`` (decode, frame sampling, resize + centre crop, face mask, tokenization, condition
+dropout; each element's randomness depends only on the seed and its position) -> batch ->
+``mp_prefetch`` worker processes when ``num_workers > 0``. The same seed gives the same batches,
+with or without workers, and ``get_state``/``set_state`` resume mid-stream.
+
+Batch (per process, leading dim B = global batch / process count):
+  pixels (B, F, H, W, 3) float32 in [-1, 1]   (or latents (B, f, h, w, C) when ``precomputed``)
+  face_mask (B, F, H, W) float32               1 inside the frame's face box
+  input_ids (B, L) int32                      (or text_embeddings (B, L, T) when ``precomputed``)
+  class_index (B,) int32                      first token of the class word, -1: caption dropped / none
+  e_id (B, 512) float32, ref_pixels (B, 224, 224, 3) float32 (CLIP-normalized), has_id (B,) bool
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mm_jax.data.records import decode_record
+
+
+def shard_paths(folder: str | Path, stage: str) -> list[Path]:
+    """The stage's shards: the image stage reads image and video records (one frame of a clip), the
+    video stage only video records."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data.path={folder}: no such dataset folder (build one with python -m mm_jax.data.build)")
+    kinds = ("image", "video") if stage == "image" else ("video",)
+    paths = sorted(p for k in kinds for p in folder.glob(f"{k}-*.array_record"))
+    if not paths:
+        raise FileNotFoundError(f"data.path={folder}: no {' or '.join(kinds)} ArrayRecord shards "
+                                f"({'/'.join(kinds)}-*.array_record) for the {stage} stage; build them with "
+                                f"python -m mm_jax.data.build")
+    return paths
+
+
+def check_frames(stage: str, frames: int, temporal_ratio: int = 4) -> None:
+    if stage not in ("image", "video"):
+        raise ValueError(f"data.stage={stage!r}: must be 'image' or 'video'")
+    if stage == "image" and frames != 1:
+        raise ValueError(f"data.frames={frames}: the image stage trains on single frames (frames=1)")
+    if stage == "video" and (frames < 1 or (frames - 1) % temporal_ratio):
+        raise ValueError(f"data.frames={frames}: the causal VAE needs {temporal_ratio}k+1 frames (e.g. 9, 13, 49)")
+
+
+def _decode_jpeg(b: bytes) -> np.ndarray:
+    import cv2
+
+    img = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError("undecodable JPEG")
+    return img[..., ::-1]
+
+
+def _cover_crop(h: int, w: int, out_h: int, out_w: int) -> tuple[float, int, int, int, int]:
+    """Scale to cover (out_h, out_w) then centre-crop: -> (scale, resized h, resized w, top, left)."""
+    s = max(out_h / h, out_w / w)
+    rh, rw = max(out_h, int(round(h * s))), max(out_w, int(round(w * s)))
+    return s, rh, rw, (rh - out_h) // 2, (rw - out_w) // 2
+
+
+@dataclasses.dataclass
+class ExampleTransform:
+    """Record bytes + rng -> one example dict (the batch contract, without the batch axis)."""
+    height: int
+    width: int
+    frames: int
+    frame_stride: int
+    max_text_length: int
+    drops: tuple[float, float, float]
+    class_words: tuple[str, ...]
+    tokenizer: Any
+    precomputed: bool
+    null_text: np.ndarray | None
+    source_names: tuple[str, ...]
+
+    def _tok(self):
+        if isinstance(self.tokenizer, (str, Path)):
+            from mm_jax.text import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.tokenizer)
+        return self.tokenizer
+
+    def __call__(self, item, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        index, data = item
+        r = decode_record(data, f"record {index} of {', '.join(self.source_names)}")
+        n = len(r["frames"])
+        span = (self.frames - 1) * self.frame_stride + 1
+        found = np.asarray(r["face_found"], bool)
+        if self.precomputed:
+            start = 0  # the latents were computed from the first frames, centre crop
+        elif self.frames == 1:
+            faces = np.flatnonzero(found)
+            start = int(rng.choice(faces)) if len(faces) else int(rng.integers(n))
+        else:
+            if n < span:
+                raise ValueError(f"record {index} ({r.get('source')}) has {n} frames; data.frames={self.frames} at "
+                                 f"stride {self.frame_stride} needs {span}: lower them or rebuild with longer clips")
+            start = int(rng.integers(n - span + 1))
+        picks = list(range(start, start + span, self.frame_stride))[:self.frames]
+        s, rh, rw, top, left = _cover_crop(r["height"], r["width"], self.height, self.width)
+        out: dict[str, np.ndarray] = {}
+        if not self.precomputed:
+            import cv2
+
+            video = np.stack([cv2.resize(_decode_jpeg(r["frames"][i]), (rw, rh), interpolation=cv2.INTER_AREA)
+                              [top:top + self.height, left:left + self.width] for i in picks])
+            out["pixels"] = (video.astype(np.float32) / 127.5 - 1.0)
+        mask = np.zeros((len(picks), self.height, self.width), np.float32)
+        for k, i in enumerate(picks):
+            if found[i]:
+                x1, y1, x2, y2 = r["boxes"][i] * s - np.array([left, top, left, top])
+                y1, y2 = int(np.clip(np.floor(y1), 0, self.height)), int(np.clip(np.ceil(y2), 0, self.height))
+                x1, x2 = int(np.clip(np.floor(x1), 0, self.width)), int(np.clip(np.ceil(x2), 0, self.width))
+                mask[k, y1:y2, x1:x2] = 1.0
+        out["face_mask"] = mask
+        # condition dropout: one draw, disjoint ranges for text / ID / both
+        u = rng.random()
+        d_text, d_id, d_both = self.drops
+        drop_text = u < d_text or d_text + d_id <= u < d_text + d_id + d_both
+        drop_id = d_text <= u < d_text + d_id + d_both
+        caption = "" if drop_text else r["caption"]
+        from mm_jax.text import tokenize
+
+        tok = self._tok()
+        ids = tokenize(tok, [caption], max_length=self.max_text_length)[0].astype(np.int32)
+        class_index = -1
+        if not drop_text:
+            from mm_jax.models.id_adapter import find_class_token
+
+            try:
+                class_index = find_class_token(tok, caption, ids, self.class_words)
+            except ValueError:
+                warnings.warn(f"record {index}: no class word in {caption!r}; trained without the ID fusion",
+                              stacklevel=2)
+        if self.precomputed:
+            out["latents"] = np.asarray(r["latents"], np.float32)
+            out["text_embeddings"] = np.asarray(self.null_text if drop_text else r["text_embedding"], np.float32)
+        else:
+            out["input_ids"] = ids
+        out["class_index"] = np.int32(class_index)
+        from mm_jax.face import CLIP_MEAN, CLIP_STD
+
+        ref = _decode_jpeg(r["ref_crop"])
+        if ref.shape[:2] != (224, 224):
+            import cv2
+
+            ref = cv2.resize(ref, (224, 224), interpolation=cv2.INTER_AREA)
+        out["ref_pixels"] = ((ref.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD).astype(np.float32)
+        out["e_id"] = np.asarray(r["ref_embedding"], np.float32)
+        out["has_id"] = np.bool_(not drop_id)
+        return out
+
+
+class Loader:
+    """``next(loader)`` -> batch dict; ``get_state()`` / ``set_state()`` for checkpoints (a dict)."""
+
+    def __init__(self, dataset, num_records: int, per_process_batch: int):
+        self._ds = dataset
+        self._it = iter(dataset)
+        self.num_records = num_records
+        self.batch_size = per_process_batch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return self._it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(state)
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close:
+            close()
+
+
+def make_loader(data_cfg, *, tokenizer, global_batch_size: int, seed: int, process_index: int | None = None,
+                process_count: int | None = None) -> Loader:
+    """The stage's loader (see the module docstring). ``tokenizer``: a tokenizer or its folder."""
+    import grain
+
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    check_frames(data_cfg.stage, int(data_cfg.frames))
+    if global_batch_size % process_count:
+        raise ValueError(f"global batch {global_batch_size} is not a multiple of the {process_count} processes")
+    per_process = global_batch_size // process_count
+    paths = shard_paths(data_cfg.path, data_cfg.stage)
+    source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+    n = len(source)
+    if n == 0:
+        raise FileNotFoundError(f"data.path={data_cfg.path}: the shards hold no records")
+    mine = (n - process_index + process_count - 1) // process_count
+    if mine < per_process:
+        raise ValueError(f"data.path={data_cfg.path}: process {process_index} gets {mine} records, fewer than its "
+                         f"batch of {per_process}")
+    null_text = None
+    if data_cfg.precomputed:
+        null_path = Path(data_cfg.path) / "null_text.npy"
+        if not null_path.exists():
+            raise FileNotFoundError(f"data.precomputed=True but {null_path} is missing: build with --precompute")
+        null_text = np.load(null_path)
+    transform = ExampleTransform(int(data_cfg.height), int(data_cfg.width), int(data_cfg.frames),
+                                 int(data_cfg.frame_stride), int(data_cfg.max_text_length),
+                                 (float(data_cfg.drop_text), float(data_cfg.drop_id), float(data_cfg.drop_both)),
+                                 tuple(data_cfg.class_words), tokenizer, bool(data_cfg.precomputed), null_text,
+                                 tuple(p.name for p in paths))
+    ds = grain.MapDataset.range(n)[process_index::process_count]  # ShardByJaxProcess: disjoint and complete
+    if data_cfg.shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(data_cfg.num_epochs).map(lambda i: (int(i), source[int(i)]))
+    ds = ds.random_map(transform, seed=seed).batch(per_process, drop_remainder=True)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    if int(data_cfg.num_workers) > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_cfg.num_workers),
+                                                              per_worker_buffer_size=int(data_cfg.prefetch_buffer)))
+    return Loader(it_ds, n, per_process)
