@@ -80,6 +80,11 @@ class ExampleTransform:
     precomputed: bool
     null_text: np.ndarray | None
     source_names: tuple[str, ...]
+    source_starts: tuple[int, ...]  # global index of each shard's first record
+
+    def where(self, index: int) -> str:
+        k = int(np.searchsorted(self.source_starts, index, side="right")) - 1
+        return f"shard {self.source_names[k]}, record {index - self.source_starts[k]}"
 
     def _tok(self):
         if isinstance(self.tokenizer, (str, Path)):
@@ -90,7 +95,7 @@ class ExampleTransform:
 
     def __call__(self, item, rng: np.random.Generator) -> dict[str, np.ndarray]:
         index, data = item
-        r = decode_record(data, f"record {index} of {', '.join(self.source_names)}")
+        r = decode_record(data, self.where(index))
         n = len(r["frames"])
         span = (self.frames - 1) * self.frame_stride + 1
         found = np.asarray(r["face_found"], bool)
@@ -101,7 +106,7 @@ class ExampleTransform:
             start = int(rng.choice(faces)) if len(faces) else int(rng.integers(n))
         else:
             if n < span:
-                raise ValueError(f"record {index} ({r.get('source')}) has {n} frames; data.frames={self.frames} at "
+                raise ValueError(f"{self.where(index)} ({r.get('source')}) has {n} frames; data.frames={self.frames} at "
                                  f"stride {self.frame_stride} needs {span}: lower them or rebuild with longer clips")
             start = int(rng.integers(n - span + 1))
         picks = list(range(start, start + span, self.frame_stride))[:self.frames]
@@ -138,7 +143,7 @@ class ExampleTransform:
             try:
                 class_index = find_class_token(tok, caption, ids, self.class_words)
             except ValueError:
-                warnings.warn(f"record {index}: no class word in {caption!r}; trained without the ID fusion",
+                warnings.warn(f"{self.where(index)}: no class word in {caption!r}; trained without the ID fusion",
                               stacklevel=2)
         if self.precomputed:
             out["latents"] = np.asarray(r["latents"], np.float32)
@@ -202,6 +207,8 @@ def make_loader(data_cfg, *, tokenizer, global_batch_size: int, seed: int, proce
     paths = shard_paths(data_cfg.path, data_cfg.stage)
     source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
     n = len(source)
+    sizes = [len(grain.sources.ArrayRecordDataSource([str(p)])) for p in paths]
+    starts = tuple(int(x) for x in np.cumsum([0] + sizes[:-1]))
     if n == 0:
         raise FileNotFoundError(f"data.path={data_cfg.path}: the shards hold no records")
     mine = (n - process_index + process_count - 1) // process_count
@@ -218,7 +225,7 @@ def make_loader(data_cfg, *, tokenizer, global_batch_size: int, seed: int, proce
                                  int(data_cfg.frame_stride), int(data_cfg.max_text_length),
                                  (float(data_cfg.drop_text), float(data_cfg.drop_id), float(data_cfg.drop_both)),
                                  tuple(data_cfg.class_words), tokenizer, bool(data_cfg.precomputed), null_text,
-                                 tuple(p.name for p in paths))
+                                 tuple(p.name for p in paths), starts)
     ds = grain.MapDataset.range(n)[process_index::process_count]  # ShardByJaxProcess: disjoint and complete
     if data_cfg.shuffle:
         ds = ds.shuffle(seed=seed)

@@ -1,0 +1,158 @@
+"""Building a training set from generated clips/images (stand-in face models) and loading both
+stages: counts and skips, resume, the batch contract, determinism, process sharding, dropout,
+and clear errors for corrupt records, empty folders and wrong frame counts."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from mm_jax import config
+from mm_jax.data.build import build_dataset
+from mm_jax.data.loader import make_loader
+from mm_jax.data.records import CorruptRecordError, decode_record
+from mm_jax.data.synthetic import make_demo_source
+from mm_jax.testing.tiny_checkpoint import build_tokenizer
+from mm_jax.training.bootstrap import standin_faces
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    src = make_demo_source(root / "src", num_clips=5, num_images=3, frames=9, height=64, width=64, seed=1)
+    (root / "src" / "broken.mp4").write_bytes(b"not a video")
+    import imageio.v3 as iio
+
+    iio.imwrite(root / "src" / "dark.png", np.full((64, 64, 3), 10, np.uint8))
+    with open(root / "src" / "captions.jsonl", "a") as f:
+        f.write(json.dumps({"file": "broken.mp4", "caption": "a man runs"}) + "\n")
+        f.write(json.dumps({"file": "dark.png", "caption": "a woman waves"}) + "\n")
+        f.write(json.dumps({"file": "scenery.png", "caption": "a sunset over the sea"}) + "\n")
+    shutil.copy(root / "src" / "image_0005.png", root / "src" / "scenery.png")
+    (root / "src" / "clip_0000.txt").write_text("ignored: captions.jsonl wins")
+    pack = standin_faces(root)
+    summary = build_dataset(src, root / "out", pack, progress=False)
+    tok = build_tokenizer(root / "tok")
+    return root, summary, tok
+
+
+def _cfg(path, stage="video", **over):
+    cfg = config.load(f"configs/{stage}.py:tiny", [f"data.path={path}"])
+    for k, v in over.items():
+        cfg.data[k] = v
+    return cfg.data
+
+
+def test_build_counts_records_and_names_the_skipped_files(built):
+    root, s, _ = built
+    assert s["records"] == 8 and s["kinds"] == {"video": 5, "image": 3}
+    assert s["skipped"]["unreadable"]["files"] == [str(root / "src" / "broken.mp4")]
+    assert s["skipped"]["no_face"]["files"] == [str(root / "src" / "dark.png")]
+    assert s["skipped"]["no_class_word"]["files"] == [str(root / "src" / "scenery.png")]
+    assert sorted(s["shards"]) == ["image-00000.array_record", "video-00000.array_record"]
+    assert json.loads((root / "out" / "summary.json").read_text())["records"] == 8
+
+
+def test_rebuilding_resumes_without_duplicates_and_drops_partial_shards(built):
+    root, _, _ = built
+    out = root / "out_resume"
+    shutil.copytree(root / "out", out)
+    (out / "video-00001.array_record.tmp").write_bytes(b"half a shard from a killed run")
+    s = build_dataset(root / "src", out, root / "standin_faces", progress=False)
+    assert s["records"] == 8 and s["processed"] == 11
+    assert not list(out.glob("*.tmp")) and len(list(out.glob("*.array_record"))) == 2
+
+
+def test_video_and_image_batches_follow_the_contract(built):
+    root, _, tok = built
+    b = next(make_loader(_cfg(root / "out"), tokenizer=tok, global_batch_size=2, seed=0))
+    assert b["pixels"].shape == (2, 9, 64, 64, 3) and b["pixels"].dtype == np.float32
+    assert -1.0 <= b["pixels"].min() and b["pixels"].max() <= 1.0
+    assert b["face_mask"].shape == (2, 9, 64, 64) and set(np.unique(b["face_mask"])) <= {0.0, 1.0}
+    assert b["input_ids"].shape == (2, 32) and b["input_ids"].dtype == np.int32
+    assert b["class_index"].dtype == np.int32 and b["e_id"].shape == (2, 512) and b["has_id"].dtype == bool
+    assert b["ref_pixels"].shape == (2, 224, 224, 3)
+    # the face square is white: inside the mask the pixels are brighter than the dark background outside
+    m = b["face_mask"] > 0
+    assert m.any() and b["pixels"].mean(-1)[m].mean() > b["pixels"].mean(-1)[~m].mean() + 0.5
+    img = next(make_loader(_cfg(root / "out", "image"), tokenizer=tok, global_batch_size=4, seed=0))
+    assert img["pixels"].shape == (4, 1, 64, 64, 3) and img["face_mask"].shape == (4, 1, 64, 64)
+
+
+def test_same_seed_same_batches_and_a_restored_state_continues_exactly(built):
+    root, _, tok = built
+    a = make_loader(_cfg(root / "out"), tokenizer=tok, global_batch_size=2, seed=5)
+    b = make_loader(_cfg(root / "out"), tokenizer=tok, global_batch_size=2, seed=5)
+    first = [next(a) for _ in range(3)]
+    for x in first:
+        y = next(b)
+        assert all(np.array_equal(x[k], y[k]) for k in x)
+    state = a.get_state()
+    after = [next(a) for _ in range(2)]
+    c = make_loader(_cfg(root / "out"), tokenizer=tok, global_batch_size=2, seed=5)
+    c.set_state(state)
+    for x in after:
+        y = next(c)
+        assert all(np.array_equal(x[k], y[k]) for k in x)
+    other = next(make_loader(_cfg(root / "out"), tokenizer=tok, global_batch_size=2, seed=6))
+    assert not np.array_equal(other["pixels"], first[0]["pixels"])
+
+
+def test_two_processes_read_disjoint_records_that_cover_the_set(built):
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    root, _, tok = built
+    everything = set()
+    for p in sorted((root / "out").glob("video-*.array_record")):
+        r = ArrayRecordReader(str(p))
+        everything |= {decode_record(x)["ref_embedding"].tobytes() for x in r.read_all()}
+        r.close()
+    seen = []
+    for pi in (0, 1):
+        ld = make_loader(_cfg(root / "out", shuffle=False), tokenizer=tok, global_batch_size=2, seed=0,
+                         process_index=pi, process_count=2)
+        per_epoch = (5 - pi + 1) // 2
+        seen.append({next(ld)["e_id"][0].tobytes() for _ in range(per_epoch)})
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == everything
+
+
+def test_condition_dropout_rates_match_the_config(built):
+    root, _, tok = built
+    ld = make_loader(_cfg(root / "out", "image", drop_text=0.2, drop_id=0.2, drop_both=0.2), tokenizer=tok,
+                     global_batch_size=8, seed=0)
+    batches = [next(ld) for _ in range(50)]
+    n = 400
+    no_id = sum(int((~b["has_id"]).sum()) for b in batches) / n
+    no_text = sum(int((b["class_index"] < 0).sum()) for b in batches) / n
+    both = sum(int(((~b["has_id"]) & (b["class_index"] < 0)).sum()) for b in batches) / n
+    sigma = (0.4 * 0.6 / n) ** 0.5
+    assert abs(no_id - 0.4) < 4 * sigma and abs(no_text - 0.4) < 4 * sigma
+    assert abs(both - 0.2) < 4 * (0.2 * 0.8 / n) ** 0.5
+
+
+def test_a_worker_process_gives_the_same_batches(built):
+    root, _, tok = built
+    a = make_loader(_cfg(root / "out"), tokenizer=tok, global_batch_size=2, seed=3)
+    b = make_loader(_cfg(root / "out", num_workers=1), tokenizer=tok, global_batch_size=2, seed=3)
+    for _ in range(2):
+        x, y = next(a), next(b)
+        assert all(np.array_equal(x[k], y[k]) for k in x)
+    b.close()
+
+
+def test_corrupt_records_empty_folders_and_bad_frame_counts_are_clear_errors(built, tmp_path):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    root, _, tok = built
+    w = ArrayRecordWriter(str(tmp_path / "video-00000.array_record"), "group_size:1")
+    w.write(b"MMR1garbage")
+    w.close()
+    with pytest.raises(CorruptRecordError, match="shard video-00000.array_record, record 0"):
+        next(make_loader(_cfg(tmp_path, shuffle=False), tokenizer=tok, global_batch_size=1, seed=0))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no video ArrayRecord shards"):
+        make_loader(_cfg(tmp_path / "empty"), tokenizer=tok, global_batch_size=1, seed=0)
+    with pytest.raises(ValueError, match="data.frames=8: the causal VAE needs 4k\\+1 frames"):
+        make_loader(_cfg(root / "out", frames=8), tokenizer=tok, global_batch_size=1, seed=0)
+    with pytest.raises(ValueError, match="has 9 frames; data.frames=13"):
+        next(make_loader(_cfg(root / "out", frames=13), tokenizer=tok, global_batch_size=1, seed=0))
