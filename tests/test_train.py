@@ -130,3 +130,29 @@ def test_one_step_on_a_2x2x2_mesh_equals_the_one_device_step(tmp_path):
     assert "params_rel_err" in r.stdout
     print(r.stdout.strip().splitlines()[-1])
 
+
+
+def test_precomputed_latents_and_text_give_the_loss_of_encoding_at_step_time(assets, tmp_path):
+    from mm_jax import parallel
+    from mm_jax.data.loader import make_loader
+    from mm_jax.data.precompute import precompute
+    from mm_jax.training.models import load_models
+    from mm_jax.training.optim import make_optimizer
+    from mm_jax.training.step import init_state, make_loss_fn, put_batch
+
+    data = tmp_path / "data"
+    shutil.copytree(assets["data.path"], data)
+    precompute(data, assets["model.checkpoint"], height=64, width=64, frames=9, max_text_length=32, progress=False)
+    over = ("data.drop_text=0.0", "data.drop_id=0.0", "data.drop_both=0.0")
+    cfg = _cfg(assets, "configs/video.py:tiny", *over)
+    pre = _cfg(assets, "configs/video.py:tiny", *over, f"data.path={data}", "data.precomputed=True")
+    mesh = parallel.make_mesh()
+    models = load_models(cfg.model, dict(cfg.adapter), mesh)
+    state, aux = init_state(models, make_optimizer(cfg.optimizer), mesh)
+    loss_fn = jax.jit(make_loss_fn(models, aux, cfg.train))
+    a = next(make_loader(cfg.data, tokenizer=models.tokenizer, global_batch_size=2, seed=1))  # 9-frame clips: start 0
+    b = next(make_loader(pre.data, tokenizer=models.tokenizer, global_batch_size=2, seed=1))
+    assert "pixels" not in b and b["latents"].shape == (2, 3, 8, 8, 4) and b["text_embeddings"].shape == (2, 32, 32)
+    la = float(loss_fn(state.params, aux[-1], put_batch(a, mesh), 7)[0])
+    lb = float(loss_fn(state.params, aux[-1], put_batch(b, mesh), 7)[0])
+    assert abs(la - lb) <= 1e-5 * abs(la), (la, lb)

@@ -304,11 +304,25 @@ def main(argv=None) -> int:
     ap.add_argument("--min-similarity", type=float, default=0.5, help="ArcFace cosine reference vs target")
     ap.add_argument("--det-size", type=int, default=640, help="detector input size")
     ap.add_argument("--jpeg-quality", type=int, default=95)
+    pre = ap.add_argument_group("precompute (training then skips the VAE and T5: data.precomputed=True)")
+    pre.add_argument("--precompute", action="store_true", help="also store VAE latents and T5 text embeddings")
+    pre.add_argument("--checkpoint", help="converted CogVideoX folder (VAE, T5, tokenizer)")
+    pre.add_argument("--height", type=int, default=480)
+    pre.add_argument("--width", type=int, default=720)
+    pre.add_argument("--frames", type=int, default=49, help="1 for the image stage")
+    pre.add_argument("--max-text-length", type=int, default=226)
     args = ap.parse_args(argv)
+    if args.precompute and not args.checkpoint:
+        ap.error("--precompute needs --checkpoint")
     try:
         s = build_dataset(args.src, args.out, args.face_models, workers=args.workers, shard_size=args.shard_size,
                           max_frames=args.max_frames, min_similarity=args.min_similarity, det_size=args.det_size,
                           jpeg_quality=args.jpeg_quality)
+        if args.precompute:
+            from mm_jax.data.precompute import precompute
+
+            s = precompute(args.out, args.checkpoint, height=args.height, width=args.width, frames=args.frames,
+                           max_text_length=args.max_text_length)
     except (BuildError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,8 @@ dropout; each element's randomness depends only on the seed and its position) ->
 with or without workers, and ``get_state``/``set_state`` resume mid-stream.
 
 Batch (per process, leading dim B = global batch / process count):
-  pixels (B, F, H, W, 3) float32 in [-1, 1]   (or latents (B, f, h, w, C) when ``precomputed``)
+  pixels (B, F, H, W, 3) float32 in [-1, 1]   (or, when ``precomputed``, the VAE posterior's
+                                              latents (mean) and latents_std (B, f, h, w, C), x scaling)
   face_mask (B, F, H, W) float32               1 inside the frame's face box
   input_ids (B, L) int32                      (or text_embeddings (B, L, T) when ``precomputed``)
   class_index (B,) int32                      first token of the class word, -1: caption dropped / none
@@ -146,7 +147,11 @@ class ExampleTransform:
                 warnings.warn(f"{self.where(index)}: no class word in {caption!r}; trained without the ID fusion",
                               stacklevel=2)
         if self.precomputed:
+            if r.get("precomputed", {}).get("frames") != self.frames or "latents" not in r:
+                raise ValueError(f"{self.where(index)}: no latents precomputed for {self.frames} frames "
+                                 f"(found {r.get('precomputed')}); rebuild with --precompute --frames {self.frames}")
             out["latents"] = np.asarray(r["latents"], np.float32)
+            out["latents_std"] = np.asarray(r["latents_std"], np.float32)
             out["text_embeddings"] = np.asarray(self.null_text if drop_text else r["text_embedding"], np.float32)
         else:
             out["input_ids"] = ids

@@ -25,6 +25,7 @@ from mm_jax.training.models import TrainModels
 BATCH_AXES = {  # logical names per batch field (leading axis sharded over the batch mesh axes)
     "pixels": ("batch", "frames", "height", "width", None),
     "latents": ("batch", "frames", "height", "width", None),
+    "latents_std": ("batch", "frames", "height", "width", None),
     "face_mask": ("batch", "frames", "height", "width"),
     "input_ids": ("batch", "seq"),
     "text_embeddings": ("batch", "seq", None),
@@ -104,8 +105,10 @@ def put_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 def conditions(frozen_mods: dict, batch: dict, key: jax.Array, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Frozen encoders (skipped for fields the batch already holds: latents, text_embeddings,
     clip_hidden): -> (clean latents x0 (B, f, h, w, C) fp32, text (B, L, T), CLIP states (B, P, W))."""
-    if "latents" in batch:
+    if "latents" in batch:  # precomputed: the posterior's mean (and std: then sampled here, as encoding would)
         x0 = batch["latents"].astype(jnp.float32)
+        if "latents_std" in batch:
+            x0 = x0 + batch["latents_std"].astype(jnp.float32) * jax.random.normal(key, x0.shape, jnp.float32)
     else:
         x0 = encode_video(frozen_mods["vae"], batch["pixels"].astype(jnp.float32), key)
     if "text_embeddings" in batch:
