@@ -132,12 +132,13 @@ def reference(dcfg, acfg, lat, b, repeat):
     return time_it(run, repeat)
 
 
-def loop(steps: int):
+def loop(steps: int, workers: int):
     from mm_jax import config
     from mm_jax.train import train
 
     with tempfile.TemporaryDirectory() as d:
-        cfg = config.load("configs/video.py:tiny", [f"train.steps={steps}", "train.checkpoint_every=1000000"])
+        cfg = config.load("configs/video.py:tiny", [f"train.steps={steps}", "train.checkpoint_every=1000000",
+                                                    f"data.num_workers={workers}"])
         s = train(cfg, Path(d) / "run", progress=False)
     return s
 
@@ -147,6 +148,7 @@ def main():
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--loop-steps", type=int, default=40, help="tiny-loop steps on CPU (0: skip)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="data worker processes to compare")
     args = ap.parse_args()
     dcfg, acfg, lat, b = configs(args.gpu)
     t_ours, compile_s = ours(dcfg, acfg, lat, b, args.repeat)
@@ -166,10 +168,11 @@ def main():
     t_ref = reference(dcfg, acfg, lat, b, args.repeat)
     print(f"  torch  {t_ref * 1e3:9.1f} ms/step")
     print(f"  ratio ours/torch {t_ours / t_ref:.2f}")
-    if args.loop_steps:
-        s = loop(args.loop_steps)
-        print(f"loop (configs/video.py:tiny, {args.loop_steps} steps): {1 / s['mean_step_s']:.1f} steps/s, "
-              f"data wait {s['data_wait_fraction']:.1%} of step time, first step (compile) {s['compile_s']:.1f} s")
+    for workers in args.workers if args.loop_steps else ():
+        s = loop(args.loop_steps, workers)
+        print(f"loop (configs/video.py:tiny, {args.loop_steps} steps, {workers} data workers): "
+              f"{1 / s['mean_step_s']:.1f} steps/s, data wait {s['data_wait_fraction']:.1%} of step time, "
+              f"first step (compile) {s['compile_s']:.1f} s")
 
 
 if __name__ == "__main__":
