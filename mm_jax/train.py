@@ -222,6 +222,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, return_state: bool
         bar.close()
         log.close()
         ckpts.close()
+        loader.close()  # stops mp_prefetch workers and frees their shared memory
     timed = max(cfg.train.steps - start - 1, 0)
     summary = {"start_step": start, "steps": cfg.train.steps, "first_loss": first_loss, "last_loss": loss,
                "compile_s": compile_s, "mean_step_s": step_time / timed if timed else None,
