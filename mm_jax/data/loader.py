@@ -191,9 +191,15 @@ class Loader:
         self._it.set_state(state)
 
     def close(self) -> None:
+        """Stop worker processes and release prefetched shared-memory batches now, not at interpreter
+        exit (where Grain's finalizers find half-torn-down modules)."""
+        import gc
+
         close = getattr(self._it, "close", None)
         if close:
             close()
+        self._it = self._ds = None
+        gc.collect()
 
 
 def make_loader(data_cfg, *, tokenizer, global_batch_size: int, seed: int, process_index: int | None = None,
