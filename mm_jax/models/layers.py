@@ -119,10 +119,17 @@ def chunked_attention(q, k, v, key_mask=None, scale=None, *, block_q: int = 512)
     return o[:, :s]
 
 
+def _splash(q, k, v, key_mask, scale):
+    from mm_jax.models.splash import splash_attention  # imported on use: the Pallas TPU module stays out of CPU imports
+
+    return splash_attention(q, k, v, key_mask, scale)
+
+
 ATTENTION_IMPLS: dict[str, Callable] = {
     "chunked": lambda q, k, v, key_mask, scale: chunked_attention(q, k, v, key_mask, scale),
     "xla": lambda q, k, v, key_mask, scale: _dpa(q, k, v, key_mask, scale, "xla"),
     "cudnn": lambda q, k, v, key_mask, scale: _dpa(q, k, v, key_mask, scale, "cudnn"),
+    "splash": _splash,  # TPU Pallas kernel, mm_jax/models/splash.py
 }
 
 
