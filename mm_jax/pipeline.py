@@ -74,12 +74,18 @@ def check_checkpoint(ckpt_dir: str | Path, needed=REQUIRED_COMPONENTS) -> None:
 # -- text ------------------------------------------------------------------------------------
 
 def encode_prompts(ckpt_dir: str | Path, prompts: list[str], *, max_length: int = 226, mesh=None,
-                   dtype: str = "float32") -> np.ndarray:
-    """Load T5, embed ``prompts`` -> (B, max_length, d_model) host array, then free T5."""
+                   dtype: str = "float32", on_host: bool = False) -> np.ndarray:
+    """Load T5, embed ``prompts`` -> (B, max_length, d_model) host array, then free T5.
+
+    ``on_host``: place and run T5 on the host CPU instead of ``mesh`` (T5-XXL is 9.5 GB in bf16;
+    on a 16 GB chip this keeps the accelerator for the DiT, see ``mm_jax.memory_plan``)."""
     from mm_jax import text as text_lib
 
     tokenizer = text_lib.load_tokenizer(Path(ckpt_dir) / "tokenizer")
     ids = text_lib.tokenize(tokenizer, prompts, max_length=max_length)
+    if on_host:
+        host = jax.devices("cpu")[0]
+        mesh, ids = parallel.make_mesh(devices=[host]), jax.device_put(np.asarray(ids), host)
     encoder = checkpoint.load_component(ckpt_dir, "text_encoder", mesh=mesh, dtype=dtype, param_dtype=dtype)
     emb = np.asarray(nnx.jit(lambda m, i: m(i))(encoder, jnp.asarray(ids)))
     del encoder
@@ -193,11 +199,13 @@ def initial_latents(settings: SampleSettings, channels: int, spatial: int, tempo
 def generate(ckpt_dir: str | Path, settings: SampleSettings, *, latents: np.ndarray | None = None, mesh=None,
              dtype: str = "float32", progress: bool = True, text_embeddings: np.ndarray | None = None,
              model_fn: Callable = default_model_fn, transformer=None, vae=None,
-             identity: Optional[Any] = None) -> np.ndarray:
+             identity: Optional[Any] = None, text_encoder_on_host: bool = False,
+             vae_tiling: bool = False) -> np.ndarray:
     """Text (+ identity) to video: returns frames (F, H, W, 3) float32 in [0, 1].
 
     ``identity``: an ``mm_jax.identity.Identity`` (reference embeddings + adapter folder); None is
-    plain CogVideoX text-to-video."""
+    plain CogVideoX text-to-video. ``text_encoder_on_host``: run T5 on the host CPU. ``vae_tiling``:
+    decode in overlapping spatial tiles (diffusers ``enable_tiling``), one tile's activations at a time."""
     ckpt_dir = Path(ckpt_dir)
     check_checkpoint(ckpt_dir)
     vae_cfg = checkpoint.load_config(ckpt_dir, "vae")
@@ -210,7 +218,7 @@ def generate(ckpt_dir: str | Path, settings: SampleSettings, *, latents: np.ndar
     if text_embeddings is None:
         prompts = [settings.negative_prompt, settings.prompt] if cfg_on else [settings.prompt]
         text_embeddings = encode_prompts(ckpt_dir, prompts, max_length=settings.max_sequence_length, mesh=mesh,
-                                         dtype=dtype)
+                                         dtype=dtype, on_host=text_encoder_on_host)
     owns_dit = transformer is None
     dit = transformer or checkpoint.load_component(ckpt_dir, "transformer", mesh=mesh, dtype=dtype, param_dtype=dtype)
     scheduler_cfg = json.loads((ckpt_dir / "scheduler" / "scheduler_config.json").read_text())
@@ -223,10 +231,10 @@ def generate(ckpt_dir: str | Path, settings: SampleSettings, *, latents: np.ndar
     with jax.set_mesh(mesh):
         z = denoise(dit, x.astype(dtype), text, settings, scheduler_cfg, progress=progress, model_fn=model_fn,
                     extras=extras)
-    del dit
+    del dit, extras  # the adapter too: neither is needed for decoding
     if owns_dit:  # release the DiT before the VAE is placed
         gc.collect()
-    vae = vae or checkpoint.load_component(ckpt_dir, "vae", mesh=mesh)
+    vae = vae or checkpoint.load_component(ckpt_dir, "vae", mesh=mesh, use_tiling=vae_tiling)
     with jax.set_mesh(mesh):
         video = _decode_fn()(vae, jnp.asarray(z, jnp.float32))
     frames = np.clip(np.asarray(video[0], np.float32) / 2 + 0.5, 0.0, 1.0)

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute/param dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     ap.add_argument("--fps", type=int, default=8)
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--offload-text-encoder", action="store_true",
+                    help="run T5 on the host CPU, not the accelerator (python -m mm_jax.memory_plan says when)")
+    ap.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (less memory; diffusers enable_tiling)")
     idg = ap.add_argument_group("identity (Magic Mirror)")
     idg.add_argument("--adapter", help="mm_jax checkpoint folder with the 'adapter' (and optionally 'image_encoder') component")
     idg.add_argument("--ref", help="reference photo of the person")
@@ -121,7 +124,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         frames = pipeline.generate(args.checkpoint, settings, latents=latents, mesh=mesh, dtype=dtype,
-                                   progress=not args.quiet, identity=ident)
+                                   progress=not args.quiet, identity=ident,
+                                   text_encoder_on_host=args.offload_text_encoder, vae_tiling=args.vae_tiling)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
