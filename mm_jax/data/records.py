@@ -38,7 +38,7 @@ def encode_record(example: dict[str, Any]) -> bytes:
 
     def enc(v: Any) -> Any:
         if isinstance(v, np.ndarray):
-            a = np.ascontiguousarray(v)
+            a = np.asarray(v, order="C")  # 0-d stays 0-d (ascontiguousarray would make it 1-d)
             return {"__array__": [a.dtype.str, list(a.shape), *put(a.tobytes())]}
         if isinstance(v, (bytes, bytearray)):
             return {"__bytes__": put(bytes(v))}
