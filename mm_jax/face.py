@@ -40,6 +40,16 @@ class FaceResult:
     num_faces: int
 
 
+@dataclasses.dataclass
+class FrameFaces:
+    """The largest face of each of N frames (``FaceAnalyzer.analyze_frames``); zeros where none."""
+    embedding: np.ndarray     # (N, 512) L2-normalized ArcFace embeddings
+    found: np.ndarray         # (N,) bool
+    bbox: np.ndarray          # (N, 4) x1, y1, x2, y2 in frame pixels
+    kps: np.ndarray           # (N, 5, 2) x, y of eyes, nose, mouth corners
+    score: np.ndarray         # (N,) detector score
+
+
 # -- geometry (pure numpy) ---------------------------------------------------------------------
 
 def arcface_template(size: int) -> np.ndarray:
@@ -320,22 +330,30 @@ class FaceAnalyzer:
         emb = self.embed_crops([self.align(img, kps, self.models.rec_size)])[0]
         return FaceResult(det[:4], kps, float(det[4]), emb, self.clip_pixels(self.align(img, kps, CLIP_SIZE)), n)
 
-    def embed_frames(self, frames: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Identity embeddings of many images (e.g. video frames, RGB uint8 (H, W, 3)): the largest
-        face of each, one batched recognizer run -> ``(N, 512)`` (zeros where no face) and a
-        ``found`` mask ``(N,)``. Several faces in a frame are not warned about here."""
-        crops, found = [], np.zeros(len(frames), bool)
+    def analyze_frames(self, frames: Sequence[np.ndarray]) -> FrameFaces:
+        """The largest face of each of many images (e.g. video frames, RGB uint8 (H, W, 3)): detection
+        per frame, then one batched recognizer run over the aligned crops. Frames without a face have
+        ``found`` False and zeros elsewhere. Several faces in a frame are not warned about here."""
+        n = len(frames)
+        crops, found = [], np.zeros(n, bool)
+        boxes, kpss, scores = np.zeros((n, 4), np.float32), np.zeros((n, 5, 2), np.float32), np.zeros(n, np.float32)
         for j, frame in enumerate(frames):
             img = read_image(frame)
             try:
-                _, kps, _ = self._largest(img, f"frame {j}", warn=False)
+                det, kps, _ = self._largest(img, f"frame {j}", warn=False)
             except NoFaceError:
                 continue
             crops.append(self.align(img, kps, self.models.rec_size))
-            found[j] = True
-        out = np.zeros((len(frames), 512), np.float32)
+            found[j], boxes[j], kpss[j], scores[j] = True, det[:4], kps, det[4]
+        out = np.zeros((n, 512), np.float32)
         emb = self.embed_crops(crops)
         if len(emb):
-            out = np.zeros((len(frames), emb.shape[1]), np.float32)
+            out = np.zeros((n, emb.shape[1]), np.float32)
             out[found] = emb
-        return out, found
+        return FrameFaces(out, found, boxes, kpss, scores)
+
+    def embed_frames(self, frames: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Identity embeddings of many images: ``(N, 512)`` (zeros where no face) and a ``found``
+        mask ``(N,)``; ``analyze_frames`` also gives the boxes and landmarks."""
+        faces = self.analyze_frames(frames)
+        return faces.embedding, faces.found

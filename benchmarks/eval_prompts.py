@@ -1,0 +1,101 @@
+"""Identity benchmark: sample one video per person-centric prompt with ``mm_jax.sample``, then score
+them all with ``mm_jax.evaluate``.
+
+    python benchmarks/eval_prompts.py --checkpoint ckpt/cogvideox5b --adapter ckpt/magic_mirror \
+        --face-models models/antelopev2 --refs faces/ --out-dir runs/bench [--clip ckpt/clip] \
+        [--prompts benchmarks/prompts/person_prompts.jsonl] [--limit N] [--all-refs] [--dry-run] \
+        [-- sample options, e.g. --frames 49 --steps 50 --seed 0]
+
+Prompt i is paired with reference i mod len(refs) (``--all-refs``: every prompt with every
+reference). Videos go to ``OUT/videos/<prompt id>_<ref stem>.mp4``; a video already there is kept
+(the loop resumes). Each reference's embeddings are computed once (``--save-id``) and reused
+(``--id``). ``OUT/manifest.jsonl`` pairs videos, references and prompts; the report is
+``OUT/report.json`` / ``report.csv`` / ``plots/``. ``--dry-run`` writes the manifest and prints the
+sample commands without running them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mm_jax.metrics.pairing import IMAGE_SUFFIXES, read_prompts
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts" / "person_prompts.jsonl"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--adapter", required=True)
+    ap.add_argument("--face-models", required=True)
+    ap.add_argument("--refs", required=True, help="a reference photo, or a folder of them")
+    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help='JSONL of {"id", "prompt", "class_word"}')
+    ap.add_argument("--clip", help="mm_jax 'clip' checkpoint: also report CLIP text alignment (see mm_jax.evaluate)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    ap.add_argument("--all-refs", action="store_true", help="every prompt with every reference")
+    ap.add_argument("--dry-run", action="store_true", help="write the manifest, print the sample commands, run nothing")
+    return ap
+
+
+def plan(prompts: dict[str, str], refs: list[Path], out: Path, all_refs: bool) -> list[dict]:
+    """Manifest entries {"video", "ref", "prompt"} (video relative to ``out``)."""
+    jobs = []
+    for i, (pid, text) in enumerate(prompts.items()):
+        for ref in (refs if all_refs else [refs[i % len(refs)]]):
+            jobs.append({"video": f"videos/{pid}_{ref.stem}.mp4", "ref": str(ref.resolve()), "prompt": text})
+    return jobs
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    from mm_jax import evaluate, sample
+
+    refs_path = Path(args.refs)
+    refs = (sorted(p for p in refs_path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if refs_path.is_dir()
+            else [refs_path] if refs_path.is_file() else [])
+    if not refs:
+        print(f"error: --refs {refs_path}: no reference images ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
+        return 2
+    try:
+        prompts = read_prompts(Path(args.prompts))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    prompts = dict(list(prompts.items())[:args.limit]) if args.limit else prompts
+    out = Path(args.out_dir)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    (out / "ids").mkdir(exist_ok=True)
+    jobs = plan(prompts, refs, out, args.all_refs)
+    (out / "manifest.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    saved: set[Path] = set()  # references whose embeddings this run saves (exist once their first video ran)
+    for k, job in enumerate(jobs):
+        video, ref = out / job["video"], Path(job["ref"])
+        if video.exists():
+            continue
+        id_file = out / "ids" / f"{ref.stem}.npz"
+        who = ["--id", str(id_file)] if id_file.exists() or ref in saved else ["--ref", str(ref), "--face-models", args.face_models,
+                                                               "--save-id", str(id_file)]
+        cmd = ["--checkpoint", args.checkpoint, "--adapter", args.adapter, "--prompt", job["prompt"],
+               "--out", str(video), *who, *extra]
+        saved.add(ref)
+        print(f"[{k + 1}/{len(jobs)}] python -m mm_jax.sample {shlex.join(cmd)}", file=sys.stderr)
+        if not args.dry_run and (rc := sample.main(cmd)) != 0:
+            return rc
+    if args.dry_run:
+        print(f"dry run: wrote {out / 'manifest.jsonl'} ({len(jobs)} videos)", file=sys.stderr)
+        return 0
+    return evaluate.main(["--manifest", str(out / "manifest.jsonl"), "--face-models", args.face_models,
+                          "--out", str(out / "report.json"), "--csv", str(out / "report.csv"),
+                          "--plots", str(out / "plots"), *(["--clip", args.clip] if args.clip else [])])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation metrics for generated identity videos (``python -m mm_jax.evaluate``)."""
