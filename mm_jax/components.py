@@ -1,7 +1,7 @@
 """The registry of checkpoint components: what each one's config and network are.
 
 A component is one network of a pipeline folder (``transformer``, ``vae``, ``text_encoder``,
-``image_encoder``, ``adapter``). The converter and the checkpoint loader both look components up
+``image_encoder``, ``adapter``, ``clip``). The converter and the checkpoint loader both look components up
 here, so adding a network means adding one ``ComponentSpec``.
 """
 from __future__ import annotations
@@ -51,6 +51,9 @@ COMPONENTS: dict[str, ComponentSpec] = {
     "adapter": ComponentSpec(
         "adapter", "mm_jax.models.id_adapter:AdapterConfig", "mm_jax.models.id_adapter:MagicMirrorAdapter",
         ("MagicMirrorAdapter",)),
+    # the whole CLIP model (both towers + projections) for evaluation's text alignment; a CLIPModel
+    # folder converts to image_encoder unless this one is asked for (--components clip)
+    "clip": ComponentSpec("clip", "mm_jax.models.clip:CLIPConfig", "mm_jax.models.clip:CLIPModel"),
 }
 
 # components of a pipeline folder that are copied verbatim (no weights to convert)

@@ -95,10 +95,10 @@ class SelfAttention(nnx.Module):
         self.out_proj = Dense(d, d, axes=("heads", "embed"), **kw)
         self.heads = cfg.num_attention_heads
 
-    def __call__(self, x):
+    def __call__(self, x, bias=None):
         b, s, d = x.shape
         split = lambda t: t.reshape(b, s, self.heads, d // self.heads)
-        o = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)))
+        o = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), bias=bias)
         return self.out_proj(o.reshape(b, s, d))
 
 
@@ -116,7 +116,8 @@ class MLP(nnx.Module):
 
 
 class EncoderLayer(nnx.Module):
-    """Pre-LN transformer layer: ``x + attn(LN1(x))``, then ``+ mlp(LN2(.))``; shape-preserving."""
+    """Pre-LN transformer layer: ``x + attn(LN1(x))``, then ``+ mlp(LN2(.))``; shape-preserving.
+    ``bias``: an additive attention-logit bias (the text tower's causal mask, ``mm_jax.models.clip``)."""
 
     def __init__(self, cfg: CLIPVisionConfig, *, rngs):
         kw = dict(eps=cfg.layer_norm_eps, dtype=canonical_dtype(cfg.dtype), param_dtype=canonical_dtype(cfg.param_dtype))
@@ -125,8 +126,8 @@ class EncoderLayer(nnx.Module):
         self.layer_norm2 = LayerNorm(cfg.hidden_size, **kw)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
+    def __call__(self, x, bias=None):
+        x = x + self.self_attn(self.layer_norm1(x), bias)
         x = x + self.mlp(self.layer_norm2(x))
         return constrain(x, ("batch", "seq", "act_embed"))
 

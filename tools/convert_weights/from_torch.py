@@ -81,7 +81,7 @@ def convert_component(spec, cfg, mapping, tensors, out_dir: Path, dtype: str) ->
     def reader(tk, m):  # materialized only while its group is written
         def read():
             arr = m.to_ours(tensors[mp.resolve(spec.name, tk, tensors)].load())
-            return np.ascontiguousarray(arr if target is None else arr.astype(target))
+            return np.asarray(arr if target is None else arr.astype(target), order="C")  # keeps 0-d (CLIP logit_scale) 0-d
         return read
 
     flat = {m.ours: reader(tk, m) for tk, m in mapping.items()}
@@ -121,6 +121,23 @@ def resolve_sources(src: Path, requested: list[str] | None):
     raise CheckpointError(f"{src}: neither a pipeline folder (model_index.json) nor a component folder (config.json)")
 
 
+# tokenizer files kept beside a converted component that needs its own tokenizer (CLIP's BPE)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
+OWN_TOKENIZER = ("clip",)
+
+
+def tokenizer_files(spec: components.ComponentSpec, folder: Path) -> list[Path]:
+    """The tokenizer files to copy into ``<dst>/<component>/tokenizer`` ([] for components without one)."""
+    if spec.name not in OWN_TOKENIZER:
+        return []
+    found = [folder / f for f in TOKENIZER_FILES if (folder / f).is_file()]
+    names = {f.name for f in found}
+    if "tokenizer.json" not in names and not {"vocab.json", "merges.txt"} <= names:
+        raise CheckpointError(f"{folder}: the {spec.name} component needs its tokenizer (tokenizer.json, or vocab.json "
+                              "+ merges.txt, as in the Hugging Face CLIP folders); none found")
+    return found
+
+
 def convert(src: str | Path, dst: str | Path, components_: list[str] | None = None, dtype: str = "source",
             overwrite: bool = False) -> Path:
     src, dst = Path(src), Path(dst)
@@ -132,6 +149,7 @@ def convert(src: str | Path, dst: str | Path, components_: list[str] | None = No
         raise CheckpointError(f"--dst {dst} exists; pass --overwrite to replace it")
     plan, copies = resolve_sources(src, components_)
     checked = [(spec, *plan_component(spec, folder)) for spec, folder in plan]  # all checks before writing
+    tokenizers = {spec.name: tokenizer_files(spec, folder) for spec, folder in plan}
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -139,6 +157,10 @@ def convert(src: str | Path, dst: str | Path, components_: list[str] | None = No
         tmp.mkdir()
         for spec, cfg, mapping, tensors in checked:
             convert_component(spec, cfg, mapping, tensors, tmp, dtype)
+            if tokenizers[spec.name]:
+                (tmp / spec.name / "tokenizer").mkdir()
+                for f in tokenizers[spec.name]:
+                    shutil.copy2(f, tmp / spec.name / "tokenizer" / f.name)
         for folder in copies:
             shutil.copytree(folder, tmp / folder.name)
         checkpoint.write_index(tmp, [spec.name for spec, *_ in checked] + [f.name for f in copies])
