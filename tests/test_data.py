@@ -3,6 +3,9 @@ stages: counts and skips, resume, the batch contract, determinism, process shard
 and clear errors for corrupt records, empty folders and wrong frame counts."""
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,6 +141,19 @@ def test_a_worker_process_gives_the_same_batches(built):
         x, y = next(a), next(b)
         assert all(np.array_equal(x[k], y[k]) for k in x)
     b.close()
+
+
+def test_a_worker_loader_leaves_no_shared_memory_for_the_resource_tracker(built):
+    root, _, tok = built
+    code = (f"from mm_jax.data.loader import make_loader\nfrom tests.test_data import _cfg\n"
+            f"def train():\n"  # as in mm_jax.train: a batch is still referenced when the loader closes
+            f"    loader = make_loader(_cfg({str(root / 'out')!r}, num_workers=1), tokenizer={str(root / 'tok')!r}, "
+            f"global_batch_size=2, seed=3)\n    for _ in range(8):\n        batch = next(loader)\n"
+            f"    loader.close()\ntrain()\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "leaked shared_memory" not in run.stderr, run.stderr[-2000:]
 
 
 def test_corrupt_records_empty_folders_and_bad_frame_counts_are_clear_errors(built, tmp_path):

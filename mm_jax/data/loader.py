@@ -200,6 +200,21 @@ class Loader:
             close()
         self._it = self._ds = None
         gc.collect()
+        _drain_shared_memory_deletes()
+
+
+def _drain_shared_memory_deletes() -> None:
+    """Finish the shared-memory unlinks that Grain queues on a thread pool when a prefetched batch is
+    freed; left pending at exit, they are what the resource tracker reports as leaked. Later frees
+    unlink synchronously (a new ``mp_prefetch`` turns the pool on again)."""
+    from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if pool is None:
+        return
+    SharedMemoryArray._disable_async_del()
+    pool.close()
+    pool.join()
 
 
 def make_loader(data_cfg, *, tokenizer, global_batch_size: int, seed: int, process_index: int | None = None,

@@ -56,15 +56,16 @@ def synthetic_dataset(workdir: Path, synthetic_cfg, face_models: Path, seed: int
     return out
 
 
-def reference_face(workdir: Path, height: int, width: int) -> Path:
+def reference_face(workdir: Path) -> Path:
+    """The demo's reference photo: one stand-in face. Its size is fixed (not the sample's) so that
+    the detector, which resizes to 640, sees the square as exactly one face."""
     import imageio.v3 as iio
 
     from mm_jax.testing.standin_faces import face_image
 
     path = workdir / "reference_face.png"
     if not path.exists():
-        iio.imwrite(path, face_image(h=max(height, 64), w=max(width, 64), at=(max(height, 64) // 2, max(width, 64) // 2),
-                                     seed=7))
+        iio.imwrite(path, face_image(h=320, w=320, at=(160, 160), seed=7))
     return path
 
 
@@ -84,4 +85,4 @@ def resolve(cfg, workdir: Path) -> None:
         cfg.data.path = str(synthetic_dataset(workdir, cfg.data.synthetic, Path(cfg.data.face_models),
                                               int(cfg.train.seed)))
     if cfg.sample.ref == "synthetic":
-        cfg.sample.ref = str(reference_face(workdir, cfg.sample.height, cfg.sample.width))
+        cfg.sample.ref = str(reference_face(workdir))
