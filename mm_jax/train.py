@@ -128,7 +128,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, return_state: bool
     from tqdm.auto import tqdm
 
     from mm_jax import parallel
-    from mm_jax.data.loader import make_loader
+    from mm_jax.data.loader import check_frames, make_loader, shard_paths
     from mm_jax.training import bootstrap
     from mm_jax.training.checkpoints import TrainCheckpoints
     from mm_jax.training.logs import MetricLog
@@ -137,9 +137,12 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, return_state: bool
     from mm_jax.training.step import init_state, make_train_step, put_batch
 
     parallel.maybe_initialize_distributed()
+    cfg = cfg.copy_and_resolve_references()
+    check_frames(cfg.data.stage, int(cfg.data.frames))  # cheap checks first: a bad config writes nothing
+    if cfg.data.path != "synthetic":
+        shard_paths(cfg.data.path, cfg.data.stage)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    cfg = cfg.copy_and_resolve_references()
     bootstrap.resolve(cfg, workdir)
     main_process = jax.process_index() == 0
     if main_process:

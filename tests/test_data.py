@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mm_jax import config
-from mm_jax.data.build import build_dataset
+from mm_jax.data.build import BuildError, build_dataset
 from mm_jax.data.loader import make_loader
 from mm_jax.data.records import CorruptRecordError, decode_record
 from mm_jax.data.synthetic import make_demo_source
@@ -172,3 +172,13 @@ def test_corrupt_records_empty_folders_and_bad_frame_counts_are_clear_errors(bui
         make_loader(_cfg(root / "out", frames=8), tokenizer=tok, global_batch_size=1, seed=0)
     with pytest.raises(ValueError, match="has 9 frames; data.frames=13"):
         next(make_loader(_cfg(root / "out", frames=13), tokenizer=tok, global_batch_size=1, seed=0))
+
+
+def test_building_from_an_empty_or_missing_source_is_an_error_that_writes_nothing(built, tmp_path):
+    root, _, _ = built
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BuildError, match="no images or videos"):
+        build_dataset(tmp_path / "empty", tmp_path / "out", root / "standin_faces", progress=False)
+    with pytest.raises(BuildError, match="no such folder or manifest"):
+        build_dataset(tmp_path / "missing", tmp_path / "out", root / "standin_faces", progress=False)
+    assert not (tmp_path / "out").exists()

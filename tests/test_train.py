@@ -117,6 +117,10 @@ def test_cli_rejects_bad_overrides_and_missing_data_clearly(assets, tmp_path, ca
     assert train_cli.main(["--config", "configs/video.py:tiny", "--workdir", str(tmp_path / "y"), *args,
                            f"--config.data.path={tmp_path / 'empty'}"]) == 2
     assert str(tmp_path / "empty") in capsys.readouterr().err
+    assert train_cli.main(["--config", "configs/video.py:tiny", "--workdir", str(tmp_path / "z"),
+                           "--config.data.frames=8"]) == 2
+    assert "4k+1" in capsys.readouterr().err
+    assert not any((tmp_path / w).exists() for w in "xyz")  # a rejected run writes nothing
     with pytest.raises(SystemExit) as e:
         train_cli.main(["--help"])
     assert e.value.code == 0

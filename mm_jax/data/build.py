@@ -240,14 +240,15 @@ def build_dataset(src: str | Path, out: str | Path, face_models: str | Path, *, 
     from mm_jax.face import FaceModels
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     FaceModels.load(face_models)  # fail early, with the face module's message, on a bad pack
+    items = list_items(src)  # and on a missing or empty source, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     options = dict(face_models=str(face_models), max_frames=int(max_frames), min_similarity=float(min_similarity),
                    det_size=int(det_size), jpeg_quality=int(jpeg_quality), class_words=tuple(class_words))
     for stale in out.glob("*.tmp"):  # a shard a killed run did not finish; its items are redone
         stale.unlink()
     done = {d["key"] for d in _read_done(out)}
-    todo = [it for it in list_items(src) if item_key(it) not in done]
+    todo = [it for it in items if item_key(it) not in done]
     pending: dict[str, list[tuple[dict, bytes]]] = {"image": [], "video": []}
     log = (out / "done.jsonl").open("a")
 
