@@ -30,7 +30,6 @@ def main():
     ap.add_argument("--peak-tflops", type=float, default=800.0)
     args = ap.parse_args()
     import jax
-    import jax.numpy as jnp
     import torch
 
     from mm_jax import checkpoint, pipeline

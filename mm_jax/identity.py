@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +83,7 @@ def identity_model_fn(dit, x, text, t, extras):
 def prepare(ident: Identity, dit, text: jax.Array, settings, ckpt_dir, mesh, dtype: str, cfg_on: bool):
     """-> (text batch, extras for the compiled loop, model_fn)."""
     from mm_jax import text as text_lib
-    from mm_jax.models.id_adapter import find_class_token
+    from mm_jax.text import find_class_token
 
     adapter = checkpoint.load_component(ident.adapter_dir, "adapter", mesh=mesh, dtype=dtype, param_dtype=dtype)
     check_fits(adapter.cfg, dit.cfg, ident.clip_hidden)

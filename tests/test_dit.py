@@ -80,7 +80,6 @@ def test_attention_implementations_agree_with_a_key_mask(impl):
 
 
 def test_remat_policies_change_memory_not_numbers():
-    import jax
     import jax.numpy as jnp
     from flax import nnx
 

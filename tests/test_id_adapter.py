@@ -12,8 +12,8 @@ from flax import nnx
 from safetensors.torch import save_file
 
 from mm_jax import checkpoint
-from mm_jax.models.id_adapter import (AdapterConfig, MagicMirrorAdapter, check_dropped_tokens, count_adapter_params,
-                                      find_class_token)
+from mm_jax.models.id_adapter import AdapterConfig, MagicMirrorAdapter, count_adapter_params
+from mm_jax.text import check_dropped_tokens, find_class_token
 from tests.conftest import max_rel_err, randomize_torch_params
 from tests.reference.magic_mirror_torch import MagicMirrorAdapterTorch, magic_mirror_forward
 from tests.test_dit import TINY, _torch_rope

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -27,11 +26,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from mm_jax.data.records import encode_record
+from mm_jax.text import CLASS_WORDS, has_class_word
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 VIDEO_EXT = {".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv"}
-CLASS_WORDS = ("man", "woman", "person", "boy", "girl", "child", "kid", "lady", "gentleman", "baby", "men", "women",
-               "people")
 SHARD_PATTERN = "{}-{:05d}.array_record"  # kind ("image" | "video"), number: a stage picks its kinds by name
 
 
@@ -87,10 +85,6 @@ def item_key(item: dict) -> str:
     except OSError:
         ver = "missing"
     return f"{item['path']}|{ver}|{item.get('ref') or ''}"
-
-
-def has_class_word(caption: str, words=CLASS_WORDS) -> bool:
-    return any(re.search(rf"\b{re.escape(w)}\b", caption, re.IGNORECASE) for w in words)
 
 
 # -- one item -------------------------------------------------------------------------------------------

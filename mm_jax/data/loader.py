@@ -139,7 +139,7 @@ class ExampleTransform:
         ids = tokenize(tok, [caption], max_length=self.max_text_length)[0].astype(np.int32)
         class_index = -1
         if not drop_text:
-            from mm_jax.models.id_adapter import find_class_token
+            from mm_jax.text import find_class_token
 
             try:
                 class_index = find_class_token(tok, caption, ids, self.class_words)

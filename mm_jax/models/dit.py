@@ -17,7 +17,7 @@ only [text, video] and carry the extra stream through unchanged.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import flax.struct
 import jax

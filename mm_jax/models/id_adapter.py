@@ -16,9 +16,7 @@ attention scale is 1/sqrt(head_dim).
 from __future__ import annotations
 
 import dataclasses
-import re
-import warnings
-from typing import Container, Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +26,8 @@ from flax import nnx
 from mm_jax.models.config_base import ConfigBase
 from mm_jax.models.dit import BlockConditioning, CogVideoXTransformer3D
 from mm_jax.models.layers import Dense, LayerNorm, attention, canonical_dtype
+from mm_jax.text import CLASS_WORDS
 
-DEFAULT_CLASS_WORDS = ("man", "woman", "person", "boy", "girl", "kid", "child", "lady", "gentleman", "guy",
-                       "baby", "teenager", "men", "women", "people")
 GELUS = ("erf", "tanh")
 
 
@@ -58,7 +55,7 @@ class AdapterConfig(ConfigBase):
     norm_eps: float = 1e-5
     gelu: str = "erf"              # every GELU of the adapter: "erf" (exact) or "tanh"
     # fusion into the text
-    class_words: tuple = DEFAULT_CLASS_WORDS
+    class_words: tuple = CLASS_WORDS
     fuse_hidden: Optional[int] = None   # hidden width of MLP_fuse; None = T
     pad_token_id: int = 0          # T5's <pad>: the dropped tail positions should hold it
     # runtime
@@ -228,7 +225,7 @@ class MagicMirrorAdapter(nnx.Module):
 
         Token w = class_index is replaced by the N_id tokens c_k = c_w + MLP_fuse([c_w, x_id_k]);
         what followed it shifts right by N_id - 1 and the last N_id - 1 positions fall off (check
-        them on the host with ``check_dropped_tokens``). Static shapes: the output is a gather
+        them on the host with ``mm_jax.text.check_dropped_tokens``). Static shapes: the output is a gather
         through an index map, so ``class_index`` may be traced.
         """
         b, L, _ = text.shape
@@ -312,64 +309,6 @@ def identity_forward(dit: CogVideoXTransformer3D, adapter: MagicMirrorAdapter | 
     if adapter is None or x_face is None:
         return dit(latents, text, timestep)
     return adapter.dit_forward(dit, latents, text, timestep, x_face, x_id, has_id)
-
-
-# --------------------------------------------------------------------------------------------
-# Host-side helpers for the fusion: where the class word is, and what falls off the end.
-
-def class_token_index(input_ids: Sequence[int], word_token_ids: Sequence[Sequence[int]],
-                      continues_word: Container[int]) -> int | None:
-    """First position p where one of ``word_token_ids`` starts in ``input_ids`` as a whole word
-    (the token after it is not in ``continues_word``); None when there is none. Pure."""
-    ids = [int(i) for i in input_ids]
-    words = [list(map(int, w)) for w in word_token_ids if len(w)]
-    for p in range(len(ids)):
-        for w in words:
-            end = p + len(w)
-            if ids[p:end] == w and (end >= len(ids) or ids[end] not in continues_word):
-                return p
-    return None
-
-
-def find_class_token(tokenizer, prompt: str, input_ids: np.ndarray, class_words: Sequence[str]) -> int:
-    """Index into ``input_ids`` of the first T5 token of the first class word of ``prompt``.
-
-    A class word is matched as the token sequence the tokenizer gives the word on its own
-    (lower-case, Capitalized or UPPER), starting a word and not continued by the next token
-    ("man" does not match "manly"). Raises ValueError listing the words when none is found.
-    """
-    variants = sorted({v for w in class_words for v in (w.strip(), w.strip().lower(), w.strip().capitalize(),
-                                                         w.strip().upper())})
-    unk = getattr(tokenizer, "unk_token_id", None)
-    # a spelling with unknown pieces would match any unknown text (<unk> stands for many strings)
-    word_ids = [ids for ids in (tokenizer(v, add_special_tokens=False).input_ids for v in variants) if unk not in ids]
-    present = sorted({int(i) for i in np.asarray(input_ids).reshape(-1)})
-    pieces = tokenizer.convert_ids_to_tokens(present)
-    # a SentencePiece piece without the word-start mark that begins with a letter/digit continues a word
-    continues = {i for i, p in zip(present, pieces) if p and not p.startswith("\u2581") and p[0].isalnum()}
-    idx = class_token_index(np.asarray(input_ids).reshape(-1), word_ids, continues)
-    if idx is None:
-        said = [w for w in class_words if re.search(rf"\b{re.escape(w.strip())}\b", prompt, flags=re.IGNORECASE)]
-        where = (f"; {said} appear in the prompt but not within its {len(input_ids)} kept text tokens" if said else "")
-        raise ValueError(f"the prompt names no subject class word; it needs one of: {', '.join(class_words)}"
-                         f"{where} (prompt: {prompt!r})")
-    return idx
-
-
-def check_dropped_tokens(input_ids: np.ndarray, num_id_tokens: int, pad_token_id: int = 0) -> bool:
-    """Warn when fusion drops real tokens: it keeps the length by dropping the last N_id - 1
-    positions, which should be padding. input_ids (L,) or (B, L). Returns True when all were padding."""
-    n = num_id_tokens - 1
-    ids = np.asarray(input_ids)
-    if n <= 0:
-        return True
-    tail = ids[..., -n:]
-    if np.all(tail == pad_token_id):
-        return True
-    warnings.warn(f"the prompt fills the last {n} of its {ids.shape[-1]} text positions (token ids "
-                  f"{tail.tolist()}); the identity fusion inserts {num_id_tokens} tokens for the class word and "
-                  f"drops them: shorten the prompt", stacklevel=2)
-    return False
 
 
 def count_adapter_params(cfg: AdapterConfig) -> int:

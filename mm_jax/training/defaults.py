@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from mm_jax.text import CLASS_WORDS
+
 PLACEHOLDER = ml_collections.config_dict.placeholder
 
 
@@ -31,7 +33,7 @@ def common(stage: str) -> ml_collections.ConfigDict:
     cfg.data.frame_stride = 1
     cfg.data.max_text_length = 226
     cfg.data.drop_text, cfg.data.drop_id, cfg.data.drop_both = 0.05, 0.05, 0.05
-    cfg.data.class_words = ["man", "woman", "person", "boy", "girl", "child", "kid", "lady", "gentleman", "baby"]
+    cfg.data.class_words = list(CLASS_WORDS)  # the one list (mm_jax.text)
     cfg.data.num_workers = 4
     cfg.data.prefetch_buffer = 2
     cfg.data.precomputed = False

@@ -24,7 +24,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
-from tqdm import tqdm
 
 from mm_jax import checkpoint, components
 from tools.convert_weights import mapping as mp

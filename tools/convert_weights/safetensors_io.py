@@ -8,7 +8,6 @@ group) in memory at a time, never a whole shard.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
