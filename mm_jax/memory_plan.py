@@ -30,7 +30,6 @@ import numpy as np
 
 GIB = 1024 ** 3
 RESERVED_GIB = 0.5      # per device: XLA/runtime scratch that user arrays cannot use
-MANIFESTS = Path(__file__).resolve().parents[1].parent / "shared" / "manifests"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +60,7 @@ class Workload:
 
 # -- configs and parameters -------------------------------------------------------------------
 
-def real_configs(manifests: Path | None = MANIFESTS) -> dict:
+def real_configs() -> dict:
     """The real-size configs with the sampling dtypes: DiT (configs/model.py:cogvideox_5b), T5-XXL
     (the manifest's config, else the class defaults, which are v1.1 XXL), VAE, CLIP-L, adapter."""
     from mm_jax.models.clip_vision import CLIPVisionConfig
@@ -77,9 +76,9 @@ def real_configs(manifests: Path | None = MANIFESTS) -> dict:
     presets = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(presets)
     dit = DiTConfig.from_dict(dict(presets.get_config("cogvideox_5b").transformer.to_dict()))
-    t5_json = None if manifests is None else Path(manifests) / "t5_v1_1_xxl_encoder_config.json"
-    t5 = (T5Config.from_dict(json.loads(t5_json.read_text()), dtype="bfloat16", param_dtype="bfloat16")
-          if t5_json is not None and t5_json.exists() else T5Config(dtype="bfloat16", param_dtype="bfloat16"))
+    from mm_jax import presets
+
+    t5 = T5Config.from_dict(presets.load("t5_v1_1_xxl_encoder"), dtype="bfloat16", param_dtype="bfloat16")
     bf16 = dict(dtype="bfloat16", param_dtype="bfloat16")
     return {"transformer": dit, "text_encoder": t5, "vae": VAEConfig(), "image_encoder": CLIPVisionConfig(),
             "adapter": AdapterConfig.for_dit(dit, **bf16)}

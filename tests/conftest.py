@@ -10,9 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared"
-if not SHARED.exists():  # CI clones with shared/ beside the checkout; a local tree may hold it inside
-    SHARED = ROOT / "shared"
+MANIFESTS = ROOT / "tests" / "data" / "manifests"  # key/shape lists + configs of the real checkpoints
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -38,5 +36,5 @@ def randomize_torch_params(module, seed: int = 0, scale: float = 0.2) -> None:
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    return SHARED
+def manifests_dir() -> Path:
+    return MANIFESTS

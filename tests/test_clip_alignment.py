@@ -120,8 +120,8 @@ def test_a_clip_folder_without_its_tokenizer_is_refused_before_writing(tmp_path,
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_real_clip_vit_l14_has_its_published_parameter_count(shared_dir):
-    vision = json.loads((shared_dir / "manifests" / "clip_vit_l14_vision_config.json").read_text())
+def test_real_clip_vit_l14_has_its_published_parameter_count(manifests_dir):
+    vision = json.loads((manifests_dir / "clip_vit_l14_vision_config.json").read_text())
     cfg = CLIPConfig.from_dict({"text_config": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                                     num_attention_heads=12), "vision_config": vision,
                                 "projection_dim": 768})

@@ -40,5 +40,5 @@ def test_pixels_of_another_size_are_refused(tmp_path):
         ours(np.zeros((1, 42, 42, 3), np.float32))
 
 
-def test_manifest_of_clip_vit_l14_maps_exactly(shared_dir):
-    assert check_manifest(shared_dir / "manifests" / "clip_vit_l14_vision.json") == 303_179_776
+def test_manifest_of_clip_vit_l14_maps_exactly(manifests_dir):
+    assert check_manifest(manifests_dir / "clip_vit_l14_vision.json") == 303_179_776

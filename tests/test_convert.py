@@ -48,10 +48,10 @@ def _assert_fails_cleanly(src, tmp_path, match):
     assert not any(out.parent.glob(".*partial*")) if out.parent.exists() else True
 
 
-def test_manifest_of_the_real_5b_transformer_maps_exactly(shared_dir):
-    n = check_manifest(shared_dir / "manifests" / "cogvideox5b_transformer.json")
+def test_manifest_of_the_real_5b_transformer_maps_exactly(manifests_dir):
+    n = check_manifest(manifests_dir / "cogvideox5b_transformer.json")
     assert n == 5_570_283_072
-    assert len(json.loads((shared_dir / "manifests" / "cogvideox5b_transformer.json").read_text())) == 1024
+    assert len(json.loads((manifests_dir / "cogvideox5b_transformer.json").read_text())) == 1024
 
 
 def test_missing_key_is_named_with_its_expected_shape(source, tmp_path):

@@ -11,12 +11,12 @@ from flax import nnx
 
 from mm_jax import memory_plan as mp
 from mm_jax.models import layers, splash
-from tests.conftest import SHARED
+from tests.conftest import MANIFESTS
 
 
 @pytest.fixture(scope="module")
 def configs():
-    return mp.real_configs(SHARED / "manifests")
+    return mp.real_configs()
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def leaves(configs):
 def test_param_bytes_equal_the_sum_over_eval_shape_leaves_of_the_real_configs(configs, leaves):
     from mm_jax import components
 
-    manifest = json.loads((SHARED / "manifests" / "cogvideox5b_transformer.json").read_text())
+    manifest = json.loads((MANIFESTS / "cogvideox5b_transformer.json").read_text())
     for name, cfg in configs.items():
         spec = components.get(name)
         abstract = nnx.eval_shape(lambda: spec.build(cfg, nnx.Rngs(0)))

@@ -20,8 +20,8 @@ OTHER = {
 }
 
 
-def _configs(shared_dir):
-    cfg5b = json.loads((shared_dir / "manifests" / "cogvideox5b_scheduler_config.json").read_text())
+def _configs(manifests_dir):
+    cfg5b = json.loads((manifests_dir / "cogvideox5b_scheduler_config.json").read_text())
     return {"5b": cfg5b, "2b": dict(cfg5b, snr_shift_scale=3.0), **{k: dict(cfg5b, **v) for k, v in OTHER.items()}}
 
 
@@ -74,8 +74,8 @@ def _our_steps(kind, schedule, x, steps):
         yield x
 
 
-def _worst_step_error(monkeypatch, shared_dir, kind, which, n):
-    hf_cfg = _configs(shared_dir)[which]
+def _worst_step_error(monkeypatch, manifests_dir, kind, which, n):
+    hf_cfg = _configs(manifests_dir)[which]
     x_init, steps, ref = _reference_run(monkeypatch, kind, hf_cfg, n)
     schedule = sch.make_schedule(sch.SchedulerConfig.from_dict(hf_cfg, kind=kind), n)
     errs = []
@@ -90,24 +90,24 @@ def _worst_step_error(monkeypatch, shared_dir, kind, which, n):
 @pytest.mark.parametrize("which", ["5b", "2b"])
 @pytest.mark.parametrize("n", [50, 30])
 @pytest.mark.parametrize("kind", ["ddim", "dpm"])
-def test_every_step_matches_diffusers(shared_dir, monkeypatch, kind, n, which):
-    worst = _worst_step_error(monkeypatch, shared_dir, kind, which, n)
+def test_every_step_matches_diffusers(manifests_dir, monkeypatch, kind, n, which):
+    worst = _worst_step_error(monkeypatch, manifests_dir, kind, which, n)
     print(f"{kind} {which} n={n}: worst per-step max rel err {worst:.2e}")
     assert worst <= TOL, worst
 
 
 @pytest.mark.parametrize("which", list(OTHER))
 @pytest.mark.parametrize("kind", ["ddim", "dpm"])
-def test_other_settings_match_diffusers(shared_dir, monkeypatch, kind, which):
-    worst = _worst_step_error(monkeypatch, shared_dir, kind, which, 30)
+def test_other_settings_match_diffusers(manifests_dir, monkeypatch, kind, which):
+    worst = _worst_step_error(monkeypatch, manifests_dir, kind, which, 30)
     print(f"{kind} {which} n=30: worst per-step max rel err {worst:.2e}")
     assert worst <= TOL, worst
 
 
 @pytest.mark.parametrize("which", ["5b", "2b", *OTHER])
 @pytest.mark.parametrize("n", [50, 30, 7, 1])
-def test_timesteps_and_tables_match_diffusers(shared_dir, which, n):
-    hf_cfg = _configs(shared_dir)[which]
+def test_timesteps_and_tables_match_diffusers(manifests_dir, which, n):
+    hf_cfg = _configs(manifests_dir)[which]
     ref = _torch_scheduler("dpm", hf_cfg, n)
     s = sch.make_schedule(sch.SchedulerConfig.from_dict(hf_cfg, kind="dpm"), n)
     ts = ref.timesteps.numpy()
@@ -122,10 +122,10 @@ def test_timesteps_and_tables_match_diffusers(shared_dir, which, n):
 
 
 @pytest.mark.parametrize("n", [50, 30])
-def test_dpm_multipliers_equal_the_references_at_the_infinite_edges(shared_dir, n):
+def test_dpm_multipliers_equal_the_references_at_the_infinite_edges(manifests_dir, n):
     """diffusers' own get_variables/get_mult on each step (t=999: abar=0; i=1: r=inf; last: prev<0)."""
-    ref = _torch_scheduler("dpm", _configs(shared_dir)["5b"], n)
-    s = sch.make_schedule(sch.SchedulerConfig.from_dict(_configs(shared_dir)["5b"], kind="dpm"), n)
+    ref = _torch_scheduler("dpm", _configs(manifests_dir)["5b"], n)
+    s = sch.make_schedule(sch.SchedulerConfig.from_dict(_configs(manifests_dir)["5b"], kind="dpm"), n)
     ts = ref.timesteps
     for i, t in enumerate(ts):
         prev = int(t) - 1000 // n
@@ -143,9 +143,9 @@ def test_dpm_multipliers_equal_the_references_at_the_infinite_edges(shared_dir, 
 
 
 @pytest.mark.parametrize("kind", ["ddim", "dpm"])
-def test_fori_loop_compiles_once_and_ends_where_diffusers_does(shared_dir, monkeypatch, kind):
+def test_fori_loop_compiles_once_and_ends_where_diffusers_does(manifests_dir, monkeypatch, kind):
     n = 30
-    hf_cfg = _configs(shared_dir)["5b"]
+    hf_cfg = _configs(manifests_dir)["5b"]
     x_init, steps, _ = _reference_run(monkeypatch, kind, hf_cfg, n)
     schedule = sch.make_schedule(sch.SchedulerConfig.from_dict(hf_cfg, kind=kind), n)
     vs, n1s, n2s = (jnp.asarray(np.stack([s[k] for s in steps])) for k in ("v", "n1", "n2"))
@@ -186,7 +186,7 @@ def test_init_latents_is_standard_normal_in_the_requested_dtype():
     assert abs(xf.mean()) < 0.02 and abs(xf.std() - 1) < 0.02
 
 
-def test_dynamic_cfg_and_combine_equal_the_diffusers_pipeline(shared_dir):
+def test_dynamic_cfg_and_combine_equal_the_diffusers_pipeline(manifests_dir):
     """Run diffusers' CogVideoXPipeline (1-layer DiT, latents out) with use_dynamic_cfg: record the
     scale it sets at each step and the guided v it hands to the scheduler."""
     from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
@@ -196,7 +196,7 @@ def test_dynamic_cfg_and_combine_equal_the_diffusers_pipeline(shared_dir):
                                       num_layers=1, text_embed_dim=16, time_embed_dim=8, sample_width=2,
                                       sample_height=2, sample_frames=5, max_text_seq_length=3,
                                       use_rotary_positional_embeddings=False).eval()
-    hf_cfg = _configs(shared_dir)["5b"]
+    hf_cfg = _configs(manifests_dir)["5b"]
     pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=dit,
                              scheduler=CogVideoXDDIMScheduler.from_config(hf_cfg))
     pipe.set_progress_bar_config(disable=True)
@@ -216,8 +216,8 @@ def test_dynamic_cfg_and_combine_equal_the_diffusers_pipeline(shared_dir):
         assert max_rel_err(sch.cfg_combine(out[:1], out[1:], g), ref) <= TOL
 
 
-def test_bad_scheduler_settings_are_named(shared_dir):
-    cfg5b = _configs(shared_dir)["5b"]
+def test_bad_scheduler_settings_are_named(manifests_dir):
+    cfg5b = _configs(manifests_dir)["5b"]
     with pytest.raises(ValueError, match="prediction_type='sample'"):
         sch.SchedulerConfig.from_dict(dict(cfg5b, prediction_type="sample"))
     with pytest.raises(ValueError, match="_class_name='DDIMScheduler'"):

@@ -181,6 +181,6 @@ def test_encode_prompts_equals_cogvideox_pipeline_prompt_embeds(converted, token
     assert emb.shape == (2, 226, 32) and max_rel_err(emb, ref) <= 1e-5
 
 
-def test_manifest_of_t5_v1_1_xxl_maps_exactly(shared_dir):
+def test_manifest_of_t5_v1_1_xxl_maps_exactly(manifests_dir):
     # the manifest stores both tied names, shared.weight and encoder.embed_tokens.weight
-    assert check_manifest(shared_dir / "manifests" / "t5_v1_1_xxl_encoder.json") == 4_762_310_656
+    assert check_manifest(manifests_dir / "t5_v1_1_xxl_encoder.json") == 4_762_310_656

@@ -100,8 +100,8 @@ def test_bad_frame_count_and_size_are_explained(pair):
         ours.encode(np.zeros((1, 5, 20, 16, 3), np.float32))
 
 
-def test_manifest_of_the_real_vae_maps_exactly(shared_dir):
-    assert check_manifest(shared_dir / "manifests" / "cogvideox_vae.json") == 215_583_907
+def test_manifest_of_the_real_vae_maps_exactly(manifests_dir):
+    assert check_manifest(manifests_dir / "cogvideox_vae.json") == 215_583_907
 
 
 def test_converter_round_trip_keeps_every_parameter(pair):

@@ -4,9 +4,8 @@ Detector (SCRFD det_10g layout: input.1 [1,3,?,?] -> 9 outputs, strides 8/16/32 
 kps}, 2 anchors): the stride-8 score head fires where the image is bright at a cell's sample
 point, so a small white square on a dark image is exactly one face. Boxes are ``box + box_gain *
 brightness`` strides from the anchor centre on every side (so face size can follow brightness);
-landmarks sit at fixed offsets. Strides 16 and 32 never fire. ``make_random_detector`` is the
-random-weight variant of /work/shared/tools/make_standin_onnx.py: every stride fires, with many
-overlapping boxes for NMS.
+landmarks sit at fixed offsets. Strides 16 and 32 never fire. ``make_random_detector`` has
+random weights: every stride fires, with many overlapping boxes for NMS.
 Recognizer (ArcFace: input.1 [None,3,112,112] -> [None,512]): conv -> ReLU -> GAP -> Gemm; with
 ``mxnet=True`` its first nodes are a Sub and a Mul (the in-graph normalization of mxnet exports).
 """
