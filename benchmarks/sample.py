@@ -52,7 +52,7 @@ def main():
     dit_cfg = checkpoint.load_config(ckpt, "transformer")
     lat = np.random.default_rng(0).standard_normal(settings.latent_shape(dit_cfg.in_channels), dtype=np.float32)
 
-    emb = pipeline.encode_prompts(ckpt, ["", settings.prompt], dtype=dtype)
+    emb = pipeline.prompt_embeddings(ckpt, ["", settings.prompt], dtype=dtype)
     dit = checkpoint.load_component(ckpt, "transformer", dtype=dtype, param_dtype=dtype)
     vae = checkpoint.load_component(ckpt, "vae")
     run = lambda: pipeline.generate(ckpt, settings, latents=lat, dtype=dtype, progress=False,

@@ -102,25 +102,3 @@ def prepare(ident: Identity, dit, text: jax.Array, settings, ckpt_dir, mesh, dty
     else:
         text, has_id = fused, None
     return text, (adapter, x_id, x_face, has_id), identity_model_fn
-
-
-def sample(ckpt_dir: str | Path, settings, reference, face_models: str | Path, adapter_dir: str | Path, *,
-           clip_dir: str | Path | None = None, mesh=None, dtype: str | None = None, progress: bool = True,
-           text_encoder_on_host: bool = False, vae_tiling: bool | None = None) -> np.ndarray:
-    """One call from a reference photo to frames (F, H, W, 3) in [0, 1] (what the notebook uses).
-
-    ``reference``: image path or RGB uint8 array. ``clip_dir``: the checkpoint folder with the
-    ``image_encoder`` (default: the adapter's folder, else the backbone's). ``dtype`` defaults to
-    bfloat16 on accelerators and float32 on CPU, as ``mm_jax.sample``; ``vae_tiling`` defaults to on
-    for accelerators (the plan of ``mm_jax.memory_plan``) and off on CPU.
-    """
-    from mm_jax import parallel, pipeline
-
-    mesh = mesh or parallel.make_mesh()
-    dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    clip_dir = clip_dir or component_dir("image_encoder", adapter_dir, ckpt_dir)
-    ident = compute(reference, face_models, clip_dir, adapter_dir, mesh=mesh)
-    accel = jax.default_backend() != "cpu"
-    return pipeline.generate(ckpt_dir, settings, mesh=mesh, dtype=dtype, progress=progress, identity=ident,
-                             text_encoder_on_host=text_encoder_on_host,
-                             vae_tiling=accel if vae_tiling is None else vae_tiling)

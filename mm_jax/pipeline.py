@@ -20,9 +20,9 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from mm_jax import checkpoint, parallel
+from mm_jax import identity as id_lib
 from mm_jax import schedulers as sch
 
 REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -73,21 +73,21 @@ def check_checkpoint(ckpt_dir: str | Path, needed=REQUIRED_COMPONENTS) -> None:
 
 # -- text ------------------------------------------------------------------------------------
 
-def encode_prompts(ckpt_dir: str | Path, prompts: list[str], *, max_length: int = 226, mesh=None,
-                   dtype: str = "float32", on_host: bool = False) -> np.ndarray:
-    """Load T5, embed ``prompts`` -> (B, max_length, d_model) host array, then free T5.
+def prompt_embeddings(ckpt_dir: str | Path, prompts: list[str], *, max_length: int = 226, mesh=None,
+                      dtype: str = "float32", on_host: bool = False) -> np.ndarray:
+    """Load T5 from ``ckpt_dir``, embed ``prompts`` (``mm_jax.text.encode_prompts``) -> (B,
+    max_length, d_model) host array, then free T5.
 
     ``on_host``: place and run T5 on the host CPU instead of ``mesh`` (T5-XXL is 9.5 GB in bf16;
-    on a 16 GB chip this keeps the accelerator for the DiT, see ``mm_jax.memory_plan``)."""
+    on a 16 GB chip this keeps the accelerator for the DiT; ``python -m mm_jax.plan`` says when)."""
     from mm_jax import text as text_lib
 
     tokenizer = text_lib.load_tokenizer(Path(ckpt_dir) / "tokenizer")
-    ids = text_lib.tokenize(tokenizer, prompts, max_length=max_length)
     if on_host:
-        host = jax.devices("cpu")[0]
-        mesh, ids = parallel.make_mesh(devices=[host]), jax.device_put(np.asarray(ids), host)
+        mesh = parallel.make_mesh(devices=[jax.devices("cpu")[0]])
     encoder = checkpoint.load_component(ckpt_dir, "text_encoder", mesh=mesh, dtype=dtype, param_dtype=dtype)
-    emb = np.asarray(nnx.jit(lambda m, i: m(i))(encoder, jnp.asarray(ids)))
+    with jax.set_mesh(mesh or parallel.make_mesh()):
+        emb = np.asarray(text_lib.encode_prompts(encoder, tokenizer, prompts, max_length=max_length))
     del encoder
     gc.collect()
     return emb
@@ -96,6 +96,7 @@ def encode_prompts(ckpt_dir: str | Path, prompts: list[str], *, max_length: int 
 # -- denoising -------------------------------------------------------------------------------
 
 def guidance_per_step(schedule: sch.Schedule, guidance: float, dynamic: bool) -> np.ndarray:
+    """The CFG scale of every step: constant, or the reference's dynamic (cosine) schedule."""
     n = len(schedule.timesteps)
     if not dynamic:
         return np.full((n,), guidance, np.float32)
@@ -103,89 +104,94 @@ def guidance_per_step(schedule: sch.Schedule, guidance: float, dynamic: bool) ->
                       np.float32)
 
 
-_PROGRESS: list = [None]  # the live progress bar, updated from inside the compiled loop
-
-
-def _tick(i):
-    if _PROGRESS[0] is not None:
-        _PROGRESS[0].update(1)
-
-
-@functools.lru_cache(maxsize=None)
-def make_denoise_fn(kind: str, cfg_on: bool, progress: bool = True):
-    """A jitted ``(dit, latents, text_emb, schedule, guidance, key, model_fn) -> latents``: the whole
-    loop is one ``lax.fori_loop``, compiled once for all steps (and cached across calls)."""
-
-    def loop(dit, latents, text_emb, schedule, guidance, key, model_fn, extras):
-        n = schedule.timesteps.shape[0]
-        x_dtype = latents.dtype
-
-        def body(i, carry):
-            x, x0_old = carry
-            t = schedule.timesteps[i]
-            xin = jnp.concatenate([x, x], axis=0) if cfg_on else x
-            v = model_fn(dit, xin, text_emb, jnp.full((xin.shape[0],), t), extras).astype(jnp.float32)
-            if cfg_on:
-                v_uncond, v_text = jnp.split(v, 2, axis=0)
-                v = v_uncond + guidance[i] * (v_text - v_uncond)
-            xf = x.astype(jnp.float32)
-            if kind == "ddim":
-                x_new, x0 = sch.ddim_step(schedule, i, v, xf), x0_old
-            else:
-                k1, k2 = jax.random.split(jax.random.fold_in(key, i))
-                n1 = jax.random.normal(k1, x.shape, jnp.float32)
-                n2 = jax.random.normal(k2, x.shape, jnp.float32)
-                x_new, x0 = sch.dpm_step(schedule, i, v, xf, x0_old, n1, n2)
-            if progress:
-                jax.debug.callback(_tick, i, ordered=True)
-            return x_new.astype(x_dtype), x0.astype(jnp.float32)
-
-        x0_init = jnp.zeros(latents.shape, jnp.float32)
-        out, _ = jax.lax.fori_loop(0, n, body, (latents, x0_init))
-        return out
-
-    return nnx.jit(loop, static_argnums=(6,))
-
-
 def default_model_fn(dit, x, text_emb, t, extras=None):
-    """The plain DiT; ``extras`` (any pytree, modules included) is passed through the compiled loop."""
+    """The plain DiT; ``extras`` (any pytree, modules included) is passed through the compiled step."""
     return dit(x, text_emb, t)
 
 
-def denoise(dit, latents, text_emb, settings: SampleSettings, scheduler_cfg: dict, *, progress: bool = True,
-            model_fn: Callable = default_model_fn, extras=None, mesh=None) -> jax.Array:
-    """Run the sampling loop. ``text_emb`` is (2, L, T) [negative, positive] with CFG, else (1, L, T)."""
-    kind = settings.scheduler
-    cfg = sch.SchedulerConfig.from_dict(scheduler_cfg, kind=kind)
+@functools.lru_cache(maxsize=None)
+def denoise_step_fn(kind: str, cfg_on: bool, model_fn: Callable = default_model_fn):
+    """The compiled denoising step, the function the sampler runs ``steps`` times and the planner
+    (``python -m mm_jax.plan``) compiles for its targets:
+
+        step(dit, x, x0, text, schedule, guidance, key, i, extras) -> (x, x0)
+
+    dit: the DiT module; x (1, F, H, W, C) latents in the compute dtype (donated); x0 (1, F, H, W,
+    C) float32, the DPM sampler's previous x0 (donated; unused by DDIM); text (2, L, T) [negative,
+    positive] with CFG, else (1, L, T); schedule: ``schedulers.Schedule``; guidance (steps,) float32;
+    key: the DPM noise key; i: int32 step index (traced: one compile serves every step); extras:
+    ``model_fn``'s pytree (the adapter and the identity tokens), or None.
+    """
+
+    def step(dit, x, x0, text, schedule, guidance, key, i, extras):
+        t = schedule.timesteps[i]
+        xin = jnp.concatenate([x, x], axis=0) if cfg_on else x
+        v = model_fn(dit, xin, text, jnp.full((xin.shape[0],), t), extras).astype(jnp.float32)
+        if cfg_on:
+            v = sch.cfg_combine(*jnp.split(v, 2, axis=0), guidance[i])
+        xf = x.astype(jnp.float32)
+        if kind == "ddim":
+            x_new = sch.ddim_step(schedule, i, v, xf)
+        else:
+            x_new, x0 = sch.dpm_step(schedule, i, v, xf, x0, *sch.dpm_noise(key, i, x.shape))
+        return x_new.astype(x.dtype), x0.astype(jnp.float32)
+
+    return jax.jit(step, donate_argnums=(1, 2))
+
+
+ProgressFn = Callable[[int, int], None]  # (steps done, steps in all), called on the host
+
+
+def denoise(dit, latents, text_emb, settings: SampleSettings, scheduler_cfg: dict, *,
+            progress: ProgressFn | None = None, model_fn: Callable = default_model_fn, extras=None) -> jax.Array:
+    """Run the sampling loop: ``settings.steps`` calls of ``denoise_step_fn`` from the host.
+
+    ``text_emb`` is (2, L, T) [negative, positive] with CFG, else (1, L, T). ``progress(done,
+    total)`` is called on the host after each step has finished on the devices, so a progress bar
+    is exact on any mesh and any number of devices or processes (the loop is driven from the host;
+    no callback runs inside compiled code)."""
+    cfg = sch.SchedulerConfig.from_dict(scheduler_cfg, kind=settings.scheduler)
     schedule = sch.make_schedule(cfg, settings.steps)
     cfg_on = settings.guidance > 1.0
     guidance = jnp.asarray(guidance_per_step(schedule, settings.guidance, settings.dynamic_cfg))
-    if progress:
-        from tqdm import tqdm
+    step = denoise_step_fn(settings.scheduler, cfg_on, model_fn)
+    key = jax.random.key(settings.seed)
+    x, x0 = latents, jnp.zeros(latents.shape, jnp.float32)
+    n = settings.steps
+    for i in range(n):
+        x, x0 = step(dit, x, x0, text_emb, schedule, guidance, key, jnp.int32(i), extras)
+        if progress is not None:
+            jax.block_until_ready(x)
+            progress(i + 1, n)
+    return x
 
-        _PROGRESS[0] = tqdm(total=settings.steps, desc="denoising", unit="step")
-    try:
-        fn = make_denoise_fn(kind, cfg_on, progress)
-        key = jax.random.key(settings.seed)
-        out = jax.block_until_ready(fn(dit, latents, text_emb, schedule, guidance, key, model_fn, extras))
-    finally:
-        if _PROGRESS[0] is not None:
-            _PROGRESS[0].close()
-        _PROGRESS[0] = None
-    return out
+
+def tqdm_progress(total: int, desc: str = "denoising") -> tuple[ProgressFn, Callable[[], None]]:
+    """A tqdm bar as a ``ProgressFn``, shown by the main process only -> (progress, close)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", disable=jax.process_index() != 0)
+
+    def update(done: int, _total: int) -> None:
+        bar.update(done - bar.n)
+
+    return update, bar.close
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_fn():
+def decode_fn():
+    """The compiled VAE decode ``(vae, latents (1, f, h, w, C) float32) -> video (1, F, H, W, 3) in
+    [-1, 1]`` (what the planner compiles as the ``vae_decode`` phase)."""
     from mm_jax.models import vae as vae_lib
 
-    return nnx.jit(lambda vae, z: vae_lib.decode_latents(vae, z))
+    return jax.jit(lambda vae, z: vae_lib.decode_latents(vae, z))
 
 
 # -- end to end ------------------------------------------------------------------------------
 
 def initial_latents(settings: SampleSettings, channels: int, spatial: int, temporal: int,
                     latents: np.ndarray | None = None, dtype=jnp.float32) -> jax.Array:
+    """The initial noise: ``latents`` (checked against the settings' shape) or drawn from the seed."""
     shape = settings.latent_shape(channels, spatial, temporal)
     if latents is not None:
         latents = np.asarray(latents)
@@ -193,19 +199,20 @@ def initial_latents(settings: SampleSettings, channels: int, spatial: int, tempo
             raise ValueError(f"initial latents have shape {tuple(latents.shape)}; these settings need {shape} "
                              "(1, (frames-1)/4+1, height/8, width/8, latent channels)")
         return jnp.asarray(latents, dtype)
-    return jax.random.normal(jax.random.key(settings.seed), shape, jnp.float32).astype(dtype)
+    return sch.init_latents(jax.random.key(settings.seed), shape, dtype)
 
 
 def generate(ckpt_dir: str | Path, settings: SampleSettings, *, latents: np.ndarray | None = None, mesh=None,
-             dtype: str = "float32", progress: bool = True, text_embeddings: np.ndarray | None = None,
+             dtype: str = "float32", progress: bool | ProgressFn = True, text_embeddings: np.ndarray | None = None,
              model_fn: Callable = default_model_fn, transformer=None, vae=None,
              identity: Optional[Any] = None, text_encoder_on_host: bool = False,
              vae_tiling: bool = False) -> np.ndarray:
     """Text (+ identity) to video: returns frames (F, H, W, 3) float32 in [0, 1].
 
     ``identity``: an ``mm_jax.identity.Identity`` (reference embeddings + adapter folder); None is
-    plain CogVideoX text-to-video. ``text_encoder_on_host``: run T5 on the host CPU. ``vae_tiling``:
-    decode in overlapping spatial tiles (diffusers ``enable_tiling``), one tile's activations at a time."""
+    plain CogVideoX text-to-video. ``progress``: True for a tqdm bar, False for none, or a
+    ``ProgressFn``. ``text_encoder_on_host``: run T5 on the host CPU. ``vae_tiling``: decode in
+    overlapping spatial tiles (diffusers ``enable_tiling``), one tile's activations at a time."""
     ckpt_dir = Path(ckpt_dir)
     check_checkpoint(ckpt_dir)
     vae_cfg = checkpoint.load_config(ckpt_dir, "vae")
@@ -217,25 +224,49 @@ def generate(ckpt_dir: str | Path, settings: SampleSettings, *, latents: np.ndar
     cfg_on = settings.guidance > 1.0
     if text_embeddings is None:
         prompts = [settings.negative_prompt, settings.prompt] if cfg_on else [settings.prompt]
-        text_embeddings = encode_prompts(ckpt_dir, prompts, max_length=settings.max_sequence_length, mesh=mesh,
-                                         dtype=dtype, on_host=text_encoder_on_host)
+        text_embeddings = prompt_embeddings(ckpt_dir, prompts, max_length=settings.max_sequence_length, mesh=mesh,
+                                            dtype=dtype, on_host=text_encoder_on_host)
     owns_dit = transformer is None
     dit = transformer or checkpoint.load_component(ckpt_dir, "transformer", mesh=mesh, dtype=dtype, param_dtype=dtype)
     scheduler_cfg = json.loads((ckpt_dir / "scheduler" / "scheduler_config.json").read_text())
     extras = None
     text = jnp.asarray(text_embeddings, dtype)
     if identity is not None:
-        from mm_jax import identity as id_lib
-
         text, extras, model_fn = id_lib.prepare(identity, dit, text, settings, ckpt_dir, mesh, dtype, cfg_on)
-    with jax.set_mesh(mesh):
-        z = denoise(dit, x.astype(dtype), text, settings, scheduler_cfg, progress=progress, model_fn=model_fn,
-                    extras=extras)
+    close = None
+    if progress is True:
+        progress, close = tqdm_progress(settings.steps)
+    try:
+        with jax.set_mesh(mesh):
+            z = denoise(dit, x.astype(dtype), text, settings, scheduler_cfg, progress=progress or None,
+                        model_fn=model_fn, extras=extras)
+    finally:
+        if close is not None:
+            close()
     del dit, extras  # the adapter too: neither is needed for decoding
     if owns_dit:  # release the DiT before the VAE is placed
         gc.collect()
     vae = vae or checkpoint.load_component(ckpt_dir, "vae", mesh=mesh, use_tiling=vae_tiling)
     with jax.set_mesh(mesh):
-        video = _decode_fn()(vae, jnp.asarray(z, jnp.float32))
-    frames = np.clip(np.asarray(video[0], np.float32) / 2 + 0.5, 0.0, 1.0)
-    return frames
+        video = decode_fn()(vae, jnp.asarray(z, jnp.float32))
+    return np.clip(np.asarray(video[0], np.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def sample_identity(ckpt_dir: str | Path, settings: SampleSettings, reference, face_models: str | Path,
+                    adapter_dir: str | Path, *, clip_dir: str | Path | None = None, mesh=None,
+                    dtype: str | None = None, progress: bool | ProgressFn = True, text_encoder_on_host: bool = False,
+                    vae_tiling: bool | None = None) -> np.ndarray:
+    """One call from a reference photo to frames (F, H, W, 3) in [0, 1] (what the notebook uses).
+
+    ``reference``: image path or RGB uint8 array. ``clip_dir``: the checkpoint folder with the
+    ``image_encoder`` (default: the adapter's folder, else the backbone's). ``dtype`` defaults to
+    bfloat16 on accelerators and float32 on CPU, as ``mm_jax.sample``; ``vae_tiling`` defaults to on
+    for accelerators and off on CPU.
+    """
+    mesh = mesh or parallel.make_mesh()
+    dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    clip_dir = clip_dir or id_lib.component_dir("image_encoder", adapter_dir, ckpt_dir)
+    ident = id_lib.compute(reference, face_models, clip_dir, adapter_dir, mesh=mesh)
+    accel = jax.default_backend() != "cpu"
+    return generate(ckpt_dir, settings, mesh=mesh, dtype=dtype, progress=progress, identity=ident,
+                    text_encoder_on_host=text_encoder_on_host, vae_tiling=accel if vae_tiling is None else vae_tiling)

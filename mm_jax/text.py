@@ -12,8 +12,10 @@ import warnings
 from pathlib import Path
 from typing import Container, Sequence
 
+import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 # The words that name the subject of a caption or prompt. Magic Mirror fuses the identity into
 # the text at the first of them, so every caption of the training data needs one: this is the one
@@ -50,15 +52,22 @@ def tokenize(tokenizer, prompts: str | list[str], max_length: int = 226) -> np.n
     return np.asarray(out.input_ids, np.int32)
 
 
-@nnx.jit
-def _encode(encoder, ids):
+@jax.jit
+def encode_ids(encoder, ids: jax.Array) -> jax.Array:
+    """The compiled T5 call on token ids (B, L) -> (B, L, d_model), no attention mask: what the
+    sampler runs and the planner compiles as the ``text_encoder`` phase."""
     return encoder(ids)
 
 
 def encode_prompts(encoder, tokenizer, prompts: list[str], max_length: int = 226):
     """``encoder`` (a ``T5Encoder``) over ``tokenize(tokenizer, prompts, max_length)`` with no
-    attention mask, as the pipeline does -> (B, max_length, d_model) in the encoder's dtype."""
-    return _encode(encoder, tokenize(tokenizer, prompts, max_length=max_length))
+    attention mask, as the pipeline does -> (B, max_length, d_model) in the encoder's dtype. The
+    ids go where the encoder's parameters are (the host CPU when T5 is offloaded)."""
+    ids = tokenize(tokenizer, prompts, max_length=max_length)
+    where = jax.tree.leaves(nnx.state(encoder, nnx.Param))[0].sharding
+    if isinstance(where, NamedSharding):
+        where = NamedSharding(where.mesh, PartitionSpec())  # replicated over the encoder's mesh
+    return encode_ids(encoder, jax.device_put(ids, where))
 
 
 def has_class_word(caption: str, words: Sequence[str] = CLASS_WORDS) -> bool:

@@ -109,7 +109,7 @@ def test_text_encoder_on_host_gives_the_same_embeddings(tmp_path):
                    rngs=nnx.Rngs(0))
     checkpoint.save_module(tmp_path, "text_encoder", t5)
     prompts = ["", "a man is walking on the beach"]
-    dev = pipeline.encode_prompts(tmp_path, prompts, max_length=32)
-    host = pipeline.encode_prompts(tmp_path, prompts, max_length=32, on_host=True)
+    dev = pipeline.prompt_embeddings(tmp_path, prompts, max_length=32)
+    host = pipeline.prompt_embeddings(tmp_path, prompts, max_length=32, on_host=True)
     assert dev.shape == (2, 32, 32)
     np.testing.assert_array_equal(dev, host)

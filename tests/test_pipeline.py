@@ -41,6 +41,44 @@ def test_cli_frames_match_diffusers_pipeline(tiny, dynamic):
     assert meta["seed"] == 0 and meta["dynamic_cfg"] is dynamic and meta["steps"] == 4
 
 
+def test_cli_dpm_frames_match_diffusers_pipeline_given_the_same_draws(tiny, monkeypatch):
+    """The pipeline's DPM branch against diffusers' pipeline with CogVideoXDPMScheduler: diffusers'
+    ``randn_tensor`` returns our own draws (``schedulers.dpm_noise(key(seed), step)``) in the order
+    the reference asks for them (one on the first and last step, two on the others)."""
+    import diffusers.schedulers.scheduling_dpm_cogvideox as dpm_mod
+    import jax
+    from diffusers import CogVideoXDPMScheduler
+
+    from mm_jax import schedulers as sch
+
+    pipe, ckpt, lat, root = tiny
+    steps, seed = 4, 3
+    key = jax.random.key(seed)
+    shape = tuple(lat.permute(0, 1, 3, 4, 2).shape)
+    draws = []
+    for i in range(steps):
+        n1, n2 = (torch.from_numpy(np.array(d)).permute(0, 1, 4, 2, 3) for d in sch.dpm_noise(key, i, shape))
+        draws += [n1] if i in (0, steps - 1) else [n1, n2]
+    monkeypatch.setattr(dpm_mod, "randn_tensor", lambda *a, **k: draws.pop(0))
+    out = root / "dpm.npy"
+    args = ["--checkpoint", str(ckpt), "--prompt", PROMPT, "--frames", "9", "--height", "64", "--width", "64",
+            "--steps", str(steps), "--guidance", "6", "--scheduler", "dpm", "--seed", str(seed),
+            "--latents", str(root / "latents.npy"), "--out", str(out), "--quiet"]
+    assert sample.main(args) == 0
+    ours = np.load(out)
+    old = pipe.scheduler
+    pipe.scheduler = CogVideoXDPMScheduler.from_config(old.config)
+    try:
+        with torch.no_grad():
+            ref = pipe(prompt=PROMPT, num_frames=9, height=64, width=64, num_inference_steps=steps, guidance_scale=6.0,
+                       latents=lat.clone(), output_type="np").frames[0]
+    finally:
+        pipe.scheduler = old
+    assert not draws  # the reference used every draw: as many as our steps made
+    assert 0.2 < np.mean((ref > 0) & (ref < 1))
+    assert np.max(np.abs(ours - ref)) <= 1e-4
+
+
 @pytest.mark.parametrize("change,message", [
     (["--frames", "10"], "frames=10: must be 4k\\+1"),
     (["--height", "72"], "height=72: must be a positive multiple of 16"),
