@@ -372,4 +372,7 @@ def _block_runner(policy: str):
 
     if policy == "none":
         return run
-    return nnx.remat(run, policy=REMAT_POLICIES[policy])
+    # jax.checkpoint over the block as a pytree argument: nnx.remat captured the block's variables
+    # from an outer trace and failed inside the train step ("Cannot mutate Param from a different
+    # trace level"); a pure function of (params, activations) has nothing to mutate.
+    return jax.checkpoint(run, policy=REMAT_POLICIES[policy], static_argnums=())
