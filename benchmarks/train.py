@@ -30,7 +30,7 @@ from benchmarks.common import dit_forward_flops, time_it
 from mm_jax import parallel, schedulers as sch
 from mm_jax.models.dit import CogVideoXTransformer3D, DiTConfig
 from mm_jax.models.id_adapter import AdapterConfig, MagicMirrorAdapter
-from mm_jax.testing.tiny_checkpoint import SCHEDULER
+from mm_jax.demo.tiny_checkpoint import SCHEDULER
 from mm_jax.training.models import TrainModels
 from mm_jax.training.optim import make_optimizer
 from mm_jax.training.step import init_state, make_train_step, put_batch
@@ -134,11 +134,13 @@ def reference(dcfg, acfg, lat, b, repeat):
 
 def loop(steps: int, workers: int):
     from mm_jax import config
-    from mm_jax.train import train
+    from mm_jax.demo import assets
+    from mm_jax.training.loop import train
 
     with tempfile.TemporaryDirectory() as d:
         cfg = config.load("configs/video.py:tiny", [f"train.steps={steps}", "train.checkpoint_every=1000000",
                                                     f"data.num_workers={workers}"])
+        assets.prepare(cfg, Path(d) / "run")  # the preset's setup hook, as the train CLI calls it
         s = train(cfg, Path(d) / "run", progress=False)
     return s
 

@@ -11,7 +11,7 @@ from flax import nnx
 from mm_jax import checkpoint, sample
 from mm_jax.models.id_adapter import AdapterConfig, MagicMirrorAdapter
 from tests.conftest import randomize_torch_params
-from tests.face_models import face_image, make_pack
+from mm_jax.demo.standin_faces import face_image, make_pack
 from tests.tiny_pipeline import make_pipeline
 from tools.convert_weights.from_torch import convert
 

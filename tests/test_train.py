@@ -13,8 +13,8 @@ import pytest
 from flax import nnx
 
 from mm_jax import checkpoint, config, train as train_cli
-from mm_jax.train import TrainingDiverged, train
-from mm_jax.training import bootstrap
+from mm_jax.demo import assets as demo_assets
+from mm_jax.training.loop import TrainingDiverged, train
 from mm_jax.training.logs import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ def assets(tmp_path_factory):
     """Tiny models, stand-in faces and a synthetic dataset, built once for the module."""
     root = tmp_path_factory.mktemp("train_assets")
     cfg = config.load("configs/video.py:tiny")
-    bootstrap.resolve(cfg, root)
+    demo_assets.prepare(cfg, root)
     return {k: v for k, v in (("model.checkpoint", cfg.model.checkpoint), ("model.adapter", cfg.model.adapter),
                                ("data.face_models", cfg.data.face_models), ("data.path", cfg.data.path))}
 
@@ -118,7 +118,7 @@ def test_cli_rejects_bad_overrides_and_missing_data_clearly(assets, tmp_path, ca
     assert str(tmp_path / "empty") in capsys.readouterr().err
     assert train_cli.main(["--config", "configs/video.py:tiny", "--workdir", str(tmp_path / "z"),
                            "--config.data.frames=8"]) == 2
-    assert "4k+1" in capsys.readouterr().err
+    assert "data.frames=8: not a frame count the VAE encodes and decodes exactly" in capsys.readouterr().err
     assert not any((tmp_path / w).exists() for w in "xyz")  # a rejected run writes nothing
     with pytest.raises(SystemExit) as e:
         train_cli.main(["--help"])
