@@ -5,10 +5,10 @@ import shutil
 import numpy as np
 import pytest
 
-from mm_jax.face import (ARCFACE_TEMPLATE, CLIP_MEAN, CLIP_STD, FaceAnalyzer, FaceModels, NoFaceError, nms,
-                         similarity_transform)
-from tests.face_models import (KPS_OFFSETS, face_image, make_detector, make_landmark, make_pack,
-                               make_random_detector, make_recognizer)
+from mm_jax.demo.standin_faces import (KPS_OFFSETS, face_image, make_detector, make_landmark, make_pack,
+                                       make_random_detector, make_recognizer)
+from mm_jax.face import (ARCFACE_TEMPLATE, CLIP_MEAN, CLIP_STD, FaceAnalyzer, FaceModels, ImageSizeError, NoFaceError,
+                         nms, similarity_transform)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,45 @@ def test_embed_frames_marks_frames_without_a_face(analyzer):
     assert emb.shape == (3, 512) and found.tolist() == [True, False, True]
     assert np.all(emb[1] == 0)
     np.testing.assert_allclose(emb[2], analyzer.analyze(frames[2]).embedding, atol=1e-6)
+
+
+def test_embeddings_take_the_recognizers_width_even_when_no_frame_has_a_face(tmp_path):
+    """A 256-wide recognizer: a batch of faceless frames gives (N, 256) zeros, so batches with and
+    without faces concatenate, and the video metrics run."""
+    from mm_jax.metrics.video_eval import evaluate_video
+
+    make_detector(tmp_path / "det_10g.onnx")
+    make_recognizer(tmp_path / "w256.onnx", width=256)
+    fa = FaceAnalyzer(tmp_path)
+    assert fa.models.embedding_dim == 256
+    dark = np.zeros((64, 64, 3), np.uint8)
+    faces = fa.analyze_frames([dark, dark])
+    assert faces.embedding.shape == (2, 256) and not faces.found.any()
+    assert fa.embed_crops([]).shape == (0, 256)
+    ref = fa.analyze(face_image(h=64, w=64, at=(32, 32)))
+    assert ref.embedding.shape == (256,)
+    face = face_image(h=64, w=64, at=(32, 32))
+    video = np.stack([dark, dark, face, face])  # batch 1 without faces, batch 2 with
+    m = evaluate_video(video, ref, fa, batch_size=2)
+    assert m["per_frame"]["found"] == [False, False, True, True]
+    np.testing.assert_allclose(m["per_frame"]["id_sim"], [0.0, 0.0, 1.0, 1.0], atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 5000, 3), (5000, 4, 3), (0, 10, 3)])
+def test_an_image_too_thin_for_the_detector_is_a_named_error(analyzer, shape):
+    img = np.full(shape, 255, np.uint8)
+    size = f"{shape[0]}x{shape[1]} pixels"
+    with pytest.raises(ImageSizeError, match=size):
+        analyzer.detect(img[..., ::-1].copy())
+    with pytest.raises(ImageSizeError, match=f"thin.png: image of {size}"):
+        analyzer.analyze(img, name="thin.png")
+    assert issubclass(ImageSizeError, ValueError)  # the CLIs report it with exit code 2
+
+
+def test_a_long_but_detectable_image_still_works(analyzer):
+    img = face_image(h=40, w=4000, at=(20, 100))  # 100:1 fits a 640 input as 6x640
+    boxes, _ = analyzer.detect(img[..., ::-1].copy())
+    assert boxes.shape[1] == 5
 
 
 def test_no_face_names_the_image(analyzer, tmp_path):
