@@ -14,9 +14,9 @@ from mm_jax import config
 from mm_jax.data.build import BuildError, build_dataset
 from mm_jax.data.loader import make_loader
 from mm_jax.data.records import CorruptRecordError, decode_record
-from mm_jax.data.synthetic import make_demo_source
-from mm_jax.testing.tiny_checkpoint import build_tokenizer
-from mm_jax.training.bootstrap import standin_faces
+from mm_jax.demo.assets import standin_faces
+from mm_jax.demo.synthetic import make_demo_source
+from mm_jax.demo.tiny_checkpoint import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -168,10 +168,12 @@ def test_corrupt_records_empty_folders_and_bad_frame_counts_are_clear_errors(bui
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no video ArrayRecord shards"):
         make_loader(_cfg(tmp_path / "empty"), tokenizer=tok, global_batch_size=1, seed=0)
-    with pytest.raises(ValueError, match="data.frames=8: the causal VAE needs 4k\\+1 frames"):
-        make_loader(_cfg(root / "out", frames=8), tokenizer=tok, global_batch_size=1, seed=0)
-    with pytest.raises(ValueError, match="has 9 frames; data.frames=13"):
-        next(make_loader(_cfg(root / "out", frames=13), tokenizer=tok, global_batch_size=1, seed=0))
+    for frames in (8, 13):  # not 4k+1; 4k+1 but 4 latent frames, which decode to 16
+        with pytest.raises(ValueError, match=f"data.frames={frames}: not a frame count the VAE encodes and decodes "
+                                             f"exactly.*valid: 1, 9, 17, 25, 33, 41, 49"):
+            make_loader(_cfg(root / "out", frames=frames), tokenizer=tok, global_batch_size=1, seed=0)
+    with pytest.raises(ValueError, match="has 9 frames; data.frames=17"):
+        next(make_loader(_cfg(root / "out", frames=17), tokenizer=tok, global_batch_size=1, seed=0))
 
 
 def test_building_from_an_empty_or_missing_source_is_an_error_that_writes_nothing(built, tmp_path):

@@ -42,7 +42,9 @@ def test_cli_frames_match_diffusers_pipeline(tiny, dynamic):
 
 
 @pytest.mark.parametrize("change,message", [
-    (["--frames", "10"], "frames=10: must be 4k\\+1"),
+    (["--frames", "10"], "frames=10: not a frame count the VAE encodes and decodes exactly"),
+    (["--frames", "13"], "frames=13: not a frame count the VAE encodes and decodes exactly (its 4 latent frames "
+                         "decode to 16 frames); valid: 1, 9, 17"),
     (["--height", "72"], "height=72: must be a positive multiple of 16"),
     (["--latents", "WRONG"], "initial latents have shape"),
     (["--latents", "MISSING"], "cannot read"),

@@ -304,12 +304,20 @@ def main(argv=None) -> int:
     pre.add_argument("--checkpoint", help="converted CogVideoX folder (VAE, T5, tokenizer)")
     pre.add_argument("--height", type=int, default=480)
     pre.add_argument("--width", type=int, default=720)
-    pre.add_argument("--frames", type=int, default=49, help="1 for the image stage")
+    pre.add_argument("--frames", type=int, default=49, help="1 for the image stage; clips: a count the VAE decodes "
+                                                            "exactly (python -m mm_jax.sample --help lists them)")
     pre.add_argument("--max-text-length", type=int, default=226)
     args = ap.parse_args(argv)
     if args.precompute and not args.checkpoint:
         ap.error("--precompute needs --checkpoint")
     try:
+        if args.precompute:  # checked before the build writes anything
+            from mm_jax import frame_counts
+
+            frame_counts.check(args.frames, "--frames")
+            if min(args.height, args.width, args.max_text_length) < 1:
+                raise BuildError(f"--height {args.height} --width {args.width} --max-text-length "
+                                 f"{args.max_text_length}: must be positive")
         s = build_dataset(args.src, args.out, args.face_models, workers=args.workers, shard_size=args.shard_size,
                           max_frames=args.max_frames, min_similarity=args.min_similarity, det_size=args.det_size,
                           jpeg_quality=args.jpeg_quality)

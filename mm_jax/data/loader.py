@@ -42,13 +42,17 @@ def shard_paths(folder: str | Path, stage: str) -> list[Path]:
     return paths
 
 
-def check_frames(stage: str, frames: int, temporal_ratio: int = 4) -> None:
+def check_frames(stage: str, frames: int, temporal_ratio: int | None = None) -> None:
+    """The stage and its frame count: 1 for images, a count the VAE encodes and decodes exactly for
+    clips (``mm_jax.frame_counts``: 1, 9, 17, ..., 49, ...)."""
+    from mm_jax import frame_counts
+
     if stage not in ("image", "video"):
         raise ValueError(f"data.stage={stage!r}: must be 'image' or 'video'")
     if stage == "image" and frames != 1:
         raise ValueError(f"data.frames={frames}: the image stage trains on single frames (frames=1)")
-    if stage == "video" and (frames < 1 or (frames - 1) % temporal_ratio):
-        raise ValueError(f"data.frames={frames}: the causal VAE needs {temporal_ratio}k+1 frames (e.g. 9, 13, 49)")
+    if stage == "video":
+        frame_counts.check(frames, "data.frames", ratio=temporal_ratio)
 
 
 def _decode_jpeg(b: bytes) -> np.ndarray:
