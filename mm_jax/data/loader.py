@@ -207,11 +207,19 @@ class Loader:
         _drain_shared_memory_deletes()
 
 
+# Grain API this module uses beyond the public one, pinned with grain==0.2.18 in pyproject.toml and
+# checked by tests/test_data.py (test_the_private_grain_members_the_loader_drains_exist): Grain has no
+# public way to wait for the shared-memory unlinks it queues, so ``Loader.close`` reaches the
+# class's thread pool (``_del_thread_pool``) and its test hook ``_disable_async_del``. The class
+# itself is public (``grain.multiprocessing.SharedMemoryArray``).
+GRAIN_PRIVATE_MEMBERS = ("_del_thread_pool", "_disable_async_del")
+
+
 def _drain_shared_memory_deletes() -> None:
     """Finish the shared-memory unlinks that Grain queues on a thread pool when a prefetched batch is
     freed; left pending at exit, they are what the resource tracker reports as leaked. Later frees
     unlink synchronously (a new ``mp_prefetch`` turns the pool on again)."""
-    from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    from grain.multiprocessing import SharedMemoryArray
 
     pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
     if pool is None:
