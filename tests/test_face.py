@@ -223,3 +223,70 @@ def test_bad_model_folders_are_explained(pack, tmp_path):
         FaceModels.load(tmp_path / "two")
     with pytest.raises(ValueError, match="det_thresh=1.5"):
         FaceAnalyzer(pack, det_thresh=1.5)
+
+
+# -- a real detector on real photos ------------------------------------------------------------------
+# The scrfd==0.3.0 source distribution on PyPI ships a real SCRFD-2.5G (insightface's bnkps export,
+# fixed 640x640 input) and real photos; scikit-image ships a real portrait (data.astronaut()).
+SCRFD_SDIST = "scrfd==0.3.0"
+
+
+@pytest.fixture(scope="session")
+def real_scrfd(tmp_path_factory):
+    """(pack folder with the real detector + a stand-in recognizer, folder of the sdist's photos),
+    fetched with pip's own client from the package index (the same source as the install)."""
+    import subprocess
+    import sys
+    import tarfile
+
+    root = tmp_path_factory.mktemp("scrfd")
+    run = subprocess.run([sys.executable, "-m", "pip", "download", SCRFD_SDIST, "--no-deps", "--no-binary", ":all:",
+                          "-d", str(root), "-q"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"pip download {SCRFD_SDIST} failed:\n{run.stderr[-2000:]}"
+    with tarfile.open(next(root.glob("scrfd-*.tar.gz"))) as tar:
+        members = [m for m in tar.getmembers() if "/models/" in m.name or "/images/" in m.name]
+        tar.extractall(root, members=members, filter="data")
+    src = next(root.glob("scrfd-*/"))
+    pack = root / "pack"
+    pack.mkdir()
+    shutil.copy(src / "models" / "scrfd.onnx", pack / "scrfd.onnx")
+    make_recognizer(pack / "w600k_r50.onnx")
+    return pack, src / "images"
+
+
+def test_real_scrfd_finds_exactly_the_faces_insightface_finds_on_real_photos(real_scrfd):
+    import skimage.data
+    from insightface.model_zoo.scrfd import SCRFD
+
+    from mm_jax.face import read_image
+
+    pack, images = real_scrfd
+    ours = FaceAnalyzer(pack)
+    ref = SCRFD(str(pack / "scrfd.onnx"))
+    ref.prepare(-1, input_size=(640, 640), det_thresh=0.5)
+    photos = {p.name: read_image(p) for p in sorted(images.glob("*")) if p.suffix in (".png", ".jpg")}
+    photos["astronaut"] = read_image(skimage.data.astronaut())
+    found = {}
+    for name, img in photos.items():
+        boxes, kps = ours.detect(img)
+        rb, rk = ref.detect(img, input_size=(640, 640))
+        assert boxes.shape == rb.shape and kps.shape == rk.shape, name
+        np.testing.assert_allclose(boxes, rb, atol=1e-3, err_msg=name)
+        np.testing.assert_allclose(kps, rk, atol=1e-3, err_msg=name)
+        found[name] = boxes
+    assert len(found["solvay_conference_1927.jpg"]) == 29  # the 29 attendees of the 1927 Solvay conference
+    assert len(found["astronaut"]) == 1 and len(found["newton.png"]) == 1 and len(found["gauss.png"]) == 1
+    # the scrfd package's own test truths (tests/truth_faces.py, integer pixels)
+    np.testing.assert_allclose(found["newton.png"][0, :4], [334, 89, 438, 232], atol=1.5)
+    np.testing.assert_allclose(found["gauss.png"][0, :4], [376, 203, 654, 568], atol=1.5)
+
+
+def test_real_scrfd_reference_photo_gives_one_aligned_identity(real_scrfd):
+    import skimage.data
+
+    pack, _ = real_scrfd
+    res = FaceAnalyzer(pack).analyze(skimage.data.astronaut(), name="astronaut")
+    assert res.num_faces == 1 and res.score > 0.5
+    assert abs(np.linalg.norm(res.embedding) - 1) < 1e-5 and res.clip_crop.shape == (224, 224, 3)
+    left_eye, right_eye = res.kps[0], res.kps[1]
+    assert left_eye[0] < right_eye[0] and abs(left_eye[1] - right_eye[1]) < 15  # an upright face
