@@ -77,6 +77,7 @@ TRAIN = [
     (["--config.optimizer.lr=-1.0"], "optimizer.lr=-1.0"),
     (["--config.setup=mm_jax.nope:prepare"], "setup='mm_jax.nope:prepare'"),
     (["--steps", "10"], "unrecognized arguments: --steps"),
+    (["--config.data.path=missing"], "data.path=missing: no such dataset folder"),  # before the demo builds its assets
 ]
 
 

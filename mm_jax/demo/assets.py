@@ -69,6 +69,7 @@ def reference_face(workdir: Path) -> Path:
 
     path = workdir / "reference_face.png"
     if not path.exists():
+        workdir.mkdir(parents=True, exist_ok=True)
         iio.imwrite(path, face_image(h=320, w=320, at=(160, 160), seed=7))
     return path
 
@@ -78,8 +79,13 @@ def prepare(cfg, workdir: str | Path) -> None:
     place): ``model.checkpoint`` / ``model.adapter`` "tiny", ``data.face_models`` "standin",
     ``data.path`` "synthetic" (from ``data.synthetic``), ``sample.ref`` "synthetic"."""
     workdir = Path(workdir).absolute()
-    if cfg.data.path == "synthetic" and not cfg.data.face_models:  # before anything is written
+    # refuse what would fail later before anything is written
+    if cfg.data.path == "synthetic" and not cfg.data.face_models:
         raise ValueError("data.path=synthetic needs data.face_models (a pack folder, or 'standin')")
+    if cfg.data.path != "synthetic":  # a real dataset given to a tiny preset
+        from mm_jax.data.loader import shard_paths
+
+        shard_paths(cfg.data.path, cfg.data.stage)
     if cfg.model.checkpoint == "tiny" or cfg.model.adapter == "tiny":
         backbone, adapter = tiny_models(workdir)
         if cfg.model.checkpoint == "tiny":
@@ -91,5 +97,5 @@ def prepare(cfg, workdir: str | Path) -> None:
     if cfg.data.path == "synthetic":
         cfg.data.path = str(synthetic_dataset(workdir, cfg.data.synthetic, Path(cfg.data.face_models),
                                               int(cfg.train.seed)))
-    if cfg.sample.ref == "synthetic":
+    if cfg.sample.ref == "synthetic" and cfg.sample.enabled:
         cfg.sample.ref = str(reference_face(workdir))
