@@ -62,6 +62,7 @@ def _run(setup, out, *extra):
     return sample.main(args)
 
 
+@pytest.mark.slow  # over 30 s on 2 CPU cores
 def test_identity_reaches_the_video_and_saved_ids_reproduce_it(setup, tmp_path):
     root, ckpt, adapter_dir, pack, refs = setup
     ident = ["--adapter", str(adapter_dir), "--face-models", str(pack)]
