@@ -72,7 +72,7 @@ def main():
     print(f"perceivers (once per reference): {te * 1e3:.1f} ms")
     if not args.gpu:
         from mm_jax.face import FaceAnalyzer
-        from tests.face_models import face_image, make_pack
+        from mm_jax.demo.standin_faces import face_image, make_pack
 
         fa = FaceAnalyzer(make_pack(Path(tempfile.mkdtemp())))
         img = face_image()

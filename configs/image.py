@@ -4,7 +4,7 @@ global batch 64, 30k steps, AdamW 1e-4 with 500 warmup steps, only the adapter t
 Presets: ``configs/image.py`` (the reference run; set model.checkpoint, model.adapter, data.path),
 ``:tiny`` (a few steps on CPU, everything generated in the workdir).
 """
-from mm_jax.training.defaults import common, tiny
+from configs.common import common, tiny
 
 
 def get_config(preset=None):

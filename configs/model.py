@@ -24,7 +24,6 @@ def get_config(preset=None):
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     cfg = ml_collections.ConfigDict()
-    cfg.preset = preset
     cfg.transformer = ml_collections.ConfigDict(PRESETS[preset])
     accel = preset != "tiny"
     cfg.transformer.dtype = "bfloat16" if accel else "float32"

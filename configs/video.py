@@ -5,7 +5,7 @@ Presets: ``configs/video.py`` (the reference run), ``:tiny`` (a few steps on CPU
 (the README's first command: synthetic data, a tiny model, a few hundred steps in minutes on 2 CPU
 cores, then a sample video).
 """
-from mm_jax.training.defaults import common, tiny
+from configs.common import common, tiny
 
 
 def get_config(preset=None):
@@ -26,7 +26,6 @@ def get_config(preset=None):
         cfg.train.trainable = ("adapter", "dit")  # the tiny backbone is random: let it learn the data too
         cfg.optimizer.lr = 1e-3
         cfg.optimizer.warmup_steps = 20
-        cfg.train.log_every = 10
         cfg.train.checkpoint_every = 100
         cfg.sample.enabled = True
         return cfg

@@ -30,12 +30,17 @@ class NoFaceError(ValueError):
     """No face was found in an image (the message names the image)."""
 
 
+class ImageSizeError(ValueError):
+    """An image the detector cannot take (empty, or so thin that its short side would scale to
+    nothing in the detector's input); the message gives the size and what is allowed."""
+
+
 @dataclasses.dataclass
 class FaceResult:
     bbox: np.ndarray          # (4,) x1, y1, x2, y2 in image pixels
     kps: np.ndarray           # (5, 2) x, y of eyes, nose, mouth corners
     score: float
-    embedding: np.ndarray     # (512,) L2-normalized ArcFace embedding (e_id)
+    embedding: np.ndarray     # (D,) L2-normalized ArcFace embedding (e_id), D = FaceModels.embedding_dim (512)
     clip_crop: np.ndarray     # (224, 224, 3) float32 RGB, CLIP-normalized
     num_faces: int
 
@@ -43,7 +48,7 @@ class FaceResult:
 @dataclasses.dataclass
 class FrameFaces:
     """The largest face of each of N frames (``FaceAnalyzer.analyze_frames``); zeros where none."""
-    embedding: np.ndarray     # (N, 512) L2-normalized ArcFace embeddings
+    embedding: np.ndarray     # (N, D) L2-normalized ArcFace embeddings, D = FaceModels.embedding_dim
     found: np.ndarray         # (N,) bool
     bbox: np.ndarray          # (N, 4) x1, y1, x2, y2 in frame pixels
     kps: np.ndarray           # (N, 5, 2) x, y of eyes, nose, mouth corners
@@ -177,6 +182,21 @@ class FaceModels:
         self.detector, self.recognizer = detector, recognizer
         self.rec_mean, self.rec_std, self.folder = rec_mean, rec_std, folder
         self.rec_size = int(recognizer.get_inputs()[0].shape[2])
+        self._embedding_dim: int | None = None
+
+    @property
+    def embedding_dim(self) -> int:
+        """The recognizer's embedding width (512 for insightface's ArcFace packs): from its output
+        shape, or, when the export leaves it symbolic, from one run on a blank crop."""
+        if self._embedding_dim is None:
+            out = self.recognizer.get_outputs()[0].shape
+            if isinstance(out[-1], int) and out[-1] > 0:
+                self._embedding_dim = int(out[-1])
+            else:
+                inp = self.recognizer.get_inputs()[0]
+                blank = np.zeros((1, 3, self.rec_size, self.rec_size), np.float32)
+                self._embedding_dim = int(np.prod(self.recognizer.run(None, {inp.name: blank})[0].shape[1:]))
+        return self._embedding_dim
 
     @classmethod
     def load(cls, folder: str | Path, providers: Sequence[str] = CPU) -> "FaceModels":
@@ -250,11 +270,17 @@ class FaceAnalyzer:
 
         in_w, in_h = self.input_size
         h0, w0 = img_bgr.shape[:2]
+        if h0 < 1 or w0 < 1:
+            raise ImageSizeError(f"image of {h0}x{w0} pixels (height x width): it is empty")
         # letterbox into the top-left corner, keeping the aspect ratio
         if h0 / w0 > in_h / in_w:
             nh, nw = in_h, int(in_h / (h0 / w0))
         else:
             nw, nh = in_w, int(in_w * (h0 / w0))
+        if nh < 1 or nw < 1:
+            raise ImageSizeError(f"image of {h0}x{w0} pixels (height x width) is too thin for the detector: its "
+                                 f"{in_w}x{in_h} input would hold it as {nh}x{nw}; the long side may be at most "
+                                 f"{max(in_w, in_h)} times the short side")
         scale = nh / h0
         canvas = np.zeros((in_h, in_w, 3), np.uint8)
         canvas[:nh, :nw] = cv2.resize(img_bgr, (nw, nh))
@@ -287,8 +313,9 @@ class FaceAnalyzer:
         return cv2.warpAffine(img_bgr, m, (size, size), borderValue=0.0)
 
     def embed_crops(self, crops_bgr: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
-        """Aligned BGR uint8 crops (S, S, 3), S the recognizer's input (112) -> (N, 512) float32,
-        L2-normalized; onnxruntime batches of ``batch_size`` (1 for fixed-batch exports)."""
+        """Aligned BGR uint8 crops (S, S, 3), S the recognizer's input (112) -> (N, D) float32,
+        L2-normalized, D the recognizer's width; onnxruntime batches of ``batch_size`` (1 for
+        fixed-batch exports)."""
         s = self.models.rec_size
         for i, c in enumerate(crops_bgr):
             if np.shape(c) != (s, s, 3):
@@ -303,7 +330,7 @@ class FaceAnalyzer:
             blob = np.ascontiguousarray(((x - m.rec_mean) / m.rec_std).transpose(0, 3, 1, 2))
             feats.append(sess.run(None, {sess.get_inputs()[0].name: blob})[0].reshape(len(x), -1))
         if not feats:
-            return np.zeros((0, 512), np.float32)
+            return np.zeros((0, self.models.embedding_dim), np.float32)
         f = np.concatenate(feats)
         return (f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
@@ -313,7 +340,10 @@ class FaceAnalyzer:
         return ((crop_bgr[..., ::-1].astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD).astype(np.float32)
 
     def _largest(self, img_bgr: np.ndarray, label: str, warn: bool = True):
-        dets, kps = self.detect(img_bgr)
+        try:
+            dets, kps = self.detect(img_bgr)
+        except ImageSizeError as e:
+            raise ImageSizeError(f"{label}: {e}") from None
         if len(dets) == 0:
             raise NoFaceError(f"no face found in {label} (detector score threshold {self.det_thresh})")
         i = int(np.argmax((dets[:, 2] - dets[:, 0]) * (dets[:, 3] - dets[:, 1])))
@@ -345,15 +375,13 @@ class FaceAnalyzer:
                 continue
             crops.append(self.align(img, kps, self.models.rec_size))
             found[j], boxes[j], kpss[j], scores[j] = True, det[:4], kps, det[4]
-        out = np.zeros((n, 512), np.float32)
         emb = self.embed_crops(crops)
-        if len(emb):
-            out = np.zeros((n, emb.shape[1]), np.float32)
-            out[found] = emb
+        out = np.zeros((n, emb.shape[1]), np.float32)  # the recognizer's width even when no frame has a face
+        out[found] = emb
         return FrameFaces(out, found, boxes, kpss, scores)
 
     def embed_frames(self, frames: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Identity embeddings of many images: ``(N, 512)`` (zeros where no face) and a ``found``
+        """Identity embeddings of many images: ``(N, D)`` (zeros where no face) and a ``found``
         mask ``(N,)``; ``analyze_frames`` also gives the boxes and landmarks."""
         faces = self.analyze_frames(frames)
         return faces.embedding, faces.found

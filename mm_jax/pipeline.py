@@ -43,9 +43,12 @@ class SampleSettings:
     seed: int = 0
     max_sequence_length: int = 226
 
-    def validate(self, spatial: int = 8, temporal: int = 4, patch: int = 2) -> None:
-        if self.frames < 1 or (self.frames - 1) % temporal:
-            raise ValueError(f"frames={self.frames}: must be {temporal}k+1 (e.g. 9, 13, 49)")
+    def validate(self, spatial: int = 8, temporal: int = 4, patch: int = 2, decode_frame_batch: int | None = None) -> None:
+        """Refuse settings the models cannot honour exactly; ``frames`` must be a count the VAE
+        decodes back exactly (``mm_jax.frame_counts``: 1, 9, 17, ..., 49, ... for CogVideoX)."""
+        from mm_jax import frame_counts
+
+        frame_counts.check(self.frames, "frames", ratio=temporal, decode_batch=decode_frame_batch)
         for name in ("height", "width"):
             v = getattr(self, name)
             if v <= 0 or v % (spatial * patch):

@@ -20,13 +20,16 @@ import numpy as np
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mm_jax import frame_counts
+
     ap = argparse.ArgumentParser(prog="python -m mm_jax.sample", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="mm_jax checkpoint folder (from_torch.py --components all)")
     ap.add_argument("--prompt", help="what happens; with --ref it must contain a class word (man, woman, ...)")
     ap.add_argument("--out", help="output: .mp4, .gif, .npy (float frames (F,H,W,3)) or a folder for PNGs")
     ap.add_argument("--negative-prompt", default="")
-    ap.add_argument("--frames", type=int, default=49, help="pixel frames, 4k+1")
+    ap.add_argument("--frames", type=int, default=49,
+                    help=f"pixel frames: {frame_counts.describe()} (the counts the VAE decodes exactly)")
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=720)
     ap.add_argument("--steps", type=int, default=50)
@@ -86,6 +89,8 @@ def main(argv=None) -> int:
         if args.ref and args.id:
             raise ValueError("give either --ref or --id, not both")
         video_io.output_kind(args.out)
+        if args.fps < 1:
+            raise ValueError(f"--fps {args.fps}: must be >= 1")
         settings = pipeline.SampleSettings(
             prompt=args.prompt, negative_prompt=args.negative_prompt, frames=args.frames, height=args.height,
             width=args.width, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,

@@ -2,263 +2,65 @@
 
 Stage 1 (``configs/image.py``) pre-trains on images, stage 2 (``configs/video.py``) fine-tunes on
 clips starting from stage 1 (``--config.init_from=<stage-1 workdir>``). Any config field can be
-overridden: ``--config.optimizer.lr=3e-5``. Re-running with the same ``--workdir`` resumes from its
-latest checkpoint (params, optimizer, step, data position). Outputs in the workdir:
-``checkpoints/``, ``metrics.jsonl``, ``tb/`` (TensorBoard), ``adapter/`` (the trained adapter folder
-for ``python -m mm_jax.sample --adapter``), ``samples/``, ``config.json``.
+overridden: ``--config.optimizer.lr=3e-5``. Re-running with the same ``--workdir`` resumes. The
+loop lives in ``mm_jax.training.loop``; this file parses, calls it and prints.
 
-The whole step is one ``jax.jit`` over a (data, fsdp, tensor) mesh of every device of every process;
-several hosts are joined with ``jax.distributed`` when launched by a cluster launcher.
+A config's ``setup`` field may name a ``module:function`` that is called as ``fn(cfg, workdir)``
+before training (the tiny/demo presets name ``mm_jax.demo.assets:prepare``, which builds their
+random tiny models, stand-in faces and synthetic data in the workdir). It is imported by name here
+so that the trainer never imports the demo's test assets.
+
+Exit codes: 0 done, 2 bad input (a bad flag, config field or value, missing data; nothing is
+written), 3 the loss diverged (the message names the last good checkpoint).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import math
-import shutil
 import sys
-import time
 from pathlib import Path
 
-import jax
+
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the latest checkpoint is the last good one."""
-
-
-def _meta(cfg, step: int, data_state, loss: float) -> dict:
-    return {"step": step, "seed": int(cfg.train.seed), "stage": cfg.stage, "loss": loss, "data_state": data_state}
-
-
-def init_from(path: str, state, ckpt_cls) -> dict:
-    """Stage-2 start: adapter params from a stage-1 workdir (its latest checkpoint) or an exported
-    adapter folder. Optimizer state and step start fresh."""
-    from flax import nnx
-
-    from mm_jax import checkpoint
-
-    p = Path(path)
-    if (p / "checkpoints").is_dir():
-        prev = ckpt_cls(p / "checkpoints", keep=1, every=1, async_save=False)
-        step = prev.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"init_from={path}: the workdir has no checkpoint yet")
-        params = prev.restore_params(step, state.params)
-        prev.close()
-        return params
-    if (p / "adapter" / "config.json").exists():
-        adapter = checkpoint.load_component(p, "adapter", param_dtype="float32")
-        pure = nnx.to_pure_dict(nnx.state(adapter, nnx.Param))
-        shapes = jax.tree.map(lambda a, b: a.shape == b.shape, pure, state.params)
-        if not all(jax.tree.leaves(shapes)):
-            raise ValueError(f"init_from={path}: the adapter's shapes differ from this run's adapter config")
-        return jax.device_put(pure, state.param_shardings)
-    raise FileNotFoundError(f"init_from={path}: neither a training workdir (checkpoints/) nor an adapter folder")
-
-
-def _trained_modules(params, aux) -> dict:
-    from mm_jax.training.step import merge_params
-
-    graphdefs, templates, rest, _ = aux
-    host = jax.device_get(params)
-    return {k: merge_params(graphdefs[k], templates[k], rest[k], v) for k, v in host.items()}
-
-
-def _write_atomically(out: Path, fill) -> Path:
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fill(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
-
-
-def export(workdir: Path, models, params, aux) -> Path:
-    """Write ``<workdir>/adapter`` (image_encoder + trained adapter), the folder ``mm_jax.sample
-    --adapter`` takes; when the DiT trains too, also ``<workdir>/backbone`` (the backbone with the
-    trained transformer). Each is written aside and renamed into place: never half-written."""
-    from mm_jax import checkpoint
-
-    trained = _trained_modules(params, aux)
-
-    def adapter_folder(tmp: Path):
-        shutil.copytree(models.adapter_dir / "image_encoder", tmp / "image_encoder")
-        checkpoint.save_module(tmp, "adapter", trained["adapter"])
-        checkpoint.write_index(tmp, ["image_encoder", "adapter"])
-
-    def backbone_folder(tmp: Path):
-        names = checkpoint.read_index(models.backbone_dir)
-        for name in names:
-            if name != "transformer":
-                shutil.copytree(models.backbone_dir / name, tmp / name)
-        checkpoint.save_module(tmp, "transformer", trained["dit"])
-        checkpoint.write_index(tmp, names)
-
-    if "dit" in trained:
-        _write_atomically(workdir / "backbone", backbone_folder)
-    return _write_atomically(workdir / "adapter", adapter_folder)
-
-
-def sample_video(cfg, workdir: Path, step: int, models, params, aux) -> Path | None:
-    """Sample the fixed reference + prompt with the exported adapter -> ``samples/step_XXXXXX.mp4``."""
-    from mm_jax import identity, pipeline, video_io
-
-    if not cfg.sample.ref or not cfg.data.face_models:
-        print("sample skipped: sample.ref and data.face_models are needed", file=sys.stderr)
-        return None
-    adapter_dir = workdir / "adapter"
-    ident = identity.compute(cfg.sample.ref, cfg.data.face_models, adapter_dir, adapter_dir)
-    settings = pipeline.SampleSettings(prompt=cfg.sample.prompt, frames=cfg.sample.frames,
-                                       height=cfg.sample.height, width=cfg.sample.width, steps=cfg.sample.steps,
-                                       guidance=cfg.sample.guidance, seed=cfg.sample.seed,
-                                       max_sequence_length=cfg.data.max_text_length)
-    dit = _trained_modules(params, aux).get("dit", models.dit)
-    frames = pipeline.generate(models.backbone_dir, settings, dtype=cfg.model.dtype, progress=False,
-                               identity=ident, vae=models.vae, transformer=dit)
-    out = workdir / "samples" / f"step_{step:06d}.mp4"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    video_io.write_frames(out, frames, fps=8, metadata={"step": step, "prompt": cfg.sample.prompt, "ref": cfg.sample.ref})
-    return out
-
-
-def train(cfg, workdir: str | Path, *, progress: bool = True, return_state: bool = False):
-    """Run (or resume) training; returns a summary dict (first/last loss, steps, timings), and
-    with ``return_state`` also the final trainable params and the frozen states (for tests)."""
-    from tqdm.auto import tqdm
-
-    from mm_jax import parallel
-    from mm_jax.data.loader import check_frames, make_loader, shard_paths
-    from mm_jax.training import bootstrap
-    from mm_jax.training.checkpoints import TrainCheckpoints
-    from mm_jax.training.logs import MetricLog
-    from mm_jax.training.models import count, load_models
-    from mm_jax.training.optim import learning_rate, make_optimizer
-    from mm_jax.training.step import init_state, make_train_step, put_batch
-
-    parallel.maybe_initialize_distributed()
-    cfg = cfg.copy_and_resolve_references()
-    check_frames(cfg.data.stage, int(cfg.data.frames))  # cheap checks first: a bad config writes nothing
-    if cfg.data.path != "synthetic":
-        shard_paths(cfg.data.path, cfg.data.stage)
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    bootstrap.resolve(cfg, workdir)
-    main_process = jax.process_index() == 0
-    if main_process:
-        (workdir / "config.json").write_text(cfg.to_json(indent=2))
-    mesh = parallel.make_mesh(cfg.mesh or None)
-    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.train.global_batch_size % jax.process_count():
-        raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of the "
-                         f"{jax.process_count()} processes")
-    models = load_models(cfg.model, dict(cfg.adapter), mesh)
-    tx = make_optimizer(cfg.optimizer)
-    lr_fn = learning_rate(cfg.optimizer)
-    trainable = tuple(cfg.train.trainable)
-    state, aux = init_state(models, tx, mesh, trainable)
-    frozen = aux[-1]
-    ckpts = TrainCheckpoints(workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
-                             every=cfg.train.checkpoint_every, async_save=cfg.train.async_checkpointing)
-    loader = make_loader(cfg.data, tokenizer=models.tokenizer, global_batch_size=cfg.train.global_batch_size,
-                         seed=cfg.train.seed)
-    start = ckpts.latest_step() or 0
-    params, opt_state = state.params, state.opt_state
-    if start:
-        params, opt_state, meta = ckpts.restore(start, params, opt_state)
-        if meta.get("data_state") is not None:
-            loader.set_state(meta["data_state"])
-        print(f"resumed from {ckpts.directory}/{start} (loss {meta.get('loss')})")
-    elif cfg.init_from:
-        params = init_from(cfg.init_from, state, TrainCheckpoints)
-        print(f"adapter initialized from {cfg.init_from}")
-    step_fn = make_train_step(models, tx, state, aux, cfg.train, mesh)
-    log = MetricLog(workdir, resume_step=start, enabled=main_process)
-    if main_process:
-        print(f"training {count(params):,} params of {'+'.join(trainable)} ({cfg.stage} stage) over {count(frozen):,} frozen; mesh "
-              f"{dict(mesh.shape)}; global batch {cfg.train.global_batch_size} ({n_batch_shards} batch shards)")
-    first_loss, loss, data_wait, step_time, compile_s = None, float("nan"), 0.0, 0.0, None
-    bar = tqdm(total=cfg.train.steps, initial=start, desc=f"train {cfg.stage}", unit="step",
-               disable=not (progress and main_process), dynamic_ncols=True)
+def setup_hook(name: str):
+    """``"module:function"`` -> the function (a ValueError names the field when it cannot be found)."""
+    module, _, attr = name.partition(":")
     try:
-        for step in range(start, cfg.train.steps):
-            t0 = time.perf_counter()
-            batch = next(loader)
-            t1 = time.perf_counter()
-            with jax.set_mesh(mesh):
-                params, opt_state, metrics = step_fn(params, opt_state, frozen, put_batch(batch, mesh), step)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            t2 = time.perf_counter()
-            loss = metrics["loss"]
-            done = step + 1
-            if not math.isfinite(loss):
-                ckpts.wait()
-                last = ckpts.latest_step()
-                raise TrainingDiverged(f"loss is {loss} at step {done}: training stopped; the last good checkpoint "
-                                       f"is {f'step {last} in {ckpts.directory}' if last else 'none (no step finished)'}"
-                                       f"; lower optimizer.lr or check the data")
-            if step == start:
-                compile_s = t2 - t1
-            else:
-                data_wait += t1 - t0
-                step_time += t2 - t0
-            first_loss = loss if first_loss is None else first_loss
-            lr = float(lr_fn(step))
-            scalars = dict(metrics, lr=lr, data_wait_s=t1 - t0, step_s=t2 - t0,
-                           samples_per_s=cfg.train.global_batch_size / max(t2 - t0, 1e-9))
-            log.write(done, scalars)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", step_s=f"{t2 - t0:.2f}",
-                            sps=f"{scalars['samples_per_s']:.1f}", refresh=False)
-            final = done == cfg.train.steps
-            if ckpts.should_save(done, final):
-                ckpts.save(done, params, opt_state, _meta(cfg, done, loader.get_state(), loss))
-            if main_process and cfg.sample.enabled and ((cfg.sample.every and done % cfg.sample.every == 0) or final):
-                export(workdir, models, params, aux)
-                path = sample_video(cfg, workdir, done, models, params, aux)
-                if path:
-                    bar.write(f"sample: {path}")
-        ckpts.wait()
-        if main_process and cfg.train.steps > start:
-            export(workdir, models, params, aux)
-    finally:
-        bar.close()
-        log.close()
-        ckpts.close()
-        loader.close()  # stops mp_prefetch workers and frees their shared memory
-    timed = max(cfg.train.steps - start - 1, 0)
-    summary = {"start_step": start, "steps": cfg.train.steps, "first_loss": first_loss, "last_loss": loss,
-               "compile_s": compile_s, "mean_step_s": step_time / timed if timed else None,
-               "data_wait_fraction": data_wait / step_time if step_time else None, "workdir": str(workdir)}
-    if main_process:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return (summary, params, frozen) if return_state else summary
+        fn = getattr(importlib.import_module(module), attr) if module and attr else None
+    except ImportError as e:
+        raise ValueError(f"setup={name!r}: cannot import {module!r} ({e})") from None
+    if not callable(fn):
+        raise ValueError(f"setup={name!r}: expected 'module:function' naming a function fn(cfg, workdir)")
+    return fn
 
 
 def main(argv=None) -> int:
+    from mm_jax import config as config_lib
+
     ap = argparse.ArgumentParser(prog="python -m mm_jax.train", description=__doc__.split("\n\n")[0],
-                                 epilog="Overrides: --config.<field>=<value>, e.g. --config.train.steps=100",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="config file[:preset], e.g. configs/video.py:demo")
+                                 epilog="Overrides: --config.<field>=<value>, e.g. --config.train.steps=100 "
+                                        "(the value is parsed as the field's type)", formatter_class=_Help)
+    config_lib.add_arguments(ap)
     ap.add_argument("--workdir", required=True, help="checkpoints, logs and outputs; re-use it to resume")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     args, rest = ap.parse_known_args(argv)
-    bad = [r for r in rest if not r.startswith("--config.")]
-    if bad:
-        ap.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like --config.train.steps=10)")
-    from mm_jax import config as config_lib
+    overrides = config_lib.split_overrides(ap, rest)
+    from mm_jax.training import loop
 
     try:
-        cfg = config_lib.load(args.config, [r for r in rest])
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        summary = train(cfg, args.workdir, progress=not args.no_progress)
-    except TrainingDiverged as e:
+        cfg = config_lib.load(args.config, overrides)
+        loop.check(cfg)  # before the setup hook writes anything
+        if cfg.setup:
+            setup_hook(cfg.setup)(cfg, Path(args.workdir).absolute())
+        summary = loop.train(cfg, args.workdir, progress=not args.no_progress)
+    except loop.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

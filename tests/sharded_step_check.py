@@ -10,13 +10,13 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from mm_jax import config, parallel
-from mm_jax.training import bootstrap
+from mm_jax.demo import assets
 from mm_jax.training.models import load_models
 from mm_jax.training.optim import make_optimizer
 from mm_jax.training.step import init_state, make_train_step, put_batch
 
 assert len(jax.devices()) == 8
-backbone, adapter = bootstrap.tiny_models(Path(sys.argv[1]))
+backbone, adapter = assets.tiny_models(Path(sys.argv[1]))
 cfg = config.load("configs/video.py:tiny", [f"model.checkpoint={backbone}", f"model.adapter={adapter}"])
 rng = np.random.default_rng(0)
 B = 4

@@ -11,7 +11,7 @@ import torch
 from mm_jax import checkpoint, evaluate
 from mm_jax.metrics.text_alignment import preprocess
 from mm_jax.models.clip import CLIPConfig
-from mm_jax.testing.standin_faces import face_image, make_pack
+from mm_jax.demo.standin_faces import face_image, make_pack
 from tests.conftest import max_rel_err, randomize_torch_params
 from tools.convert_weights.from_torch import CheckpointError, convert
 

@@ -14,9 +14,9 @@ from mm_jax import config
 from mm_jax.data.build import BuildError, build_dataset
 from mm_jax.data.loader import make_loader
 from mm_jax.data.records import CorruptRecordError, decode_record
-from mm_jax.data.synthetic import make_demo_source
-from mm_jax.testing.tiny_checkpoint import build_tokenizer
-from mm_jax.training.bootstrap import standin_faces
+from mm_jax.demo.assets import standin_faces
+from mm_jax.demo.synthetic import make_demo_source
+from mm_jax.demo.tiny_checkpoint import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -168,10 +168,12 @@ def test_corrupt_records_empty_folders_and_bad_frame_counts_are_clear_errors(bui
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no video ArrayRecord shards"):
         make_loader(_cfg(tmp_path / "empty"), tokenizer=tok, global_batch_size=1, seed=0)
-    with pytest.raises(ValueError, match="data.frames=8: the causal VAE needs 4k\\+1 frames"):
-        make_loader(_cfg(root / "out", frames=8), tokenizer=tok, global_batch_size=1, seed=0)
-    with pytest.raises(ValueError, match="has 9 frames; data.frames=13"):
-        next(make_loader(_cfg(root / "out", frames=13), tokenizer=tok, global_batch_size=1, seed=0))
+    for frames in (8, 13):  # not 4k+1; 4k+1 but 4 latent frames, which decode to 16
+        with pytest.raises(ValueError, match=f"data.frames={frames}: not a frame count the VAE encodes and decodes "
+                                             f"exactly.*valid: 1, 9, 17, 25, 33, 41, 49"):
+            make_loader(_cfg(root / "out", frames=frames), tokenizer=tok, global_batch_size=1, seed=0)
+    with pytest.raises(ValueError, match="has 9 frames; data.frames=17"):
+        next(make_loader(_cfg(root / "out", frames=17), tokenizer=tok, global_batch_size=1, seed=0))
 
 
 def test_building_from_an_empty_or_missing_source_is_an_error_that_writes_nothing(built, tmp_path):
@@ -182,3 +184,45 @@ def test_building_from_an_empty_or_missing_source_is_an_error_that_writes_nothin
     with pytest.raises(BuildError, match="no such folder or manifest"):
         build_dataset(tmp_path / "missing", tmp_path / "out", root / "standin_faces", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_face_pack_or_detector_size_in_one_process_gets_its_own_analyzer(built, tmp_path):
+    """The builder used to keep the first analyzer for the whole process, whatever was asked later."""
+    from mm_jax.data.build import list_items, process_item
+    from mm_jax.data.records import decode_record
+    from mm_jax.demo.standin_faces import make_detector, make_recognizer
+
+    root, _, _ = built
+    other = tmp_path / "other_pack"
+    other.mkdir()
+    make_detector(other / "det_10g.onnx", box=6.0)
+    make_recognizer(other / "w600k_r50.onnx", seed=5)  # another identity space
+    item = next(it for it in list_items(root / "src") if it["path"].endswith("clip_0000.mp4"))
+    options = dict(max_frames=9, min_similarity=-1.0, det_size=640, jpeg_quality=90,
+                   class_words=("man", "woman", "person", "boy", "girl"))
+    records = {}
+    for name, pack, det_size in (("first", root / "standin_faces", 640), ("other", other, 640),
+                                 ("smaller", root / "standin_faces", 320)):
+        status, (kind, data) = process_item(item, dict(options, face_models=str(pack), det_size=det_size))
+        assert status == "ok"
+        records[name] = decode_record(data, name)
+    assert not np.allclose(records["first"]["target_embedding"], records["other"]["target_embedding"], atol=1e-3)
+    from mm_jax.data.build import _analyzer
+
+    assert _analyzer(str(root / "standin_faces"), 320).input_size == (320, 320)
+    assert _analyzer(str(other), 640).models.folder == other
+
+
+def test_the_private_grain_members_the_loader_drains_exist():
+    """Loader.close waits for Grain's queued shared-memory unlinks through members Grain does not make
+    public (see mm_jax/data/loader.py); grain is pinned, and this fails first when an upgrade moves them."""
+    import importlib.metadata
+
+    from grain.multiprocessing import SharedMemoryArray
+
+    from mm_jax.data.loader import GRAIN_PRIVATE_MEMBERS
+
+    assert importlib.metadata.version("grain") == "0.2.18"
+    for name in GRAIN_PRIVATE_MEMBERS:
+        assert hasattr(SharedMemoryArray, name), name
+    assert callable(SharedMemoryArray._disable_async_del)

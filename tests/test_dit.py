@@ -79,6 +79,7 @@ def test_attention_implementations_agree_with_a_key_mask(impl):
     assert max_rel_err(out, ref) <= 1e-6
 
 
+@pytest.mark.slow  # over 30 s on 2 CPU cores
 def test_remat_policies_change_memory_not_numbers():
     import jax.numpy as jnp
     from flax import nnx

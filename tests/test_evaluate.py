@@ -12,7 +12,7 @@ import pytest
 from mm_jax import evaluate
 from mm_jax.face import FaceAnalyzer
 from mm_jax.metrics.video_eval import ABSENT
-from mm_jax.testing.standin_faces import KPS_OFFSETS, face_image, make_pack
+from mm_jax.demo.standin_faces import KPS_OFFSETS, face_image, make_pack
 
 AT = (96, 160)  # multiples of 4: the square covers a stride-8 sample point of the 2x canvas
 

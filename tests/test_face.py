@@ -5,10 +5,10 @@ import shutil
 import numpy as np
 import pytest
 
-from mm_jax.face import (ARCFACE_TEMPLATE, CLIP_MEAN, CLIP_STD, FaceAnalyzer, FaceModels, NoFaceError, nms,
-                         similarity_transform)
-from tests.face_models import (KPS_OFFSETS, face_image, make_detector, make_landmark, make_pack,
-                               make_random_detector, make_recognizer)
+from mm_jax.demo.standin_faces import (KPS_OFFSETS, face_image, make_detector, make_landmark, make_pack,
+                                       make_random_detector, make_recognizer)
+from mm_jax.face import (ARCFACE_TEMPLATE, CLIP_MEAN, CLIP_STD, FaceAnalyzer, FaceModels, ImageSizeError, NoFaceError,
+                         nms, similarity_transform)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +137,45 @@ def test_embed_frames_marks_frames_without_a_face(analyzer):
     np.testing.assert_allclose(emb[2], analyzer.analyze(frames[2]).embedding, atol=1e-6)
 
 
+def test_embeddings_take_the_recognizers_width_even_when_no_frame_has_a_face(tmp_path):
+    """A 256-wide recognizer: a batch of faceless frames gives (N, 256) zeros, so batches with and
+    without faces concatenate, and the video metrics run."""
+    from mm_jax.metrics.video_eval import evaluate_video
+
+    make_detector(tmp_path / "det_10g.onnx")
+    make_recognizer(tmp_path / "w256.onnx", width=256)
+    fa = FaceAnalyzer(tmp_path)
+    assert fa.models.embedding_dim == 256
+    dark = np.zeros((64, 64, 3), np.uint8)
+    faces = fa.analyze_frames([dark, dark])
+    assert faces.embedding.shape == (2, 256) and not faces.found.any()
+    assert fa.embed_crops([]).shape == (0, 256)
+    ref = fa.analyze(face_image(h=64, w=64, at=(32, 32)))
+    assert ref.embedding.shape == (256,)
+    face = face_image(h=64, w=64, at=(32, 32))
+    video = np.stack([dark, dark, face, face])  # batch 1 without faces, batch 2 with
+    m = evaluate_video(video, ref, fa, batch_size=2)
+    assert m["per_frame"]["found"] == [False, False, True, True]
+    np.testing.assert_allclose(m["per_frame"]["id_sim"], [0.0, 0.0, 1.0, 1.0], atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 5000, 3), (5000, 4, 3), (0, 10, 3)])
+def test_an_image_too_thin_for_the_detector_is_a_named_error(analyzer, shape):
+    img = np.full(shape, 255, np.uint8)
+    size = f"{shape[0]}x{shape[1]} pixels"
+    with pytest.raises(ImageSizeError, match=size):
+        analyzer.detect(img[..., ::-1].copy())
+    with pytest.raises(ImageSizeError, match=f"thin.png: image of {size}"):
+        analyzer.analyze(img, name="thin.png")
+    assert issubclass(ImageSizeError, ValueError)  # the CLIs report it with exit code 2
+
+
+def test_a_long_but_detectable_image_still_works(analyzer):
+    img = face_image(h=40, w=4000, at=(20, 100))  # 100:1 fits a 640 input as 6x640
+    boxes, _ = analyzer.detect(img[..., ::-1].copy())
+    assert boxes.shape[1] == 5
+
+
 def test_no_face_names_the_image(analyzer, tmp_path):
     import imageio.v3 as iio
 
@@ -184,3 +223,70 @@ def test_bad_model_folders_are_explained(pack, tmp_path):
         FaceModels.load(tmp_path / "two")
     with pytest.raises(ValueError, match="det_thresh=1.5"):
         FaceAnalyzer(pack, det_thresh=1.5)
+
+
+# -- a real detector on real photos ------------------------------------------------------------------
+# The scrfd==0.3.0 source distribution on PyPI ships a real SCRFD-2.5G (insightface's bnkps export,
+# fixed 640x640 input) and real photos; scikit-image ships a real portrait (data.astronaut()).
+SCRFD_SDIST = "scrfd==0.3.0"
+
+
+@pytest.fixture(scope="session")
+def real_scrfd(tmp_path_factory):
+    """(pack folder with the real detector + a stand-in recognizer, folder of the sdist's photos),
+    fetched with pip's own client from the package index (the same source as the install)."""
+    import subprocess
+    import sys
+    import tarfile
+
+    root = tmp_path_factory.mktemp("scrfd")
+    run = subprocess.run([sys.executable, "-m", "pip", "download", SCRFD_SDIST, "--no-deps", "--no-binary", ":all:",
+                          "-d", str(root), "-q"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"pip download {SCRFD_SDIST} failed:\n{run.stderr[-2000:]}"
+    with tarfile.open(next(root.glob("scrfd-*.tar.gz"))) as tar:
+        members = [m for m in tar.getmembers() if "/models/" in m.name or "/images/" in m.name]
+        tar.extractall(root, members=members, filter="data")
+    src = next(root.glob("scrfd-*/"))
+    pack = root / "pack"
+    pack.mkdir()
+    shutil.copy(src / "models" / "scrfd.onnx", pack / "scrfd.onnx")
+    make_recognizer(pack / "w600k_r50.onnx")
+    return pack, src / "images"
+
+
+def test_real_scrfd_finds_exactly_the_faces_insightface_finds_on_real_photos(real_scrfd):
+    import skimage.data
+    from insightface.model_zoo.scrfd import SCRFD
+
+    from mm_jax.face import read_image
+
+    pack, images = real_scrfd
+    ours = FaceAnalyzer(pack)
+    ref = SCRFD(str(pack / "scrfd.onnx"))
+    ref.prepare(-1, input_size=(640, 640), det_thresh=0.5)
+    photos = {p.name: read_image(p) for p in sorted(images.glob("*")) if p.suffix in (".png", ".jpg")}
+    photos["astronaut"] = read_image(skimage.data.astronaut())
+    found = {}
+    for name, img in photos.items():
+        boxes, kps = ours.detect(img)
+        rb, rk = ref.detect(img, input_size=(640, 640))
+        assert boxes.shape == rb.shape and kps.shape == rk.shape, name
+        np.testing.assert_allclose(boxes, rb, atol=1e-3, err_msg=name)
+        np.testing.assert_allclose(kps, rk, atol=1e-3, err_msg=name)
+        found[name] = boxes
+    assert len(found["solvay_conference_1927.jpg"]) == 29  # the 29 attendees of the 1927 Solvay conference
+    assert len(found["astronaut"]) == 1 and len(found["newton.png"]) == 1 and len(found["gauss.png"]) == 1
+    # the scrfd package's own test truths (tests/truth_faces.py, integer pixels)
+    np.testing.assert_allclose(found["newton.png"][0, :4], [334, 89, 438, 232], atol=1.5)
+    np.testing.assert_allclose(found["gauss.png"][0, :4], [376, 203, 654, 568], atol=1.5)
+
+
+def test_real_scrfd_reference_photo_gives_one_aligned_identity(real_scrfd):
+    import skimage.data
+
+    pack, _ = real_scrfd
+    res = FaceAnalyzer(pack).analyze(skimage.data.astronaut(), name="astronaut")
+    assert res.num_faces == 1 and res.score > 0.5
+    assert abs(np.linalg.norm(res.embedding) - 1) < 1e-5 and res.clip_crop.shape == (224, 224, 3)
+    left_eye, right_eye = res.kps[0], res.kps[1]
+    assert left_eye[0] < right_eye[0] and abs(left_eye[1] - right_eye[1]) < 15  # an upright face

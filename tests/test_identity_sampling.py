@@ -11,7 +11,7 @@ from flax import nnx
 from mm_jax import checkpoint, sample
 from mm_jax.models.id_adapter import AdapterConfig, MagicMirrorAdapter
 from tests.conftest import randomize_torch_params
-from tests.face_models import face_image, make_pack
+from mm_jax.demo.standin_faces import face_image, make_pack
 from tests.tiny_pipeline import make_pipeline
 from tools.convert_weights.from_torch import convert
 
@@ -62,6 +62,7 @@ def _run(setup, out, *extra):
     return sample.main(args)
 
 
+@pytest.mark.slow  # over 30 s on 2 CPU cores
 def test_identity_reaches_the_video_and_saved_ids_reproduce_it(setup, tmp_path):
     root, ckpt, adapter_dir, pack, refs = setup
     ident = ["--adapter", str(adapter_dir), "--face-models", str(pack)]

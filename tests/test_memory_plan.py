@@ -102,7 +102,7 @@ def test_text_encoder_on_host_gives_the_same_embeddings(tmp_path):
     """On this CPU-only machine both paths use the CPU device: this checks the switch's plumbing."""
     from mm_jax import checkpoint, pipeline
     from mm_jax.models.t5 import T5Config, T5Encoder
-    from mm_jax.testing.tiny_checkpoint import build_tokenizer
+    from mm_jax.demo.tiny_checkpoint import build_tokenizer
 
     tok = build_tokenizer(tmp_path / "tokenizer")
     t5 = T5Encoder(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=1),

@@ -80,7 +80,9 @@ def test_cli_dpm_frames_match_diffusers_pipeline_given_the_same_draws(tiny, monk
 
 
 @pytest.mark.parametrize("change,message", [
-    (["--frames", "10"], "frames=10: must be 4k\\+1"),
+    (["--frames", "10"], "frames=10: not a frame count the VAE encodes and decodes exactly"),
+    (["--frames", "13"], "frames=13: not a frame count the VAE encodes and decodes exactly (its 4 latent frames "
+                         "decode to 16 frames); valid: 1, 9, 17"),
     (["--height", "72"], "height=72: must be a positive multiple of 16"),
     (["--latents", "WRONG"], "initial latents have shape"),
     (["--latents", "MISSING"], "cannot read"),

@@ -13,8 +13,8 @@ import pytest
 from flax import nnx
 
 from mm_jax import checkpoint, config, train as train_cli
-from mm_jax.train import TrainingDiverged, train
-from mm_jax.training import bootstrap
+from mm_jax.demo import assets as demo_assets
+from mm_jax.training.loop import TrainingDiverged, train
 from mm_jax.training.logs import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ def assets(tmp_path_factory):
     """Tiny models, stand-in faces and a synthetic dataset, built once for the module."""
     root = tmp_path_factory.mktemp("train_assets")
     cfg = config.load("configs/video.py:tiny")
-    bootstrap.resolve(cfg, root)
+    demo_assets.prepare(cfg, root)
     return {k: v for k, v in (("model.checkpoint", cfg.model.checkpoint), ("model.adapter", cfg.model.adapter),
                                ("data.face_models", cfg.data.face_models), ("data.path", cfg.data.path))}
 
@@ -38,6 +38,7 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow  # over 30 s on 2 CPU cores
 def test_training_lowers_the_loss_and_leaves_frozen_params_bit_identical(assets, tmp_path):
     from mm_jax import parallel
     from mm_jax.data.loader import make_loader
@@ -72,6 +73,7 @@ def _history(workdir):
     return [(r["step"], r["loss"]) for r in read_history(workdir)]
 
 
+@pytest.mark.slow  # over 30 s on 2 CPU cores
 def test_a_stopped_run_resumes_to_exactly_the_uninterrupted_one(assets, tmp_path):
     over = ("train.steps=20",)
     _, straight, _ = train(_cfg(assets, "configs/video.py:tiny", *over), tmp_path / "a", progress=False,
@@ -89,6 +91,7 @@ def test_a_stopped_run_resumes_to_exactly_the_uninterrupted_one(assets, tmp_path
     assert events and sum(p.stat().st_size for p in events) > 0
 
 
+@pytest.mark.slow  # over 30 s on 2 CPU cores
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(assets, tmp_path):
     cfg = _cfg(assets, "configs/video.py:tiny", "optimizer.lr=1e30", "optimizer.warmup_steps=0",
                "optimizer.grad_clip=0.0", "train.checkpoint_every=1")
@@ -100,6 +103,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(assets, tmp_
     assert all(np.isfinite(r["loss"]) for r in read_history(tmp_path / "nan"))
 
 
+@pytest.mark.slow  # over 30 s on 2 CPU cores
 def test_stage_two_starts_from_the_stage_one_adapter(assets, tmp_path):
     _, stage1, _ = train(_cfg(assets, "configs/image.py:tiny", "train.steps=3"), tmp_path / "s1", progress=False,
                          return_state=True)
@@ -118,13 +122,14 @@ def test_cli_rejects_bad_overrides_and_missing_data_clearly(assets, tmp_path, ca
     assert str(tmp_path / "empty") in capsys.readouterr().err
     assert train_cli.main(["--config", "configs/video.py:tiny", "--workdir", str(tmp_path / "z"),
                            "--config.data.frames=8"]) == 2
-    assert "4k+1" in capsys.readouterr().err
+    assert "data.frames=8: not a frame count the VAE encodes and decodes exactly" in capsys.readouterr().err
     assert not any((tmp_path / w).exists() for w in "xyz")  # a rejected run writes nothing
     with pytest.raises(SystemExit) as e:
         train_cli.main(["--help"])
     assert e.value.code == 0
 
 
+@pytest.mark.slow  # over 30 s on 2 CPU cores
 def test_one_step_on_a_2x2x2_mesh_equals_the_one_device_step(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_step_check.py"), str(tmp_path)],
@@ -135,6 +140,7 @@ def test_one_step_on_a_2x2x2_mesh_equals_the_one_device_step(tmp_path):
 
 
 
+@pytest.mark.slow  # over 30 s on 2 CPU cores
 def test_precomputed_latents_and_text_give_the_loss_of_encoding_at_step_time(assets, tmp_path):
     from mm_jax import parallel
     from mm_jax.data.loader import make_loader

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from mm_jax import schedulers as sch
-from mm_jax.testing.tiny_checkpoint import SCHEDULER
+from mm_jax.demo.tiny_checkpoint import SCHEDULER
 from mm_jax.training import loss as L
 
 

@@ -62,6 +62,7 @@ def test_decode_matches_diffusers(pair, latent_frames):
     assert max_rel_err(got, _cl(want)) <= 1e-4
 
 
+@pytest.mark.slow  # over 30 s on 2 CPU cores
 def test_tiled_decode_and_encode_match_diffusers(pair):
     ref, ckpt, _ = pair
     ref.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32)

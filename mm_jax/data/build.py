@@ -16,6 +16,7 @@ to the target is below ``--min-similarity`` (0.5, magic_mirror_reference.md 5) a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -88,16 +89,13 @@ def item_key(item: dict) -> str:
 
 
 # -- one item -------------------------------------------------------------------------------------------
-_ANALYZER = None
-
-
+@functools.lru_cache(maxsize=4)
 def _analyzer(face_models: str, det_size: int):
-    global _ANALYZER
-    if _ANALYZER is None:
-        from mm_jax.face import FaceAnalyzer
+    """One analyzer per (pack, detector size) and process: loading the ONNX sessions is the slow part,
+    and a second pack or size in the same process must get its own (each worker builds its own)."""
+    from mm_jax.face import FaceAnalyzer
 
-        _ANALYZER = FaceAnalyzer(face_models, det_size=det_size)
-    return _ANALYZER
+    return FaceAnalyzer(face_models, det_size=det_size)
 
 
 def _read(path: str, max_frames: int) -> tuple[str, np.ndarray]:
@@ -135,7 +133,7 @@ def process_item(item: dict, options: dict) -> tuple[str, Any]:
         kind, frames = _read(item["path"], options["max_frames"])
     except Exception:  # any decoder failure: the file is unreadable
         return "skip", "unreadable"
-    fa = _analyzer(options["face_models"], options["det_size"])
+    fa = _analyzer(str(options["face_models"]), int(options["det_size"]))
     n = len(frames)
     boxes = np.full((n, 4), np.nan, np.float32)
     kps = np.zeros((n, 5, 2), np.float32)
@@ -225,16 +223,30 @@ def summarize(out: Path, options: dict | None = None) -> dict:
     return summary
 
 
+def check_options(*, workers: int, shard_size: int, max_frames: int, min_similarity: float,
+                  jpeg_quality: int) -> None:
+    """Refuse build settings that would silently make a wrong dataset; names the flag and the range."""
+    bad = [(f"--workers {workers}", ">= 0 (0: in-process)") if workers < 0 else None,
+           (f"--shard-size {shard_size}", ">= 1") if shard_size < 1 else None,
+           (f"--max-frames {max_frames}", ">= 1") if max_frames < 1 else None,
+           (f"--min-similarity {min_similarity}", "in [-1, 1] (a cosine similarity)")
+           if not -1.0 <= min_similarity <= 1.0 else None,
+           (f"--jpeg-quality {jpeg_quality}", "in [1, 100]") if not 1 <= jpeg_quality <= 100 else None]
+    bad = [b for b in bad if b]
+    if bad:
+        raise BuildError("; ".join(f"{flag}: must be {allowed}" for flag, allowed in bad))
+
+
 def build_dataset(src: str | Path, out: str | Path, face_models: str | Path, *, workers: int = 0,
                   shard_size: int = 256, max_frames: int = 49, min_similarity: float = 0.5, det_size: int = 640,
                   jpeg_quality: int = 95, class_words=CLASS_WORDS, progress: bool = True) -> dict:
     """Build (or resume building) the set; returns the summary (also written to ``out/summary.json``)."""
     from tqdm.auto import tqdm
 
-    from mm_jax.face import FaceModels
-
     out = Path(out)
-    FaceModels.load(face_models)  # fail early, with the face module's message, on a bad pack
+    check_options(workers=workers, shard_size=shard_size, max_frames=max_frames, min_similarity=min_similarity,
+                  jpeg_quality=jpeg_quality)
+    _analyzer(str(face_models), int(det_size))  # fail early, with the face module's message, on a bad pack or size
     items = list_items(src)  # and on a missing or empty source, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     options = dict(face_models=str(face_models), max_frames=int(max_frames), min_similarity=float(min_similarity),
@@ -304,12 +316,20 @@ def main(argv=None) -> int:
     pre.add_argument("--checkpoint", help="converted CogVideoX folder (VAE, T5, tokenizer)")
     pre.add_argument("--height", type=int, default=480)
     pre.add_argument("--width", type=int, default=720)
-    pre.add_argument("--frames", type=int, default=49, help="1 for the image stage")
+    pre.add_argument("--frames", type=int, default=49, help="1 for the image stage; clips: a count the VAE decodes "
+                                                            "exactly (python -m mm_jax.sample --help lists them)")
     pre.add_argument("--max-text-length", type=int, default=226)
     args = ap.parse_args(argv)
     if args.precompute and not args.checkpoint:
         ap.error("--precompute needs --checkpoint")
     try:
+        if args.precompute:  # checked before the build writes anything
+            from mm_jax import frame_counts
+
+            frame_counts.check(args.frames, "--frames")
+            if min(args.height, args.width, args.max_text_length) < 1:
+                raise BuildError(f"--height {args.height} --width {args.width} --max-text-length "
+                                 f"{args.max_text_length}: must be positive")
         s = build_dataset(args.src, args.out, args.face_models, workers=args.workers, shard_size=args.shard_size,
                           max_frames=args.max_frames, min_similarity=args.min_similarity, det_size=args.det_size,
                           jpeg_quality=args.jpeg_quality)

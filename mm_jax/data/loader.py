@@ -42,13 +42,17 @@ def shard_paths(folder: str | Path, stage: str) -> list[Path]:
     return paths
 
 
-def check_frames(stage: str, frames: int, temporal_ratio: int = 4) -> None:
+def check_frames(stage: str, frames: int, temporal_ratio: int | None = None) -> None:
+    """The stage and its frame count: 1 for images, a count the VAE encodes and decodes exactly for
+    clips (``mm_jax.frame_counts``: 1, 9, 17, ..., 49, ...)."""
+    from mm_jax import frame_counts
+
     if stage not in ("image", "video"):
         raise ValueError(f"data.stage={stage!r}: must be 'image' or 'video'")
     if stage == "image" and frames != 1:
         raise ValueError(f"data.frames={frames}: the image stage trains on single frames (frames=1)")
-    if stage == "video" and (frames < 1 or (frames - 1) % temporal_ratio):
-        raise ValueError(f"data.frames={frames}: the causal VAE needs {temporal_ratio}k+1 frames (e.g. 9, 13, 49)")
+    if stage == "video":
+        frame_counts.check(frames, "data.frames", ratio=temporal_ratio)
 
 
 def _decode_jpeg(b: bytes) -> np.ndarray:
@@ -203,11 +207,19 @@ class Loader:
         _drain_shared_memory_deletes()
 
 
+# Grain API this module uses beyond the public one, pinned with grain==0.2.18 in pyproject.toml and
+# checked by tests/test_data.py (test_the_private_grain_members_the_loader_drains_exist): Grain has no
+# public way to wait for the shared-memory unlinks it queues, so ``Loader.close`` reaches the
+# class's thread pool (``_del_thread_pool``) and its test hook ``_disable_async_del``. The class
+# itself is public (``grain.multiprocessing.SharedMemoryArray``).
+GRAIN_PRIVATE_MEMBERS = ("_del_thread_pool", "_disable_async_del")
+
+
 def _drain_shared_memory_deletes() -> None:
     """Finish the shared-memory unlinks that Grain queues on a thread pool when a prefetched batch is
     freed; left pending at exit, they are what the resource tracker reports as leaked. Later frees
     unlink synchronously (a new ``mp_prefetch`` turns the pool on again)."""
-    from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    from grain.multiprocessing import SharedMemoryArray
 
     pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
     if pool is None:

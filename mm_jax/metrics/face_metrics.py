@@ -70,8 +70,8 @@ def _mean(x) -> float | None:
 
 def video_face_metrics(emb: np.ndarray, found: np.ndarray, kps: np.ndarray, ref_emb: np.ndarray,
                        ref_kps: np.ndarray) -> dict:
-    """All face metrics of one video. emb (N, 512), found (N,) bool, kps (N, 5, 2) of the frames'
-    largest faces (anything where ``found`` is False), ref_emb (512,), ref_kps (5, 2) -> a dict of
+    """All face metrics of one video. emb (N, D), found (N,) bool, kps (N, 5, 2) of the frames'
+    largest faces (anything where ``found`` is False), ref_emb (D,), ref_kps (5, 2) -> a dict of
     the means, the counts behind them and the per-frame values (``None`` where undefined)."""
     found = np.asarray(found, bool)
     n = len(found)

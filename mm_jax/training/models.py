@@ -55,7 +55,7 @@ def _scheduler_config(backbone: Path) -> sch.SchedulerConfig:
 def new_adapter(dit, clip_width: int, overrides: dict, dtype: str, mesh) -> MagicMirrorAdapter:
     """A fresh adapter for ``dit`` (the design's defaults + ``overrides``), CAN copied from the
     DiT's text expert, created under ``mesh`` so its parameters are sharded as declared."""
-    over = dict(overrides)
+    over = {k: v for k, v in dict(overrides).items() if v is not None}  # None: the design's value
     every = int(over.pop("adapter_every", 2))
     if every < 1:
         raise ValueError(f"adapter.adapter_every={every}: must be >= 1")

@@ -1,10 +1,14 @@
-"""Assets a tiny/demo run generates in its workdir instead of reading them from disk: a random
-tiny backbone and adapter, a stand-in insightface pack, a synthetic dataset, a reference face.
-Each is built once (re-used when the workdir already has it), so restarts are cheap."""
+"""The setup hook of the tiny/demo training presets: ``prepare(cfg, workdir)`` builds what the run
+reads in its workdir instead of reading it from disk (a random tiny backbone and adapter, a
+stand-in insightface pack, a synthetic dataset, a reference face) and points the config at it.
+
+The presets name it (``cfg.setup = "mm_jax.demo.assets:prepare"``) and the train CLI imports it by
+that name, so the trainer never imports test assets. Each asset is built once (re-used when the
+workdir already has it), so restarts are cheap.
+"""
 from __future__ import annotations
 
 from pathlib import Path
-
 
 
 def _done(folder: Path) -> bool:
@@ -17,7 +21,7 @@ def _mark(folder: Path) -> Path:
 
 
 def tiny_models(workdir: Path) -> tuple[Path, Path]:
-    from mm_jax.testing.tiny_checkpoint import build_tiny_adapter, build_tiny_checkpoint
+    from mm_jax.demo.tiny_checkpoint import build_tiny_adapter, build_tiny_checkpoint
 
     backbone, adapter = workdir / "tiny_models" / "backbone", workdir / "tiny_models" / "adapter"
     if not _done(backbone):
@@ -30,7 +34,7 @@ def tiny_models(workdir: Path) -> tuple[Path, Path]:
 def standin_faces(workdir: Path) -> Path:
     """The stand-in detector with boxes of 6 strides a side (about a sixth of a 64-pixel frame), so
     the face-weighted loss covers the synthetic face and its ring."""
-    from mm_jax.testing.standin_faces import make_detector, make_recognizer
+    from mm_jax.demo.standin_faces import make_detector, make_recognizer
 
     pack = workdir / "standin_faces"
     if not _done(pack):
@@ -43,7 +47,7 @@ def standin_faces(workdir: Path) -> Path:
 
 def synthetic_dataset(workdir: Path, synthetic_cfg, face_models: Path, seed: int) -> Path:
     from mm_jax.data.build import build_dataset
-    from mm_jax.data.synthetic import make_demo_source
+    from mm_jax.demo.synthetic import make_demo_source
 
     source, out = workdir / "synthetic_source", workdir / "synthetic_data"
     if not _done(out):
@@ -61,16 +65,27 @@ def reference_face(workdir: Path) -> Path:
     the detector, which resizes to 640, sees the square as exactly one face."""
     import imageio.v3 as iio
 
-    from mm_jax.testing.standin_faces import face_image
+    from mm_jax.demo.standin_faces import face_image
 
     path = workdir / "reference_face.png"
     if not path.exists():
+        workdir.mkdir(parents=True, exist_ok=True)
         iio.imwrite(path, face_image(h=320, w=320, at=(160, 160), seed=7))
     return path
 
 
-def resolve(cfg, workdir: Path) -> None:
-    """Replace the "tiny" / "standin" / "synthetic" markers in ``cfg`` by the built paths (in place)."""
+def prepare(cfg, workdir: str | Path) -> None:
+    """Build the assets the config's markers ask for and replace the markers by their paths (in
+    place): ``model.checkpoint`` / ``model.adapter`` "tiny", ``data.face_models`` "standin",
+    ``data.path`` "synthetic" (from ``data.synthetic``), ``sample.ref`` "synthetic"."""
+    workdir = Path(workdir).absolute()
+    # refuse what would fail later before anything is written
+    if cfg.data.path == "synthetic" and not cfg.data.face_models:
+        raise ValueError("data.path=synthetic needs data.face_models (a pack folder, or 'standin')")
+    if cfg.data.path != "synthetic":  # a real dataset given to a tiny preset
+        from mm_jax.data.loader import shard_paths
+
+        shard_paths(cfg.data.path, cfg.data.stage)
     if cfg.model.checkpoint == "tiny" or cfg.model.adapter == "tiny":
         backbone, adapter = tiny_models(workdir)
         if cfg.model.checkpoint == "tiny":
@@ -80,9 +95,7 @@ def resolve(cfg, workdir: Path) -> None:
     if cfg.data.face_models == "standin":
         cfg.data.face_models = str(standin_faces(workdir))
     if cfg.data.path == "synthetic":
-        if not cfg.data.face_models:
-            raise ValueError("data.path=synthetic needs data.face_models (a pack folder, or 'standin')")
         cfg.data.path = str(synthetic_dataset(workdir, cfg.data.synthetic, Path(cfg.data.face_models),
                                               int(cfg.train.seed)))
-    if cfg.sample.ref == "synthetic":
+    if cfg.sample.ref == "synthetic" and cfg.sample.enabled:
         cfg.sample.ref = str(reference_face(workdir))

@@ -1,4 +1,4 @@
-"""Tiny stand-in ONNX face models with insightface's I/O contracts (used by the tests, the demo and the notebook).
+"""Tiny stand-in ONNX face models with insightface's I/O contracts (used by the demo, the notebook and the tests).
 
 Detector (SCRFD det_10g layout: input.1 [1,3,?,?] -> 9 outputs, strides 8/16/32 x {score, bbox,
 kps}, 2 anchors): the stride-8 score head fires where the image is bright at a cell's sample
@@ -6,7 +6,7 @@ point, so a small white square on a dark image is exactly one face. Boxes are ``
 brightness`` strides from the anchor centre on every side (so face size can follow brightness);
 landmarks sit at fixed offsets. Strides 16 and 32 never fire. ``make_random_detector`` has
 random weights: every stride fires, with many overlapping boxes for NMS.
-Recognizer (ArcFace: input.1 [None,3,112,112] -> [None,512]): conv -> ReLU -> GAP -> Gemm; with
+Recognizer (ArcFace: input.1 [None,3,112,112] -> [None,512], or another ``width``): conv -> ReLU -> GAP -> Gemm; with
 ``mxnet=True`` its first nodes are a Sub and a Mul (the in-graph normalization of mxnet exports).
 """
 from __future__ import annotations
@@ -54,15 +54,16 @@ def make_detector(path: Path, box: float = 2.0, box_gain: float = 0.0):
     onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 13)], ir_version=8), str(path))
 
 
-def make_recognizer(path: Path, seed: int = 0, mxnet: bool = False):
+def make_recognizer(path: Path, seed: int = 0, mxnet: bool = False, width: int = 512):
+    """``width``: the embedding size (insightface's recognizers give 512)."""
     import onnx
     from onnx import TensorProto as TP, helper as h, numpy_helper as nh
 
     rng = np.random.default_rng(seed)
     inits = [nh.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3, "c_w"),
              nh.from_array(np.zeros(8, np.float32), "c_b"),
-             nh.from_array(rng.standard_normal((8, 512)).astype(np.float32), "fc_w"),
-             nh.from_array(rng.standard_normal(512).astype(np.float32) * 0.1, "fc_b")]
+             nh.from_array(rng.standard_normal((8, width)).astype(np.float32), "fc_w"),
+             nh.from_array(rng.standard_normal(width).astype(np.float32) * 0.1, "fc_b")]
     nodes, x = [], "input.1"
     if mxnet:  # normalization inside the graph, as insightface's mxnet exports have it
         inits += [nh.from_array(np.array(127.5, np.float32), "mean"), nh.from_array(np.array(1 / 127.5, np.float32), "inv_std")]
@@ -74,7 +75,7 @@ def make_recognizer(path: Path, seed: int = 0, mxnet: bool = False):
               h.make_node("Flatten", ["gap"], ["flat"], name="Flatten_3", axis=1),
               h.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["683"], name="Gemm_4")]
     g = h.make_graph(nodes, "arcface_standin", [h.make_tensor_value_info("input.1", TP.FLOAT, ["None", 3, 112, 112])],
-                     [h.make_tensor_value_info("683", TP.FLOAT, ["None", 512])], inits)
+                     [h.make_tensor_value_info("683", TP.FLOAT, ["None", width])], inits)
     onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 13)], ir_version=8), str(path))
 
 

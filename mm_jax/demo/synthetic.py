@@ -1,5 +1,5 @@
 """A synthetic demo source: short clips (mp4) and images (png) of "people" that the stand-in face
-models (``mm_jax.testing.standin_faces``) detect, with captions that contain a class word.
+models (``mm_jax.demo.standin_faces``) detect, with captions that contain a class word.
 
 A person is a bright square face (what the stand-in detector fires on) with an identity-coloured
 ring, above a coloured body; it drifts a few pixels over the clip on a dark textured background.
