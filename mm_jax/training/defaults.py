@@ -27,6 +27,7 @@ def common(stage: str) -> ml_collections.ConfigDict:
 
     cfg.data = ml_collections.ConfigDict()
     cfg.data.path = ""              # built dataset folder; "synthetic": the demo set built in the workdir
+    cfg.data.format = "shards"      # "shards" (mm_jax.data.build) | "tfds" (mm_jax.data.prepare; also detected)
     cfg.data.stage = stage
     cfg.data.height, cfg.data.width = 480, 720
     cfg.data.frames = 1
