@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BUILD = {
     "today": "from mm_jax.data.build import build_dataset\n"
-             "s = build_dataset({src!r}, {out!r}, {pack!r}, workers={workers}, progress=False)\n"
-             "print('RECORDS', s['records'])\n",
+             "if __name__ == '__main__':  # its pool spawns processes that import this file\n"
+             "    s = build_dataset({src!r}, {out!r}, {pack!r}, workers={workers}, progress=False)\n"
+             "    print('RECORDS', s['records'])\n",
     "beam": "from mm_jax.data.prepare import prepare\n"
             "if __name__ == '__main__':\n"
             "    s = prepare('mm_faces_manifest', {src!r}, {out!r}, {pack!r}, workers={workers}, progress=False)\n"

@@ -6,12 +6,11 @@ Input: a folder of images/videos with ``captions.jsonl`` (``{"file": ..., "capti
 (``image-NNNNN.array_record`` and ``video-NNNNN.array_record``) of ``mm_jax.data.records`` examples, ``summary.json`` and
 ``done.jsonl`` (what was processed, so a re-run resumes without duplicating records).
 
-Per example: the target (JPEG frames, up to ``--max-frames``), caption, the largest face per frame
-(box + 5 landmarks; frames without one are recorded as such), the target's ArcFace embedding (mean
-over its faces, normalized) and a reference face: the manifest's ``ref`` image if given, else for a
-clip the face frame farthest from the middle frame [ours], for a lone image the image itself. The
-reference is stored as its 224 CLIP-aligned crop + ArcFace embedding; pairs whose cosine similarity
-to the target is below ``--min-similarity`` (0.5, magic_mirror_reference.md 5) are dropped and counted.
+Per example (``mm_jax.data.example.ExampleMaker``, shared with the TFDS builders of
+``mm_jax.data.prepare``): the target's JPEG frames (up to ``--max-frames``), caption, the largest
+face per frame, the target's ArcFace embedding and a reference face (the manifest's ``ref``, else a
+frame of the target); pairs below ``--min-similarity`` are dropped and counted, and so are captions
+without a class word (``--caption-rules`` can rewrite them first, ``mm_jax.data.captions``).
 """
 from __future__ import annotations
 

@@ -40,7 +40,8 @@ def pipeline_args(beam_pipeline_options: str, workers: int) -> list[str]:
         return [f"--{kv.strip()}" for kv in beam_pipeline_options.split(",") if kv.strip()]
     if workers <= 1:
         return ["--runner=DirectRunner", "--direct_running_mode=in_memory"]
-    return ["--runner=DirectRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+    return ["--runner=DirectRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}",
+            "--default_sdk_harness_log_level=WARNING"]  # the worker processes log every step at INFO
 
 
 def _is_local(args: list[str]) -> bool:
@@ -120,6 +121,7 @@ def prepare(builder: str, src: str | Path, out: str | Path, face_models: str | P
         raise BuildError(f"--builder {builder}: unknown; one of {', '.join(BUILDERS)}")
     args = pipeline_args(beam_pipeline_options, workers)
     local = _is_local(args)
+    tfds.disable_progress_bar()  # ours counts items; tfds' counts splits
     if local:  # on a cluster the pack need only exist where the workers run
         from mm_jax.face import FaceModels
 
