@@ -42,6 +42,7 @@ def common(stage: str) -> ml_collections.ConfigDict:
     cfg.data = ml_collections.ConfigDict()
     cfg.data.path = ""              # built dataset folder ("synthetic": built by the demo setup)
     cfg.data.stage = cfg.get_ref("stage")  # one fact: the loader reads it from its own section
+    cfg.data.format = "shards"      # "shards" (mm_jax.data.build) | "tfds" (mm_jax.data.prepare; also detected)
     cfg.data.height, cfg.data.width = 480, 720
     cfg.data.frames = 1
     cfg.data.frame_stride = 1

@@ -6,12 +6,11 @@ Input: a folder of images/videos with ``captions.jsonl`` (``{"file": ..., "capti
 (``image-NNNNN.array_record`` and ``video-NNNNN.array_record``) of ``mm_jax.data.records`` examples, ``summary.json`` and
 ``done.jsonl`` (what was processed, so a re-run resumes without duplicating records).
 
-Per example: the target (JPEG frames, up to ``--max-frames``), caption, the largest face per frame
-(box + 5 landmarks; frames without one are recorded as such), the target's ArcFace embedding (mean
-over its faces, normalized) and a reference face: the manifest's ``ref`` image if given, else for a
-clip the face frame farthest from the middle frame [ours], for a lone image the image itself. The
-reference is stored as its 224 CLIP-aligned crop + ArcFace embedding; pairs whose cosine similarity
-to the target is below ``--min-similarity`` (0.5, magic_mirror_reference.md 5) are dropped and counted.
+Per example (``mm_jax.data.example.ExampleMaker``, shared with the TFDS builders of
+``mm_jax.data.prepare``): the target's JPEG frames (up to ``--max-frames``), caption, the largest
+face per frame, the target's ArcFace embedding and a reference face (the manifest's ``ref``, else a
+frame of the target); pairs below ``--min-similarity`` are dropped and counted, and so are captions
+without a class word (``--caption-rules`` can rewrite them first, ``mm_jax.data.captions``).
 """
 from __future__ import annotations
 
@@ -22,172 +21,24 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
-import numpy as np
+from mm_jax.data.captions import load_rules
+from mm_jax.data.example import ExampleMaker, ExampleOptions, Outcome
+from mm_jax.data.sources import BuildError, item_key, list_items  # noqa: F401  (BuildError: part of this CLI's API)
+from mm_jax.text import CLASS_WORDS
 
-from mm_jax.data.records import encode_record
-from mm_jax.text import CLASS_WORDS, has_class_word
-
-IMAGE_EXT = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-VIDEO_EXT = {".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv"}
 SHARD_PATTERN = "{}-{:05d}.array_record"  # kind ("image" | "video"), number: a stage picks its kinds by name
 
-
-class BuildError(ValueError):
-    pass
+_MAKER: ExampleMaker | None = None  # one per worker process: the face models load once
 
 
-# -- what to process -------------------------------------------------------------------------------
-def list_items(src: str | Path) -> list[dict[str, Any]]:
-    """-> [{"path", "caption", "ref"}], from a folder or a JSONL manifest; errors name the problem."""
-    src = Path(src)
-    if src.is_file():
-        items = []
-        for n, line in enumerate(src.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                path = Path(d["path"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise BuildError(f"{src}:{n}: not a manifest line with a 'path' ({e})") from None
-            path = path if path.is_absolute() else src.parent / path
-            ref = d.get("ref")
-            items.append({"path": str(path), "caption": d.get("caption", ""),
-                          "ref": None if not ref else str(ref if Path(ref).is_absolute() else src.parent / ref)})
-        return items
-    if not src.is_dir():
-        raise BuildError(f"--src {src}: no such folder or manifest file")
-    captions = {}
-    if (src / "captions.jsonl").exists():
-        for line in (src / "captions.jsonl").read_text().splitlines():
-            if line.strip():
-                d = json.loads(line)
-                captions[d["file"]] = d.get("caption", "")
-    media = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_EXT | VIDEO_EXT)
-    if not media:
-        raise BuildError(f"--src {src}: no images or videos in the folder (extensions "
-                         f"{sorted(IMAGE_EXT | VIDEO_EXT)})")
-    items = []
-    for p in media:
-        cap = captions.get(p.name)
-        if cap is None and p.with_suffix(".txt").exists():
-            cap = p.with_suffix(".txt").read_text().strip()
-        items.append({"path": str(p), "caption": cap or "", "ref": None})
-    return items
-
-
-def item_key(item: dict) -> str:
-    """Identifies a source file version: path, size, mtime (and the reference's path)."""
-    try:
-        st = os.stat(item["path"])
-        ver = f"{st.st_size}:{int(st.st_mtime)}"
-    except OSError:
-        ver = "missing"
-    return f"{item['path']}|{ver}|{item.get('ref') or ''}"
-
-
-# -- one item -------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=4)
-def _analyzer(face_models: str, det_size: int):
-    """One analyzer per (pack, detector size) and process: loading the ONNX sessions is the slow part,
-    and a second pack or size in the same process must get its own (each worker builds its own)."""
-    from mm_jax.face import FaceAnalyzer
-
-    return FaceAnalyzer(face_models, det_size=det_size)
-
-
-def _read(path: str, max_frames: int) -> tuple[str, np.ndarray]:
-    """-> (kind, RGB uint8 frames (F, H, W, 3))."""
-    import imageio.v3 as iio
-
-    from mm_jax.video_io import read_video
-
-    suffix = Path(path).suffix.lower()
-    if suffix in IMAGE_EXT:
-        img = np.asarray(iio.imread(path))
-        if img.ndim == 2:
-            img = np.repeat(img[..., None], 3, axis=-1)
-        return "image", img[None, ..., :3]
-    frames = read_video(path)
-    if frames.ndim != 4 or len(frames) == 0:
-        raise ValueError(f"no frames decoded (shape {frames.shape})")
-    return "video", frames[:max_frames]
-
-
-def _jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    import cv2
-
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return buf.tobytes()
-
-
-def process_item(item: dict, options: dict) -> tuple[str, Any]:
-    """-> ("ok", (kind, record bytes)) or ("skip", reason). Never raises for bad input."""
-    if not has_class_word(item["caption"], options["class_words"]):
-        return "skip", "no_class_word"
-    try:
-        kind, frames = _read(item["path"], options["max_frames"])
-    except Exception:  # any decoder failure: the file is unreadable
-        return "skip", "unreadable"
-    fa = _analyzer(str(options["face_models"]), int(options["det_size"]))
-    n = len(frames)
-    boxes = np.full((n, 4), np.nan, np.float32)
-    kps = np.zeros((n, 5, 2), np.float32)
-    found = np.zeros((n,), bool)
-    crops = []
-    for i, f in enumerate(frames):
-        bgr = np.ascontiguousarray(f[..., ::-1])
-        dets, pts = fa.detect(bgr)
-        if len(dets):
-            j = int(np.argmax((dets[:, 2] - dets[:, 0]) * (dets[:, 3] - dets[:, 1])))
-            boxes[i], kps[i], found[i] = dets[j, :4], pts[j], True
-            crops.append(fa.align(bgr, pts[j], fa.models.rec_size))
-    if not found.any():
-        return "skip", "no_face"
-    emb = fa.embed_crops(crops)
-    target = emb.mean(0)
-    target = (target / max(np.linalg.norm(target), 1e-12)).astype(np.float32)
-    if item.get("ref"):
-        try:
-            from mm_jax.face import read_image
-
-            ref_bgr = read_image(item["ref"])
-        except Exception:
-            return "skip", "unreadable_ref"
-        dets, pts = fa.detect(ref_bgr)
-        if not len(dets):
-            return "skip", "no_face_in_ref"
-        j = int(np.argmax((dets[:, 2] - dets[:, 0]) * (dets[:, 3] - dets[:, 1])))
-        ref_kps, ref_frame = pts[j], -1
-        ref_emb = fa.embed_crops([fa.align(ref_bgr, ref_kps, fa.models.rec_size)])[0]
-    else:
-        idx = np.flatnonzero(found)
-        ref_frame = int(idx[np.argmax(np.abs(idx - (n - 1) / 2))])  # farthest from the middle frame
-        ref_bgr = np.ascontiguousarray(frames[ref_frame][..., ::-1])
-        ref_kps = kps[ref_frame]
-        ref_emb = emb[int(np.searchsorted(idx, ref_frame))]
-    similarity = float(np.dot(ref_emb, target))
-    if similarity < options["min_similarity"]:
-        return "skip", "low_similarity"
-    ref_crop = fa.align(ref_bgr, ref_kps, 224)[..., ::-1]
-    q = options["jpeg_quality"]
-    record = {"kind": kind, "source": item["path"], "caption": item["caption"], "height": int(frames.shape[1]),
-              "width": int(frames.shape[2]), "frames": [_jpeg(f, q) for f in frames], "boxes": boxes, "kps": kps,
-              "face_found": found, "ref_crop": _jpeg(ref_crop, q), "ref_embedding": ref_emb.astype(np.float32),
-              "target_embedding": target, "ref_frame": ref_frame, "similarity": similarity}
-    return "ok", (kind, encode_record(record))
-
-
-def _work(args):
+def _work(args) -> tuple[dict, Outcome]:
+    global _MAKER
     item, options = args
-    try:
-        return item, process_item(item, options)
-    except Exception as e:  # a bug or an odd file must not kill the whole build
-        return item, ("skip", f"error: {type(e).__name__}: {e}")
+    if _MAKER is None or _MAKER.options != options:
+        _MAKER = ExampleMaker(options)
+    return item, _MAKER(item)
 
 
 # -- the build --------------------------------------------------------------------------------------
@@ -207,7 +58,15 @@ def _read_done(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def summarize(out: Path, options: dict | None = None) -> dict:
+def caption_counts(done: list[dict]) -> dict:
+    """How many captions lacked a class word, how many a rule repaired (by rule), how many were dropped."""
+    lacking = [d for d in done if d.get("class_word") is False]
+    rules = Counter(d["caption_rule"] for d in lacking if d.get("caption_rule"))
+    return {"without_class_word": len(lacking), "rewritten": dict(sorted(rules.items())),
+            "dropped": sum(1 for d in lacking if not d.get("caption_rule"))}
+
+
+def summarize(out: Path, options: ExampleOptions | None = None) -> dict:
     done = _read_done(out)
     skipped: dict[str, list[str]] = {}
     for d in done:
@@ -217,9 +76,9 @@ def summarize(out: Path, options: dict | None = None) -> dict:
     summary = {"records": sum(1 for d in done if d["status"] == "ok"), "shards": shards,
                "kinds": dict(Counter(d.get("kind", "?") for d in done if d["status"] == "ok")),
                "skipped": {k: {"count": len(v), "files": v} for k, v in sorted(skipped.items())},
-               "processed": len(done)}
+               "captions": caption_counts(done), "processed": len(done)}
     if options is not None:
-        summary["settings"] = {k: v for k, v in options.items() if k != "class_words"}
+        summary["settings"] = options.settings()
     return summary
 
 
@@ -239,8 +98,9 @@ def check_options(*, workers: int, shard_size: int, max_frames: int, min_similar
 
 def build_dataset(src: str | Path, out: str | Path, face_models: str | Path, *, workers: int = 0,
                   shard_size: int = 256, max_frames: int = 49, min_similarity: float = 0.5, det_size: int = 640,
-                  jpeg_quality: int = 95, class_words=CLASS_WORDS, progress: bool = True) -> dict:
-    """Build (or resume building) the set; returns the summary (also written to ``out/summary.json``)."""
+                  jpeg_quality: int = 95, class_words=CLASS_WORDS, caption_rules=(), progress: bool = True) -> dict:
+    """Build (or resume building) the set; returns the summary (also written to ``out/summary.json``).
+    ``caption_rules``: ``mm_jax.data.captions`` rules that repair captions without a class word."""
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -249,23 +109,30 @@ def build_dataset(src: str | Path, out: str | Path, face_models: str | Path, *, 
     _analyzer(str(face_models), int(det_size))  # fail early, with the face module's message, on a bad pack or size
     items = list_items(src)  # and on a missing or empty source, before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    options = dict(face_models=str(face_models), max_frames=int(max_frames), min_similarity=float(min_similarity),
-                   det_size=int(det_size), jpeg_quality=int(jpeg_quality), class_words=tuple(class_words))
+    options = ExampleOptions(face_models=str(face_models), max_frames=int(max_frames),
+                             min_similarity=float(min_similarity), det_size=int(det_size),
+                             jpeg_quality=int(jpeg_quality), class_words=tuple(class_words),
+                             caption_rules=tuple(caption_rules))
     for stale in out.glob("*.tmp"):  # a shard a killed run did not finish; its items are redone
         stale.unlink()
     done = {d["key"] for d in _read_done(out)}
     todo = [it for it in items if item_key(it) not in done]
-    pending: dict[str, list[tuple[dict, bytes]]] = {"image": [], "video": []}
+    pending: dict[str, list[tuple[dict, Outcome]]] = {"image": [], "video": []}
     log = (out / "done.jsonl").open("a")
+
+    def line(it: dict, o: Outcome, **fields) -> str:
+        cap = {"class_word": o.caption.had_class_word}
+        if o.caption.rule:
+            cap["caption_rule"] = o.caption.rule
+        return json.dumps({"key": item_key(it), "path": it["path"], **fields, **cap}) + "\n"
 
     def flush(kind: str):
         if not pending[kind]:
             return
         name = SHARD_PATTERN.format(kind, len(list(out.glob(f"{kind}-*.array_record"))))
-        _write_shard(out / name, [r for _, r in pending[kind]])
-        for it, _ in pending[kind]:  # only now are these items done: a kill before this line redoes them
-            log.write(json.dumps({"key": item_key(it), "path": it["path"], "status": "ok", "shard": name,
-                                  "kind": kind}) + "\n")
+        _write_shard(out / name, [o.record for _, o in pending[kind]])
+        for it, o in pending[kind]:  # only now are these items done: a kill before this line redoes them
+            log.write(line(it, o, status="ok", shard=name, kind=kind))
         log.flush()
         pending[kind] = []
 
@@ -278,14 +145,13 @@ def build_dataset(src: str | Path, out: str | Path, face_models: str | Path, *, 
     else:
         pool, results = None, map(_work, jobs)
     try:
-        for it, (status, value) in tqdm(results, total=len(todo), desc="building", unit="file", disable=not progress):
-            if status == "ok":
-                kind, record = value
-                pending[kind].append((it, record))
-                if len(pending[kind]) >= shard_size:
-                    flush(kind)
+        for it, o in tqdm(results, total=len(todo), desc="building", unit="file", disable=not progress):
+            if o.status == "ok":
+                pending[o.kind].append((it, o))
+                if len(pending[o.kind]) >= shard_size:
+                    flush(o.kind)
             else:
-                log.write(json.dumps({"key": item_key(it), "path": it["path"], "status": "skip", "reason": value}) + "\n")
+                log.write(line(it, o, status="skip", reason=o.reason))
                 log.flush()
         flush("image")
         flush("video")
@@ -311,6 +177,8 @@ def main(argv=None) -> int:
     ap.add_argument("--min-similarity", type=float, default=0.5, help="ArcFace cosine reference vs target")
     ap.add_argument("--det-size", type=int, default=640, help="detector input size")
     ap.add_argument("--jpeg-quality", type=int, default=95)
+    ap.add_argument("--caption-rules", default="none",
+                    help="rewrite captions without a class word: none, default ('a person' rules) or a JSON rules file")
     pre = ap.add_argument_group("precompute (training then skips the VAE and T5: data.precomputed=True)")
     pre.add_argument("--precompute", action="store_true", help="also store VAE latents and T5 text embeddings")
     pre.add_argument("--checkpoint", help="converted CogVideoX folder (VAE, T5, tokenizer)")
@@ -332,7 +200,7 @@ def main(argv=None) -> int:
                                  f"{args.max_text_length}: must be positive")
         s = build_dataset(args.src, args.out, args.face_models, workers=args.workers, shard_size=args.shard_size,
                           max_frames=args.max_frames, min_similarity=args.min_similarity, det_size=args.det_size,
-                          jpeg_quality=args.jpeg_quality)
+                          jpeg_quality=args.jpeg_quality, caption_rules=load_rules(args.caption_rules))
         if args.precompute:
             from mm_jax.data.precompute import precompute
 
@@ -343,6 +211,10 @@ def main(argv=None) -> int:
         return 2
     skipped = ", ".join(f"{k}: {v['count']}" for k, v in s["skipped"].items()) or "none"
     print(f"{s['records']} records in {len(s['shards'])} shard(s) at {args.out}; skipped: {skipped}")
+    c = s.get("captions")
+    if c and c["without_class_word"]:
+        print(f"captions without a class word: {c['without_class_word']} (rewritten: {c['rewritten'] or 'none'}, "
+              f"dropped: {c['dropped']})")
     return 0
 
 

@@ -1,6 +1,9 @@
 """Grain loaders for both training stages: ArrayRecord shards -> per-process numpy batches.
 
-Pipeline (``grain.MapDataset``): records -> this process's slice (``ShardByJaxProcess``
+Records come from the shard folder of ``python -m mm_jax.data.build`` or from a TFDS dataset of
+``python -m mm_jax.data.prepare`` (read with ``tfds.data_source``; ``data.format``: "shards", "tfds",
+or a TFDS folder given as ``data.path`` is recognized either way). Pipeline (``grain.MapDataset``):
+records -> this process's slice (``ShardByJaxProcess``
 semantics: element i goes to process i mod P) -> seeded shuffle, reshuffled each epoch -> repeat ->
 ``random_map`` (decode, frame sampling, resize + centre crop, face mask, tokenization, condition
 dropout; each element's randomness depends only on the seed and its position) -> batch ->
@@ -27,19 +30,95 @@ import numpy as np
 from mm_jax.data.records import decode_record
 
 
+def _stage_kinds(stage: str) -> tuple[str, ...]:
+    """The image stage reads image and video records (one frame of a clip), the video stage video records."""
+    return ("image", "video") if stage == "image" else ("video",)
+
+
 def shard_paths(folder: str | Path, stage: str) -> list[Path]:
-    """The stage's shards: the image stage reads image and video records (one frame of a clip), the
-    video stage only video records."""
+    """The stage's shards (``_stage_kinds``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"data.path={folder}: no such dataset folder (build one with python -m mm_jax.data.build)")
-    kinds = ("image", "video") if stage == "image" else ("video",)
+    kinds = _stage_kinds(stage)
     paths = sorted(p for k in kinds for p in folder.glob(f"{k}-*.array_record"))
     if not paths:
         raise FileNotFoundError(f"data.path={folder}: no {' or '.join(kinds)} ArrayRecord shards "
                                 f"({'/'.join(kinds)}-*.array_record) for the {stage} stage; build them with "
                                 f"python -m mm_jax.data.build")
     return paths
+
+
+def find_tfds_dir(path: str | Path) -> Path | None:
+    """The TFDS dataset folder (the one with ``dataset_info.json``) at ``path`` or below it
+    (``data_dir/name/version`` or ``data_dir/name/config/version``); None when there is none.
+    Several datasets below ``path`` are an error that lists them."""
+    path = Path(path)
+    if (path / "dataset_info.json").exists():
+        return path
+    found = sorted(p.parent for pat in ("*/dataset_info.json", "*/*/dataset_info.json", "*/*/*/dataset_info.json")
+                   for p in path.glob(pat) if not any(part.startswith("incomplete.") for part in p.parts))
+    if len(found) > 1:
+        raise FileNotFoundError(f"data.path={path}: holds several TFDS datasets {[str(f) for f in found]}; "
+                                f"point data.path at one of them")
+    return found[0] if found else None
+
+
+class TfdsRecords:
+    """Record bytes by global index over the stage's TFDS splits (``tfds.data_source``, split after
+    split); pickles as (folder, splits), so Grain worker processes reopen it."""
+
+    def __init__(self, folder: str | Path, splits: tuple[str, ...]):
+        import tensorflow_datasets as tfds
+
+        self.folder, self.splits = str(folder), tuple(splits)
+        builder = tfds.builder_from_directory(self.folder)
+        self._sources = [builder.as_data_source(split=s) for s in self.splits]
+        self.sizes = [len(s) for s in self._sources]
+        self.starts = [int(x) for x in np.cumsum([0] + self.sizes[:-1])]
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def __getitem__(self, index: int) -> bytes:
+        k = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self._sources[k][index - self.starts[k]]["record"]
+
+    def __getstate__(self):
+        return {"folder": self.folder, "splits": self.splits}
+
+    def __setstate__(self, state):
+        self.__init__(state["folder"], state["splits"])
+
+
+def open_records(path: str | Path, stage: str, data_format: str = "shards"):
+    """-> (source: index -> record bytes, names, starts): the stage's records from a shard folder or
+    a TFDS dataset, with each shard's or split's name and first global index (for error messages)."""
+    if data_format not in ("shards", "tfds"):
+        raise ValueError(f"data.format={data_format!r}: must be 'shards' or 'tfds'")
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"data.path={path}: no such dataset folder (build one with python -m "
+                                f"mm_jax.data.build or python -m mm_jax.data.prepare)")
+    tfds_dir = find_tfds_dir(path) if data_format == "tfds" or not list(Path(path).glob("*.array_record")) else None
+    if tfds_dir is None and data_format == "tfds":
+        raise FileNotFoundError(f"data.path={path}: no TFDS dataset (dataset_info.json) in or below it; build one "
+                                f"with python -m mm_jax.data.prepare")
+    if tfds_dir is None:
+        import grain
+
+        paths = shard_paths(path, stage)
+        sizes = [len(grain.sources.ArrayRecordDataSource([str(p)])) for p in paths]
+        starts = tuple(int(x) for x in np.cumsum([0] + sizes[:-1]))
+        return grain.sources.ArrayRecordDataSource([str(p) for p in paths]), tuple(p.name for p in paths), starts
+    import json
+
+    present = json.loads((tfds_dir / "dataset_info.json").read_text()).get("splits", [])
+    splits = tuple(k for k in _stage_kinds(stage) if any(s["name"] == k for s in present))
+    if not splits:
+        raise FileNotFoundError(f"data.path={path}: the TFDS dataset {tfds_dir} has no {' or '.join(_stage_kinds(stage))} "
+                                f"split for the {stage} stage")
+    source = TfdsRecords(tfds_dir, splits)
+    return source, tuple(f"split {s} of {tfds_dir}" for s in splits), tuple(source.starts)
 
 
 def check_frames(stage: str, frames: int, temporal_ratio: int | None = None) -> None:
@@ -89,7 +168,8 @@ class ExampleTransform:
 
     def where(self, index: int) -> str:
         k = int(np.searchsorted(self.source_starts, index, side="right")) - 1
-        return f"shard {self.source_names[k]}, record {index - self.source_starts[k]}"
+        name = self.source_names[k]
+        return f"{name if name.startswith('split ') else 'shard ' + name}, record {index - self.source_starts[k]}"
 
     def _tok(self):
         if isinstance(self.tokenizer, (str, Path)):
@@ -242,11 +322,8 @@ def make_loader(data_cfg, *, tokenizer, global_batch_size: int, seed: int, proce
     if global_batch_size % process_count:
         raise ValueError(f"global batch {global_batch_size} is not a multiple of the {process_count} processes")
     per_process = global_batch_size // process_count
-    paths = shard_paths(data_cfg.path, data_cfg.stage)
-    source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+    source, names, starts = open_records(data_cfg.path, data_cfg.stage, data_cfg.get("format", "shards"))
     n = len(source)
-    sizes = [len(grain.sources.ArrayRecordDataSource([str(p)])) for p in paths]
-    starts = tuple(int(x) for x in np.cumsum([0] + sizes[:-1]))
     if n == 0:
         raise FileNotFoundError(f"data.path={data_cfg.path}: the shards hold no records")
     mine = (n - process_index + process_count - 1) // process_count
@@ -263,7 +340,7 @@ def make_loader(data_cfg, *, tokenizer, global_batch_size: int, seed: int, proce
                                  int(data_cfg.frame_stride), int(data_cfg.max_text_length),
                                  (float(data_cfg.drop_text), float(data_cfg.drop_id), float(data_cfg.drop_both)),
                                  tuple(data_cfg.class_words), tokenizer, bool(data_cfg.precomputed), null_text,
-                                 tuple(p.name for p in paths), starts)
+                                 names, starts)
     ds = grain.MapDataset.range(n)[process_index::process_count]  # ShardByJaxProcess: disjoint and complete
     if data_cfg.shuffle:
         ds = ds.shuffle(seed=seed)

@@ -45,17 +45,25 @@ def standin_faces(workdir: Path) -> Path:
     return pack
 
 
-def synthetic_dataset(workdir: Path, synthetic_cfg, face_models: Path, seed: int) -> Path:
-    from mm_jax.data.build import build_dataset
+def synthetic_dataset(workdir: Path, synthetic_cfg, face_models: Path, seed: int, data_format: str = "shards") -> Path:
+    """The demo set, built by ``mm_jax.data.build`` ("shards") or by the TFDS builder on Beam ("tfds")."""
     from mm_jax.demo.synthetic import make_demo_source
 
-    source, out = workdir / "synthetic_source", workdir / "synthetic_data"
+    source = workdir / "synthetic_source"
+    out = workdir / ("synthetic_data" if data_format == "shards" else "synthetic_tfds")
     if not _done(out):
         if not _done(source):
             _mark(make_demo_source(source, num_clips=synthetic_cfg.num_clips, num_images=synthetic_cfg.num_images,
                                    frames=synthetic_cfg.frames, height=synthetic_cfg.height,
                                    width=synthetic_cfg.width, seed=seed))
-        build_dataset(source, out, face_models, progress=False)
+        if data_format == "tfds":
+            from mm_jax.data.prepare import prepare
+
+            prepare("mm_faces_manifest", source, out, face_models, workers=0, progress=False)
+        else:
+            from mm_jax.data.build import build_dataset
+
+            build_dataset(source, out, face_models, progress=False)
         _mark(out)
     return out
 
@@ -96,6 +104,6 @@ def prepare(cfg, workdir: str | Path) -> None:
         cfg.data.face_models = str(standin_faces(workdir))
     if cfg.data.path == "synthetic":
         cfg.data.path = str(synthetic_dataset(workdir, cfg.data.synthetic, Path(cfg.data.face_models),
-                                              int(cfg.train.seed)))
+                                              int(cfg.train.seed), cfg.data.get("format", "shards")))
     if cfg.sample.ref == "synthetic" and cfg.sample.enabled:
         cfg.sample.ref = str(reference_face(workdir))

@@ -1,0 +1,201 @@
+"""One source item -> one training record or a skip reason: the per-example work of every builder.
+
+``ExampleMaker(options)(item) -> Outcome``. Both the single-machine builder (``mm_jax.data.build``)
+and the Beam pipeline of the TFDS builders (``mm_jax.data.tfds``) call it, so both write the same
+records. Steps: caption check (+ optional rewrite, ``mm_jax.data.captions``) -> read the target
+(JPEG frames, up to ``max_frames``) -> the largest face per frame (box + 5 landmarks; frames without
+one are recorded as such) -> the target's ArcFace embedding (mean over its faces, normalized) -> a
+reference face: the item's ``ref`` image if given, else for a clip the face frame farthest from
+the middle frame [ours], for a lone image the image itself -> cosine filter (reference vs target,
+``min_similarity``, 0.5 as magic_mirror_reference.md 5) -> the record (``mm_jax.data.records``),
+with the reference stored as its 224 CLIP-aligned crop + ArcFace embedding.
+
+Skip reasons: no_class_word, unreadable, no_face, unreadable_ref, no_face_in_ref, low_similarity,
+and "error: <type>: <message>" for anything unexpected (a bug or an odd file never stops a build).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Any
+
+import numpy as np
+
+from mm_jax.data.captions import CaptionCheck, CaptionRule, fix_caption, rules_to_json
+from mm_jax.data.records import encode_record
+from mm_jax.data.sources import IMAGE_EXT, item_kind, source_name
+from mm_jax.text import CLASS_WORDS
+
+SKIP_REASONS = ("no_class_word", "unreadable", "no_face", "unreadable_ref", "no_face_in_ref", "low_similarity")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleOptions:
+    face_models: str
+    max_frames: int = 49
+    min_similarity: float = 0.5
+    det_size: int = 640
+    jpeg_quality: int = 95
+    class_words: tuple[str, ...] = CLASS_WORDS
+    caption_rules: tuple[CaptionRule, ...] = ()
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the records' content, for summaries and dataset metadata."""
+        return {"face_models": self.face_models, "max_frames": self.max_frames, "min_similarity": self.min_similarity,
+                "det_size": self.det_size, "jpeg_quality": self.jpeg_quality,
+                "caption_rules": rules_to_json(self.caption_rules)}
+
+
+@dataclasses.dataclass
+class Outcome:
+    status: str                # "ok" | "skip"
+    caption: CaptionCheck      # the caption check (counted by the builders)
+    kind: str | None = None    # "image" | "video" when ok
+    record: bytes | None = None
+    reason: str | None = None  # when skipped
+
+
+# -- reading -------------------------------------------------------------------------------------
+def _decode_clip(src, *, span=None, frames=None, max_frames: int) -> np.ndarray:
+    """RGB uint8 (F, H, W, 3) of a clip (a path or a file object), limited to ``span`` seconds or
+    the ``frames`` [f0, f1) range, at most ``max_frames`` frames."""
+    import av
+
+    out = []
+    with av.open(src) as container:
+        stream = container.streams.video[0]
+        if span and span[0] > 0 and stream.time_base:
+            container.seek(int(span[0] / stream.time_base), stream=stream)  # to the keyframe before
+        for i, frame in enumerate(container.decode(stream)):
+            t = float(frame.pts * stream.time_base) if frame.pts is not None and stream.time_base else None
+            if frames and i < frames[0]:
+                continue
+            if frames and i >= frames[1]:
+                break
+            if span and t is not None and t < span[0]:
+                continue
+            if span and t is not None and t >= span[1]:
+                break
+            out.append(frame.to_ndarray(format="rgb24"))
+            if len(out) >= max_frames:
+                break
+    if not out:
+        raise ValueError("no frames decoded")
+    return np.stack(out)
+
+
+def read_media(item: dict, max_frames: int) -> tuple[str, np.ndarray]:
+    """-> (kind, RGB uint8 frames (F, H, W, 3)). Raises for anything unreadable."""
+    import imageio.v3 as iio
+
+    from mm_jax.video_io import read_video
+
+    kind, data = item_kind(item), item.get("data")
+    if kind == "image":
+        ext = "." + (item.get("member") or item["path"]).rsplit(".", 1)[-1].lower()
+        img = np.asarray(iio.imread(data, extension=ext if ext in IMAGE_EXT else None) if data is not None
+                         else iio.imread(item["path"]))
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=-1)
+        return "image", img[None, ..., :3]
+    if data is not None or item.get("span") or item.get("frames"):
+        src = io.BytesIO(data) if data is not None else item["path"]
+        return "video", _decode_clip(src, span=item.get("span"), frames=item.get("frames"), max_frames=max_frames)
+    frames = read_video(item["path"])
+    if frames.ndim != 4 or len(frames) == 0:
+        raise ValueError(f"no frames decoded (shape {frames.shape})")
+    return "video", frames[:max_frames]
+
+
+def _jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def _largest(dets: np.ndarray) -> int:
+    return int(np.argmax((dets[:, 2] - dets[:, 0]) * (dets[:, 3] - dets[:, 1])))
+
+
+# -- one item --------------------------------------------------------------------------------------
+class ExampleMaker:
+    """``maker(item) -> Outcome``; the face models load on first use (once per process or Beam
+    worker: keep one maker per process)."""
+
+    def __init__(self, options: ExampleOptions):
+        self.options = options
+        self._analyzer = None
+
+    def analyzer(self):
+        if self._analyzer is None:
+            from mm_jax.face import FaceAnalyzer
+
+            self._analyzer = FaceAnalyzer(self.options.face_models, det_size=self.options.det_size)
+        return self._analyzer
+
+    def __call__(self, item: dict) -> Outcome:
+        """Never raises for bad input; an unexpected exception becomes the skip reason "error: ..."."""
+        check = fix_caption(item.get("caption") or "", self.options.caption_rules, self.options.class_words)
+        try:
+            return self._make(item, check)
+        except Exception as e:  # a bug or an odd file must not kill the whole build
+            return Outcome("skip", check, reason=f"error: {type(e).__name__}: {e}")
+
+    def _make(self, item: dict, check: CaptionCheck) -> Outcome:
+        o = self.options
+        if not check.ok:
+            return Outcome("skip", check, reason="no_class_word")
+        try:
+            kind, frames = read_media(item, o.max_frames)
+        except Exception:  # any decoder failure: the file is unreadable
+            return Outcome("skip", check, reason="unreadable")
+        fa = self.analyzer()
+        n = len(frames)
+        boxes = np.full((n, 4), np.nan, np.float32)
+        kps = np.zeros((n, 5, 2), np.float32)
+        found = np.zeros((n,), bool)
+        crops = []
+        for i, f in enumerate(frames):
+            bgr = np.ascontiguousarray(f[..., ::-1])
+            dets, pts = fa.detect(bgr)
+            if len(dets):
+                j = _largest(dets)
+                boxes[i], kps[i], found[i] = dets[j, :4], pts[j], True
+                crops.append(fa.align(bgr, pts[j], fa.models.rec_size))
+        if not found.any():
+            return Outcome("skip", check, reason="no_face")
+        emb = fa.embed_crops(crops)
+        target = emb.mean(0)
+        target = (target / max(np.linalg.norm(target), 1e-12)).astype(np.float32)
+        if item.get("ref"):
+            try:
+                from mm_jax.face import read_image
+
+                ref_bgr = read_image(item["ref"])
+            except Exception:
+                return Outcome("skip", check, reason="unreadable_ref")
+            dets, pts = fa.detect(ref_bgr)
+            if not len(dets):
+                return Outcome("skip", check, reason="no_face_in_ref")
+            ref_kps, ref_frame = pts[_largest(dets)], -1
+            ref_emb = fa.embed_crops([fa.align(ref_bgr, ref_kps, fa.models.rec_size)])[0]
+        else:
+            idx = np.flatnonzero(found)
+            ref_frame = int(idx[np.argmax(np.abs(idx - (n - 1) / 2))])  # farthest from the middle frame
+            ref_bgr = np.ascontiguousarray(frames[ref_frame][..., ::-1])
+            ref_kps = kps[ref_frame]
+            ref_emb = emb[int(np.searchsorted(idx, ref_frame))]
+        similarity = float(np.dot(ref_emb, target))
+        if similarity < o.min_similarity:
+            return Outcome("skip", check, reason="low_similarity")
+        ref_crop = fa.align(ref_bgr, ref_kps, 224)[..., ::-1]
+        q = o.jpeg_quality
+        record = {"kind": kind, "source": source_name(item), "caption": check.caption,
+                  "height": int(frames.shape[1]), "width": int(frames.shape[2]), "frames": [_jpeg(f, q) for f in frames],
+                  "boxes": boxes, "kps": kps, "face_found": found, "ref_crop": _jpeg(ref_crop, q),
+                  "ref_embedding": ref_emb.astype(np.float32), "target_embedding": target, "ref_frame": ref_frame,
+                  "similarity": similarity}
+        return Outcome("ok", check, kind=kind, record=encode_record(record))

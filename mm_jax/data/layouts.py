@@ -1,0 +1,352 @@
+"""The file layouts users download, read into source items (``mm_jax.data.sources``), offline.
+
+A layout lists its work in two steps, so that a cluster spreads the reading: ``units(src)`` runs
+where the build is launched and returns small JSON-able units (a file, a row range, a chunk of
+names); ``items(unit)`` runs on the workers and yields the items. ``kinds(units)`` names the
+splits ("image", "video") the items can fall in.
+
+    manifest     the generic input: a folder of media + captions.jsonl / <name>.txt, or a JSONL
+                 manifest {"path", "caption", "ref"}
+    laion_face   LAION-Face / img2dataset output: *.parquet with image bytes (column jpg/png/webp/
+                 image) or a path column, and a caption column (caption/TEXT/text); or webdataset
+                 *.tar shards of <key>.jpg + <key>.txt (or <key>.json with "caption")
+    sfhq         SFHQ-style image folder (searched recursively) + a captions file (--captions: CSV
+                 with a file column and a caption column, JSONL {"file", "caption"} or JSON
+                 {file: caption}); images without a caption get "" (counted, see captions.py)
+    clips_csv    OpenVid-1M / Panda-70M-style CSV: a clip column (video/path/file/filename, or
+                 videoID -> <videoID>.mp4) resolved under --video-root, a caption column, optional
+                 spans: start/end seconds columns or Panda's timestamp lists (one item per span,
+                 with the matching entry of a caption list)
+    consisid     ConsisID's training layout: captions/<name>.json ([{"path", "cap", ...}]) with
+                 <name>/videos/ and <name>/refine_bbox_jsons/<clip>.json (per-frame face boxes); a
+                 clip is cut to the frames between its first and last annotated face
+    opens2v      OpenS2V-5M regular-pair JSONs ({clip_id: {"metadata": {"path", "cap", "face_cut"
+                 or "cut", ...}}}) with the clips under --video-root; a clip is cut to face_cut
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from mm_jax.data.sources import IMAGE_EXT, BuildError, item_kind, kind_of, list_items
+
+CHUNK = 1024  # items (or rows) per unit
+
+
+def _chunks(seq: list, n: int = CHUNK) -> list[list]:
+    return [seq[i:i + n] for i in range(0, len(seq), n)]
+
+
+def _first(columns, names: tuple[str, ...], what: str, where) -> str:
+    for n in names:
+        if n in columns:
+            return n
+    raise BuildError(f"{where}: no {what} column (looked for {', '.join(names)}; found {', '.join(map(str, columns))})")
+
+
+class Layout:
+    name = ""
+    KINDS: tuple[str, ...] = ("image", "video")
+
+    def __init__(self, **options: Any):
+        self.options = {k: v for k, v in options.items() if v is not None}
+
+    def units(self, src: str | Path) -> list[dict]:
+        raise NotImplementedError
+
+    def items(self, unit: dict) -> Iterator[dict]:
+        raise NotImplementedError
+
+    def kinds(self, units: list[dict]) -> tuple[str, ...]:
+        return self.KINDS
+
+
+# -- the generic input --------------------------------------------------------------------------
+class Manifest(Layout):
+    name = "manifest"
+
+    def units(self, src):
+        return [{"items": chunk} for chunk in _chunks(list_items(src))]
+
+    def items(self, unit):
+        yield from unit["items"]
+
+    def kinds(self, units):
+        found = {item_kind(it) for u in units for it in u["items"]}
+        return tuple(k for k in ("image", "video") if k in found)
+
+
+# -- LAION-Face: parquet or webdataset tar shards ----------------------------------------------
+class LaionFace(Layout):
+    name = "laion_face"
+    KINDS = ("image",)
+    IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image")
+    CAPTION_COLUMNS = ("caption", "TEXT", "text")
+    KEY_COLUMNS = ("key", "SAMPLE_ID", "id")
+
+    def units(self, src):
+        src = Path(src)
+        files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.suffix in (".parquet", ".tar"))
+        if not files:
+            raise BuildError(f"--src {src}: no .parquet or .tar shards")
+        units = []
+        for f in files:
+            if f.suffix == ".parquet":
+                import pyarrow.parquet as pq
+
+                try:
+                    groups = pq.ParquetFile(f).num_row_groups
+                except Exception:  # unreadable: one unit, whose reading is counted as skipped
+                    groups = 1
+                units += [{"parquet": str(f), "row_group": g} for g in range(groups)]
+            else:
+                units.append({"tar": str(f)})
+        return units
+
+    def items(self, unit):
+        yield from self._parquet(unit) if "parquet" in unit else self._tar(unit["tar"])
+
+    def _parquet(self, unit):
+        import pyarrow.parquet as pq
+
+        path = Path(unit["parquet"])
+        table = pq.ParquetFile(path).read_row_group(unit["row_group"])
+        cols = table.column_names
+        cap = _first(cols, self.CAPTION_COLUMNS, "caption", path)
+        img = next((c for c in self.IMAGE_COLUMNS if c in cols), None)
+        key = next((c for c in self.KEY_COLUMNS if c in cols), None)
+        paths = None if img else _first(cols, ("path", "file", "filename"), "image bytes or path", path)
+        for i, row in enumerate(table.to_pylist()):
+            name = str(row[key]) if key else f"{unit['row_group']}-{i}"
+            caption = row[cap] or ""
+            if paths:
+                p = Path(row[paths])
+                yield {"path": str(p if p.is_absolute() else path.parent / p), "caption": caption, "ref": None}
+                continue
+            data = row[img]
+            if isinstance(data, dict):  # Hugging Face Image feature: {"bytes", "path"}
+                data = data.get("bytes")
+            yield {"path": str(path), "member": f"{name}.{img if img != 'image' else 'jpg'}", "caption": caption,
+                   "ref": None, "data": data or b""}
+
+    @staticmethod
+    def _tar(path: str):
+        """Webdataset: consecutive members sharing a key form one sample."""
+        import tarfile
+
+        def sample(key, files):
+            image = next((n for n in files if Path(n).suffix.lower() in IMAGE_EXT), None)
+            if image is None:
+                return None
+            caption = files[next(n for n in files if n.endswith(".txt"))].decode() if any(
+                n.endswith(".txt") for n in files) else ""
+            if not caption and any(n.endswith(".json") for n in files):
+                caption = json.loads(files[next(n for n in files if n.endswith(".json"))]).get("caption") or ""
+            return {"path": path, "member": image, "caption": caption.strip(), "ref": None, "data": files[image]}
+
+        key, files = None, {}
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                k = m.name.rsplit(".", 1)[0] if "." in Path(m.name).name else m.name
+                if k != key and files:
+                    s = sample(key, files)
+                    if s:
+                        yield s
+                    files = {}
+                key = k
+                files[m.name] = tar.extractfile(m).read()
+        if files:
+            s = sample(key, files)
+            if s:
+                yield s
+
+
+# -- SFHQ: an image folder + a captions file -----------------------------------------------------
+def read_captions(path: Path) -> dict[str, str]:
+    """{file name or relative path: caption} from a CSV, JSONL or JSON captions file."""
+    if not path.is_file():
+        raise BuildError(f"--captions {path}: no such file")
+    if path.suffix == ".csv":
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            return {}
+        file_col = _first(rows[0].keys(), ("file", "filename", "image", "image_name", "image_id", "path"), "file", path)
+        cap_col = _first(rows[0].keys(), ("caption", "text", "prompt"), "caption", path)
+        return {r[file_col]: r[cap_col] or "" for r in rows}
+    if path.suffix == ".jsonl":
+        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        return {d.get("file") or d["path"]: d.get("caption", "") for d in lines}
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise BuildError(f"--captions {path}: expected a JSON object {{file: caption}}")
+    return {k: str(v) for k, v in data.items()}
+
+
+class Sfhq(Layout):
+    name = "sfhq"
+    KINDS = ("image",)
+
+    def units(self, src):
+        src = Path(src)
+        if not src.is_dir():
+            raise BuildError(f"--src {src}: no such image folder")
+        cap_file = self.options.get("captions") or next(
+            (str(p) for p in (src / "captions.csv", src / "captions.jsonl", src / "captions.json") if p.exists()), None)
+        if cap_file is None:
+            raise BuildError(f"--src {src}: no captions file; pass --captions FILE (CSV, JSONL or JSON)")
+        captions = read_captions(Path(cap_file))
+        images = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXT)
+        if not images:
+            raise BuildError(f"--src {src}: no images")
+        items = [{"path": str(p), "ref": None,
+                  "caption": captions.get(str(p.relative_to(src)), captions.get(p.name, captions.get(p.stem, "")))}
+                 for p in images]
+        return [{"items": chunk} for chunk in _chunks(items)]
+
+    def items(self, unit):
+        yield from unit["items"]
+
+
+# -- OpenVid-1M / Panda-70M style CSV --------------------------------------------------------------
+def _seconds(t) -> float:
+    """"0:01:02.500" / "62.5" / 62.5 -> 62.5"""
+    if isinstance(t, (int, float)):
+        return float(t)
+    parts = [float(x) for x in str(t).strip().split(":")]
+    return sum(v * 60 ** k for k, v in enumerate(reversed(parts)))
+
+
+def _maybe_list(v):
+    if isinstance(v, str) and v.strip().startswith("["):
+        try:
+            return ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            return v
+    return v
+
+
+class ClipsCsv(Layout):
+    name = "clips_csv"
+    KINDS = ("video",)
+    CLIP_COLUMNS = ("video", "path", "file", "filename", "video_path", "videoID")
+
+    def units(self, src):
+        src = Path(src)
+        if not src.is_file():
+            raise BuildError(f"--src {src}: no such CSV file")
+        with src.open(newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if not header:
+                raise BuildError(f"--src {src}: empty CSV")
+            _first(header, self.CLIP_COLUMNS, "clip", src)
+            _first(header, ("caption", "text", "cap"), "caption", src)
+            rows = sum(1 for _ in reader)
+        return [{"csv": str(src), "start": a, "stop": min(a + CHUNK, rows)} for a in range(0, rows, CHUNK)]
+
+    def _root(self, csv_path: Path) -> Path:
+        if self.options.get("video_root"):
+            return Path(self.options["video_root"])
+        return next((d for d in (csv_path.parent / "video", csv_path.parent / "videos") if d.is_dir()), csv_path.parent)
+
+    def items(self, unit):
+        path = Path(unit["csv"])
+        root = self._root(path)
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            clip = _first(reader.fieldnames, self.CLIP_COLUMNS, "clip", path)
+            cap = _first(reader.fieldnames, ("caption", "text", "cap"), "caption", path)
+            for i, row in enumerate(reader):
+                if i < unit["start"]:
+                    continue
+                if i >= unit["stop"]:
+                    break
+                name = row[clip] + (".mp4" if clip == "videoID" and not kind_of(row[clip]) else "")
+                p = Path(name) if Path(name).is_absolute() else root / name
+                captions, spans = _maybe_list(row[cap]), None
+                if row.get("start") not in (None, "") and row.get("end") not in (None, ""):
+                    spans = [[row["start"], row["end"]]]
+                elif row.get("timestamp"):
+                    ts = _maybe_list(row["timestamp"])
+                    spans = ts if ts and isinstance(ts[0], (list, tuple)) else [ts]
+                if spans is None:
+                    yield {"path": str(p), "caption": captions if isinstance(captions, str) else captions[0], "ref": None}
+                    continue
+                for k, (s0, s1) in enumerate(spans):
+                    c = captions if isinstance(captions, str) else captions[min(k, len(captions) - 1)]
+                    yield {"path": str(p), "caption": c, "ref": None, "span": [_seconds(s0), _seconds(s1)]}
+
+
+# -- ConsisID ------------------------------------------------------------------------------------
+def _face_frames(bbox_json: Path) -> list[int] | None:
+    """[first, last + 1) over the frames with a face box in a ConsisID refine_bbox json, None if none."""
+    if not bbox_json.exists():
+        return None
+    frames = sorted(int(k) for k, v in json.loads(bbox_json.read_text()).items() if v.get("face"))
+    return [frames[0], frames[-1] + 1] if frames else None
+
+
+class Consisid(Layout):
+    name = "consisid"
+    KINDS = ("video",)
+
+    def units(self, src):
+        src = Path(src)
+        caption_files = sorted((src / "captions").glob("*.json"))
+        if not caption_files:
+            raise BuildError(f"--src {src}: no captions/<name>.json (ConsisID's layout: captions/, <name>/videos/, "
+                             f"<name>/refine_bbox_jsons/)")
+        units = []
+        for cf in caption_files:
+            entries = json.loads(cf.read_text())
+            if not isinstance(entries, list):
+                raise BuildError(f"{cf}: expected a list of {{path, cap}}")
+            units += [{"root": str(src / cf.stem), "entries": c} for c in _chunks(entries)]
+        return units
+
+    def items(self, unit):
+        root = Path(unit["root"])
+        for e in unit["entries"]:
+            name = Path(e["path"]).name
+            item = {"path": str(root / "videos" / name), "caption": e.get("cap") or "", "ref": None}
+            frames = _face_frames(root / "refine_bbox_jsons" / f"{Path(name).stem}.json")
+            if frames:
+                item["frames"] = frames
+            yield item
+
+
+# -- OpenS2V-5M ----------------------------------------------------------------------------------
+class Opens2v(Layout):
+    name = "opens2v"
+    KINDS = ("video",)
+
+    def units(self, src):
+        src = Path(src)
+        files = [src] if src.is_file() else sorted(src.rglob("*.json"))
+        if not files:
+            raise BuildError(f"--src {src}: no OpenS2V JSON files")
+        root = Path(self.options.get("video_root") or (src.parent if src.is_file() else src / "videos"))
+        return [{"json": str(f), "video_root": str(root)} for f in files]
+
+    def items(self, unit):
+        data = json.loads(Path(unit["json"]).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{unit['json']}: expected {{clip_id: {{metadata, ...}}}}")
+        for clip_id, entry in data.items():
+            meta = entry.get("metadata", {})
+            cap = meta.get("cap") or ""
+            item = {"path": str(Path(unit["video_root"]) / meta.get("path", f"{clip_id}.mp4")),
+                    "caption": cap[0] if isinstance(cap, list) else cap, "ref": None}
+            cut = meta.get("face_cut") or meta.get("cut")
+            if cut:
+                item["frames"] = [int(cut[0]), int(cut[1])]
+            yield item
+
+
+LAYOUTS = {c.name: c for c in (Manifest, LaionFace, Sfhq, ClipsCsv, Consisid, Opens2v)}

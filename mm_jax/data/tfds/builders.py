@@ -1,0 +1,101 @@
+"""TFDS builders: one per source layout (``mm_jax.data.layouts``), all writing the same examples.
+
+Splits: ``image`` (still images) and ``video`` (clips), whichever the source has; the image stage
+trains on both (one face frame of a clip), the video stage on ``video``. Example features:
+
+    record   bytes  the training record, ``mm_jax.data.records`` format MMR1 (what the loaders decode)
+    source   text   the source file (+ container entry / span)
+    caption  text   the caption trained on (after any rewrite)
+
+The build settings, the counters (records, skips by reason, caption checks) and the record format
+go into the dataset's ``metadata.json``. Build with ``python -m mm_jax.data.prepare``; the builders
+read local files only, nothing is downloaded.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mm_jax.data import layouts
+from mm_jax.data.example import ExampleOptions
+from mm_jax.data.records import MAGIC
+from mm_jax.data.sources import BuildError
+
+RECORD_FORMAT = MAGIC.decode()
+
+
+class RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base of the builders: ``LAYOUT`` lists the items; Beam makes the records."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Records in mm_jax.data.records format MMR1 (JSON header + raw blobs)."}
+    LAYOUT: type[layouts.Layout] = layouts.Layout
+
+    def __init__(self, *, src: str | None = None, options: ExampleOptions | None = None,
+                 layout_options: dict | None = None, progress_dir: str | None = None, **kwargs):
+        self._src, self._options = src, options
+        self._layout_options, self._progress_dir = dict(layout_options or {}), progress_dir
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self, description=f"Magic Mirror training records from a {self.LAYOUT.name} source.",
+            features=tfds.features.FeaturesDict({"record": tfds.features.Tensor(shape=(), dtype=np.object_),
+                                                 "source": tfds.features.Text(), "caption": tfds.features.Text()}),
+            metadata=tfds.core.MetadataDict())
+
+    def _split_generators(self, dl_manager, pipeline):
+        from mm_jax.data.tfds.pipeline import build_splits
+
+        if self._src is None or self._options is None:
+            raise BuildError(f"{self.name}: building needs src and options; use python -m mm_jax.data.prepare")
+        layout = self.LAYOUT(**self._layout_options)
+        units = layout.units(self._src)
+        kinds = layout.kinds(units)
+        if not units or not kinds:
+            raise BuildError(f"--src {self._src}: nothing to build ({layout.name} layout)")
+        self.info.metadata.update({"record_format": RECORD_FORMAT, "layout": layout.name, "src": str(self._src),
+                                   "layout_options": self._layout_options, "settings": self._options.settings()})
+        return build_splits(pipeline, layout, units, kinds, self._options, str(self.data_path / "skipped"),
+                            self._progress_dir)
+
+    def _generate_examples(self):
+        raise NotImplementedError("the splits are Beam PCollections made in _split_generators")
+
+    def _process_pipeline_result(self, pipeline_result) -> None:
+        from apache_beam.metrics.metric import MetricsFilter
+
+        from mm_jax.data.tfds.pipeline import NAMESPACE
+
+        counters: dict[str, int] = {}
+        for r in pipeline_result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
+            value = r.committed if r.committed is not None else r.attempted
+            counters[r.key.metric.name] = counters.get(r.key.metric.name, 0) + int(value or 0)
+        self.info.metadata["counters"] = dict(sorted(counters.items()))
+
+
+class MmFacesManifest(RecordsBuilder):
+    LAYOUT = layouts.Manifest
+
+
+class MmLaionFace(RecordsBuilder):
+    LAYOUT = layouts.LaionFace
+
+
+class MmSfhq(RecordsBuilder):
+    LAYOUT = layouts.Sfhq
+
+
+class MmClipsCsv(RecordsBuilder):
+    LAYOUT = layouts.ClipsCsv
+
+
+class MmConsisid(RecordsBuilder):
+    LAYOUT = layouts.Consisid
+
+
+class MmOpens2v(RecordsBuilder):
+    LAYOUT = layouts.Opens2v
+
+
+BUILDERS = {c.name: c for c in (MmFacesManifest, MmLaionFace, MmSfhq, MmClipsCsv, MmConsisid, MmOpens2v)}

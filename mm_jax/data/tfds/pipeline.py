@@ -1,0 +1,113 @@
+"""The Beam pipeline of a build: units -> items -> (deduplicated, spread over workers) -> records.
+
+    units | ExpandUnit (layout.items on the workers) | GroupByKey on the item key (drops duplicates,
+    spreads the work) | MakeRecords (ExampleMaker: faces, reference, cosine filter; face models
+    loaded once per worker process in DoFn.setup) | Partition by kind -> one PCollection per split
+
+Counters (Beam metrics, namespace "mm_jax"): records/<kind>, skipped/<reason> (an unexpected
+error counts as skipped/error), skipped/unreadable_file (a container or listing file that could
+not be read; what was read before the error is kept), skipped/duplicate, and the caption checks
+captions/without_class_word, captions/rewritten/<rule>, captions/dropped. Each skipped item is
+also written to ``skipped-*.jsonl`` ({"path", "reason"}) beside the dataset.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.utils.shared import Shared
+
+from mm_jax.data.example import ExampleMaker, ExampleOptions
+from mm_jax.data.sources import item_key, source_name
+
+NAMESPACE = "mm_jax"
+SKIPPED = "skipped"
+_MAKERS = Shared()  # one ExampleMaker (and so one set of face models) per worker process
+
+
+def _count(name: str, n: int = 1) -> None:
+    Metrics.counter(NAMESPACE, name).inc(n)
+
+
+class ExpandUnit(beam.DoFn):
+    """unit -> (key, item) for each item of the unit; an unreadable file is counted and logged."""
+
+    def __init__(self, layout):
+        self.layout = layout
+
+    def process(self, unit: dict):
+        try:
+            for item in self.layout.items(unit):
+                yield item_key(item), item
+        except Exception as e:  # a corrupt container or listing file: the other files go on
+            _count("skipped/unreadable_file")
+            where = next((str(v) for k, v in unit.items() if k in ("parquet", "tar", "csv", "json", "root")), "?")
+            yield beam.pvalue.TaggedOutput(SKIPPED, {"path": where, "reason": f"unreadable_file: {type(e).__name__}: {e}"})
+
+
+def first_of_key(kv):
+    """(key, [items]) -> (key, item): the same source listed twice is built once."""
+    key, items = kv
+    items = list(items)
+    if len(items) > 1:
+        _count("skipped/duplicate", len(items) - 1)
+    return key, items[0]
+
+
+class MakeRecords(beam.DoFn):
+    """(key, item) -> (kind, (key, example)); skips go to the SKIPPED output as {"path", "reason"}.
+    ``progress_dir``: a local folder where each instance appends one byte per item (the DirectRunner
+    progress bar of ``mm_jax.data.prepare`` counts them)."""
+
+    def __init__(self, options: ExampleOptions, progress_dir: str | None = None):
+        self.options = options
+        self.progress_dir = progress_dir
+
+    def setup(self):
+        tag = hashlib.sha1(repr(self.options).encode()).hexdigest()
+        self._maker = _MAKERS.acquire(lambda: _loaded(ExampleMaker(self.options)), tag=tag)
+        self._progress = None
+        if self.progress_dir:
+            self._progress = open(Path(self.progress_dir) / f"{os.getpid()}-{id(self)}", "ab", buffering=0)
+
+    def teardown(self):
+        if getattr(self, "_progress", None):
+            self._progress.close()
+
+    def process(self, key_item):
+        key, item = key_item
+        o = self._maker(item)
+        if not o.caption.had_class_word:
+            _count("captions/without_class_word")
+            _count(f"captions/rewritten/{o.caption.rule}" if o.caption.rule else "captions/dropped")
+        if self._progress:
+            self._progress.write(b".")
+        if o.status == "ok":
+            _count(f"records/{o.kind}")
+            yield o.kind, (key, {"record": o.record, "source": source_name(item), "caption": o.caption.caption})
+        else:
+            _count("skipped/" + (o.reason if not o.reason.startswith("error") else "error"))
+            yield beam.pvalue.TaggedOutput(SKIPPED, {"path": source_name(item), "reason": o.reason})
+
+
+def _loaded(maker: ExampleMaker) -> ExampleMaker:
+    maker.analyzer()  # load the face models now, once per process, not on the first item
+    return maker
+
+
+def build_splits(pipeline, layout, units: list[dict], kinds: tuple[str, ...], options: ExampleOptions,
+                 skipped_path: str, progress_dir: str | None = None) -> dict:
+    """The split PCollections {kind: (key, example)} for ``GeneratorBasedBuilder._split_generators``;
+    also writes the skipped items to ``skipped_path``-*.jsonl."""
+    expanded = (pipeline | "Units" >> beam.Create(units) | "Reshuffle units" >> beam.Reshuffle()
+                | "Expand" >> beam.ParDo(ExpandUnit(layout)).with_outputs(SKIPPED, main="items"))
+    made = (expanded.items | "Deduplicate" >> beam.GroupByKey() | "First" >> beam.Map(first_of_key)
+            | "Make records" >> beam.ParDo(MakeRecords(options, progress_dir)).with_outputs(SKIPPED, main="made"))
+    ((expanded[SKIPPED], made[SKIPPED]) | "Skipped" >> beam.Flatten() | "To JSON" >> beam.Map(json.dumps)
+     | "Write skipped" >> beam.io.WriteToText(skipped_path, file_name_suffix=".jsonl"))
+    parts = made.made | "By kind" >> beam.Partition(lambda kv, n: kinds.index(kv[0]), len(kinds))
+    return {k: parts[i] | f"Examples {k}" >> beam.Map(lambda kv: kv[1]) for i, k in enumerate(kinds)}
