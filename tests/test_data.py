@@ -188,7 +188,8 @@ def test_building_from_an_empty_or_missing_source_is_an_error_that_writes_nothin
 
 def test_a_second_face_pack_or_detector_size_in_one_process_gets_its_own_analyzer(built, tmp_path):
     """The builder used to keep the first analyzer for the whole process, whatever was asked later."""
-    from mm_jax.data.build import list_items, process_item
+    from mm_jax.data import build
+    from mm_jax.data.example import ExampleOptions
     from mm_jax.data.records import decode_record
     from mm_jax.demo.standin_faces import make_detector, make_recognizer
 
@@ -197,20 +198,19 @@ def test_a_second_face_pack_or_detector_size_in_one_process_gets_its_own_analyze
     other.mkdir()
     make_detector(other / "det_10g.onnx", box=6.0)
     make_recognizer(other / "w600k_r50.onnx", seed=5)  # another identity space
-    item = next(it for it in list_items(root / "src") if it["path"].endswith("clip_0000.mp4"))
-    options = dict(max_frames=9, min_similarity=-1.0, det_size=640, jpeg_quality=90,
-                   class_words=("man", "woman", "person", "boy", "girl"))
-    records = {}
+    item = next(it for it in build.list_items(root / "src") if it["path"].endswith("clip_0000.mp4"))
+    records, analyzers = {}, {}
     for name, pack, det_size in (("first", root / "standin_faces", 640), ("other", other, 640),
                                  ("smaller", root / "standin_faces", 320)):
-        status, (kind, data) = process_item(item, dict(options, face_models=str(pack), det_size=det_size))
-        assert status == "ok"
-        records[name] = decode_record(data, name)
+        options = ExampleOptions(face_models=str(pack), max_frames=9, min_similarity=-1.0, det_size=det_size,
+                                 jpeg_quality=90, class_words=("man", "woman", "person", "boy", "girl"))
+        _, outcome = build._work((item, options))
+        assert outcome.status == "ok"
+        records[name] = decode_record(outcome.record, name)
+        analyzers[name] = build._MAKER.analyzer()
     assert not np.allclose(records["first"]["target_embedding"], records["other"]["target_embedding"], atol=1e-3)
-    from mm_jax.data.build import _analyzer
-
-    assert _analyzer(str(root / "standin_faces"), 320).input_size == (320, 320)
-    assert _analyzer(str(other), 640).models.folder == other
+    assert analyzers["smaller"].input_size == (320, 320)
+    assert analyzers["other"].models.folder == other
 
 
 def test_the_private_grain_members_the_loader_drains_exist():

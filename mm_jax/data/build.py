@@ -15,7 +15,6 @@ without a class word (``--caption-rules`` can rewrite them first, ``mm_jax.data.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -106,13 +105,15 @@ def build_dataset(src: str | Path, out: str | Path, face_models: str | Path, *, 
     out = Path(out)
     check_options(workers=workers, shard_size=shard_size, max_frames=max_frames, min_similarity=min_similarity,
                   jpeg_quality=jpeg_quality)
-    _analyzer(str(face_models), int(det_size))  # fail early, with the face module's message, on a bad pack or size
-    items = list_items(src)  # and on a missing or empty source, before anything is written
-    out.mkdir(parents=True, exist_ok=True)
     options = ExampleOptions(face_models=str(face_models), max_frames=int(max_frames),
                              min_similarity=float(min_similarity), det_size=int(det_size),
                              jpeg_quality=int(jpeg_quality), class_words=tuple(class_words),
                              caption_rules=tuple(caption_rules))
+    global _MAKER
+    _MAKER = ExampleMaker(options)
+    _MAKER.analyzer()  # fail early, with the face module's message, on a bad pack or size
+    items = list_items(src)  # and on a missing or empty source, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.tmp"):  # a shard a killed run did not finish; its items are redone
         stale.unlink()
     done = {d["key"] for d in _read_done(out)}
