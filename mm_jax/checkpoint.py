@@ -2,11 +2,17 @@
 
 Layout of a converted (or trained) checkpoint folder::
 
-    DIR/mm_jax_checkpoint.json        {"format": 1, "components": [...]}
+    DIR/mm_jax_checkpoint.json        {"format": 2, "components": [...]}
     DIR/<component>/config.json       the architecture (diffusers/transformers field names)
-    DIR/<component>/params/<group>/   Orbax checkpoints of flat {"a/b/0/kernel": array} dicts, one
-                                      per group (a top-level module, or one numbered block), so
-                                      writing and reading hold at most one block in host memory
+    DIR/<component>/params/<group>/   Orbax checkpoints of flat {"a/b/kernel": array} dicts, one
+                                      per group: a top-level module, one numbered list entry, or
+                                      one stacked parameter (the layers of a stack, e.g. all 42
+                                      ``transformer_blocks/attn1/to_q/kernel``), so writing and
+                                      reading hold at most one group in host memory
+
+Format 2 stores stacks of identical layers (``components.ComponentSpec.stacks``) as one array
+with a leading layers axis, as the scanned networks hold them. Format 1 kept one group per
+block; such folders are refused with a message to re-convert.
     DIR/tokenizer/, DIR/scheduler/    copied verbatim from the source pipeline
 
 Restoring builds the network abstractly (``nnx.eval_shape``), derives each parameter's
@@ -27,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from mm_jax import components, parallel
 
 INDEX_FILE = "mm_jax_checkpoint.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def flat_key(path: tuple) -> str:
@@ -39,9 +45,12 @@ def _path_from_key(key: str) -> tuple:
 
 
 def abstract_model(name: str, cfg: Any):
-    """The component's network with ``jax.ShapeDtypeStruct`` leaves (no memory, no compute)."""
+    """The component's network with ``jax.ShapeDtypeStruct`` leaves (no memory, no compute), with
+    no shardings attached: they come from ``parallel.state_shardings`` for whatever mesh is meant
+    (under a mesh, ``nnx.eval_shape`` would read the logical axis names as mesh axes)."""
     spec = components.get(name)
-    return nnx.eval_shape(lambda: spec.build(cfg, nnx.Rngs(0)))
+    with parallel.no_mesh():
+        return nnx.eval_shape(lambda: spec.build(cfg, nnx.Rngs(0)))
 
 
 def param_shapes(model) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -63,12 +72,21 @@ def read_index(ckpt_dir: str | Path) -> list[str]:
     if not idx.exists():
         raise FileNotFoundError(f"{ckpt_dir} is not an mm_jax checkpoint folder (no {INDEX_FILE}); "
                                 "make one with tools/convert_weights/from_torch.py")
-    return json.loads(idx.read_text())["components"]
+    index = json.loads(idx.read_text())
+    fmt = index.get("format", 1)
+    if fmt != FORMAT_VERSION:
+        raise ValueError(f"{ckpt_dir} is an mm_jax checkpoint of format {fmt}; this version reads format "
+                         f"{FORMAT_VERSION} (stacked layers). Re-convert it with tools/convert_weights/from_torch.py "
+                         f"(a trained adapter: re-export it by running training again on its workdir)")
+    return index["components"]
 
 
-def group_of(key: str) -> str:
-    """The save group of a flat key: the path up to its first list index (``transformer_blocks.3``),
-    else its top-level module (``patch_embed``)."""
+def group_of(name: str, key: str) -> str:
+    """The save group of component ``name``'s flat key: a stacked parameter is its own group
+    (``transformer_blocks.attn1.to_q.kernel``); otherwise the path up to its first list index
+    (``down_blocks.3``), else its top-level module (``patch_embed``)."""
+    if components.stack_of(name, key):
+        return key.replace("/", ".")
     parts = key.split("/")
     for i, p in enumerate(parts[:-1]):
         if p.isdigit():
@@ -76,7 +94,7 @@ def group_of(key: str) -> str:
     return parts[0] if len(parts) > 1 else "_root"
 
 
-def save_params(folder: Path, flat: Mapping[str, Any], progress: bool = False) -> None:
+def save_params(folder: Path, name: str, flat: Mapping[str, Any], progress: bool = False) -> None:
     """Orbax-save a flat ``{key: array-or-callable}`` dict into ``folder/params``, one group at a time.
 
     A value may be a zero-argument callable producing the array, so a caller streaming from disk
@@ -84,7 +102,7 @@ def save_params(folder: Path, flat: Mapping[str, Any], progress: bool = False) -
     """
     groups: dict[str, list[str]] = {}
     for k in flat:
-        groups.setdefault(group_of(k), []).append(k)
+        groups.setdefault(group_of(name, k), []).append(k)
     root = Path(folder).absolute() / "params"
     root.mkdir(parents=True, exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
@@ -104,7 +122,7 @@ def save_component(ckpt_dir: str | Path, name: str, cfg: Any, flat: Mapping[str,
     folder = Path(ckpt_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
-    save_params(folder, flat, progress)
+    save_params(folder, name, flat, progress)
 
 
 def save_module(ckpt_dir: str | Path, name: str, module: nnx.Module) -> None:
@@ -126,10 +144,11 @@ def load_component(ckpt_dir: str | Path, name: str, *, mesh: Mesh | None = None,
     ``overrides`` set runtime config fields, e.g. ``dtype="bfloat16", param_dtype="bfloat16"``;
     stored arrays are cast to ``param_dtype`` as they are read.
     """
+    if (Path(ckpt_dir) / INDEX_FILE).exists():
+        read_index(ckpt_dir)  # refuses an older format with a message to re-convert
     cfg = load_config(ckpt_dir, name, **overrides)
     mesh = mesh or parallel.make_mesh()
-    with jax.set_mesh(mesh):
-        abstract = abstract_model(name, cfg)
+    abstract = abstract_model(name, cfg)
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     params_target = {}
@@ -142,7 +161,7 @@ def load_component(ckpt_dir: str | Path, name: str, *, mesh: Mesh | None = None,
     ckptr = ocp.StandardCheckpointer()
     groups: dict[str, dict[str, Any]] = {}
     for k, t in params_target.items():
-        groups.setdefault(group_of(k), {})[k] = t
+        groups.setdefault(group_of(name, k), {})[k] = t
     stored_groups = {p.name for p in params_dir.iterdir()} if params_dir.is_dir() else set()
     problems = [f"missing group {g} ({len(ts)} params)" for g, ts in groups.items() if g not in stored_groups]
     problems += [f"unexpected group {g}" for g in sorted(stored_groups - set(groups))]

@@ -25,6 +25,9 @@ class ComponentSpec:
     config_cls: type          # a ConfigBase: from_dict / to_dict / dtype fields
     model_cls: type           # an nnx.Module taking (cfg, rngs=...)
     source_classes: tuple[str, ...] = ()   # diffusers _class_name / transformers architectures
+    # stacks of identical layers, by their path in our parameter tree ("a/b"): one parameter with
+    # a leading "layers" axis there holds what the torch state dict keeps as "a.b.0. ...", "a.b.1. ..."
+    stacks: tuple[str, ...] = ()
 
     def config_from_dict(self, d: dict, **overrides) -> Any:
         return self.config_cls.from_dict(d, **overrides)
@@ -34,12 +37,14 @@ class ComponentSpec:
 
 
 COMPONENTS: dict[str, ComponentSpec] = {
-    "transformer": ComponentSpec("transformer", DiTConfig, CogVideoXTransformer3D, ("CogVideoXTransformer3DModel",)),
+    "transformer": ComponentSpec("transformer", DiTConfig, CogVideoXTransformer3D, ("CogVideoXTransformer3DModel",),
+                                 stacks=("transformer_blocks",)),
     "vae": ComponentSpec("vae", VAEConfig, AutoencoderKLCogVideoX, ("AutoencoderKLCogVideoX",)),
     "text_encoder": ComponentSpec("text_encoder", T5Config, T5Encoder, ("T5EncoderModel",)),
     "image_encoder": ComponentSpec("image_encoder", CLIPVisionConfig, CLIPVisionTower,
                                    ("CLIPVisionModel", "CLIPModel", "CLIPVisionModelWithProjection")),
-    "adapter": ComponentSpec("adapter", AdapterConfig, MagicMirrorAdapter, ("MagicMirrorAdapter",)),
+    "adapter": ComponentSpec("adapter", AdapterConfig, MagicMirrorAdapter, ("MagicMirrorAdapter",),
+                             stacks=("face_perceiver/layers", "id_perceiver/layers", "can")),
     # the whole CLIP model (both towers + projections) for evaluation's text alignment; a CLIPModel
     # folder converts to image_encoder unless this one is asked for (--components clip)
     "clip": ComponentSpec("clip", CLIPConfig, CLIPModel),
@@ -53,6 +58,14 @@ def get(name: str) -> ComponentSpec:
     if name not in COMPONENTS:
         raise ValueError(f"unknown component {name!r}; known: {', '.join(sorted(COMPONENTS))}")
     return COMPONENTS[name]
+
+
+def stack_of(name: str, key: str) -> str | None:
+    """The stack (a path of ``COMPONENTS[name].stacks``) that flat key ``key`` lies in, or None."""
+    for prefix in get(name).stacks:
+        if key.startswith(prefix + "/"):
+            return prefix
+    return None
 
 
 def from_source_class(class_name: str) -> ComponentSpec | None:

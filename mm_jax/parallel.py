@@ -1,7 +1,8 @@
 """Meshes and logical-axis sharding: the only module that knows mesh axis names.
 
-Models annotate parameters (``nnx.Param(..., logical_axes=("embed", "mlp"))``) and activations
-(``constrain(x, ("batch", "seq", "embed"))``) with *logical* names. ``LOGICAL_RULES`` below maps
+Models annotate parameters (``nnx.with_partitioning(init, ("embed", "mlp"))``, through
+``mm_jax.models.layers``) and activations (``constrain(x, ("batch", "seq", "embed"))``) with
+*logical* names. ``LOGICAL_RULES`` below maps
 those names to the physical mesh axes, once, for the whole project. A logical dimension that does
 not divide evenly over its mesh axes is replicated instead, so every configuration (tiny test
 models included) runs on every mesh.
@@ -85,6 +86,12 @@ def make_mesh(shape: Mapping[str, int] | str | None = None, devices: Sequence[An
     return Mesh(arr, MESH_AXES)
 
 
+def no_mesh():
+    """A context with no mesh set (inside one that has one): for building or shape-evaluating
+    models whose parameters carry logical names, which are not mesh axes."""
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ()))
+
+
 def maybe_initialize_distributed() -> None:
     """Call ``jax.distributed.initialize()`` when launched as one of several processes.
 
@@ -154,9 +161,13 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
 
 
 def variable_spec(var: Any, mesh: Mesh) -> P:
-    """The ``PartitionSpec`` of one NNX variable (abstract or concrete) from its ``logical_axes``."""
+    """The mesh ``PartitionSpec`` of one NNX variable (abstract or concrete): its logical names
+    (``nnx.get_partition_spec``, i.e. the ``out_sharding`` metadata; the older ``logical_axes``
+    key is read too) mapped through ``LOGICAL_RULES``, dimensions that do not divide replicated."""
+    from flax import nnx
+
     meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
-    logical = meta.get("logical_axes")
+    logical = tuple(nnx.spmd.get_var_pspec(var) or ()) if meta.get("out_sharding") else meta.get("logical_axes")
     shape = var.get_value().shape if hasattr(var, "get_value") else var.shape
     if logical is not None and len(logical) != len(shape):
         raise ValueError(f"logical axes {logical} do not match a parameter of shape {shape}")
@@ -164,7 +175,9 @@ def variable_spec(var: Any, mesh: Mesh) -> P:
 
 
 def state_shardings(state: Any, mesh: Mesh) -> Any:
-    """A pytree of ``NamedSharding`` matching an ``nnx.State`` (from ``nnx.state`` or ``nnx.eval_shape``)."""
+    """``nnx.get_named_sharding`` with the project's rules: a pytree of ``NamedSharding`` matching an
+    ``nnx.State`` (from ``nnx.state`` or ``nnx.eval_shape``). Unlike nnx's own, a dimension its mesh
+    axes do not divide is replicated instead of failing, so any config runs on any mesh."""
     from flax import nnx
 
     flat = nnx.to_flat_state(state)

@@ -32,9 +32,10 @@ for path, var in nnx.to_flat_state(nnx.state(m8, nnx.Param)):
     got = var.get_value().sharding
     assert got.is_equivalent_to(want, var.get_value().ndim), (path, got, want)
     checked += 1
-q = m8.transformer_blocks[0].attn1.to_q.kernel.get_value()
-assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor"), q.sharding.spec
-assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (q.shape[0] // 2, q.shape[1] // 2)
+q = m8.transformer_blocks.attn1.to_q.kernel.get_value()  # (layers, D, D): the stack is not split
+assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor"), q.sharding.spec
+assert len(q.addressable_shards) == 8
+assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 2, q.shape[2] // 2)
 with jax.set_mesh(mesh):
     xs = jax.device_put(x, NamedSharding(mesh, parallel.logical_to_spec(("batch",), x.shape, dict(mesh.shape))))
     y8 = np.asarray(nnx.jit(lambda m, *a: m(*a))(m8, xs, text, t))

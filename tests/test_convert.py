@@ -90,3 +90,15 @@ def test_bfloat16_output_and_cli(source, tmp_path):
     r = subprocess.run([sys.executable, "tools/convert_weights/from_torch.py", "--help"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 0 and "--check-manifest" in r.stdout
+
+
+def test_a_checkpoint_of_the_older_per_block_format_is_refused_with_a_message_to_reconvert(tmp_path):
+    import json
+
+    import pytest
+
+    from mm_jax import checkpoint
+
+    (tmp_path / checkpoint.INDEX_FILE).write_text(json.dumps({"format": 1, "components": ["transformer"]}))
+    with pytest.raises(ValueError, match="format 1.*Re-convert it with tools/convert_weights/from_torch.py"):
+        checkpoint.load_component(tmp_path, "transformer")

@@ -79,21 +79,46 @@ def test_attention_implementations_agree_with_a_key_mask(impl):
     assert max_rel_err(out, ref) <= 1e-6
 
 
+@pytest.mark.parametrize("impl", ["chunked", "xla"])
+def test_key_lengths_hide_a_suffix_of_the_keys(impl):
+    """The DiT's masking form: row b sees keys [0, kv_lengths[b]) (cuDNN and splash take it too)."""
+    import jax
+
+    from mm_jax.models.layers import attention
+
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 31, 3, 8), dtype=np.float32) for _ in range(3))
+    lengths = np.array([31, 24], np.int32)
+    mask = np.arange(31)[None, :] < lengths[:, None]
+    s = np.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(8) + np.where(mask, 0, -np.inf)[:, None, None, :]
+    p = np.exp(s - s.max(-1, keepdims=True))
+    ref = np.einsum("bnqk,bknh->bqnh", p / p.sum(-1, keepdims=True), v)
+    out = jax.jit(lambda q, k, v, n: attention(q, k, v, kv_lengths=n, implementation=impl))(q, k, v, lengths)
+    assert max_rel_err(out, ref) <= 1e-6
+
+
 @pytest.mark.slow  # over 30 s on 2 CPU cores
-def test_remat_policies_change_memory_not_numbers():
+def test_scanned_or_unrolled_blocks_and_every_remat_policy_give_the_same_output_and_gradients():
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from mm_jax.models.dit import CogVideoXTransformer3D, DiTConfig
+    from mm_jax.models.dit import REMAT_POLICIES, CogVideoXTransformer3D, DiTConfig
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 2, 8, 12, 4), dtype=np.float32)
     text = rng.standard_normal((1, 7, 32), dtype=np.float32)
-    grads = {}
-    for policy in ("none", "full", "dots"):
-        cfg = DiTConfig.from_dict({k: v for k, v in TINY.items()}, use_rotary_positional_embeddings=True,
-                                  remat_policy=policy)
-        m = CogVideoXTransformer3D(cfg, rngs=nnx.Rngs(0))
-        loss = lambda m: jnp.mean(m(x, text, jnp.array([10])) ** 2)
-        grads[policy] = nnx.grad(loss)(m).transformer_blocks[0].attn1.to_q.kernel.get_value()
-    assert max_rel_err(grads["full"], grads["none"]) <= 1e-6 and max_rel_err(grads["dots"], grads["none"]) <= 1e-6
+    got = {}
+    for scan in (True, False):
+        for policy in REMAT_POLICIES:
+            cfg = DiTConfig.from_dict(dict(TINY, num_layers=3), remat_policy=policy, scan_layers=scan)
+            m = CogVideoXTransformer3D(cfg, rngs=nnx.Rngs(0))
+            loss = lambda m: jnp.mean(m(x, text, jnp.array([10])) ** 2)
+            value, grads = nnx.value_and_grad(loss)(m)
+            got[scan, policy] = (float(value), [np.asarray(g) for g in jax.tree.leaves(nnx.state(grads, nnx.Param))])
+    value0, grads0 = got[True, "none"]
+    scale = max(float(np.max(np.abs(g))) for g in grads0)
+    assert len(got) == 2 * len(REMAT_POLICIES)
+    for key, (value, grads) in got.items():
+        assert abs(value - value0) <= 1e-6 * abs(value0), key
+        assert max(float(np.max(np.abs(g - g0))) for g, g0 in zip(grads, grads0)) <= 1e-6 * scale, key

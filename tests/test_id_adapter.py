@@ -25,16 +25,15 @@ ADAPTER = dict(dit_dim=32, text_dim=32, time_embed_dim=16, num_dit_layers=3, ada
 CLASS_INDEX = 2
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def _build(root, num_layers=3, adapter_layers=(0, 2)):
     from diffusers import CogVideoXTransformer3DModel
 
-    root = tmp_path_factory.mktemp("mm")
     torch.manual_seed(0)
-    dit_t = CogVideoXTransformer3DModel(**dict(TINY, num_layers=3, use_rotary_positional_embeddings=True)).eval()
+    dit_t = CogVideoXTransformer3DModel(**dict(TINY, num_layers=num_layers,
+                                               use_rotary_positional_embeddings=True)).eval()
     randomize_torch_params(dit_t, 0)
     dit_t.save_pretrained(root / "dit")
-    cfg = AdapterConfig(**ADAPTER)
+    cfg = AdapterConfig(**dict(ADAPTER, num_dit_layers=num_layers, adapter_layers=adapter_layers))
     ad_t = MagicMirrorAdapterTorch(cfg.to_dict()).eval()
     randomize_torch_params(ad_t, 1)  # every weight non-zero, the zero-init layers included
     (root / "adapter").mkdir()
@@ -43,6 +42,11 @@ def models(tmp_path_factory):
     dit = checkpoint.load_component(convert(root / "dit", root / "dit_ckpt"), "transformer")
     ad = checkpoint.load_component(convert(root / "adapter", root / "ad_ckpt"), "adapter")
     return dit_t, ad_t, dit, ad
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return _build(tmp_path_factory.mktemp("mm"))
 
 
 def _inputs(seed=0, b=2):
@@ -93,6 +97,18 @@ def test_adapter_matches_the_independent_torch_reference(models):
     assert err <= 1e-5
 
 
+@pytest.mark.parametrize("num_layers,adapter_layers", [(4, (0, 2)), (5, (1, 3)), (5, (0, 1, 3))])
+def test_other_adapter_block_patterns_match_the_torch_reference(tmp_path, num_layers, adapter_layers):
+    """The scan runs groups of p blocks from each adapter block; other patterns (a plain prefix,
+    irregular steps) still equal the reference, which applies the adapter block by block."""
+    dit_t, ad_t, dit, ad = _build(tmp_path, num_layers, adapter_layers)
+    x = _inputs()
+    got = _with_id(dit, ad, _cl(x["latents"]), x["text"].numpy(), x["t"].numpy(), x["clip"].numpy(),
+                   x["e_id"].numpy(), jnp.full((2,), CLASS_INDEX), jnp.array([False, True]))
+    want = np.concatenate([_torch_plain(dit_t, x, x["text"], slice(0, 1)), _torch_with_id(dit_t, ad_t, x, slice(1, 2))])
+    assert max_rel_err(got, want) <= 1e-5
+
+
 def test_without_a_reference_face_it_is_plain_cogvideox(models):
     dit_t, _, dit, ad = models
     x = _inputs()
@@ -141,15 +157,17 @@ def test_fresh_fusion_is_the_identity_on_the_class_token_and_keeps_the_length(fr
 
 
 def test_fresh_can_modulates_faces_like_text_with_zero_residuals(fresh):
+    from mm_jax.models.layers import layer
+
     dit, ad, _, x_id = fresh
     temb = dit.time_embed(jnp.array([999, 5]))
-    cond = ad.block_conditioning(x_id)
-    for i in ad.cfg.adapter_layers:
-        blk = dit.transformer_blocks[i]
+    cond = ad.conditioning(x_id)(temb)  # stacked over the adapter blocks
+    assert cond.extra_mod.shape[0] == len(ad.cfg.adapter_layers)
+    for k, i in enumerate(ad.cfg.adapter_layers):
+        blk = layer(dit.transformer_blocks, i)
         want = jnp.concatenate([blk.norm1.modulation(temb)[:, 3:6], blk.norm2.modulation(temb)[:, 3:6]], axis=1)
-        assert max_rel_err(cond(i, temb).extra_mod, want) <= 1e-6
-        assert float(jnp.max(jnp.abs(cond(i, temb).residual))) == 0.0
-    assert cond(1, temb) is None  # odd blocks carry no adapter
+        assert max_rel_err(cond.extra_mod[k], want) <= 1e-6
+        assert float(jnp.max(jnp.abs(cond.residual[k]))) == 0.0
 
 
 def _tokenizer():

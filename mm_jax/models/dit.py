@@ -8,11 +8,18 @@ norms and unpatchify.
 Public layout is channels-last: latents ``(B, F, H, W, C)`` in, ``(B, F, H, W, C_out)`` out,
 where F/H/W are *latent* frames/rows/columns (H, W multiples of the patch size).
 
-Adapter hooks (Magic Mirror): ``extra_tokens`` join the attention of the blocks for which
-``block_conditioning(i, temb)`` returns a ``BlockConditioning``; the sequence there is
-[extra, text, video]. Extra tokens get their own shift/scale/gate (a third "expert") and the
-conditioning adds residuals to the video/text shift and scale. Blocks where it returns None see
-only [text, video] and carry the extra stream through unchanged.
+The N blocks are one stack (parameters with a leading ``layers`` axis) run under ``lax.scan``, so
+the 42 blocks of the 5B compile as one body; ``remat_policy`` applies to the scan body.
+
+Adapter hooks (Magic Mirror): ``extra_tokens`` join the attention of the blocks listed in
+``adapter_layers``, whose modulation ``conditioning(temb)`` returns stacked (one entry per adapter
+block). The sequence there is [text, video, extra]; extra tokens get their own shift/scale/gate
+(a third "expert") and the conditioning adds residuals to the video/text shift and scale. The
+extra tokens are last so that masking them for some samples (the unconditional half of a CFG
+batch, ID dropout) is a per-row key length, which every attention kernel takes (cuDNN's padding
+mask, splash's segment ids), instead of a (B, T) key mask cuDNN refuses. Blocks without an
+adapter see only [text, video]. When the adapter sits in every p-th block from block 0 (the
+paper's every 2nd), the scanned unit is a group of p blocks, the first with the adapter.
 """
 from __future__ import annotations
 
@@ -22,20 +29,27 @@ from typing import Callable, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from mm_jax.models import layers as L
 from mm_jax.models.config_base import ConfigBase
-from mm_jax.models.layers import (Dense, LayerNorm, TimestepEmbedding, attention, canonical_dtype, gelu_tanh,
-                                  timestep_embedding)
+from mm_jax.models.layers import attention, canonical_dtype, gelu_tanh, timestep_embedding
 from mm_jax.models.positional import rope_3d, sincos_3d
 from mm_jax.parallel import constrain
 
+_cp = jax.checkpoint_policies
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_all": jax.checkpoint_policies.checkpoint_dots,
+    "none": None,                                              # no remat: everything is saved
+    "full": _cp.nothing_saveable,                              # recompute the whole scan body
+    "dots": _cp.dots_with_no_batch_dims_saveable,              # save the weight matmuls' outputs
+    "dots_all": _cp.checkpoint_dots,                           # save every matmul output
+    "save_attention": _cp.save_only_these_names("attention"),  # save the attention output only
+    # the same, moved to host memory between the passes (TPU / GPU; pinned host memory)
+    "offload_dots": _cp.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    "offload_attention": _cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["attention"], offload_src="device",
+        offload_dst="pinned_host"),
 }
 
 
@@ -76,8 +90,9 @@ class DiTConfig(ConfigBase):
     param_dtype: str = "float32"
     remat_policy: str = "none"
     attention_impl: Optional[str] = None
+    scan_layers: bool = True       # blocks under lax.scan (one compiled body) or unrolled
 
-    RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
+    RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl", "scan_layers")
     TAG = {"_class_name": "CogVideoXTransformer3DModel"}
     STRICT = True
 
@@ -110,42 +125,47 @@ class DiTConfig(ConfigBase):
 
 @flax.struct.dataclass
 class BlockConditioning:
-    """What an adapter gives one block (Magic Mirror's CAN), all ``(B, k, D)``.
+    """What an adapter gives its blocks (Magic Mirror's CAN), stacked over the adapter blocks.
 
-    extra_mod: (B, 6, D) shift, scale, gate of the extra tokens for attention, then for the FF.
-    residual:  (B, 8, D) added to (video shift, video scale, text shift, text scale) of norm1,
+    extra_mod: (A, B, 6, D) shift, scale, gate of the extra tokens for attention, then for the FF.
+    residual:  (A, B, 8, D) added to (video shift, video scale, text shift, text scale) of norm1,
                then the same four of norm2. Gates are never changed.
     """
     extra_mod: jax.Array
     residual: jax.Array
 
 
+def _dense(cfg, din, dout, axes, **kw):
+    return L.linear(din, dout, axes=axes, dtype=canonical_dtype(cfg.dtype), param_dtype=canonical_dtype(cfg.param_dtype),
+                    **kw)
+
+
+def _norm(cfg, dim, eps, affine=True):
+    return L.layer_norm(dim, eps=eps, affine=affine, dtype=canonical_dtype(cfg.dtype),
+                        param_dtype=canonical_dtype(cfg.param_dtype), rngs=nnx.Rngs(0))
+
+
 class PatchEmbed(nnx.Module):
     """Text projection and per-frame 2D patches (``CogVideoXPatchEmbed``, 1.0 models).
 
     text (B, L, T) -> (B, L, D); latents (B, F, H, W, C) -> (B, F*(H/p)*(W/p), D), tokens frame-major.
-    ``proj.kernel`` is the patch conv kernel (p, p, C, D); features are read as (dy, dx, c).
+    ``proj`` is the patch conv (kernel (p, p, C, D), stride p).
     """
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         p, c, d = cfg.patch_size, cfg.in_channels, cfg.inner_dim
         dtype, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
-        self.p = p
-        self.dtype = dtype
-        self.proj = nnx.Module()
-        self.proj.kernel = nnx.Param(jax.random.normal(rngs.params(), (p, p, c, d), pdt) / np.sqrt(p * p * c),
-                                     logical_axes=("patch", "patch", "channels", "embed"))
-        self.proj.bias = nnx.Param(jnp.zeros((d,), pdt), logical_axes=("embed",)) if cfg.patch_bias else None
-        self.text_proj = Dense(cfg.text_embed_dim, d, axes=("mlp", "embed"), dtype=dtype, param_dtype=pdt, rngs=rngs)
+        self.proj = nnx.Conv(c, d, kernel_size=(p, p), strides=(p, p), padding="VALID", use_bias=cfg.patch_bias,
+                             dtype=dtype, param_dtype=pdt,
+                             kernel_init=L.partitioned(nnx.initializers.lecun_normal(), "patch", "patch", "channels",
+                                                       "embed"),
+                             bias_init=L.partitioned(nnx.initializers.zeros, "embed"), rngs=rngs)
+        self.text_proj = _dense(cfg, cfg.text_embed_dim, d, ("mlp", "embed"), rngs=rngs)
 
     def __call__(self, text: jax.Array, latents: jax.Array):
         b, f, h, w, c = latents.shape
-        p = self.p
-        x = latents.astype(self.dtype).reshape(b, f, h // p, p, w // p, p, c)
-        x = jnp.einsum("bfiyjxc,yxcd->bfijd", x, self.proj.kernel[...].astype(self.dtype))
-        if self.proj.bias is not None:
-            x = x + self.proj.bias[...].astype(self.dtype)
-        return self.text_proj(text), x.reshape(b, f * (h // p) * (w // p), -1)
+        x = self.proj(latents.reshape(b * f, h, w, c))
+        return self.text_proj(text), x.reshape(b, -1, x.shape[-1])
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -167,9 +187,8 @@ class AdaLayerNormZero(nnx.Module):
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         d = cfg.inner_dim
-        dtype, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
-        self.linear = Dense(cfg.time_embed_dim, 6 * d, axes=("cond", "mlp"), dtype=dtype, param_dtype=pdt, rngs=rngs)
-        self.norm = LayerNorm(d, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine, dtype=dtype, param_dtype=pdt)
+        self.linear = _dense(cfg, cfg.time_embed_dim, 6 * d, ("cond", "mlp"), rngs=rngs)
+        self.norm = _norm(cfg, d, cfg.norm_eps, cfg.norm_elementwise_affine)
         self.d = d
 
     def modulation(self, temb: jax.Array) -> jax.Array:
@@ -198,29 +217,29 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         d, hd = cfg.inner_dim, cfg.attention_head_dim
-        dtype, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
-        kw = dict(use_bias=cfg.attention_bias, dtype=dtype, param_dtype=pdt, rngs=rngs)
-        self.to_q = Dense(d, d, axes=("embed", "heads"), **kw)
-        self.to_k = Dense(d, d, axes=("embed", "heads"), **kw)
-        self.to_v = Dense(d, d, axes=("embed", "heads"), **kw)
-        self.norm_q = LayerNorm(hd, eps=1e-6, dtype=dtype, param_dtype=pdt)
-        self.norm_k = LayerNorm(hd, eps=1e-6, dtype=dtype, param_dtype=pdt)
-        self.to_out = Dense(d, d, axes=("heads", "embed"), use_bias=True, dtype=dtype, param_dtype=pdt, rngs=rngs)
+        self.to_q = _dense(cfg, d, d, ("embed", "heads"), use_bias=cfg.attention_bias, rngs=rngs)
+        self.to_k = _dense(cfg, d, d, ("embed", "heads"), use_bias=cfg.attention_bias, rngs=rngs)
+        self.to_v = _dense(cfg, d, d, ("embed", "heads"), use_bias=cfg.attention_bias, rngs=rngs)
+        self.norm_q = _norm(cfg, hd, 1e-6)
+        self.norm_k = _norm(cfg, hd, 1e-6)
+        self.to_out = _dense(cfg, d, d, ("heads", "embed"), rngs=rngs)
         self.heads, self.head_dim = cfg.num_attention_heads, hd
         self.impl = cfg.attention_impl
 
-    def __call__(self, s: jax.Array, num_video: int, rope=None, key_mask=None) -> jax.Array:
-        """s: (B, S, D) with the last ``num_video`` tokens video -> (B, S, D)."""
+    def __call__(self, s: jax.Array, video: slice, rope=None, kv_lengths=None) -> jax.Array:
+        """s: (B, S, D) with the video tokens at ``video`` (a slice) -> (B, S, D). ``kv_lengths``
+        (B,): row b attends to its first kv_lengths[b] tokens (masked tokens are a suffix)."""
         b, n, _ = s.shape
         heads = lambda t: constrain(t.reshape(b, n, self.heads, self.head_dim), ("batch", "seq", "act_heads", None))
         q, k, v = heads(self.to_q(s)), heads(self.to_k(s)), heads(self.to_v(s))
         q, k = self.norm_q(q), self.norm_k(k)
         if rope is not None:
             cos, sin = rope
-            nv = num_video
-            q = jnp.concatenate([q[:, :-nv], apply_rope(q[:, -nv:], cos, sin)], axis=1)
-            k = jnp.concatenate([k[:, :-nv], apply_rope(k[:, -nv:], cos, sin)], axis=1)
-        o = attention(q, k, v, key_mask=key_mask, implementation=self.impl)
+            rot = lambda t: jnp.concatenate([t[:, :video.start], apply_rope(t[:, video], cos, sin),
+                                             t[:, video.stop:]], axis=1)
+            q, k = rot(q), rot(k)
+        o = attention(q, k, v, kv_lengths=kv_lengths, implementation=self.impl)
+        o = checkpoint_name(o, "attention")
         return self.to_out(o.reshape(b, n, -1))
 
 
@@ -229,9 +248,8 @@ class FeedForward(nnx.Module):
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         d = cfg.inner_dim
-        dtype, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
-        self.proj_in = Dense(d, 4 * d, axes=("embed", "mlp"), dtype=dtype, param_dtype=pdt, rngs=rngs)
-        self.proj_out = Dense(4 * d, d, axes=("mlp", "embed"), dtype=dtype, param_dtype=pdt, rngs=rngs)
+        self.proj_in = _dense(cfg, d, 4 * d, ("embed", "mlp"), rngs=rngs)
+        self.proj_out = _dense(cfg, 4 * d, d, ("mlp", "embed"), rngs=rngs)
 
     def __call__(self, x):
         h = constrain(gelu_tanh(self.proj_in(x)), ("batch", "seq", "act_mlp"))
@@ -247,39 +265,38 @@ class CogVideoXBlock(nnx.Module):
         self.norm2 = AdaLayerNormZero(cfg, rngs=rngs)
         self.ff = FeedForward(cfg, rngs=rngs)
 
-    def __call__(self, x, c, temb, rope=None, extra=None, extra_mask=None, cond: BlockConditioning | None = None):
-        L, N = c.shape[1], x.shape[1]
+    def __call__(self, x, c, temb, rope=None, extra=None, kv_lengths=None, cond: BlockConditioning | None = None):
+        """``cond`` (one block's, (B, 6, D) / (B, 8, D)) with ``extra``: the adapter block, over
+        [text, video, extra]; else the plain block over [text, video] (``extra`` passes through)."""
+        L_, N = c.shape[1], x.shape[1]
         use_extra = extra is not None and cond is not None
         r1 = cond.residual[:, :4] if use_extra else None
         r2 = cond.residual[:, 4:] if use_extra else None
+        video = slice(L_, L_ + N)
 
-        # attention over [extra, text, video]
+        # attention over [text, video, extra]
         xn, cn, gate, e_gate = self.norm1(x, c, temb, r1)
         parts = [cn, xn]
-        key_mask = None
         if use_extra:
             fn, f_gate = self.norm1.modulate(extra, cond.extra_mod[:, 0:3])
-            parts = [fn] + parts
-            if extra_mask is not None:
-                key_mask = jnp.concatenate([extra_mask, jnp.ones((x.shape[0], L + N), bool)], axis=1)
-        a = self.attn1(jnp.concatenate(parts, axis=1), N, rope, key_mask)
-        E = a.shape[1] - L - N
-        x = x + gate * a[:, E + L:]
-        c = c + e_gate * a[:, E:E + L]
+            parts.append(fn)
+        a = self.attn1(jnp.concatenate(parts, axis=1), video, rope, kv_lengths if use_extra else None)
+        c = c + e_gate * a[:, :L_]
+        x = x + gate * a[:, video]
         if use_extra:
-            extra = extra + f_gate * a[:, :E]
+            extra = extra + f_gate * a[:, L_ + N:]
 
         # feed-forward, jointly on the same concatenation
         xn, cn, gate, e_gate = self.norm2(x, c, temb, r2)
         parts = [cn, xn]
         if use_extra:
             fn, f_gate = self.norm2.modulate(extra, cond.extra_mod[:, 3:6])
-            parts = [fn] + parts
+            parts.append(fn)
         h = self.ff(jnp.concatenate(parts, axis=1))
-        x = constrain(x + gate * h[:, E + L:], ("batch", "seq", "act_embed"))
-        c = c + e_gate * h[:, E:E + L]
+        c = c + e_gate * h[:, :L_]
+        x = constrain(x + gate * h[:, video], ("batch", "seq", "act_embed"))
         if use_extra:
-            extra = extra + f_gate * h[:, :E]
+            extra = extra + f_gate * h[:, L_ + N:]
         return x, c, extra
 
 
@@ -288,15 +305,97 @@ class OutputNorm(nnx.Module):
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         d = cfg.inner_dim
-        dtype, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
-        self.linear = Dense(cfg.time_embed_dim, 2 * d, axes=("cond", "mlp"), dtype=dtype, param_dtype=pdt, rngs=rngs)
-        self.norm = LayerNorm(d, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine, dtype=dtype, param_dtype=pdt)
+        self.linear = _dense(cfg, cfg.time_embed_dim, 2 * d, ("cond", "mlp"), rngs=rngs)
+        self.norm = _norm(cfg, d, cfg.norm_eps, cfg.norm_elementwise_affine)
         self.d = d
 
     def __call__(self, x, temb):
         m = self.linear(jax.nn.silu(temb))
         shift, scale = m[:, None, :self.d], m[:, None, self.d:]
         return self.norm(x) * (1 + scale) + shift
+
+
+# --------------------------------------------------------------------------------------------
+# How the stack of blocks runs: segments of plain blocks, and groups that start with an adapter block.
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Blocks [start, stop) in groups of ``period``; with ``adapter`` set, the first block of group
+    g is adapter block ``adapter + g`` (its index into the stacked conditioning)."""
+    start: int
+    stop: int
+    period: int = 1
+    adapter: int | None = None
+
+
+def segments(num_layers: int, adapter_layers=()) -> list[Segment]:
+    """Cover blocks 0..num_layers-1 with the fewest scans: runs of plain blocks, and arithmetic runs
+    of adapter blocks with step p as groups of p blocks. The paper's pattern (every 2nd block from
+    0, 42 blocks) is one segment of 21 groups of 2; any other set of adapter blocks still works."""
+    a = sorted(adapter_layers)
+    out, pos, k = [], 0, 0
+    while k < len(a):
+        if a[k] > pos:
+            out.append(Segment(pos, a[k]))
+        p = a[k + 1] - a[k] if k + 1 < len(a) else 1
+        m = 1
+        while k + m < len(a) and a[k + m] - a[k + m - 1] == p:
+            m += 1
+        # the last group must end before the next adapter block and before the end
+        while m > 1 and (a[k + m - 1] + p > num_layers or (k + m < len(a) and a[k + m] < a[k + m - 1] + p)):
+            m -= 1
+        if a[k + m - 1] + p > num_layers:
+            p = 1
+        out.append(Segment(a[k], a[k] + m * p, p, k))
+        pos, k = a[k] + m * p, k + m
+    if pos < num_layers:
+        out.append(Segment(pos, num_layers))
+    return out
+
+
+def run_blocks(blocks: CogVideoXBlock, x, c, temb, rope, *, extra=None, kv_lengths=None,
+               cond: BlockConditioning | None = None, adapter_layers=(), remat_policy: str = "none",
+               scan_layers: bool = True):
+    """The stacked blocks over (x, c[, extra]) -> (x, c, extra). ``cond`` holds one entry per block
+    of ``adapter_layers``; without ``extra`` and ``cond`` every block is plain."""
+    n = L.stack_size(blocks)
+    if extra is None or cond is None:
+        adapter_layers = ()
+    remat = remat_policy != "none"
+    policy = REMAT_POLICIES[remat_policy]
+    pick = lambda tree, i: jax.tree.map(lambda t: t[i], tree)
+
+    def plain(carry, blk, _):
+        x, c = carry
+        x, c, _ = blk(x, c, temb, rope)
+        return (x, c), None
+
+    def group(carry, grp, g_cond):
+        x, c, f = carry
+        for j in range(L.stack_size(grp)):
+            x, c, f = L.layer(grp, j)(x, c, temb, rope, f, kv_lengths, g_cond if j == 0 else None)
+        return (x, c, f), None
+
+    for seg in segments(n, adapter_layers):
+        sub = L.layers_range(blocks, seg.start, seg.stop)
+        if seg.adapter is None:
+            if scan_layers:
+                (x, c), _ = L.scan(plain, (x, c), sub, remat=remat, remat_policy=policy)
+            else:
+                run = jax.checkpoint(plain, policy=policy) if remat else plain
+                for i in range(seg.stop - seg.start):
+                    (x, c), _ = run((x, c), L.layer(sub, i), None)
+            continue
+        groups = (seg.stop - seg.start) // seg.period
+        grouped = jax.tree.map(lambda t: t.reshape(groups, seg.period, *t.shape[1:]), sub)
+        g_cond = jax.tree.map(lambda t: t[seg.adapter:seg.adapter + groups], cond)
+        if scan_layers:
+            (x, c, extra), _ = L.scan(group, (x, c, extra), grouped, g_cond, remat=remat, remat_policy=policy)
+        else:
+            run = jax.checkpoint(group, policy=policy) if remat else group
+            for g in range(groups):
+                (x, c, extra), _ = run((x, c, extra), L.layer(grouped, g), pick(g_cond, g))
+    return x, c, extra
 
 
 class CogVideoXTransformer3D(nnx.Module):
@@ -311,13 +410,12 @@ class CogVideoXTransformer3D(nnx.Module):
         dtype, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
         d = cfg.inner_dim
         self.patch_embed = PatchEmbed(cfg, rngs=rngs)
-        self.time_embedding = TimestepEmbedding(d, cfg.time_embed_dim, dtype=dtype, param_dtype=pdt, rngs=rngs)
-        self.transformer_blocks = nnx.List([CogVideoXBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.norm_final = LayerNorm(d, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine, dtype=dtype,
-                                    param_dtype=pdt)
+        self.time_embedding = L.TimestepEmbedding(d, cfg.time_embed_dim, dtype=dtype, param_dtype=pdt, rngs=rngs)
+        self.transformer_blocks = L.stack(cfg.num_layers, lambda r: CogVideoXBlock(cfg, rngs=r), rngs)
+        self.norm_final = _norm(cfg, d, cfg.norm_eps, cfg.norm_elementwise_affine)
         self.norm_out = OutputNorm(cfg, rngs=rngs)
         p = cfg.patch_size
-        self.proj_out = Dense(d, p * p * cfg.out_dim, axes=("embed", None), dtype=dtype, param_dtype=pdt, rngs=rngs)
+        self.proj_out = _dense(cfg, d, p * p * cfg.out_dim, ("embed", None), rngs=rngs)
 
     # -- pieces the adapter and the pipeline reuse -------------------------------------------
     def time_embed(self, timestep: jax.Array) -> jax.Array:
@@ -337,8 +435,12 @@ class CogVideoXTransformer3D(nnx.Module):
                          cfg.temporal_interpolation_scale)
 
     def __call__(self, latents: jax.Array, text: jax.Array, timestep: jax.Array, *,
-                 extra_tokens: jax.Array | None = None, extra_mask: jax.Array | None = None,
-                 block_conditioning: Callable[[int, jax.Array], BlockConditioning | None] | None = None) -> jax.Array:
+                 extra_tokens: jax.Array | None = None, extra_valid: jax.Array | None = None,
+                 conditioning: Callable[[jax.Array], BlockConditioning] | None = None,
+                 adapter_layers: tuple[int, ...] = ()) -> jax.Array:
+        """``extra_tokens`` (B, E, D) join the blocks of ``adapter_layers`` with the stacked
+        ``conditioning(temb)``; ``extra_valid`` (B,) bool: False hides a sample's extra tokens (as
+        keys, by a shorter key length) and the caller zeroes its residuals, which is the plain model."""
         cfg, p = self.cfg, self.cfg.patch_size
         b, f, h, w, _ = latents.shape
         if h % p or w % p:
@@ -353,26 +455,19 @@ class CogVideoXTransformer3D(nnx.Module):
             x = x + jnp.asarray(table, x.dtype)[None]
         x = constrain(x, ("batch", "seq", "act_embed"))
 
-        block_fn = _block_runner(cfg.remat_policy)
-        extra = None if extra_tokens is None else extra_tokens.astype(x.dtype)
-        for i, block in enumerate(self.transformer_blocks):
-            cond = block_conditioning(i, temb) if (block_conditioning is not None and extra is not None) else None
-            x, c, extra = block_fn(block, x, c, temb, rope, extra, extra_mask, cond)
+        extra, cond, kv_lengths = None, None, None
+        if extra_tokens is not None and conditioning is not None:
+            extra = extra_tokens.astype(x.dtype)
+            cond = conditioning(temb)
+            if extra_valid is not None:
+                full = c.shape[1] + x.shape[1]
+                kv_lengths = (full + jnp.where(extra_valid, extra.shape[1], 0)).astype(jnp.int32)
+        x, c, _ = run_blocks(self.transformer_blocks, x, c, temb, rope, extra=extra, kv_lengths=kv_lengths, cond=cond,
+                             adapter_layers=tuple(adapter_layers), remat_policy=cfg.remat_policy,
+                             scan_layers=cfg.scan_layers)
 
         x = self.norm_out(self.norm_final(x), temb)
         x = self.proj_out(x)
         co = cfg.out_dim
         x = x.reshape(b, f, h // p, w // p, co, p, p)
         return x.transpose(0, 1, 2, 5, 3, 6, 4).reshape(b, f, h, w, co)
-
-
-def _block_runner(policy: str):
-    def run(block, *args):
-        return block(*args)
-
-    if policy == "none":
-        return run
-    # jax.checkpoint over the block as a pytree argument: nnx.remat captured the block's variables
-    # from an outer trace and failed inside the train step ("Cannot mutate Param from a different
-    # trace level"); a pure function of (params, activations) has nothing to mutate.
-    return jax.checkpoint(run, policy=REMAT_POLICIES[policy], static_argnums=())

@@ -25,7 +25,8 @@ from flax import nnx
 
 from mm_jax.models.config_base import ConfigBase
 from mm_jax.models.dit import BlockConditioning, CogVideoXTransformer3D
-from mm_jax.models.layers import Dense, LayerNorm, attention, canonical_dtype
+from mm_jax.models import layers as L
+from mm_jax.models.layers import attention, canonical_dtype
 from mm_jax.text import CLASS_WORDS
 
 GELUS = ("erf", "tanh")
@@ -107,6 +108,16 @@ def _gelu(cfg: AdapterConfig):
     return lambda x: jax.nn.gelu(x, approximate=cfg.gelu == "tanh")
 
 
+def _dense(cfg: AdapterConfig, din: int, dout: int, axes, **kw):
+    return L.linear(din, dout, axes=axes, dtype=canonical_dtype(cfg.dtype),
+                    param_dtype=canonical_dtype(cfg.param_dtype), **kw)
+
+
+def _norm(cfg: AdapterConfig, dim: int):
+    return L.layer_norm(dim, eps=cfg.norm_eps, dtype=canonical_dtype(cfg.dtype),
+                        param_dtype=canonical_dtype(cfg.param_dtype), rngs=nnx.Rngs(0))
+
+
 # --------------------------------------------------------------------------------------------
 # Perceivers (s.3.2)
 
@@ -118,19 +129,16 @@ class PerceiverLayer(nnx.Module):
     """
 
     def __init__(self, cfg: AdapterConfig, *, rngs: nnx.Rngs):
-        dt, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
         w, inner = cfg.width, cfg.heads * cfg.head_dim
-        ln = dict(eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
-        kw = dict(dtype=dt, param_dtype=pdt, rngs=rngs)
-        self.norm_f = LayerNorm(w, **ln)
-        self.norm_q = LayerNorm(w, **ln)
-        self.to_q = Dense(w, inner, axes=("embed", "heads"), **kw)
-        self.to_k = Dense(w, inner, axes=("embed", "heads"), **kw)
-        self.to_v = Dense(w, inner, axes=("embed", "heads"), **kw)
-        self.to_out = Dense(inner, w, axes=("heads", "embed"), **kw)
-        self.norm_ff = LayerNorm(w, **ln)
-        self.ff_in = Dense(w, cfg.ff_mult * w, axes=("embed", "mlp"), **kw)
-        self.ff_out = Dense(cfg.ff_mult * w, w, axes=("mlp", "embed"), **kw)
+        self.norm_f = _norm(cfg, w)
+        self.norm_q = _norm(cfg, w)
+        self.to_q = _dense(cfg, w, inner, ("embed", "heads"), rngs=rngs)
+        self.to_k = _dense(cfg, w, inner, ("embed", "heads"), rngs=rngs)
+        self.to_v = _dense(cfg, w, inner, ("embed", "heads"), rngs=rngs)
+        self.to_out = _dense(cfg, inner, w, ("heads", "embed"), rngs=rngs)
+        self.norm_ff = _norm(cfg, w)
+        self.ff_in = _dense(cfg, w, cfg.ff_mult * w, ("embed", "mlp"), rngs=rngs)
+        self.ff_out = _dense(cfg, cfg.ff_mult * w, w, ("mlp", "embed"), rngs=rngs)
         self.heads, self.head_dim, self.impl = cfg.heads, cfg.head_dim, cfg.attention_impl
         self.act = _gelu(cfg)
 
@@ -147,26 +155,25 @@ class PerceiverLayer(nnx.Module):
 class Perceiver(nnx.Module):
     """f (B, P, clip_width), queries (B, N, W) or the learned ``latents`` -> LN(Linear(W -> out)(q)) (B, N, out).
 
-    f' = Linear(clip_width -> W)(f) is the key/value source of every layer.
+    f' = Linear(clip_width -> W)(f) is the key/value source of every layer; the ``depth`` layers
+    are one stack, run under ``lax.scan``.
     """
 
     def __init__(self, cfg: AdapterConfig, out_dim: int, num_latents: int | None, *, rngs: nnx.Rngs):
-        dt, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
-        self.proj_in = Dense(cfg.clip_width, cfg.width, axes=(None, "embed"), dtype=dt, param_dtype=pdt, rngs=rngs)
-        self.latents = (nnx.Param(jax.random.normal(rngs.params(), (num_latents, cfg.width), pdt) * cfg.width ** -0.5,
-                                  logical_axes=(None, "embed")) if num_latents else None)
-        self.layers = nnx.List([PerceiverLayer(cfg, rngs=rngs) for _ in range(cfg.depth)])
-        self.proj_out = Dense(cfg.width, out_dim, axes=("embed", None), dtype=dt, param_dtype=pdt, rngs=rngs)
-        self.norm_out = LayerNorm(out_dim, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+        pdt = canonical_dtype(cfg.param_dtype)
+        self.proj_in = _dense(cfg, cfg.clip_width, cfg.width, (None, "embed"), rngs=rngs)
+        init = L.partitioned(nnx.initializers.normal(cfg.width ** -0.5), None, "embed")
+        self.latents = nnx.Param(init(rngs.params(), (num_latents, cfg.width), pdt)) if num_latents else None
+        self.layers = L.stack(cfg.depth, lambda r: PerceiverLayer(cfg, rngs=r), rngs)
+        self.proj_out = _dense(cfg, cfg.width, out_dim, ("embed", None), rngs=rngs)
+        self.norm_out = _norm(cfg, out_dim)
 
     def __call__(self, f: jax.Array, queries: jax.Array | None = None) -> jax.Array:
         f = self.proj_in(f)
         if queries is None:
             lat = self.latents[...]
             queries = jnp.broadcast_to(lat.astype(f.dtype), (f.shape[0],) + lat.shape)
-        q = queries.astype(f.dtype)
-        for layer in self.layers:
-            q = layer(q, f)
+        q, _ = L.scan(lambda q, layer, _: (layer(q, f), None), queries.astype(f.dtype), self.layers)
         return self.norm_out(self.proj_out(q))
 
 
@@ -178,10 +185,9 @@ class MLP2(nnx.Module):
 
     def __init__(self, din: int, dhidden: int, dout: int, cfg: AdapterConfig, *, zero_last: bool = False,
                  rngs: nnx.Rngs):
-        dt, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
-        self.linear_1 = Dense(din, dhidden, axes=("embed", "mlp"), dtype=dt, param_dtype=pdt, rngs=rngs)
-        self.linear_2 = Dense(dhidden, dout, axes=("mlp", "embed"), dtype=dt, param_dtype=pdt, rngs=rngs,
-                              kernel_init=_zeros if zero_last else None)
+        self.linear_1 = _dense(cfg, din, dhidden, ("embed", "mlp"), rngs=rngs)
+        self.linear_2 = _dense(cfg, dhidden, dout, ("mlp", "embed"), rngs=rngs,
+                               kernel_init=_zeros if zero_last else None)
         self.act = _gelu(cfg)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -195,21 +201,22 @@ class MagicMirrorAdapter(nnx.Module):
     """All trainable Magic Mirror parameters (the DiT, T5, VAE, CLIP and ArcFace stay frozen).
 
     ``encode`` -> (x_id, x_face); ``fuse`` puts x_id into the text; ``dit_forward`` runs the DiT
-    with the face tokens and CAN. Parameter names are the torch reference's state-dict keys.
+    with the face tokens and CAN. Parameter names are the torch reference's state-dict keys (the
+    perceiver layers and the CAN linears are stacks: ``can.3.weight`` is layer 3 of ``can``).
     """
 
     def __init__(self, cfg: AdapterConfig, *, rngs: nnx.Rngs):
         cfg.validate()
         self.cfg = cfg
-        dt, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
         self.face_perceiver = Perceiver(cfg, cfg.dit_dim, cfg.num_face_tokens, rngs=rngs)
         self.id_mlp = MLP2(cfg.id_dim, cfg.id_mlp_hidden, cfg.num_id_tokens * cfg.width, cfg, rngs=rngs)
         self.id_perceiver = Perceiver(cfg, cfg.text_dim, None, rngs=rngs)
         self.fuse_mlp = MLP2(2 * cfg.text_dim, cfg.fuse_width, cfg.text_dim, cfg, zero_last=True, rngs=rngs)
-        self.linear_id = Dense(cfg.text_dim, cfg.time_embed_dim, axes=("embed", "cond"), dtype=dt, param_dtype=pdt,
-                               kernel_init=_zeros, rngs=rngs)
-        self.can = nnx.List([Dense(cfg.time_embed_dim, 14 * cfg.dit_dim, axes=("cond", "mlp"), dtype=dt,
-                                   param_dtype=pdt, kernel_init=_zeros, rngs=rngs) for _ in cfg.adapter_layers])
+        self.linear_id = _dense(cfg, cfg.text_dim, cfg.time_embed_dim, ("embed", "cond"), kernel_init=_zeros,
+                                rngs=rngs)
+        self.can = L.stack(len(cfg.adapter_layers),
+                           lambda r: _dense(cfg, cfg.time_embed_dim, 14 * cfg.dit_dim, ("cond", "mlp"),
+                                            kernel_init=_zeros, rngs=r), rngs)
 
     # -- identity embeddings (s.3.2) ----------------------------------------------------------
     def encode(self, clip_hidden: jax.Array, e_id: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -242,25 +249,21 @@ class MagicMirrorAdapter(nnx.Module):
         return jnp.where(((j >= w) & (j < w + n))[..., None], from_fused, kept)
 
     # -- CAN (s.3.5) --------------------------------------------------------------------------
-    def block_conditioning(self, x_id: jax.Array, has_id: jax.Array | None = None):
-        """The DiT hook ``(block index, temb (B, time_embed_dim)) -> BlockConditioning | None``.
-
-        None for blocks without an adapter. Samples whose ``has_id`` (B,) is False get zero
-        residuals (the caller masks their face tokens as keys), which is the plain block.
-        """
+    def conditioning(self, x_id: jax.Array, has_id: jax.Array | None = None):
+        """The DiT hook ``temb (B, time_embed_dim) -> BlockConditioning`` stacked over the adapter
+        blocks: all CAN linears applied at once to cond = SiLU(temb + Linear_id(mean x_id)), which
+        every adapter block shares. Samples whose ``has_id`` (B,) is False get zero residuals (the
+        caller hides their face tokens), which is the plain block."""
         d = self.cfg.dit_dim
-        slot = {layer: k for k, layer in enumerate(self.cfg.adapter_layers)}
         id_vec = self.linear_id(jnp.mean(x_id, axis=1))  # shared by all adapter layers
 
-        def fn(i: int, temb: jax.Array):
-            if i not in slot:
-                return None
+        def fn(temb: jax.Array) -> BlockConditioning:
             cond = jax.nn.silu(temb + id_vec.astype(temb.dtype))
-            m = self.can[slot[i]](cond).reshape(temb.shape[0], 14, d)
-            res = m[:, 6:]
+            m = jax.vmap(lambda lin: lin(cond))(self.can).reshape(-1, temb.shape[0], 14, d)  # (A, B, 14, D)
+            res = m[:, :, 6:]
             if has_id is not None:
-                res = res * has_id.astype(res.dtype)[:, None, None]
-            return BlockConditioning(extra_mod=m[:, :6], residual=res)
+                res = res * has_id.astype(res.dtype)[None, :, None, None]
+            return BlockConditioning(extra_mod=m[:, :, :6], residual=res)
 
         return fn
 
@@ -272,16 +275,17 @@ class MagicMirrorAdapter(nnx.Module):
         if dit.cfg.inner_dim != d or dit.cfg.num_layers != self.cfg.num_dit_layers:
             raise ValueError(f"adapter (dit_dim={d}, num_dit_layers={self.cfg.num_dit_layers}) does not fit the DiT "
                              f"(inner_dim={dit.cfg.inner_dim}, num_layers={dit.cfg.num_layers})")
-        for k, layer in enumerate(self.cfg.adapter_layers):
-            blk = dit.transformer_blocks[layer]
-            kern = jnp.zeros_like(self.can[k].kernel[...])
-            bias = jnp.zeros_like(self.can[k].bias[...])
-            for j, norm in enumerate((blk.norm1, blk.norm2)):
-                # AdaLN chunk order: shift, scale, gate (video), enc_shift, enc_scale, enc_gate (text)
-                kern = kern.at[:, 3 * j * d:3 * (j + 1) * d].set(norm.linear.kernel[...][:, 3 * d:].astype(kern.dtype))
-                bias = bias.at[3 * j * d:3 * (j + 1) * d].set(norm.linear.bias[...][3 * d:].astype(bias.dtype))
-            self.can[k].kernel.set_value(kern)
-            self.can[k].bias.set_value(bias)
+        at = jnp.asarray(self.cfg.adapter_layers)
+        blocks = dit.transformer_blocks
+        # AdaLN chunk order: shift, scale, gate (video), enc_shift, enc_scale, enc_gate (text)
+        text_rows = lambda p: p[...][at][..., 3 * d:]  # (A, [in,] 3D) of the adapter blocks
+        kern, bias = self.can.kernel[...], self.can.bias[...]
+        kern = jnp.concatenate([text_rows(blocks.norm1.linear.kernel), text_rows(blocks.norm2.linear.kernel),
+                                jnp.zeros(kern.shape[:-1] + (8 * d,))], axis=-1).astype(kern.dtype)
+        bias = jnp.concatenate([text_rows(blocks.norm1.linear.bias), text_rows(blocks.norm2.linear.bias),
+                                jnp.zeros(bias.shape[:-1] + (8 * d,))], axis=-1).astype(bias.dtype)
+        self.can.kernel.set_value(kern)
+        self.can.bias.set_value(bias)
 
     # -- the DiT with the identity joined (s.3.4, s.4) ----------------------------------------
     def dit_forward(self, dit: CogVideoXTransformer3D, latents: jax.Array, text: jax.Array, timestep: jax.Array,
@@ -291,16 +295,15 @@ class MagicMirrorAdapter(nnx.Module):
         timestep (B,), face_tokens (B, N_face, D), x_id (B, N_id, T), has_id (B,) bool -> (B, F, H, W, C_out).
 
         No face tokens: exactly the plain DiT call. ``has_id`` False for a sample (the
-        unconditional half of a CFG batch) masks its face tokens as keys and zeroes its residual
+        unconditional half of a CFG batch) hides its face tokens as keys and zeroes its residual
         modulation, which equals running it with no face tokens.
         """
         if face_tokens is None:
             return dit(latents, text, timestep)
         if x_id is None:
             raise ValueError("dit_forward: face_tokens were given without x_id (CAN is conditioned on x_id)")
-        mask = None if has_id is None else jnp.broadcast_to(has_id[:, None], face_tokens.shape[:2])
-        return dit(latents, text, timestep, extra_tokens=face_tokens, extra_mask=mask,
-                   block_conditioning=self.block_conditioning(x_id, has_id))
+        return dit(latents, text, timestep, extra_tokens=face_tokens, extra_valid=has_id,
+                   conditioning=self.conditioning(x_id, has_id), adapter_layers=tuple(self.cfg.adapter_layers))
 
 
 def identity_forward(dit: CogVideoXTransformer3D, adapter: MagicMirrorAdapter | None, latents, text, timestep, *,

@@ -1,8 +1,21 @@
-"""Layers shared by the networks: dense, norms, attention, timestep embedding.
+"""Layers shared by the networks: Flax's layers with logical axes, stacks of layers, attention,
+timestep embedding.
+
+The networks are built from ``nnx.Linear``, ``nnx.LayerNorm``, ``nnx.Embed`` and ``nnx.Conv``
+through the small factories below, which attach each parameter's *logical* axis names with
+``nnx.with_partitioning`` (metadata ``out_sharding``, e.g. ``("embed", "mlp")``).
+``mm_jax.parallel`` maps those names to mesh axes. Eager sharding is off for these variables
+(``eager_sharding=False``): a model can be built with or without a mesh, and abstractly, and the
+shardings are derived afterwards by ``parallel.state_shardings``, which also replicates a
+dimension its mesh axes do not divide (something ``nnx.get_named_sharding`` cannot do; tiny test
+models and 48 heads over 5 devices need it).
 
 Parameter names follow the PyTorch checkpoints' meaning (``kernel`` for a linear/conv weight in
-JAX layout, ``scale``/``bias`` for norms) so the converter derives every transform from the kind
-of parameter. Every parameter carries ``logical_axes`` metadata for ``mm_jax.parallel``.
+JAX layout, ``scale``/``bias`` for norms, ``embedding`` for tables) so the converter derives every
+transform from the kind of parameter.
+
+Stacks (``stack``): N identical layers are one module whose parameters carry a leading
+``layers`` axis; ``scan`` runs them under ``jax.lax.scan`` with the remat policy on the body.
 """
 from __future__ import annotations
 
@@ -23,6 +36,78 @@ def canonical_dtype(name) -> DType:
 
 def _normal(std: float):
     return lambda key, shape, dtype: std * jax.random.normal(key, shape, dtype)
+
+
+def partitioned(init: Callable, *axes: str | None) -> Callable:
+    """``init`` with logical axis names for its parameter (one name or None per dimension)."""
+    return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
+
+
+def linear(in_features: int, out_features: int, *, axes: Sequence[str | None] = ("embed", "mlp"),
+           use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, kernel_init: Callable | None = None,
+           rngs: nnx.Rngs) -> nnx.Linear:
+    """``nnx.Linear`` (``kernel (in, out)``, ``bias (out,)``) with logical axes ``axes`` = (in, out);
+    computes in ``dtype`` with the parameters cast to it. Kernels start N(0, 1/in)."""
+    init = kernel_init or _normal(1.0 / math.sqrt(in_features))
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=partitioned(init, *axes), bias_init=partitioned(nnx.initializers.zeros, axes[-1]),
+                      rngs=rngs)
+
+
+def layer_norm(dim: int, *, eps: float, affine: bool = True, use_bias: bool = True, axes=("norm",),
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """``nnx.LayerNorm`` over the last axis with statistics in float32 and the two-pass variance
+    (``use_fast_variance=False``: E[(x - mean)^2], as torch computes it, not E[x^2] - mean^2)."""
+    return nnx.LayerNorm(dim, epsilon=eps, use_bias=affine and use_bias, use_scale=affine, dtype=dtype,
+                         param_dtype=param_dtype, use_fast_variance=False,
+                         scale_init=partitioned(nnx.initializers.ones, *axes),
+                         bias_init=partitioned(nnx.initializers.zeros, *axes), rngs=rngs)
+
+
+def embed(num: int, dim: int, *, axes=("vocab", "embed"), dtype=jnp.float32, param_dtype=jnp.float32,
+          rngs: nnx.Rngs) -> nnx.Embed:
+    """``nnx.Embed``: a lookup table ``embedding (num, dim)``, N(0, 1) at init."""
+    return nnx.Embed(num, dim, dtype=dtype, param_dtype=param_dtype,
+                     embedding_init=partitioned(nnx.initializers.normal(1.0), *axes), rngs=rngs)
+
+
+def stack(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
+    """``n`` layers built by ``make(rngs)`` as one module whose parameters have a leading
+    ``layers`` axis of size ``n`` (logical name "layers"), each layer from its own key."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(r):
+        return make(r)
+
+    return build(rngs)
+
+
+def stack_size(stacked: nnx.Module) -> int:
+    """The length of a stack's leading ``layers`` axis."""
+    return int(jax.tree.leaves(nnx.state(stacked, nnx.Param))[0].shape[0])
+
+
+def layer(stacked: nnx.Module, i) -> nnx.Module:
+    """Layer ``i`` of a stack (a module whose parameters are the i-th slices)."""
+    return jax.tree.map(lambda a: a[i], stacked)
+
+
+def layers_range(stacked: nnx.Module, start: int, stop: int) -> nnx.Module:
+    """Layers [start, stop) of a stack, still a stack."""
+    if (start, stop) == (0, stack_size(stacked)):
+        return stacked
+    return jax.tree.map(lambda a: a[start:stop], stacked)
+
+
+def scan(body: Callable, carry, stacked: nnx.Module, xs=None, *, remat_policy=None, remat: bool = False):
+    """``carry, ys = lax.scan`` of ``body(carry, layer, x) -> (carry, y)`` over a stack (and ``xs``,
+    sliced alongside). With ``remat``, the body is ``jax.checkpoint``-ed with ``remat_policy``:
+    what the policy does not save is recomputed per layer in the backward pass."""
+    step = (lambda c, lx: body(c, lx[0], lx[1]))
+    if remat:
+        step = jax.checkpoint(step, policy=remat_policy, prevent_cse=False)
+    return jax.lax.scan(step, carry, (stacked, xs))
 
 
 class Dense(nnx.Module):
@@ -76,11 +161,35 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
 # Attention: every network calls this one function. The implementation is chosen by name;
 # "xla" works everywhere, "chunked" is the fast exact path on CPU, "cudnn" is the fused flash
 # kernel on NVIDIA GPUs, and further kernels (the TPU splash kernel) register themselves in
-# ATTENTION_IMPLS.
+# ATTENTION_IMPLS. Masking comes in two forms: ``kv_lengths`` (B,) (key j of row b is seen iff
+# j < kv_lengths[b]), which every kernel supports (cuDNN as its padding mask, splash as segment
+# ids), and a general ``key_mask`` (B, T), which cuDNN does not take.
 
-def _dpa(q, k, v, key_mask, scale, implementation):
+def lengths_mask(kv_lengths: jax.Array, t: int) -> jax.Array:
+    """(B,) key lengths -> (B, T) bool: key j is seen iff j < length."""
+    return jnp.arange(t)[None, :] < kv_lengths[:, None]
+
+
+def _key_mask(key_mask, kv_lengths, t):
+    if kv_lengths is None:
+        return key_mask
+    m = lengths_mask(kv_lengths, t)
+    return m if key_mask is None else m & key_mask
+
+
+def _xla(q, k, v, key_mask, kv_lengths, scale):
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+    lengths = None if kv_lengths is None else kv_lengths.astype(jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, key_value_seq_lengths=lengths,
+                                        implementation="xla")
+
+
+def _cudnn(q, k, v, key_mask, kv_lengths, scale):
+    if key_mask is not None:
+        raise ValueError("the cuDNN kernel takes masks as per-row key lengths (kv_lengths), not a (B, T) key mask: "
+                         "order the keys so that the masked ones are a suffix")
+    lengths = None if kv_lengths is None else kv_lengths.astype(jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths, implementation="cudnn")
 
 
 def chunked_attention(q, k, v, key_mask=None, scale=None, *, block_q: int = 512):
@@ -92,7 +201,6 @@ def chunked_attention(q, k, v, key_mask=None, scale=None, *, block_q: int = 512)
     softmax is over all keys at once (not an online softmax), so the numbers are the plain ones.
     """
     b, s, n, h = q.shape
-    t = k.shape[1]
     scale = h ** -0.5 if scale is None else scale
     bq = min(block_q, s)
     pad = (-s) % bq
@@ -119,16 +227,20 @@ def chunked_attention(q, k, v, key_mask=None, scale=None, *, block_q: int = 512)
     return o[:, :s]
 
 
-def _splash(q, k, v, key_mask, scale):
+def _chunked(q, k, v, key_mask, kv_lengths, scale):
+    return chunked_attention(q, k, v, _key_mask(key_mask, kv_lengths, k.shape[1]), scale)
+
+
+def _splash(q, k, v, key_mask, kv_lengths, scale):
     from mm_jax.models.splash import splash_attention  # imported on use: the Pallas TPU module stays out of CPU imports
 
-    return splash_attention(q, k, v, key_mask, scale)
+    return splash_attention(q, k, v, _key_mask(key_mask, kv_lengths, k.shape[1]), scale)
 
 
-ATTENTION_IMPLS: dict[str, Callable] = {
-    "chunked": lambda q, k, v, key_mask, scale: chunked_attention(q, k, v, key_mask, scale),
-    "xla": lambda q, k, v, key_mask, scale: _dpa(q, k, v, key_mask, scale, "xla"),
-    "cudnn": lambda q, k, v, key_mask, scale: _dpa(q, k, v, key_mask, scale, "cudnn"),
+ATTENTION_IMPLS: dict[str, Callable] = {  # (q, k, v, key_mask, kv_lengths, scale) -> out
+    "chunked": _chunked,
+    "xla": _xla,
+    "cudnn": _cudnn,
     "splash": _splash,  # TPU Pallas kernel, mm_jax/models/splash.py
 }
 
@@ -146,18 +258,20 @@ def default_attention_impl() -> str:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array | None = None,
-              scale: float | None = None, bias: jax.Array | None = None,
+              kv_lengths: jax.Array | None = None, scale: float | None = None, bias: jax.Array | None = None,
               implementation: str | None = None) -> jax.Array:
-    """softmax(q k^T * scale [+ bias] [+ key mask]) v.
+    """softmax(q k^T * scale [+ bias] [+ masks]) v.
 
-    q: (B, S, N, Dh), k/v: (B, T, N, Dh), key_mask: (B, T) bool (True = attend) -> (B, S, N, Dh).
-    ``scale`` defaults to 1/sqrt(Dh). ``bias``: an additive (B or 1, N, S, T) logit bias (T5's
-    relative positions; short sequences, so it always takes the "xla" path). ``implementation``:
-    a key of ``ATTENTION_IMPLS`` or None for the backend default. cuDNN needs bf16/fp16 inputs;
-    fp32 falls back to "xla".
+    q: (B, S, N, Dh), k/v: (B, T, N, Dh) -> (B, S, N, Dh). ``kv_lengths`` (B,) int: row b sees
+    keys [0, kv_lengths[b]) (every kernel supports it); ``key_mask`` (B, T) bool, True = attend
+    (not on cuDNN). ``scale`` defaults to 1/sqrt(Dh). ``bias``: an additive (B or 1, N, S, T) logit
+    bias (T5's relative positions; short sequences, so it always takes the "xla" path).
+    ``implementation``: a key of ``ATTENTION_IMPLS`` or None for the backend default. cuDNN needs
+    bf16/fp16 inputs; fp32 falls back to "xla".
     """
     if bias is not None:
-        mask = None if key_mask is None else key_mask[:, None, None, :]
+        mask = _key_mask(key_mask, kv_lengths, k.shape[1])
+        mask = None if mask is None else mask[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), mask=mask, scale=scale,
                                             implementation="xla")
     impl = implementation or default_attention_impl()
@@ -165,7 +279,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array |
         impl = "xla"
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {impl!r} is not available; choose from {sorted(ATTENTION_IMPLS)}")
-    return ATTENTION_IMPLS[impl](q, k, v, key_mask, scale)
+    return ATTENTION_IMPLS[impl](q, k, v, key_mask, kv_lengths, scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,10 +305,10 @@ class TimestepEmbedding(nnx.Module):
     """Linear -> SiLU -> Linear: (B, in) -> (B, out). Names as diffusers' ``linear_1``/``linear_2``."""
 
     def __init__(self, in_features: int, out_features: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.linear_1 = Dense(in_features, out_features, axes=("embed", "cond"), dtype=dtype,
-                              param_dtype=param_dtype, rngs=rngs)
-        self.linear_2 = Dense(out_features, out_features, axes=(None, "cond"), dtype=dtype,
-                              param_dtype=param_dtype, rngs=rngs)
+        self.linear_1 = linear(in_features, out_features, axes=("embed", "cond"), dtype=dtype,
+                               param_dtype=param_dtype, rngs=rngs)
+        self.linear_2 = linear(out_features, out_features, axes=(None, "cond"), dtype=dtype,
+                               param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_2(jax.nn.silu(self.linear_1(x)))

@@ -77,16 +77,23 @@ def plan_component(spec: components.ComponentSpec, folder: Path):
 def convert_component(spec, cfg, mapping, tensors, out_dir: Path, dtype: str) -> int:
     target = None if dtype == "source" else np.dtype(DTYPES["BF16"] if dtype == "bfloat16" else np.float32)
 
-    def reader(tk, m):  # materialized only while its group is written
+    def load(m):
+        arr = m.to_ours(tensors[mp.resolve(spec.name, m.torch, tensors)].load())
+        return arr if target is None else arr.astype(target)
+
+    def reader(ms):  # materialized only while its group is written
         def read():
-            arr = m.to_ours(tensors[mp.resolve(spec.name, tk, tensors)].load())
-            return np.asarray(arr if target is None else arr.astype(target), order="C")  # keeps 0-d (CLIP logit_scale) 0-d
+            if ms[0].index is None:
+                return np.asarray(load(ms[0]), order="C")  # keeps 0-d (CLIP logit_scale) 0-d
+            return np.ascontiguousarray(np.stack([load(m) for m in ms]))  # a stack: layers first
         return read
 
-    flat = {m.ours: reader(tk, m) for tk, m in mapping.items()}
+    params = mp.by_parameter(mapping)
+    flat = {ours: reader(ms) for ours, ms in params.items()}
     nparams = int(sum(np.prod(m.our_shape) for m in mapping.values()))
     t0 = time.time()
-    print(f"{spec.name}: writing {len(flat)} tensors ({nparams:,} params)", file=sys.stderr)
+    print(f"{spec.name}: writing {len(flat)} parameters from {len(mapping)} tensors ({nparams:,} params)",
+          file=sys.stderr)
     checkpoint.save_component(out_dir, spec.name, cfg, flat, progress=True)
     print(f"{spec.name}: done in {time.time() - t0:.1f}s", file=sys.stderr)
     return nparams

@@ -57,12 +57,15 @@ _KERNEL_PERMS = {2: (1, 0), 3: (2, 1, 0), 4: (2, 3, 1, 0), 5: (2, 3, 4, 1, 0)}
 
 @dataclass(frozen=True)
 class Mapping:
-    """One parameter: our flat key, the torch key, shapes on both sides and the transform."""
+    """One torch tensor: our flat key, the torch key, shapes on both sides and the transform.
+    ``index`` is the tensor's layer in our stacked parameter (None: not in a stack), whose shape
+    is ``(layers, *our_shape)``."""
     ours: str
     torch: str
     our_shape: tuple[int, ...]
     torch_shape: tuple[int, ...]
     perm: tuple[int, ...] | None   # torch array -> ours via transpose(perm); None = identity
+    index: int | None = None
 
     def to_ours(self, arr: np.ndarray) -> np.ndarray:
         return arr if self.perm is None else arr.transpose(self.perm)
@@ -78,20 +81,40 @@ def torch_key(component: str, our_key: str) -> str:
 
 
 def build_mapping(component: str, our_shapes: dict[str, tuple[tuple[int, ...], object]]) -> dict[str, Mapping]:
-    """``{torch key: Mapping}`` for every parameter of our (abstract) model."""
+    """``{torch key: Mapping}`` for every tensor of our (abstract) model: a stacked parameter
+    (``components.stack_of``) maps to one torch key per layer, with its index inserted after the
+    stack's path (``transformer_blocks/attn1/...`` layer 3 -> ``transformer_blocks.3.attn1. ...``)."""
+    from mm_jax import components
+
     out: dict[str, Mapping] = {}
-    for ours, (shape, _) in our_shapes.items():
+
+    def add(ours: str, path: str, shape, index):
         leaf = ours.rsplit("/", 1)[-1]
         perm = _KERNEL_PERMS.get(len(shape)) if leaf == "kernel" else None
-        if perm is None:
-            tshape = tuple(shape)
-        else:
-            inv = np.argsort(perm)
-            tshape = tuple(shape[i] for i in inv)
-        tk = torch_key(component, ours)
+        tshape = tuple(shape) if perm is None else tuple(shape[i] for i in np.argsort(perm))
+        tk = torch_key(component, path)
         if tk in out:
             raise AssertionError(f"two parameters map to torch key {tk!r}: {out[tk].ours} and {ours}")
-        out[tk] = Mapping(ours, tk, tuple(shape), tshape, perm)
+        out[tk] = Mapping(ours, tk, tuple(shape), tshape, perm, index)
+
+    for ours, (shape, _) in our_shapes.items():
+        stack = components.stack_of(component, ours)
+        if stack is None:
+            add(ours, ours, shape, None)
+            continue
+        rest = ours[len(stack) + 1:]
+        for i in range(shape[0]):
+            add(ours, f"{stack}/{i}/{rest}", shape[1:], i)
+    return out
+
+
+def by_parameter(mapping: dict[str, Mapping]) -> dict[str, list[Mapping]]:
+    """``{our key: [Mapping, ...]}``: one entry, or a stack's layers in order."""
+    out: dict[str, list[Mapping]] = {}
+    for m in mapping.values():
+        out.setdefault(m.ours, []).append(m)
+    for ms in out.values():
+        ms.sort(key=lambda m: -1 if m.index is None else m.index)
     return out
 
 
