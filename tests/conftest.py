@@ -15,6 +15,15 @@ MANIFESTS = ROOT / "tests" / "data" / "manifests"  # key/shape lists + configs o
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def fake_devices_env(n: int = 8) -> dict:
+    """The environment for a subprocess on ``n`` fake CPU devices. The collectives' rendezvous
+    timeout is raised from XLA's 40 s: on 2 busy cores the 8 device threads can take longer to
+    arrive, and XLA then aborts the process."""
+    flags = (f"--xla_force_host_platform_device_count={n} --xla_cpu_collective_call_terminate_timeout_seconds=900 "
+             "--xla_cpu_collective_timeout_seconds=900")
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+
+
 def max_rel_err(ours, ref) -> float:
     """max |ours - ref| / max |ref|: the error relative to the reference's scale."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)

@@ -10,7 +10,7 @@ from flax import nnx
 
 from mm_jax import checkpoint, sample
 from mm_jax.models.id_adapter import AdapterConfig, MagicMirrorAdapter
-from tests.conftest import randomize_torch_params
+from tests.conftest import fake_devices_env, randomize_torch_params
 from mm_jax.demo.standin_faces import face_image, make_pack
 from tests.tiny_pipeline import make_pipeline
 from tools.convert_weights.from_torch import convert
@@ -128,7 +128,7 @@ def test_identity_sampling_with_progress_bar_on_an_8_device_mesh_equals_one_devi
     args = ["--checkpoint", str(ckpt), "--prompt", PROMPT, "--frames", "9", "--height", "64", "--width", "64",
             "--steps", "3", "--latents", str(root / "latents.npy"), "--out", str(tmp_path / "eight.npy"),
             "--mesh", "data=2,fsdp=2,tensor=2", *ident]  # no --quiet: the progress bar is on
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = fake_devices_env()
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "mm_jax.sample", *args], cwd=repo, env=env, capture_output=True,
                           text=True, timeout=600)

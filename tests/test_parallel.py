@@ -9,7 +9,7 @@ import torch
 from jax.sharding import PartitionSpec as P
 
 from mm_jax import parallel
-from tests.conftest import randomize_torch_params
+from tests.conftest import fake_devices_env, randomize_torch_params
 from tests.test_dit import TINY
 from tools.convert_weights.from_torch import convert
 
@@ -38,9 +38,20 @@ def test_dit_on_2x2x2_mesh_equals_one_device(tmp_path):
     randomize_torch_params(m)
     m.save_pretrained(tmp_path / "src")
     ckpt = convert(tmp_path / "src", tmp_path / "ckpt")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = fake_devices_env()
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(root / "tests" / "sharded_forward_check.py"), str(ckpt)],
                        env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "max_rel_err" in r.stdout
+
+
+def test_dit_with_adapter_on_context_parallel_meshes_equals_one_device():
+    """contexts 8 / 4 / 2 (with data=2 and tensor=2), Ulysses and ring: the CFG batch forward
+    equals the 1-device forward within 1e-5 (tests/context_parallel_check.py)."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "tests" / "context_parallel_check.py")], env=fake_devices_env(),
+                       cwd=root, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert r.stdout.count("max_rel_err=") == 6
+    print(r.stdout)

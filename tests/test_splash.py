@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mm_jax.models import layers, splash
-from tests.conftest import ROOT, max_rel_err
+from tests.conftest import fake_devices_env, ROOT, max_rel_err
 
 
 def plain_attention(q, k, v, key_mask, scale):
@@ -70,20 +70,29 @@ def test_importing_mm_jax_does_not_import_the_pallas_tpu_module():
     assert out.stdout.strip() == "False"
 
 
-def test_sharded_call_runs_the_kernel_per_shard_under_a_mesh():
-    code = textwrap.dedent("""
-        import jax, numpy as np
+@pytest.mark.parametrize("mesh", ["data=1,fsdp=2,tensor=2", "fsdp=2,context=2", "context=4"])
+def test_sharded_call_runs_the_kernel_per_shard_under_a_mesh(mesh):
+    """Under a mesh ``layers.attention`` runs the (interpreted) kernel per shard in shard_map:
+    batch/heads split, and the sequence split over ``context`` joined by Ulysses; key lengths
+    hide a suffix of each row (the DiT's padding and masked identity tokens)."""
+    code = textwrap.dedent(f"""
+        import functools
+        import jax, jax.numpy as jnp, numpy as np
         from mm_jax import parallel
-        from mm_jax.models import splash
+        from mm_jax.models import layers, splash
         from tests.test_splash import inputs, plain_attention
         from tests.conftest import max_rel_err
-        q, k, v, mask = inputs(40, n=4)
-        mesh = parallel.make_mesh("data=1,fsdp=2,tensor=2")
-        with jax.set_mesh(mesh):
-            out = jax.jit(lambda *a: splash.splash_attention(*a, 0.125, interpret=True))(q, k, v, mask)
+        layers.ATTENTION_IMPLS["splash_interpret"] = lambda q, k, v, m, n, s: splash.splash_attention(
+            q, k, v, layers._key_mask(m, n, k.shape[1]), s, interpret=True)
+        q, k, v, _ = inputs(40, n=4)
+        lengths = jnp.array([40, 33], jnp.int32)
+        with jax.set_mesh(parallel.make_mesh("{mesh}")):
+            out = jax.jit(lambda q, k, v, n: layers.attention(q, k, v, kv_lengths=n, scale=0.125,
+                                                              implementation="splash_interpret"))(q, k, v, lengths)
+        mask = np.arange(40)[None, :] < np.asarray(lengths)[:, None]
         print(max_rel_err(out, plain_attention(q, k, v, mask, 0.125)))
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=fake_devices_env(4))
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-5

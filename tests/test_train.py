@@ -16,6 +16,7 @@ from mm_jax import checkpoint, config, train as train_cli
 from mm_jax.demo import assets as demo_assets
 from mm_jax.training.loop import TrainingDiverged, train
 from mm_jax.training.logs import read_history
+from tests.conftest import fake_devices_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +132,7 @@ def test_cli_rejects_bad_overrides_and_missing_data_clearly(assets, tmp_path, ca
 
 @pytest.mark.slow  # over 30 s on 2 CPU cores
 def test_one_step_on_a_2x2x2_mesh_equals_the_one_device_step(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = fake_devices_env()
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_step_check.py"), str(tmp_path)],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr

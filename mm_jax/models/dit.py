@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from mm_jax.models import attention_parallel
 from mm_jax.models import layers as L
 from mm_jax.models.config_base import ConfigBase
 from mm_jax.models.layers import attention, canonical_dtype, gelu_tanh, timestep_embedding
@@ -91,8 +92,10 @@ class DiTConfig(ConfigBase):
     remat_policy: str = "none"
     attention_impl: Optional[str] = None
     scan_layers: bool = True       # blocks under lax.scan (one compiled body) or unrolled
+    attention_parallelism: Optional[str] = None  # over a context mesh axis: "ulysses" | "ring" | None (default)
 
-    RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl", "scan_layers")
+    RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl", "scan_layers",
+                      "attention_parallelism")
     TAG = {"_class_name": "CogVideoXTransformer3DModel"}
     STRICT = True
 
@@ -117,8 +120,9 @@ class DiTConfig(ConfigBase):
         if self.activation_fn != "gelu-approximate" or self.timestep_activation_fn != "silu":
             raise ValueError(f"activation_fn {self.activation_fn!r} / timestep_activation_fn "
                              f"{self.timestep_activation_fn!r}: only 'gelu-approximate' / 'silu' are supported")
-        if self.attention_head_dim % 8 and self.use_rotary_positional_embeddings:
-            raise ValueError(f"attention_head_dim {self.attention_head_dim} must be a multiple of 8 for 3D RoPE")
+        if self.attention_head_dim % 16 and self.use_rotary_positional_embeddings:
+            # 3D RoPE splits the head into t: Dh/4, h: 3Dh/8, w: 3Dh/8 channels, each in rotated pairs
+            raise ValueError(f"attention_head_dim {self.attention_head_dim} must be a multiple of 16 for 3D RoPE")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
 
@@ -178,11 +182,37 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.reshape(x.shape).astype(dt)
 
 
+@flax.struct.dataclass
+class Tokens:
+    """Where each kind of token sits in the joint sequence [text L | video N | extra E | pad P]
+    (static sizes), with the video RoPE spread over the whole sequence."""
+    text: int = flax.struct.field(pytree_node=False)
+    video: int = flax.struct.field(pytree_node=False)
+    extra: int = flax.struct.field(pytree_node=False)
+    pad: int = flax.struct.field(pytree_node=False)
+    rope: tuple | None = None  # (cos, sin) (S, Dh): the video rows, 1 / 0 elsewhere (no rotation)
+
+    @property
+    def total(self) -> int:
+        return self.text + self.video + self.extra + self.pad
+
+    def per_token(self, text, video, extra):
+        """(B, D) values per kind -> (B, S, D): text rows get ``text``, ... padding 0."""
+        kind = jnp.concatenate([jnp.full((n,), k, jnp.int32) for k, n in
+                                enumerate((self.text, self.video, self.extra, self.pad))])[None, :, None]
+        zero = jnp.zeros_like(video)
+        out = jnp.where(kind == 0, text[:, None], jnp.where(kind == 1, video[:, None], jnp.where(
+            kind == 2, (zero if extra is None else extra)[:, None], zero[:, None])))
+        return constrain(out, ("batch", "seq", None))
+
+
 class AdaLayerNormZero(nnx.Module):
     """CogVideoX expert AdaLN (``CogVideoXLayerNormZero``).
 
     m = linear(SiLU(temb)) -> six D-chunks: shift, scale, gate (video), enc_shift, enc_scale,
-    enc_gate (text); one shared LayerNorm; y = LN(x) * (1 + scale) + shift.
+    enc_gate (text); one shared LayerNorm; y = LN(h) * (1 + scale) + shift with each token's own
+    expert. Extra tokens take ``extra_mod`` (the adapter's shift, scale, gate) or, in a block
+    without the adapter, zero gate (they pass through unchanged).
     """
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
@@ -195,21 +225,19 @@ class AdaLayerNormZero(nnx.Module):
         """(B, time_embed_dim) -> (B, 6, D)."""
         return self.linear(jax.nn.silu(temb)).reshape(temb.shape[0], 6, self.d)
 
-    def __call__(self, x, c, temb, residual=None):
+    def __call__(self, h, temb, tokens: Tokens, residual=None, extra_mod=None):
+        """h (B, S, D) -> (normed and modulated h, per-token gate (B, S, D)). ``residual`` (B, 4, D):
+        added to video shift, video scale, text shift, text scale; ``extra_mod`` (B, 3, D)."""
         m = self.modulation(temb)
-        shift, scale, gate, e_shift, e_scale, e_gate = (m[:, i, None, :] for i in range(6))
-        if residual is not None:  # (B, 4, D): video shift, video scale, text shift, text scale
+        shift, scale, gate, e_shift, e_scale, e_gate = (m[:, i] for i in range(6))
+        if residual is not None:
             r = residual.astype(m.dtype)
-            shift, scale = shift + r[:, 0, None], scale + r[:, 1, None]
-            e_shift, e_scale = e_shift + r[:, 2, None], e_scale + r[:, 3, None]
-        x = self.norm(x) * (1 + scale) + shift
-        c = self.norm(c) * (1 + e_scale) + e_shift
-        return x, c, gate, e_gate
-
-    def modulate(self, f, mod3):
-        """Extra tokens with their own (shift, scale, gate) (B, 3, D) through the shared norm."""
-        mod3 = mod3.astype(f.dtype)
-        return self.norm(f) * (1 + mod3[:, 1, None]) + mod3[:, 0, None], mod3[:, 2, None]
+            shift, scale, e_shift, e_scale = shift + r[:, 0], scale + r[:, 1], e_shift + r[:, 2], e_scale + r[:, 3]
+        f = (None,) * 3 if extra_mod is None else tuple(extra_mod.astype(m.dtype)[:, i] for i in range(3))
+        shift_t = tokens.per_token(e_shift, shift, f[0])
+        scale_t = tokens.per_token(e_scale, scale, f[1])
+        gate_t = tokens.per_token(e_gate, gate, f[2])
+        return self.norm(h) * (1 + scale_t) + shift_t, gate_t
 
 
 class Attention(nnx.Module):
@@ -224,21 +252,18 @@ class Attention(nnx.Module):
         self.norm_k = _norm(cfg, hd, 1e-6)
         self.to_out = _dense(cfg, d, d, ("heads", "embed"), rngs=rngs)
         self.heads, self.head_dim = cfg.num_attention_heads, hd
-        self.impl = cfg.attention_impl
+        self.impl, self.parallelism = cfg.attention_impl, cfg.attention_parallelism
 
-    def __call__(self, s: jax.Array, video: slice, rope=None, kv_lengths=None) -> jax.Array:
-        """s: (B, S, D) with the video tokens at ``video`` (a slice) -> (B, S, D). ``kv_lengths``
-        (B,): row b attends to its first kv_lengths[b] tokens (masked tokens are a suffix)."""
-        b, n, _ = s.shape
+    def __call__(self, h: jax.Array, tokens: Tokens, kv_lengths=None) -> jax.Array:
+        """h: (B, S, D) -> (B, S, D). ``kv_lengths`` (B,): row b attends to its first
+        kv_lengths[b] tokens (the hidden ones are a suffix: padding, or extra tokens)."""
+        b, n, _ = h.shape
         heads = lambda t: constrain(t.reshape(b, n, self.heads, self.head_dim), ("batch", "seq", "act_heads", None))
-        q, k, v = heads(self.to_q(s)), heads(self.to_k(s)), heads(self.to_v(s))
+        q, k, v = heads(self.to_q(h)), heads(self.to_k(h)), heads(self.to_v(h))
         q, k = self.norm_q(q), self.norm_k(k)
-        if rope is not None:
-            cos, sin = rope
-            rot = lambda t: jnp.concatenate([t[:, :video.start], apply_rope(t[:, video], cos, sin),
-                                             t[:, video.stop:]], axis=1)
-            q, k = rot(q), rot(k)
-        o = attention(q, k, v, kv_lengths=kv_lengths, implementation=self.impl)
+        if tokens.rope is not None:
+            q, k = apply_rope(q, *tokens.rope), apply_rope(k, *tokens.rope)
+        o = attention(q, k, v, kv_lengths=kv_lengths, implementation=self.impl, parallelism=self.parallelism)
         o = checkpoint_name(o, "attention")
         return self.to_out(o.reshape(b, n, -1))
 
@@ -257,7 +282,12 @@ class FeedForward(nnx.Module):
 
 
 class CogVideoXBlock(nnx.Module):
-    """One DiT block: x (B, N, D) video, c (B, L, D) text, optional extra (B, E, D) -> same shapes."""
+    """One DiT block over the joint sequence h (B, S, D) = [text | video | extra | pad] -> same shape.
+
+    With ``cond`` (one block's (B, 6, D) / (B, 8, D)) it is an adapter block: the extra tokens are
+    modulated by CAN and attend with the rest (keys up to ``kv_lengths``). Without, the extra tokens
+    are hidden as keys and pass through unchanged (zero gate): the plain block over [text, video].
+    """
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         self.norm1 = AdaLayerNormZero(cfg, rngs=rngs)
@@ -265,39 +295,14 @@ class CogVideoXBlock(nnx.Module):
         self.norm2 = AdaLayerNormZero(cfg, rngs=rngs)
         self.ff = FeedForward(cfg, rngs=rngs)
 
-    def __call__(self, x, c, temb, rope=None, extra=None, kv_lengths=None, cond: BlockConditioning | None = None):
-        """``cond`` (one block's, (B, 6, D) / (B, 8, D)) with ``extra``: the adapter block, over
-        [text, video, extra]; else the plain block over [text, video] (``extra`` passes through)."""
-        L_, N = c.shape[1], x.shape[1]
-        use_extra = extra is not None and cond is not None
-        r1 = cond.residual[:, :4] if use_extra else None
-        r2 = cond.residual[:, 4:] if use_extra else None
-        video = slice(L_, L_ + N)
-
-        # attention over [text, video, extra]
-        xn, cn, gate, e_gate = self.norm1(x, c, temb, r1)
-        parts = [cn, xn]
-        if use_extra:
-            fn, f_gate = self.norm1.modulate(extra, cond.extra_mod[:, 0:3])
-            parts.append(fn)
-        a = self.attn1(jnp.concatenate(parts, axis=1), video, rope, kv_lengths if use_extra else None)
-        c = c + e_gate * a[:, :L_]
-        x = x + gate * a[:, video]
-        if use_extra:
-            extra = extra + f_gate * a[:, L_ + N:]
-
-        # feed-forward, jointly on the same concatenation
-        xn, cn, gate, e_gate = self.norm2(x, c, temb, r2)
-        parts = [cn, xn]
-        if use_extra:
-            fn, f_gate = self.norm2.modulate(extra, cond.extra_mod[:, 3:6])
-            parts.append(fn)
-        h = self.ff(jnp.concatenate(parts, axis=1))
-        c = c + e_gate * h[:, :L_]
-        x = constrain(x + gate * h[:, video], ("batch", "seq", "act_embed"))
-        if use_extra:
-            extra = extra + f_gate * h[:, L_ + N:]
-        return x, c, extra
+    def __call__(self, h, temb, tokens: Tokens, kv_lengths=None, cond: BlockConditioning | None = None):
+        r1, r2, m1, m2 = (None,) * 4
+        if cond is not None:
+            r1, r2, m1, m2 = cond.residual[:, :4], cond.residual[:, 4:], cond.extra_mod[:, :3], cond.extra_mod[:, 3:]
+        hn, gate = self.norm1(h, temb, tokens, r1, m1)
+        h = h + gate * self.attn1(hn, tokens, kv_lengths)
+        hn, gate = self.norm2(h, temb, tokens, r2, m2)
+        return constrain(h + gate * self.ff(hn), ("batch", "seq", "act_embed"))
 
 
 class OutputNorm(nnx.Module):
@@ -353,49 +358,54 @@ def segments(num_layers: int, adapter_layers=()) -> list[Segment]:
     return out
 
 
-def run_blocks(blocks: CogVideoXBlock, x, c, temb, rope, *, extra=None, kv_lengths=None,
+def run_blocks(blocks: CogVideoXBlock, h, temb, tokens: Tokens, *, kv_lengths=None,
                cond: BlockConditioning | None = None, adapter_layers=(), remat_policy: str = "none",
                scan_layers: bool = True):
-    """The stacked blocks over (x, c[, extra]) -> (x, c, extra). ``cond`` holds one entry per block
-    of ``adapter_layers``; without ``extra`` and ``cond`` every block is plain."""
+    """The stacked blocks over the joint sequence h (B, S, D) -> (B, S, D). ``cond`` holds one
+    entry per block of ``adapter_layers``; ``kv_lengths`` (B,) are the adapter blocks' key lengths
+    (the plain blocks see [text, video] only). Without ``cond`` every block is plain."""
     n = L.stack_size(blocks)
-    if extra is None or cond is None:
+    b = h.shape[0]
+    if cond is None:
         adapter_layers = ()
+    plain_lengths = None
+    if tokens.extra or tokens.pad:
+        plain_lengths = jnp.full((b,), tokens.text + tokens.video, jnp.int32)
+    if kv_lengths is None and tokens.pad:
+        kv_lengths = jnp.full((b,), tokens.text + tokens.video + tokens.extra, jnp.int32)
     remat = remat_policy != "none"
     policy = REMAT_POLICIES[remat_policy]
     pick = lambda tree, i: jax.tree.map(lambda t: t[i], tree)
 
-    def plain(carry, blk, _):
-        x, c = carry
-        x, c, _ = blk(x, c, temb, rope)
-        return (x, c), None
+    def plain(h, blk, _):
+        return blk(h, temb, tokens, plain_lengths), None
 
-    def group(carry, grp, g_cond):
-        x, c, f = carry
+    def group(h, grp, g_cond):
         for j in range(L.stack_size(grp)):
-            x, c, f = L.layer(grp, j)(x, c, temb, rope, f, kv_lengths, g_cond if j == 0 else None)
-        return (x, c, f), None
+            blk = L.layer(grp, j)
+            h = blk(h, temb, tokens, kv_lengths, g_cond) if j == 0 else blk(h, temb, tokens, plain_lengths)
+        return h, None
 
     for seg in segments(n, adapter_layers):
         sub = L.layers_range(blocks, seg.start, seg.stop)
         if seg.adapter is None:
             if scan_layers:
-                (x, c), _ = L.scan(plain, (x, c), sub, remat=remat, remat_policy=policy)
+                h, _ = L.scan(plain, h, sub, remat=remat, remat_policy=policy)
             else:
                 run = jax.checkpoint(plain, policy=policy) if remat else plain
                 for i in range(seg.stop - seg.start):
-                    (x, c), _ = run((x, c), L.layer(sub, i), None)
+                    h, _ = run(h, L.layer(sub, i), None)
             continue
         groups = (seg.stop - seg.start) // seg.period
         grouped = jax.tree.map(lambda t: t.reshape(groups, seg.period, *t.shape[1:]), sub)
         g_cond = jax.tree.map(lambda t: t[seg.adapter:seg.adapter + groups], cond)
         if scan_layers:
-            (x, c, extra), _ = L.scan(group, (x, c, extra), grouped, g_cond, remat=remat, remat_policy=policy)
+            h, _ = L.scan(group, h, grouped, g_cond, remat=remat, remat_policy=policy)
         else:
             run = jax.checkpoint(group, policy=policy) if remat else group
             for g in range(groups):
-                (x, c, extra), _ = run((x, c, extra), L.layer(grouped, g), pick(g_cond, g))
-    return x, c, extra
+                h, _ = run(h, L.layer(grouped, g), pick(g_cond, g))
+    return h
 
 
 class CogVideoXTransformer3D(nnx.Module):
@@ -459,12 +469,23 @@ class CogVideoXTransformer3D(nnx.Module):
         if extra_tokens is not None and conditioning is not None:
             extra = extra_tokens.astype(x.dtype)
             cond = conditioning(temb)
-            if extra_valid is not None:
-                full = c.shape[1] + x.shape[1]
-                kv_lengths = (full + jnp.where(extra_valid, extra.shape[1], 0)).astype(jnp.int32)
-        x, c, _ = run_blocks(self.transformer_blocks, x, c, temb, rope, extra=extra, kv_lengths=kv_lengths, cond=cond,
-                             adapter_layers=tuple(adapter_layers), remat_policy=cfg.remat_policy,
-                             scan_layers=cfg.scan_layers)
+        L_, N, E = c.shape[1], x.shape[1], 0 if extra is None else extra.shape[1]
+        context = attention_parallel.context_size()
+        pad = (-(L_ + N + E)) % context  # the joint sequence splits evenly over the context axis
+        if extra is not None and extra_valid is not None:
+            kv_lengths = (L_ + N + jnp.where(extra_valid, E, 0)).astype(jnp.int32)
+        rope_full = None
+        if rope is not None:  # no rotation (cos 1, sin 0) outside the video rows
+            rope_full = tuple(jnp.pad(t, ((L_, E + pad), (0, 0)), constant_values=v) for t, v in zip(rope, (1.0, 0.0)))
+        tokens = Tokens(L_, N, E, pad, rope_full)
+        parts = [c, x] + ([extra] if extra is not None else [])
+        if pad:
+            parts.append(jnp.zeros((b, pad, c.shape[-1]), x.dtype))
+        seq = constrain(jnp.concatenate(parts, axis=1), ("batch", "seq", "act_embed"))
+        seq = run_blocks(self.transformer_blocks, seq, temb, tokens, kv_lengths=kv_lengths, cond=cond,
+                         adapter_layers=tuple(adapter_layers), remat_policy=cfg.remat_policy,
+                         scan_layers=cfg.scan_layers)
+        x = seq[:, L_:L_ + N]
 
         x = self.norm_out(self.norm_final(x), temb)
         x = self.proj_out(x)

@@ -259,7 +259,7 @@ def default_attention_impl() -> str:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array | None = None,
               kv_lengths: jax.Array | None = None, scale: float | None = None, bias: jax.Array | None = None,
-              implementation: str | None = None) -> jax.Array:
+              implementation: str | None = None, parallelism: str | None = None) -> jax.Array:
     """softmax(q k^T * scale [+ bias] [+ masks]) v.
 
     q: (B, S, N, Dh), k/v: (B, T, N, Dh) -> (B, S, N, Dh). ``kv_lengths`` (B,) int: row b sees
@@ -268,6 +268,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array |
     bias (T5's relative positions; short sequences, so it always takes the "xla" path).
     ``implementation``: a key of ``ATTENTION_IMPLS`` or None for the backend default. cuDNN needs
     bf16/fp16 inputs; fp32 falls back to "xla".
+
+    Under a multi-device mesh (and without a general ``key_mask``) the kernel runs per shard in
+    ``shard_map`` (``attention_parallel``): batch and heads split by the logical rules, and a
+    sequence split over the ``context`` axis joined by Ulysses or ring attention
+    (``parallelism``: "ulysses", "ring" or None for the default).
     """
     if bias is not None:
         mask = _key_mask(key_mask, kv_lengths, k.shape[1])
@@ -279,7 +284,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array |
         impl = "xla"
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {impl!r} is not available; choose from {sorted(ATTENTION_IMPLS)}")
-    return ATTENTION_IMPLS[impl](q, k, v, key_mask, kv_lengths, scale)
+    kernel = ATTENTION_IMPLS[impl]
+    from mm_jax.models import attention_parallel as ap
+
+    if key_mask is None and math.prod(ap.mesh_shape().values() or [1]) > 1:
+        return ap.sharded_attention(lambda q, k, v, n: kernel(q, k, v, None, n, scale), q, k, v, kv_lengths, scale,
+                                    parallelism=parallelism)
+    return kernel(q, k, v, key_mask, kv_lengths, scale)
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ masks only as static block masks plus *segment ids*. This module adapts the DiT'
 * S is padded to a multiple of the block; key_mask and padding become segment ids: every query
   has id 0, valid keys id 0, masked and padded keys id 1, which no query has, so they get zero
   weight (padded queries see the real keys and are sliced off);
-* under a multi-device mesh the kernel runs per shard in ``shard_map`` (batch over data/fsdp,
-  heads over tensor, by the logical rules), since a Pallas call is not auto-partitioned.
+* one device's call: under a multi-device mesh ``layers.attention`` runs it per shard in
+  ``shard_map`` (``attention_parallel``), since a Pallas call is not auto-partitioned.
 
 Memory: the kernel keeps one (block_q, block_kv) fp32 tile of scores per head in VMEM plus the
 running max/sum; nothing of size S x S is ever in HBM. The HBM working set is q, k, v and the
@@ -22,7 +22,6 @@ The Pallas TPU module is imported lazily, so importing this file (and mm_jax) ne
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -117,19 +116,7 @@ def splash_attention(q, k, v, key_mask=None, scale=None, *, interpret: bool = Fa
     by ``fn(q, k, v, q_ids, kv_ids)`` on one example (e.g. ``reference_kernel``), keeping all the
     padding and segment-id plumbing. ``max_block``: the largest block_q/block_kv.
     """
-    from mm_jax import parallel
-
     if kernel_fn is None and not interpret and jax.default_backend() != "tpu":
         raise ValueError(f"attention implementation 'splash' needs a TPU (backend is {jax.default_backend()!r}); "
                          "choose 'chunked' or 'xla', or leave attention_impl unset for the backend default")
-    local = functools.partial(_local, scale=scale, interpret=interpret, kernel_fn=kernel_fn, max_block=max_block)
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty or math.prod(dict(mesh.shape).values()) == 1:
-        return local(q, k, v, key_mask)
-    shape = dict(mesh.shape)
-    spec = parallel.logical_to_spec(("batch", "seq", "act_heads", None), q.shape, shape)
-    mask_spec = jax.sharding.PartitionSpec(spec[0], None)
-    if key_mask is None:
-        key_mask = jnp.ones(k.shape[:2], bool)
-    return jax.shard_map(local, in_specs=(spec, spec, spec, mask_spec), out_specs=spec, check_vma=False)(
-        q, k, v, key_mask)
+    return _local(q, k, v, key_mask, scale, interpret=interpret, kernel_fn=kernel_fn, max_block=max_block)

@@ -1,0 +1,131 @@
+"""Attention over a device mesh: batch and heads split as the logical rules say, and the sequence
+split over the ``context`` mesh axis (context parallelism).
+
+Under a mesh, ``layers.attention`` calls ``sharded_attention``, which runs the backend's kernel
+per shard inside ``shard_map`` (a Pallas kernel is not partitioned automatically; cuDNN and XLA
+get the same explicit layout). q/k/v arrive ``(B, S, N, Dh)`` with B over the batch axes, S over
+``context`` and N over ``tensor``. With ``context`` > 1 one of two schemes joins the sequence:
+
+* **Ulysses** (DeepSpeed-Ulysses): an all-to-all turns sequence shards into head shards
+  ``(B, S/c, N, Dh) -> (B, S, N/c, Dh)``, each device runs the kernel over the whole sequence for
+  its heads, and a second all-to-all turns the output back. Needs the local heads N/tensor to be
+  a multiple of c (48 heads: c = 2, 3, 4, 6, 8, 12, 16, 24). Two all-to-alls of q, k, v and o per
+  call; the kernel sees the full sequence, so masks (key lengths) are the global ones.
+* **Ring**: each device keeps its query block and passes the key/value blocks around the
+  ``context`` ring (``ppermute``), combining the blocks with an online softmax in float32. Works
+  for any c; c - 1 permutes of k and v per call. The per-block product is written out in XLA
+  (einsum), not a fused kernel.
+
+``parallelism``: "ulysses", "ring" or None (Ulysses when the heads divide, else ring). Masks are
+per-row key lengths (``kv_lengths``: row b sees keys [0, kv_lengths[b])), so a padded sequence
+tail and masked identity tokens (a suffix) stay hidden under every scheme.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+CONTEXT = "context"
+PARALLELISMS = ("ulysses", "ring")
+_NEG = -1e30  # a finite "minus infinity": a fully masked block must not make exp(-inf - -inf) = NaN
+
+
+def mesh_shape() -> dict[str, int]:
+    """The current (abstract) mesh's axis sizes; {} when none is set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return {} if mesh is None or mesh.empty else dict(mesh.shape)
+
+
+def context_size() -> int:
+    """Devices on the ``context`` axis of the current mesh (1 without one)."""
+    return mesh_shape().get(CONTEXT, 1)
+
+
+def choose(local_heads: int, context: int, requested: str | None = None) -> str:
+    """The scheme for ``context`` devices: ``requested``, or Ulysses when it divides the heads."""
+    if requested is not None and requested not in PARALLELISMS:
+        raise ValueError(f"attention_parallelism={requested!r}; choose from {PARALLELISMS} (or leave it unset)")
+    if requested == "ulysses" and local_heads % context:
+        raise ValueError(f"Ulysses attention needs the heads per tensor shard ({local_heads}) to be a multiple of the "
+                         f"context axis ({context}); use attention_parallelism='ring' or another mesh")
+    if requested:
+        return requested
+    return "ulysses" if local_heads % context == 0 else "ring"
+
+
+def ulysses(kernel: Callable, q, k, v, kv_lengths, *, axis: str = CONTEXT):
+    """Inside ``shard_map``: q/k/v (b, S/c, n, Dh) sequence shards -> (b, S/c, n, Dh), the kernel
+    ``kernel(q, k, v, kv_lengths)`` run over the full sequence on n/c heads."""
+    to_heads = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=2, concat_axis=1, tiled=True)
+    o = kernel(to_heads(q), to_heads(k), to_heads(v), kv_lengths)
+    return jax.lax.all_to_all(o, axis_name=axis, split_axis=1, concat_axis=2, tiled=True)
+
+
+def ring(q, k, v, kv_lengths, scale: float, *, axis: str = CONTEXT, size: int):
+    """Inside ``shard_map``: exact attention of the local query block over every key/value block,
+    which travel once around the ring. q/k/v (b, s, n, Dh) with s = S/c -> (b, s, n, Dh)."""
+    b, s, n, dh = q.shape
+    me = jax.lax.axis_index(axis)
+    qf = q.astype(jnp.float32) * scale
+    perm = [(i, (i + 1) % size) for i in range(size)]
+    lengths = jnp.full((b,), size * s, jnp.int32) if kv_lengths is None else kv_lengths.astype(jnp.int32)
+
+    def step(i, carry):
+        o, m, l, kc, vc = carry
+        src = (me - i) % size  # whose key/value block this device holds at step i
+        pos = src * s + jnp.arange(s)
+        valid = pos[None, :] < lengths[:, None]  # (b, s_k)
+        sc = jnp.einsum("bqnh,bknh->bnqk", qf, kc.astype(jnp.float32))
+        sc = jnp.where(valid[:, None, None, :], sc, _NEG)
+        m_new = jnp.maximum(m, sc.max(-1))
+        p = jnp.exp(sc - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        l = l * corr + p.sum(-1)
+        o = o * corr[..., None] + jnp.einsum("bnqk,bknh->bnqh", p, vc.astype(jnp.float32))
+        kc, vc = jax.lax.ppermute(kc, axis, perm), jax.lax.ppermute(vc, axis, perm)
+        return o, m_new, l, kc, vc
+
+    init = (jnp.zeros((b, n, s, dh), jnp.float32), jnp.full((b, n, s), _NEG, jnp.float32),
+            jnp.zeros((b, n, s), jnp.float32), k, v)
+    o, _, l, _, _ = jax.lax.fori_loop(0, size, step, init)
+    return (o / l[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+def specs(shape: tuple[int, ...]) -> tuple[P, P]:
+    """(q/k/v spec, kv_lengths spec) on the current mesh for a (B, S, N, Dh) array, by the rules."""
+    from mm_jax import parallel
+
+    qs = parallel.logical_to_spec(("batch", "seq", "act_heads", None), shape, mesh_shape())
+    return qs, P(qs[0])
+
+
+def sharded_attention(kernel: Callable, q, k, v, kv_lengths, scale: float | None, *,
+                      parallelism: str | None = None):
+    """``kernel(q, k, v, kv_lengths)`` (one device's attention) over the current mesh: q (B, S, N,
+    Dh), k/v (B, T, N, Dh) -> (B, S, N, Dh), with the sequence joined over ``context`` when it is
+    split (self-attention only; cross-attention keeps its sequence whole)."""
+    shape = mesh_shape()
+    qs, ls = specs(q.shape)
+    if q.shape[1] != k.shape[1]:  # cross-attention (the perceivers): short, the sequence stays whole
+        qs = P(qs[0], None, *qs[2:])
+    c = shape.get(CONTEXT, 1) if qs[1] is not None else 1
+    if c > 1 and q.shape[1] % c:
+        raise ValueError(f"sequence of {q.shape[1]} tokens does not split over context={c}: pad it to a multiple")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    lengths = jnp.full(q.shape[:1], k.shape[1], jnp.int32) if kv_lengths is None else kv_lengths.astype(jnp.int32)
+    tensor = math.prod(shape[a] for a in ((qs[2],) if isinstance(qs[2], str) else (qs[2] or ())))
+    scheme = choose(q.shape[2] // tensor, c, parallelism) if c > 1 else None
+
+    def local(q, k, v, lengths):
+        if scheme == "ulysses":
+            return ulysses(kernel, q, k, v, lengths)
+        if scheme == "ring":
+            return ring(q, k, v, lengths, scale, size=c)
+        return kernel(q, k, v, lengths)
+
+    return jax.shard_map(local, in_specs=(qs, qs, qs, ls), out_specs=qs, check_vma=False)(q, k, v, lengths)
