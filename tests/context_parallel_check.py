@@ -5,7 +5,6 @@ collective-permute for ring), so the sequence really was split. Prints one line 
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/context_parallel_check.py
 """
-import dataclasses
 import sys
 from pathlib import Path
 

@@ -117,7 +117,6 @@ def test_info_prints_the_added_parameter_count(setup, capsys):
 def test_identity_sampling_with_progress_bar_on_an_8_device_mesh_equals_one_device(setup, tmp_path):
     """The progress bar used to be an ordered callback inside the compiled loop, which XLA refuses
     on more than one device; now the host drives the steps, so any mesh shows it."""
-    import os
     import subprocess
     import sys
     from pathlib import Path

@@ -1,5 +1,4 @@
 """Sharding: mesh construction, logical rules, and the DiT on a 2x2x2 mesh of fake CPU devices."""
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -6,7 +6,6 @@ and segment-id masking around it. A second check swaps the kernel for a written-
 softmax over segment ids (``splash.reference_kernel``) with the same plumbing. Both are compared
 with plain, unpadded float64 attention computed here in numpy.
 """
-import os
 import subprocess
 import sys
 import textwrap

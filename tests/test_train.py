@@ -1,7 +1,6 @@
 """Tiny end-to-end training on CPU: the loss falls, frozen params stay bit-identical, a stopped
 run resumes to exactly the uninterrupted one, NaN stops with the last good checkpoint, stage 2
 starts from stage 1, and one step on a 2x2x2 mesh equals the 1-device step."""
-import os
 import shutil
 import subprocess
 import sys
