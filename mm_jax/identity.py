@@ -8,7 +8,6 @@ section 4 of the design: [negative prompt, no face | fused prompt, face tokens, 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from pathlib import Path
 
 import jax
@@ -34,15 +33,28 @@ def component_dir(name: str, *dirs) -> Path:
     raise FileNotFoundError(f"no {name!r} component in {[str(d) for d in dirs if d is not None]}")
 
 
+class Embedder:
+    """The face front end and the CLIP tower, loaded once for many reference photos:
+    ``Embedder(face_models, clip_ckpt, adapter_dir)(image) -> Identity`` (raises ``NoFaceError``
+    naming the image when it holds no face)."""
+
+    def __init__(self, face_models: str | Path, clip_ckpt: str | Path, adapter_dir: str | Path, *, mesh=None):
+        from mm_jax.face import FaceAnalyzer
+
+        self.faces = FaceAnalyzer(face_models)
+        self.clip = checkpoint.load_component(clip_ckpt, "image_encoder", mesh=mesh)
+        self.adapter_dir = Path(adapter_dir)
+
+    def __call__(self, ref_image) -> Identity:
+        face = self.faces.analyze(ref_image)
+        hidden = np.asarray(self.clip(face.clip_crop[None]))[0]
+        return Identity(face.embedding, hidden, self.adapter_dir, str(ref_image))
+
+
 def compute(ref_image, face_models: str | Path, clip_ckpt: str | Path, adapter_dir: str | Path, *,
             mesh=None) -> Identity:
     """Detect/align/embed the largest face of ``ref_image`` and run the CLIP tower on its crop."""
-    from mm_jax.face import FaceAnalyzer
-
-    face = FaceAnalyzer(face_models).analyze(ref_image)
-    clip = checkpoint.load_component(clip_ckpt, "image_encoder", mesh=mesh)
-    hidden = np.asarray(clip(face.clip_crop[None]))[0]
-    return Identity(face.embedding, hidden, Path(adapter_dir), str(ref_image))
+    return Embedder(face_models, clip_ckpt, adapter_dir, mesh=mesh)(ref_image)
 
 
 def save(path: str | Path, ident: Identity) -> None:
@@ -80,25 +92,43 @@ def identity_model_fn(dit, x, text, t, extras):
     return identity_forward(dit, adapter, x, text, t, x_id=x_id, x_face=x_face, has_id=has_id)
 
 
-def prepare(ident: Identity, dit, text: jax.Array, settings, ckpt_dir, mesh, dtype: str, cfg_on: bool):
-    """-> (text batch, extras for the compiled loop, model_fn)."""
+def class_index(tokenizer, prompt: str, adapter_cfg, max_length: int) -> int:
+    """Where the identity is fused into ``prompt``: the first token of its first class word (a
+    ValueError listing the words when it has none); warns when the fusion drops real tokens."""
     from mm_jax import text as text_lib
-    from mm_jax.text import find_class_token
 
-    adapter = checkpoint.load_component(ident.adapter_dir, "adapter", mesh=mesh, dtype=dtype, param_dtype=dtype)
-    check_fits(adapter.cfg, dit.cfg, ident.clip_hidden)
+    ids = text_lib.tokenize(tokenizer, [prompt], max_length=max_length)[0]
+    idx = text_lib.find_class_token(tokenizer, prompt, ids, adapter_cfg.class_words)
+    text_lib.check_dropped_tokens(ids, adapter_cfg.num_id_tokens, tokenizer.pad_token_id or 0)
+    return idx
+
+
+def prepare(idents: list[Identity], dit, text: jax.Array, prompts: list[str], ckpt_dir, mesh, dtype: str,
+            cfg_on: bool, max_length: int = 226):
+    """The batch for V videos with identities -> (text batch, extras for the compiled step, model_fn).
+
+    ``text``: (2V, L, T) [negative_1..V, positive_1..V] with CFG, else (V, L, T); ``prompts``: the
+    V positive prompts. CFG batch (design s.4): [negatives without faces | fused prompts with faces].
+    All identities share one adapter folder (loaded once)."""
+    from mm_jax import text as text_lib
+
+    folders = {str(i.adapter_dir) for i in idents}
+    if len(folders) != 1:
+        raise ValueError(f"one batch of identity videos needs one adapter; got {sorted(folders)}")
+    adapter = checkpoint.load_component(idents[0].adapter_dir, "adapter", mesh=mesh, dtype=dtype, param_dtype=dtype)
+    for ident in idents:
+        check_fits(adapter.cfg, dit.cfg, ident.clip_hidden)
     tok = text_lib.load_tokenizer(Path(ckpt_dir) / "tokenizer")
-    ids = text_lib.tokenize(tok, [settings.prompt], max_length=settings.max_sequence_length)[0]
-    idx = find_class_token(tok, settings.prompt, ids, adapter.cfg.class_words)
-    n = adapter.cfg.num_id_tokens
-    if n > 1 and np.any(ids[-(n - 1):] != tok.pad_token_id):
-        warnings.warn(f"the prompt fills the last {n - 1} text positions; the identity fusion drops them", stacklevel=2)
-    x_id, x_face = adapter.encode(jnp.asarray(ident.clip_hidden[None], dtype), jnp.asarray(ident.e_id[None], dtype))
-    fused = adapter.fuse(text[-1:], x_id, jnp.array([idx]))
+    idx = jnp.asarray([class_index(tok, p, adapter.cfg, max_length) for p in prompts])
+    v = len(idents)
+    clip = jnp.asarray(np.stack([i.clip_hidden for i in idents]), dtype)
+    e_id = jnp.asarray(np.stack([i.e_id for i in idents]), dtype)
+    x_id, x_face = adapter.encode(clip, e_id)
+    fused = adapter.fuse(text[-v:], x_id, idx)
     if cfg_on:
-        text = jnp.concatenate([text[:1], fused], axis=0)
+        text = jnp.concatenate([text[:v], fused], axis=0)
         x_id, x_face = jnp.concatenate([x_id, x_id]), jnp.concatenate([x_face, x_face])
-        has_id = jnp.array([False, True])
+        has_id = jnp.asarray([False] * v + [True] * v)
     else:
         text, has_id = fused, None
     return text, (adapter, x_id, x_face, has_id), identity_model_fn

@@ -119,11 +119,13 @@ def denoise_step_fn(kind: str, cfg_on: bool, model_fn: Callable = default_model_
 
         step(dit, x, x0, text, schedule, guidance, key, i, extras) -> (x, x0)
 
-    dit: the DiT module; x (1, F, H, W, C) latents in the compute dtype (donated); x0 (1, F, H, W,
-    C) float32, the DPM sampler's previous x0 (donated; unused by DDIM); text (2, L, T) [negative,
-    positive] with CFG, else (1, L, T); schedule: ``schedulers.Schedule``; guidance (steps,) float32;
-    key: the DPM noise key; i: int32 step index (traced: one compile serves every step); extras:
-    ``model_fn``'s pytree (the adapter and the identity tokens), or None.
+    dit: the DiT module; x (V, F, H, W, C) latents of V videos in the compute dtype (donated); x0
+    (V, F, H, W, C) float32, the DPM sampler's previous x0 (donated; unused by DDIM); text (2V, L, T)
+    [negatives, positives] with CFG, else (V, L, T); schedule: ``schedulers.Schedule``; guidance
+    (steps,) float32; key: (V,) DPM noise keys, one per video (a video's draws do not depend on
+    its batch); i: int32 step index (traced: one compile serves every step); extras: ``model_fn``'s
+    pytree (the adapter and the identity tokens), or None. With CFG the batch [x, x] is split
+    over the ``data`` mesh axis when it has one: the guidance combine is then the one collective.
     """
 
     def step(dit, x, x0, text, schedule, guidance, key, i, extras):
@@ -136,7 +138,9 @@ def denoise_step_fn(kind: str, cfg_on: bool, model_fn: Callable = default_model_
         if kind == "ddim":
             x_new = sch.ddim_step(schedule, i, v, xf)
         else:
-            x_new, x0 = sch.dpm_step(schedule, i, v, xf, x0, *sch.dpm_noise(key, i, x.shape))
+            one = (1,) + x.shape[1:]
+            n1, n2 = jax.vmap(lambda k: sch.dpm_noise(k, i, one))(key)
+            x_new, x0 = sch.dpm_step(schedule, i, v, xf, x0, n1.reshape(x.shape), n2.reshape(x.shape))
         return x_new.astype(x.dtype), x0.astype(jnp.float32)
 
     return jax.jit(step, donate_argnums=(1, 2))
@@ -146,10 +150,12 @@ ProgressFn = Callable[[int, int], None]  # (steps done, steps in all), called on
 
 
 def denoise(dit, latents, text_emb, settings: SampleSettings, scheduler_cfg: dict, *,
-            progress: ProgressFn | None = None, model_fn: Callable = default_model_fn, extras=None) -> jax.Array:
+            progress: ProgressFn | None = None, model_fn: Callable = default_model_fn, extras=None,
+            seeds: list[int] | None = None) -> jax.Array:
     """Run the sampling loop: ``settings.steps`` calls of ``denoise_step_fn`` from the host.
 
-    ``text_emb`` is (2, L, T) [negative, positive] with CFG, else (1, L, T). ``progress(done,
+    ``latents`` (V, F, H, W, C); ``text_emb`` is (2V, L, T) [negatives, positives] with CFG, else
+    (V, L, T); ``seeds`` (V,) the videos' seeds (default: ``settings.seed`` for each). ``progress(done,
     total)`` is called on the host after each step has finished on the devices, so a progress bar
     is exact on any mesh and any number of devices or processes (the loop is driven from the host;
     no callback runs inside compiled code)."""
@@ -158,7 +164,8 @@ def denoise(dit, latents, text_emb, settings: SampleSettings, scheduler_cfg: dic
     cfg_on = settings.guidance > 1.0
     guidance = jnp.asarray(guidance_per_step(schedule, settings.guidance, settings.dynamic_cfg))
     step = denoise_step_fn(settings.scheduler, cfg_on, model_fn)
-    key = jax.random.key(settings.seed)
+    seeds = [settings.seed] * latents.shape[0] if seeds is None else list(seeds)
+    key = jnp.stack([jax.random.key(int(sd)) for sd in seeds])
     x, x0 = latents, jnp.zeros(latents.shape, jnp.float32)
     n = settings.steps
     for i in range(n):
@@ -205,6 +212,95 @@ def initial_latents(settings: SampleSettings, channels: int, spatial: int, tempo
     return sch.init_latents(jax.random.key(settings.seed), shape, dtype)
 
 
+@dataclasses.dataclass
+class Request:
+    """One video of a batch: its settings (prompt, negative prompt, seed; the shape fields must
+    agree across a batch), an optional ``identity`` and optional initial ``latents``."""
+    settings: SampleSettings
+    identity: Optional[Any] = None
+    latents: Optional[np.ndarray] = None
+
+
+SHARED_FIELDS = ("frames", "height", "width", "steps", "guidance", "scheduler", "dynamic_cfg", "max_sequence_length")
+
+
+def generate_batch(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, dtype: str = "float32",
+                   progress: bool | ProgressFn = True, videos_per_batch: int = 1, text_embeddings: np.ndarray | None = None,
+                   model_fn: Callable = default_model_fn, transformer=None, vae=None, text_encoder_on_host: bool = False,
+                   vae_tiling: bool = False, attention_parallelism: str | None = None) -> list[np.ndarray]:
+    """Many videos with the models loaded once: frames (F, H, W, 3) float32 in [0, 1] per request.
+
+    Order of work: T5 encodes every prompt (then is freed), the DiT (+ the adapter) denoises the
+    videos ``videos_per_batch`` at a time (identity and plain videos in separate batches), then the
+    VAE decodes each video. Requests must share ``SHARED_FIELDS`` (they fix the compiled shapes).
+    ``text_embeddings``: (2R or R, L, T) precomputed [negatives, positives] for all R requests.
+    ``attention_parallelism``: "ulysses" / "ring" for a ``context`` mesh axis (None: the default)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not requests:
+        return []
+    check_checkpoint(ckpt_dir)
+    first = requests[0].settings
+    for r in requests[1:]:
+        diff = [f for f in SHARED_FIELDS if getattr(r.settings, f) != getattr(first, f)]
+        if diff:
+            raise ValueError(f"videos of one batch must share {diff}: {[getattr(r.settings, f) for f in diff]} vs "
+                             f"{[getattr(first, f) for f in diff]}")
+    vae_cfg = checkpoint.load_config(ckpt_dir, "vae")
+    dit_cfg = checkpoint.load_config(ckpt_dir, "transformer")
+    spatial, temporal = vae_cfg.spatial_compression, vae_cfg.temporal_compression_ratio
+    for r in requests:
+        r.settings.validate(spatial, temporal, dit_cfg.patch_size)
+    mesh = mesh or parallel.make_mesh()
+    xs = [initial_latents(r.settings, dit_cfg.in_channels, spatial, temporal, r.latents) for r in requests]
+    cfg_on = first.guidance > 1.0
+    if text_embeddings is None:
+        prompts = [r.settings.negative_prompt for r in requests] * cfg_on + [r.settings.prompt for r in requests]
+        text_embeddings = prompt_embeddings(ckpt_dir, prompts, max_length=first.max_sequence_length, mesh=mesh,
+                                            dtype=dtype, on_host=text_encoder_on_host)
+    n = len(requests)
+    neg = np.asarray(text_embeddings[:n]) if cfg_on else None
+    pos = np.asarray(text_embeddings[-n:])
+    owns_dit = transformer is None
+    dit = transformer or checkpoint.load_component(ckpt_dir, "transformer", mesh=mesh, dtype=dtype, param_dtype=dtype,
+                                                   attention_parallelism=attention_parallelism)
+    scheduler_cfg = json.loads((ckpt_dir / "scheduler" / "scheduler_config.json").read_text())
+    plain = [i for i, r in enumerate(requests) if r.identity is None]
+    with_id = [i for i, r in enumerate(requests) if r.identity is not None]
+    chunks = [c[k:k + videos_per_batch] for c in (plain, with_id) for k in range(0, len(c), videos_per_batch)]
+    latents_out: dict[int, jax.Array] = {}
+    close = None
+    if progress is True:
+        progress, close = tqdm_progress(first.steps * len(chunks), desc=f"denoising {n} video(s)")
+    try:
+        for c, chunk in enumerate(chunks):
+            text = jnp.asarray(np.concatenate(([neg[chunk]] if cfg_on else []) + [pos[chunk]]), dtype)
+            fn, extras = model_fn, None
+            if requests[chunk[0]].identity is not None:
+                text, extras, fn = id_lib.prepare([requests[i].identity for i in chunk], dit, text,
+                                                  [requests[i].settings.prompt for i in chunk], ckpt_dir, mesh, dtype,
+                                                  cfg_on, first.max_sequence_length)
+            done = (lambda k, _t, c=c: progress(c * first.steps + k, first.steps * len(chunks))) if progress else None
+            with jax.set_mesh(mesh):
+                z = denoise(dit, jnp.concatenate([xs[i] for i in chunk]).astype(dtype), text, first, scheduler_cfg,
+                            progress=done, model_fn=fn, extras=extras, seeds=[requests[i].settings.seed for i in chunk])
+            for j, i in enumerate(chunk):
+                latents_out[i] = z[j:j + 1]
+            del extras  # the adapter too
+    finally:
+        if close is not None:
+            close()
+    del dit
+    if owns_dit:  # release the DiT before the VAE is placed
+        gc.collect()
+    vae = vae or checkpoint.load_component(ckpt_dir, "vae", mesh=mesh, use_tiling=vae_tiling)
+    frames = []
+    for i in range(n):
+        with jax.set_mesh(mesh):
+            video = decode_fn()(vae, jnp.asarray(latents_out[i], jnp.float32))
+        frames.append(np.clip(np.asarray(video[0], np.float32) / 2 + 0.5, 0.0, 1.0))
+    return frames
+
+
 def generate(ckpt_dir: str | Path, settings: SampleSettings, *, latents: np.ndarray | None = None, mesh=None,
              dtype: str = "float32", progress: bool | ProgressFn = True, text_embeddings: np.ndarray | None = None,
              model_fn: Callable = default_model_fn, transformer=None, vae=None,
@@ -216,43 +312,9 @@ def generate(ckpt_dir: str | Path, settings: SampleSettings, *, latents: np.ndar
     plain CogVideoX text-to-video. ``progress``: True for a tqdm bar, False for none, or a
     ``ProgressFn``. ``text_encoder_on_host``: run T5 on the host CPU. ``vae_tiling``: decode in
     overlapping spatial tiles (diffusers ``enable_tiling``), one tile's activations at a time."""
-    ckpt_dir = Path(ckpt_dir)
-    check_checkpoint(ckpt_dir)
-    vae_cfg = checkpoint.load_config(ckpt_dir, "vae")
-    dit_cfg = checkpoint.load_config(ckpt_dir, "transformer")
-    spatial, temporal = vae_cfg.spatial_compression, vae_cfg.temporal_compression_ratio
-    settings.validate(spatial, temporal, dit_cfg.patch_size)
-    mesh = mesh or parallel.make_mesh()
-    x = initial_latents(settings, dit_cfg.in_channels, spatial, temporal, latents)
-    cfg_on = settings.guidance > 1.0
-    if text_embeddings is None:
-        prompts = [settings.negative_prompt, settings.prompt] if cfg_on else [settings.prompt]
-        text_embeddings = prompt_embeddings(ckpt_dir, prompts, max_length=settings.max_sequence_length, mesh=mesh,
-                                            dtype=dtype, on_host=text_encoder_on_host)
-    owns_dit = transformer is None
-    dit = transformer or checkpoint.load_component(ckpt_dir, "transformer", mesh=mesh, dtype=dtype, param_dtype=dtype)
-    scheduler_cfg = json.loads((ckpt_dir / "scheduler" / "scheduler_config.json").read_text())
-    extras = None
-    text = jnp.asarray(text_embeddings, dtype)
-    if identity is not None:
-        text, extras, model_fn = id_lib.prepare(identity, dit, text, settings, ckpt_dir, mesh, dtype, cfg_on)
-    close = None
-    if progress is True:
-        progress, close = tqdm_progress(settings.steps)
-    try:
-        with jax.set_mesh(mesh):
-            z = denoise(dit, x.astype(dtype), text, settings, scheduler_cfg, progress=progress or None,
-                        model_fn=model_fn, extras=extras)
-    finally:
-        if close is not None:
-            close()
-    del dit, extras  # the adapter too: neither is needed for decoding
-    if owns_dit:  # release the DiT before the VAE is placed
-        gc.collect()
-    vae = vae or checkpoint.load_component(ckpt_dir, "vae", mesh=mesh, use_tiling=vae_tiling)
-    with jax.set_mesh(mesh):
-        video = decode_fn()(vae, jnp.asarray(z, jnp.float32))
-    return np.clip(np.asarray(video[0], np.float32) / 2 + 0.5, 0.0, 1.0)
+    return generate_batch(ckpt_dir, [Request(settings, identity, latents)], mesh=mesh, dtype=dtype, progress=progress,
+                          text_embeddings=text_embeddings, model_fn=model_fn, transformer=transformer, vae=vae,
+                          text_encoder_on_host=text_encoder_on_host, vae_tiling=vae_tiling)[0]
 
 
 def sample_identity(ckpt_dir: str | Path, settings: SampleSettings, reference, face_models: str | Path,
@@ -266,7 +328,7 @@ def sample_identity(ckpt_dir: str | Path, settings: SampleSettings, reference, f
     bfloat16 on accelerators and float32 on CPU, as ``mm_jax.sample``; ``vae_tiling`` defaults to on
     for accelerators and off on CPU.
     """
-    mesh = mesh or parallel.make_mesh()
+    mesh = mesh or parallel.make_mesh(parallel.sampling_mesh_shape(len(jax.devices())))
     dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     clip_dir = clip_dir or id_lib.component_dir("image_encoder", adapter_dir, ckpt_dir)
     ident = id_lib.compute(reference, face_models, clip_dir, adapter_dir, mesh=mesh)

@@ -114,25 +114,60 @@ def test_info_prints_the_added_parameter_count(setup, capsys):
     assert "adapter (from" in capsys.readouterr().out
 
 
-def test_identity_sampling_with_progress_bar_on_an_8_device_mesh_equals_one_device(setup, tmp_path):
-    """The progress bar used to be an ordered callback inside the compiled loop, which XLA refuses
-    on more than one device; now the host drives the steps, so any mesh shows it."""
+def test_identity_sampling_with_progress_bar_on_8_devices_equals_one_device(setup, tmp_path):
+    """8 devices, default mesh (the CFG pair on data=2, the sequence over context=4, Ulysses), dynamic
+    CFG, progress bar on (it used to be an ordered callback inside the compiled loop, which XLA
+    refuses on more than one device; now the host drives the steps)."""
     import subprocess
     import sys
     from pathlib import Path
 
     root, ckpt, adapter_dir, pack, refs = setup
-    ident = ["--adapter", str(adapter_dir), "--face-models", str(pack), "--ref", str(refs[0])]
+    ident = ["--adapter", str(adapter_dir), "--face-models", str(pack), "--ref", str(refs[0]), "--dynamic-cfg"]
     assert _run(setup, tmp_path / "one.npy", *ident) == 0
     args = ["--checkpoint", str(ckpt), "--prompt", PROMPT, "--frames", "9", "--height", "64", "--width", "64",
-            "--steps", "3", "--latents", str(root / "latents.npy"), "--out", str(tmp_path / "eight.npy"),
-            "--mesh", "data=2,fsdp=2,tensor=2", *ident]  # no --quiet: the progress bar is on
-    env = fake_devices_env()
+            "--steps", "3", "--latents", str(root / "latents.npy"), "--out", str(tmp_path / "eight.npy"), *ident]
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "mm_jax.sample", *args], cwd=repo, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "mm_jax.sample", *args], cwd=repo, env=fake_devices_env(),
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "denoising" in proc.stderr and "3/3" in proc.stderr
-    assert '"mesh": {"data": 2, "fsdp": 2, "tensor": 2}' in proc.stderr
+    assert '"mesh": {"data": 2, "fsdp": 1, "context": 4, "tensor": 1}' in proc.stderr
     # frames: the pipeline's bound against diffusers (sharded sums add fp32 rounding: 1.4e-5 seen)
     assert np.max(np.abs(np.load(tmp_path / "eight.npy") - np.load(tmp_path / "one.npy"))) <= 1e-4
+
+
+def test_prompts_file_writes_every_good_line_and_names_the_bad_ones(setup, tmp_path, capsys):
+    """Models load once; two identity videos denoised in one batch and a plain one equal their single
+    runs; a missing reference, a prompt without a class word and a broken line are reported by
+    number and skipped; the exit code says some failed."""
+    root, ckpt, adapter_dir, pack, refs = setup
+    lines = [
+        {"prompt": PROMPT, "out": str(tmp_path / "a.npy"), "ref": str(refs[0]), "seed": 3},
+        {"prompt": PROMPT, "out": str(tmp_path / "missing.npy"), "ref": str(tmp_path / "nope.png")},
+        {"prompt": "a man rides a bicycle", "out": str(tmp_path / "b.npy"), "ref": str(refs[1]), "seed": 4},
+        {"prompt": "a dog on the beach", "out": str(tmp_path / "dog.npy"), "ref": str(refs[0])},
+        {"prompt": PROMPT, "out": str(tmp_path / "plain.npy"), "seed": 5},
+    ]
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text("\n".join(json.dumps(d) for d in lines[:3]) + "\n{not json\n"
+                     + "\n".join(json.dumps(d) for d in lines[3:]) + "\n")
+    args = ["--checkpoint", str(ckpt), "--frames", "9", "--height", "64", "--width", "64", "--steps", "3", "--quiet",
+            "--adapter", str(adapter_dir), "--face-models", str(pack), "--prompts", str(jsonl),
+            "--videos-per-batch", "2"]
+    assert sample.main(args) == 1
+    err = capsys.readouterr().err
+    assert "prompts.jsonl:2: reference" in err and "prompts.jsonl:4: not JSON" in err
+    assert "prompts.jsonl:5: the prompt names no subject class word" in err
+    assert "3 line(s) failed: [2, 4, 5]" in err
+    assert not (tmp_path / "missing.npy").exists() and not (tmp_path / "dog.npy").exists()
+    assert json.loads((tmp_path / "b.npy.json").read_text())["line"] == 3
+    single = ["--adapter", str(adapter_dir), "--face-models", str(pack)]
+    for name, extra in (("a", ["--ref", str(refs[0]), "--seed", "3"]),
+                        ("b", ["--ref", str(refs[1]), "--seed", "4", "--prompt", "a man rides a bicycle"]),
+                        ("plain", ["--seed", "5"])):
+        base = ["--checkpoint", str(ckpt), "--prompt", PROMPT, "--frames", "9", "--height", "64", "--width", "64",
+                "--steps", "3", "--out", str(tmp_path / f"{name}_1.npy"), "--quiet"]
+        assert sample.main(base + single + extra) == 0
+        # the frames bound of the pipeline tests (batching two videos changes the matmul shapes: 1.1e-5 seen)
+        assert np.max(np.abs(np.load(tmp_path / f"{name}.npy") - np.load(tmp_path / f"{name}_1.npy"))) <= 1e-4, name
