@@ -8,10 +8,11 @@ them all with ``mm_jax.evaluate``.
 
 Prompt i is paired with reference i mod len(refs) (``--all-refs``: every prompt with every
 reference). Videos go to ``OUT/videos/<prompt id>_<ref stem>.mp4``; a video already there is kept
-(the loop resumes). Each reference's embeddings are computed once (``--save-id``) and reused
-(``--id``). ``OUT/manifest.jsonl`` pairs videos, references and prompts; the report is
-``OUT/report.json`` / ``report.csv`` / ``plots/``. ``--dry-run`` writes the manifest and prints the
-sample commands without running them.
+(a rerun resumes). All missing videos are sampled by ONE ``python -m mm_jax.sample --prompts
+OUT/todo.jsonl`` call: the models load once, every prompt is encoded before the DiT is placed,
+and the face models and CLIP tower run once per reference. ``OUT/manifest.jsonl`` pairs videos,
+references and prompts; the report is ``OUT/report.json`` / ``report.csv`` / ``plots/``.
+``--dry-run`` writes the manifest and the prompts file and prints the sample command.
 """
 from __future__ import annotations
 
@@ -75,20 +76,14 @@ def main(argv=None) -> int:
     (out / "ids").mkdir(exist_ok=True)
     jobs = plan(prompts, refs, out, args.all_refs)
     (out / "manifest.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
-    saved: set[Path] = set()  # references whose embeddings this run saves (exist once their first video ran)
-    for k, job in enumerate(jobs):
-        video, ref = out / job["video"], Path(job["ref"])
-        if video.exists():
-            continue
-        id_file = out / "ids" / f"{ref.stem}.npz"
-        who = ["--id", str(id_file)] if id_file.exists() or ref in saved else ["--ref", str(ref), "--face-models", args.face_models,
-                                                               "--save-id", str(id_file)]
-        cmd = ["--checkpoint", args.checkpoint, "--adapter", args.adapter, "--prompt", job["prompt"],
-               "--out", str(video), *who, *extra]
-        saved.add(ref)
-        print(f"[{k + 1}/{len(jobs)}] python -m mm_jax.sample {shlex.join(cmd)}", file=sys.stderr)
-        if not args.dry_run and (rc := sample.main(cmd)) != 0:
-            return rc
+    todo = [{"prompt": j["prompt"], "out": str(out / j["video"]), "ref": j["ref"]} for j in jobs
+            if not (out / j["video"]).exists()]
+    (out / "todo.jsonl").write_text("".join(json.dumps(t) + "\n" for t in todo))
+    cmd = ["--checkpoint", args.checkpoint, "--adapter", args.adapter, "--face-models", args.face_models,
+           "--prompts", str(out / "todo.jsonl"), *extra]
+    print(f"{len(todo)} of {len(jobs)} videos to sample: python -m mm_jax.sample {shlex.join(cmd)}", file=sys.stderr)
+    if todo and not args.dry_run and (rc := sample.main(cmd)) != 0:
+        return rc
     if args.dry_run:
         print(f"dry run: wrote {out / 'manifest.jsonl'} ({len(jobs)} videos)", file=sys.stderr)
         return 0

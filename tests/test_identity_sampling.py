@@ -171,3 +171,21 @@ def test_prompts_file_writes_every_good_line_and_names_the_bad_ones(setup, tmp_p
         assert sample.main(base + single + extra) == 0
         # the frames bound of the pipeline tests (batching two videos changes the matmul shapes: 1.1e-5 seen)
         assert np.max(np.abs(np.load(tmp_path / f"{name}.npy") - np.load(tmp_path / f"{name}_1.npy"))) <= 1e-4, name
+
+
+def test_eval_prompts_benchmark_plans_one_prompts_file_for_the_missing_videos(setup, tmp_path):
+    from benchmarks import eval_prompts
+
+    root, ckpt, adapter_dir, pack, refs = setup
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"a man number {i}", "class_word": "man"}) + "\n"
+                               for i in range(3)))
+    args = ["--checkpoint", str(ckpt), "--adapter", str(adapter_dir), "--face-models", str(pack), "--refs",
+            str(refs[0]), "--out-dir", str(tmp_path / "out"), "--prompts", str(prompts), "--dry-run"]
+    assert eval_prompts.main(args) == 0
+    todo = [json.loads(x) for x in (tmp_path / "out" / "todo.jsonl").read_text().splitlines()]
+    assert [t["prompt"] for t in todo] == ["a man number 0", "a man number 1", "a man number 2"]
+    (tmp_path / "out" / "videos" / "p1_ref0.mp4").write_bytes(b"done")  # a video from an earlier run is kept
+    assert eval_prompts.main(args) == 0
+    todo = [json.loads(x) for x in (tmp_path / "out" / "todo.jsonl").read_text().splitlines()]
+    assert [t["prompt"] for t in todo] == ["a man number 0", "a man number 2"]
