@@ -328,7 +328,7 @@ def sample_identity(ckpt_dir: str | Path, settings: SampleSettings, reference, f
     bfloat16 on accelerators and float32 on CPU, as ``mm_jax.sample``; ``vae_tiling`` defaults to on
     for accelerators and off on CPU.
     """
-    mesh = mesh or parallel.make_mesh(parallel.sampling_mesh_shape(len(jax.devices())))
+    mesh = mesh or parallel.make_mesh(parallel.sampling_mesh_shape(len(jax.devices()), parallel.device_memory_bytes()))
     dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     clip_dir = clip_dir or id_lib.component_dir("image_encoder", adapter_dir, ckpt_dir)
     ident = id_lib.compute(reference, face_models, clip_dir, adapter_dir, mesh=mesh)

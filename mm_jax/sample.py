@@ -225,7 +225,8 @@ def main(argv=None) -> int:
             except Exception as e:  # unreadable / not an .npy
                 raise ValueError(f"--latents {args.latents}: cannot read ({e})") from None
         parallel.maybe_initialize_distributed()
-        mesh = parallel.make_mesh(args.mesh or parallel.sampling_mesh_shape(len(jax.devices())))
+        mesh = parallel.make_mesh(args.mesh or parallel.sampling_mesh_shape(len(jax.devices()),
+                                                                          parallel.device_memory_bytes()))
         dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
         if args.prompts:
             return _many(args, settings, mesh, dtype)

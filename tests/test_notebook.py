@@ -41,17 +41,28 @@ def test_committed_notebook_has_a_parameters_cell_first_and_no_outputs():
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code")
 
 
-@pytest.mark.slow  # ~50 s on 2 CPU cores: kernel start, tiny checkpoint, compiling the loop and the VAE
-def test_notebook_runs_in_tiny_mode_and_writes_the_video(tmp_path, kernel_path):
+@pytest.mark.slow  # ~1-2 min each on 2 CPU cores: kernel start, tiny checkpoint, compiling the step and the VAE
+@pytest.mark.parametrize("mode,devices", [("identity", 8), ("text-to-video", 1)])
+def test_notebook_runs_in_tiny_mode_and_writes_the_video(tmp_path, kernel_path, monkeypatch, mode, devices):
+    """Both modes of the notebook; the identity one on 8 fake CPU devices (the mesh it picks from
+    the device count: the CFG pair on data=2, the sequence on context=4), as on a v5e-8."""
     import imageio.v3 as iio
 
+    from tests.conftest import fake_devices_env
+
+    monkeypatch.setenv("XLA_FLAGS", fake_devices_env(devices)["XLA_FLAGS"])
     nb = nbformat.read(NOTEBOOK, as_version=4)
     out = tmp_path / "video.mp4"
     _inject(nb, dict(TINY=True, WORKDIR=str(tmp_path / "run"), OUT=str(out), FRAMES=9, HEIGHT=64, WIDTH=64,
-                     STEPS=2, SEED=0))
-    NotebookClient(nb, kernel_name=KERNEL, timeout=300, resources={"metadata": {"path": str(tmp_path)}}).execute()
+                     STEPS=2, SEED=0, ADAPTER_REPO="tiny" if mode == "identity" else ""))
+    NotebookClient(nb, kernel_name=KERNEL, timeout=600, resources={"metadata": {"path": str(tmp_path)}}).execute()
     assert out.is_file()
     frames = iio.imread(out, plugin="pyav")
     assert frames.shape == (9, 64, 64, 3)
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert f"{mode} mode" in printed
+    want = "{'data': 2, 'fsdp': 1, 'context': 4, 'tensor': 1}" if devices == 8 else \
+        "{'data': 1, 'fsdp': 1, 'context': 1, 'tensor': 1}"
+    assert f"mesh {want}" in printed
     last = nb.cells[-1]
     assert any("text/html" in o.get("data", {}) for o in last.outputs)  # the video is shown inline

@@ -54,3 +54,12 @@ def test_dit_with_adapter_on_context_parallel_meshes_equals_one_device():
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert r.stdout.count("max_rel_err=") == 6
     print(r.stdout)
+
+
+def test_sampling_mesh_puts_the_cfg_pair_on_data_then_the_sequence_on_context():
+    assert parallel.sampling_mesh_shape(1) == {"data": 1, "fsdp": 1, "context": 1, "tensor": 1}
+    assert parallel.sampling_mesh_shape(8) == {"data": 2, "fsdp": 1, "context": 4, "tensor": 1}
+    assert parallel.sampling_mesh_shape(3) == {"data": 1, "fsdp": 1, "context": 3, "tensor": 1}
+    # 8 GB cores (v2-8) cannot hold the replicated 5B DiT: its parameters are sharded instead
+    assert parallel.sampling_mesh_shape(8, 8 * 1024 ** 3) == {"data": 1, "fsdp": 2, "context": 1, "tensor": 4}
+    assert parallel.sampling_mesh_shape(8, 16 * 1024 ** 3) == {"data": 2, "fsdp": 1, "context": 4, "tensor": 1}
