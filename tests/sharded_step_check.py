@@ -42,9 +42,9 @@ def one_step(mesh):
 p1, o1, m1 = one_step(parallel.make_mesh({"fsdp": 1}, devices=jax.devices()[:1]))
 mesh = parallel.make_mesh("data=2,fsdp=2,tensor=2")
 p8, o8, m8 = one_step(mesh)
-# the adapter's parameters are really split over the mesh (the CAN linears over fsdp x tensor)
-can = p8["adapter"]["can"][0]["kernel"]
-assert can.sharding.spec == P(None, "tensor"), can.sharding.spec
+# the adapter's parameters are really split over the mesh (the stacked CAN linears over tensor)
+can = p8["adapter"]["can"]["kernel"]  # (adapter blocks, time_embed_dim, 14 D)
+assert can.sharding.spec == P(None, None, "tensor"), can.sharding.spec
 assert len(can.sharding.device_set) == 8
 
 

@@ -4,6 +4,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -107,6 +108,35 @@ def test_other_adapter_block_patterns_match_the_torch_reference(tmp_path, num_la
                    x["e_id"].numpy(), jnp.full((2,), CLASS_INDEX), jnp.array([False, True]))
     want = np.concatenate([_torch_plain(dit_t, x, x["text"], slice(0, 1)), _torch_with_id(dit_t, ad_t, x, slice(1, 2))])
     assert max_rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.slow  # one compile per policy
+def test_every_remat_policy_gives_the_adapters_gradients_of_no_remat(tmp_path):
+    """Remat on the scanned [adapter block, plain block] groups: the loss and the adapter's
+    gradients (what training updates) equal those without remat for every policy (1e-6 of the
+    gradient's scale: a key bias's true gradient is zero and holds only rounding noise)."""
+    from mm_jax.models.dit import REMAT_POLICIES
+
+    _, _, dit, ad = _build(tmp_path, 4, (0, 2))
+    x = _inputs()
+    args = (_cl(x["latents"]), x["text"].numpy(), x["t"].numpy(), x["clip"].numpy(), x["e_id"].numpy(),
+            jnp.full((2,), CLASS_INDEX), jnp.array([False, True]))
+    got = {}
+    for policy in REMAT_POLICIES:
+        d = checkpoint.load_component(tmp_path / "dit_ckpt", "transformer", remat_policy=policy)
+        def loss(a, d):
+            lat, text, t, clip, e_id, idx, has_id = args
+            x_id, x_face = a.encode(clip, e_id)
+            fused = jnp.where(has_id[:, None, None], a.fuse(text, x_id, idx), text)
+            return jnp.mean(a.dit_forward(d, lat, fused, t, x_face, x_id, has_id) ** 2)
+
+        value, grads = jax.jit(jax.value_and_grad(loss))(ad, d)
+        got[policy] = (float(value), [np.asarray(g) for g in jax.tree.leaves(nnx.state(grads, nnx.Param))])
+    value0, grads0 = got["none"]
+    scale = max(float(np.max(np.abs(g))) for g in grads0)
+    for policy, (value, grads) in got.items():
+        assert abs(value - value0) <= 1e-6 * abs(value0), policy
+        assert max(float(np.max(np.abs(g - g0))) for g, g0 in zip(grads, grads0)) <= 1e-6 * scale, policy
 
 
 def test_without_a_reference_face_it_is_plain_cogvideox(models):
