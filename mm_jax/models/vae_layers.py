@@ -28,6 +28,9 @@ from mm_jax.models import layers as L
 
 Cache = Optional[dict]
 
+# backends on which CausalConv3d runs its conv as temporal taps (see the module docstring)
+TEMPORAL_TAPS_BACKENDS = ("cpu",)
+
 
 def conv(cin: int, cout: int, kernel: tuple, *, dtype, param_dtype, rngs: nnx.Rngs, strides=1,
          padding="VALID") -> nnx.Conv:
@@ -84,7 +87,7 @@ class CausalConv3d(nnx.Module):
             pre = cache if cache is not None else jnp.repeat(x[:, :1], k - 1, axis=1)
             x = jnp.concatenate([pre.astype(x.dtype), x], axis=1)
             new_cache = x[:, -(k - 1):]
-        y = temporal_taps(self.conv, x) if jax.default_backend() == "cpu" else self.conv(x)
+        y = temporal_taps(self.conv, x) if jax.default_backend() in TEMPORAL_TAPS_BACKENDS else self.conv(x)
         return y, new_cache
 
 
