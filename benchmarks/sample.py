@@ -87,7 +87,6 @@ def main():
     print(f"diffusers (incl. its T5):             {ref:.3f} s/call")
     print(f"ratio ours/diffusers: {ours / ref:.3f}")
     if args.gpu:
-        p = dit_cfg.patch_size
         floor = 2 * settings.steps * dit_forward_flops(dit_cfg, 1, settings.latent_shape(16)[1], settings.height // 8,
                                                        settings.width // 8, 226) / (args.peak_tflops * 1e12)
         print(f"FLOP floor at {args.peak_tflops:.0f} TFLOP/s: {floor:.1f} s; ours/floor {ours / floor:.2f}")

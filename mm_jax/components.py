@@ -40,14 +40,17 @@ COMPONENTS: dict[str, ComponentSpec] = {
     "transformer": ComponentSpec("transformer", DiTConfig, CogVideoXTransformer3D, ("CogVideoXTransformer3DModel",),
                                  stacks=("transformer_blocks",)),
     "vae": ComponentSpec("vae", VAEConfig, AutoencoderKLCogVideoX, ("AutoencoderKLCogVideoX",)),
-    "text_encoder": ComponentSpec("text_encoder", T5Config, T5Encoder, ("T5EncoderModel",)),
+    "text_encoder": ComponentSpec("text_encoder", T5Config, T5Encoder, ("T5EncoderModel",),
+                                  stacks=("encoder/block",)),
     "image_encoder": ComponentSpec("image_encoder", CLIPVisionConfig, CLIPVisionTower,
-                                   ("CLIPVisionModel", "CLIPModel", "CLIPVisionModelWithProjection")),
+                                   ("CLIPVisionModel", "CLIPModel", "CLIPVisionModelWithProjection"),
+                                   stacks=("encoder/layers",)),
     "adapter": ComponentSpec("adapter", AdapterConfig, MagicMirrorAdapter, ("MagicMirrorAdapter",),
                              stacks=("face_perceiver/layers", "id_perceiver/layers", "can")),
     # the whole CLIP model (both towers + projections) for evaluation's text alignment; a CLIPModel
     # folder converts to image_encoder unless this one is asked for (--components clip)
-    "clip": ComponentSpec("clip", CLIPConfig, CLIPModel),
+    "clip": ComponentSpec("clip", CLIPConfig, CLIPModel,
+                          stacks=("text_model/encoder/layers", "vision_model/encoder/layers")),
 }
 
 # components of a pipeline folder that are copied verbatim (no weights to convert)

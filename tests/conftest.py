@@ -47,3 +47,63 @@ def randomize_torch_params(module, seed: int = 0, scale: float = 0.2) -> None:
 @pytest.fixture(scope="session")
 def manifests_dir() -> Path:
     return MANIFESTS
+
+
+def assert_params_hold_the_torch_tensors(component: str, ours, state_dict) -> int:
+    """Every tensor of a torch ``state_dict`` sits in our (loaded) module ``ours`` where the
+    converter's mapping puts it, transformed: layer i of a stacked parameter is torch's block i.
+    Nothing is left over on either side. Returns the number of tensors compared."""
+    from flax import nnx
+
+    from mm_jax import checkpoint
+    from tools.convert_weights import mapping as mp
+
+    flat = {checkpoint.flat_key(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
+    mapping = mp.build_mapping(component, {k: (v.shape, v.dtype) for k, v in flat.items()})
+    found = {k: state_dict[v] for k, v in mp.normalize_source_keys(component, state_dict).items()}
+    assert mp.check_source(component, mapping, {k: tuple(t.shape) for k, t in found.items()}) == []
+    for tk, m in mapping.items():
+        want = m.to_ours(found[mp.resolve(component, tk, found)].detach().float().numpy())
+        got = flat[m.ours] if m.index is None else flat[m.ours][m.index]
+        np.testing.assert_array_equal(got, want, err_msg=f"{tk} -> {m.ours}[{m.index}]")
+    return len(mapping)
+
+
+def assert_checkpoint_round_trips(component: str, ours, folder) -> None:
+    """Saving ``ours`` and loading it back gives the same parameters, each stacked parameter stored
+    as one group holding all its layers."""
+    from flax import nnx
+
+    from mm_jax import checkpoint, components
+
+    checkpoint.save_module(folder, component, ours)
+    checkpoint.write_index(folder, [component])
+    back = checkpoint.load_component(folder, component)
+    a = {checkpoint.flat_key(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
+    b = {checkpoint.flat_key(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(back, nnx.Param))}
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+    groups = {p.name for p in (folder / component / "params").iterdir()}
+    stacked = [k for k in a if components.stack_of(component, k)]
+    assert stacked and {k.replace("/", ".") for k in stacked} <= groups
+
+
+def assert_stacks_have_a_leading_layers_axis(component: str, ours, num_layers: dict) -> None:
+    """Every parameter under a declared stack has logical axes ("layers", ...) and a leading
+    dimension of its stack's length (``num_layers[stack]``); no other parameter has a layers axis."""
+    from flax import nnx
+
+    from mm_jax import checkpoint, components
+
+    seen = set()
+    for p, v in nnx.to_flat_state(nnx.state(ours, nnx.Param)):
+        key, axes = checkpoint.flat_key(p), tuple(v.get_metadata().get("out_sharding") or ())
+        stack = components.stack_of(component, key)
+        if stack is None:
+            assert "layers" not in axes, (key, axes)
+            continue
+        seen.add(stack)
+        assert axes[0] == "layers" and len(axes) == v.get_value().ndim, (key, axes)
+        assert v.get_value().shape[0] == num_layers[stack], (key, v.get_value().shape)
+    assert seen == set(num_layers) == set(components.get(component).stacks)

@@ -12,7 +12,8 @@ from mm_jax import checkpoint, evaluate
 from mm_jax.metrics.text_alignment import preprocess
 from mm_jax.models.clip import CLIPConfig
 from mm_jax.demo.standin_faces import face_image, make_pack
-from tests.conftest import max_rel_err, randomize_torch_params
+from tests.conftest import (assert_checkpoint_round_trips, assert_params_hold_the_torch_tensors,
+                            assert_stacks_have_a_leading_layers_axis, max_rel_err, randomize_torch_params)
 from tools.convert_weights.from_torch import CheckpointError, convert
 
 EOT = 513  # the tiny tokenizer: 256 byte symbols, the same with "</w>", then <|startoftext|> 512, <|endoftext|> 513
@@ -66,6 +67,26 @@ def test_projected_text_and_image_features_match_transformers(tmp_path, eos_toke
         want_t, want_i = _feats(ref.get_text_features(input_ids=ids)), _feats(ref.get_image_features(pixel_values=px))
     assert max_rel_err(ours.text_embeds(ids.numpy().astype(np.int32)), want_t) <= 1e-5
     assert max_rel_err(ours.image_embeds(px.permute(0, 2, 3, 1).numpy()), want_i) <= 1e-5
+
+
+def test_both_towers_layers_are_stacks_and_the_converted_checkpoint_round_trips(clip_pair, tmp_path):
+    ref, ckpt = clip_pair
+    ours = checkpoint.load_component(ckpt, "clip")
+    assert_stacks_have_a_leading_layers_axis("clip", ours, {"text_model/encoder/layers": 2,
+                                                            "vision_model/encoder/layers": 2})
+    sd = ref.state_dict()
+    assert assert_params_hold_the_torch_tensors("clip", ours, sd) == len(sd)
+    assert_checkpoint_round_trips("clip", ours, tmp_path)
+
+
+def test_unrolled_towers_give_the_scanned_features(clip_pair):
+    _, ckpt = clip_pair
+    scanned, unrolled = (checkpoint.load_component(ckpt, "clip", scan_layers=s) for s in (True, False))
+    assert not unrolled.cfg.text.scan_layers and not unrolled.cfg.vision.scan_layers
+    ids = np.array([[512, 70, 80, EOT, 0, 0]], np.int32)
+    px = np.random.default_rng(3).standard_normal((2, 28, 28, 3)).astype(np.float32)
+    assert max_rel_err(unrolled.text_embeds(ids), scanned.text_embeds(ids)) <= 1e-6
+    assert max_rel_err(unrolled.image_embeds(px), scanned.image_embeds(px)) <= 1e-6
 
 
 def test_frame_preprocessing_matches_clip_image_processor():

@@ -12,6 +12,7 @@ from mm_jax import config as mm_config
 from mm_jax.checkpoint import abstract_model, param_shapes
 from mm_jax.models.dit import DiTConfig
 from mm_jax.models.id_adapter import AdapterConfig
+from mm_jax.models.layers import stack_size
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "tests" / "data" / "manifests"
@@ -57,7 +58,7 @@ def test_other_model_presets_build_the_dit_they_describe(preset, layers, heads, 
     dit = DiTConfig.from_dict(cfg.transformer.to_dict())
     model = abstract_model("transformer", dit)
     assert (dit.num_layers, dit.num_attention_heads, dit.use_rotary_positional_embeddings) == (layers, heads, rope)
-    assert len(model.transformer_blocks) == layers
+    assert stack_size(model.transformer_blocks) == layers
 
 
 def test_model_preset_fields_are_all_dit_config_fields():

@@ -1,4 +1,5 @@
-"""Sharding: mesh construction, logical rules, and the DiT on a 2x2x2 mesh of fake CPU devices."""
+"""Sharding: mesh construction, logical rules, and the DiT, T5 and CLIP on a 2x2x2 mesh of fake CPU devices."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,62 @@ def test_sampling_mesh_puts_the_cfg_pair_on_data_then_the_sequence_on_context():
     # 8 GB cores (v2-8) cannot hold the replicated 5B DiT: its parameters are sharded instead
     assert parallel.sampling_mesh_shape(8, 8 * 1024 ** 3) == {"data": 1, "fsdp": 2, "context": 1, "tensor": 4}
     assert parallel.sampling_mesh_shape(8, 16 * 1024 ** 3) == {"data": 2, "fsdp": 1, "context": 4, "tensor": 1}
+
+
+def test_t5_and_clip_on_2x2x2_mesh_equal_one_device(tmp_path):
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=80, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2,
+                                 dropout_rate=0.0)).eval()
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                              num_attention_heads=4, image_size=56, patch_size=14)).eval()
+    clip = CLIPModel(CLIPConfig(text_config=dict(vocab_size=514, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                                                 eos_token_id=513),
+                                # 17 tokens of width 32: at 5 tokens or width 48 the partitioner bug below hits
+                                vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, image_size=56, patch_size=14),
+                                projection_dim=24)).eval()
+    ckpts = []
+    for name, m in (("t5", t5), ("vision", vision), ("clip", clip)):
+        randomize_torch_params(m, 0, scale=0.1)
+        m.save_pretrained(tmp_path / name)
+        if name == "clip":  # the clip component wants its tokenizer beside it; any vocab.json + merges.txt do
+            (tmp_path / name / "vocab.json").write_text("{}")
+            (tmp_path / name / "merges.txt").write_text("")
+        ckpts.append(str(convert(tmp_path / name, tmp_path / f"{name}_ckpt", ["clip"] if name == "clip" else None)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "tests" / "sharded_encoders_check.py"), *ckpts],
+                       env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("max_rel_err") == 3
+
+
+REPRO = """
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from mm_jax import parallel
+mesh = parallel.make_mesh("data=2,fsdp=2,tensor=2")
+rng = np.random.default_rng(0)
+x, w = rng.standard_normal((4, 5, 48)).astype(np.float32), rng.standard_normal((48, 48)).astype(np.float32)
+f = jax.jit(lambda x, w: jax.lax.with_sharding_constraint((2 * x) @ w, P(("data", "fsdp"), None, "tensor")))
+with jax.set_mesh(mesh):
+    y = f(jax.device_put(x, NamedSharding(mesh, P())), jax.device_put(w, NamedSharding(mesh, P("tensor", "fsdp"))))
+print("rel_err", float(np.abs(np.asarray(y) - 2 * x @ w).max() / np.abs(2 * x @ w).max()))
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="jax 0.10.2 / XLA CPU: a contraction over a tensor-sharded dim resharded onto "
+                                       "(batch over data x fsdp, features over tensor) gives wrong values; when this "
+                                       "passes, drop the size workaround in test_t5_and_clip_on_2x2x2_mesh_equal_one_device")
+def test_the_xla_resharding_bug_that_the_encoder_sizes_avoid():
+    # pure JAX, no mm_jax layers: (4, 5, 48) and (4, 257, 1024) (CLIP-L's tokens and width) are wrong
+    # by O(1) on 8 fake CPU devices, (4, 17, 32) is right; likely openxla/xla#40034 (a reshard from
+    # partial sums that misses its all-reduce). Both partitioners (Shardy, GSPMD) do it.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    r = subprocess.run([sys.executable, "-c", REPRO], env=env, cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.split("rel_err")[1]) <= 1e-5, r.stdout

@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from mm_jax import checkpoint, text
 from mm_jax.models.t5 import T5Config, relative_position_buckets
-from tests.conftest import max_rel_err, randomize_torch_params
+from tests.conftest import (assert_checkpoint_round_trips, assert_params_hold_the_torch_tensors,
+                            assert_stacks_have_a_leading_layers_axis, max_rel_err, randomize_torch_params)
 from tests.tiny_pipeline import CORPUS
 from tools.convert_weights.from_torch import check_manifest, convert
 
@@ -94,6 +95,33 @@ def test_relative_position_buckets_match_transformers():
     rel = torch.arange(300)[None, :] - torch.arange(300)[:, None]
     ref = T5Attention._relative_position_bucket(rel, bidirectional=True, num_buckets=32, max_distance=128)
     np.testing.assert_array_equal(relative_position_buckets(300, 300, 32, 128), ref.numpy())
+
+
+def test_t5_blocks_are_one_stack_whose_parameters_lead_with_the_layers_axis(converted):
+    _, ours = converted
+    assert_stacks_have_a_leading_layers_axis("text_encoder", ours, {"encoder/block": 2})
+    assert ours.encoder.block.layer[1].DenseReluDense.wo.kernel.get_value().shape == (2, 48, 32)
+
+
+def test_converted_t5_holds_every_torch_tensor_and_its_checkpoint_round_trips(converted, tmp_path):
+    m, ours = converted
+    sd = m.state_dict()
+    assert assert_params_hold_the_torch_tensors("text_encoder", ours, sd) == len(sd) - 1  # the tied copy
+    # the shared position-bias table is block 0's, held once outside the stack; block 1's wo is layer 1
+    np.testing.assert_array_equal(np.asarray(ours.encoder.relative_attention_bias.embedding.get_value()),
+                                  sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].numpy())
+    np.testing.assert_array_equal(np.asarray(ours.encoder.block.layer[1].DenseReluDense.wo.kernel.get_value()[1]),
+                                  sd["encoder.block.1.layer.1.DenseReluDense.wo.weight"].numpy().T)
+    assert_checkpoint_round_trips("text_encoder", ours, tmp_path)
+
+
+def test_unrolled_blocks_give_the_scanned_output(converted, tmp_path):
+    m, ours = converted
+    m.save_pretrained(tmp_path / "src")
+    unrolled = checkpoint.load_component(convert(tmp_path / "src", tmp_path / "ckpt"), "text_encoder",
+                                         scan_layers=False)
+    ids = np.random.RandomState(3).randint(0, VOCAB, (2, 40)).astype(np.int32)
+    assert max_rel_err(_ours(unrolled, ids), _ours(ours, ids)) <= 1e-6
 
 
 @pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-silu"])

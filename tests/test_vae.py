@@ -62,6 +62,30 @@ def test_decode_matches_diffusers(pair, latent_frames):
     assert max_rel_err(got, _cl(want)) <= 1e-4
 
 
+def test_decode_with_nnx_conv_computing_the_causal_convs_matches_diffusers(pair, monkeypatch):
+    # the path other backends take: nnx.Conv's own 3D conv instead of the CPU's temporal taps
+    from mm_jax.models import vae_layers
+
+    ref, ckpt, _ = pair
+    monkeypatch.setattr(vae_layers, "TEMPORAL_TAPS_BACKENDS", ())
+    ours = checkpoint.load_component(ckpt, "vae")
+    z = torch.randn(1, 4, 5, 4, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref.decode(z).sample
+    assert max_rel_err(jax.jit(lambda v: ours.decode(v))(_cl(z)), _cl(want)) <= 1e-4
+
+
+def test_vae_parameters_carry_logical_axes_and_no_layers_axis(pair):
+    _, ckpt, _ = pair
+    ours = checkpoint.load_component(ckpt, "vae")
+    axes = {".".join(map(str, k)): v.get_metadata().get("out_sharding")
+            for k, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
+    assert axes["decoder.up_blocks.1.resnets.0.conv1.conv.kernel"] == (None, None, None, "conv_in", "conv_out")
+    assert axes["encoder.down_blocks.0.downsamplers.0.conv.kernel"] == (None, None, "conv_in", "conv_out")
+    assert axes["decoder.norm_out.norm_layer.scale"] == ("norm",)
+    assert all(a and "layers" not in a for a in axes.values())
+
+
 @pytest.mark.slow  # over 30 s on 2 CPU cores
 def test_tiled_decode_and_encode_match_diffusers(pair):
     ref, ckpt, _ = pair

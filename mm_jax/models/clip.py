@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mm_jax.models.clip_vision import ACTIVATIONS, CLIPVisionConfig, CLIPVisionTower, EncoderLayer
+from mm_jax.models import layers as L
+from mm_jax.models.clip_vision import ACTIVATIONS, CLIPVisionConfig, CLIPVisionTower, Encoder, run_layers
 from mm_jax.models.config_base import ConfigBase
-from mm_jax.models.layers import Dense, LayerNorm, canonical_dtype
-from mm_jax.models.t5 import Embedding
+from mm_jax.models.layers import canonical_dtype
 
 # transformers keeps this id for configs written before its eos fix: the pooled token is then the
 # argmax of the ids (the end-of-text token has the largest id of CLIP's vocabulary)
@@ -42,6 +42,9 @@ class CLIPTextConfig(ConfigBase):
     eos_token_id: int = LEGACY_EOS_ID
     dtype: str = "float32"
     param_dtype: str = "float32"
+    scan_layers: bool = True
+
+    RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers")
 
     @classmethod
     def source_fields(cls, d: dict) -> dict:
@@ -63,7 +66,9 @@ class CLIPConfig(ConfigBase):
     projection_dim: int = 768
     dtype: str = "float32"
     param_dtype: str = "float32"
+    scan_layers: bool = True       # both towers' layers under lax.scan, or unrolled
 
+    RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers")
     TAG = {"architectures": ["CLIPModel"]}
 
     @classmethod
@@ -71,7 +76,7 @@ class CLIPConfig(ConfigBase):
         if "text_config" not in d or "vision_config" not in d:
             raise ValueError("a CLIPModel config needs text_config and vision_config (this looks like one tower's "
                              "config; the text-alignment metric needs the whole CLIP model)")
-        runtime = {k: overrides[k] for k in ("dtype", "param_dtype") if k in overrides}
+        runtime = {k: overrides[k] for k in cls.RUNTIME_FIELDS if k in overrides}
         cfg = cls(text=CLIPTextConfig.from_dict(d, **runtime), vision=CLIPVisionConfig.from_dict(d, **runtime),
                   projection_dim=int(d.get("projection_dim", 512)), **overrides)
         cfg.validate()
@@ -79,49 +84,41 @@ class CLIPConfig(ConfigBase):
 
     def to_dict(self, runtime: bool = False) -> dict:
         return {"text_config": self.text.to_dict(runtime), "vision_config": self.vision.to_dict(runtime),
-                "projection_dim": self.projection_dim, **({"dtype": self.dtype, "param_dtype": self.param_dtype}
-                                                          if runtime else {}), **self.TAG}
+                "projection_dim": self.projection_dim,
+                **({k: getattr(self, k) for k in self.RUNTIME_FIELDS} if runtime else {}), **self.TAG}
 
 
 class TextEmbeddings(nnx.Module):
     """``ids (B, S) -> (B, S, width)``: token embedding + the first S learned positions."""
 
     def __init__(self, cfg: CLIPTextConfig, *, rngs):
-        pdt = canonical_dtype(cfg.param_dtype)
-        self.token_embedding = Embedding(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), param_dtype=pdt,
-                                         rngs=rngs)
-        self.position_embedding = Embedding(cfg.max_position_embeddings, cfg.hidden_size, axes=(None, "embed"),
-                                            param_dtype=pdt, rngs=rngs)
-        self.max_len, self.dtype = cfg.max_position_embeddings, canonical_dtype(cfg.dtype)
+        kw = dict(dtype=canonical_dtype(cfg.dtype), param_dtype=canonical_dtype(cfg.param_dtype), rngs=rngs)
+        self.token_embedding = L.embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), **kw)
+        self.position_embedding = L.embed(cfg.max_position_embeddings, cfg.hidden_size, axes=(None, "embed"), **kw)
+        self.max_len = cfg.max_position_embeddings
 
     def __call__(self, ids):
         if ids.shape[1] > self.max_len:
             raise ValueError(f"{ids.shape[1]} text tokens: CLIP's text tower has {self.max_len} positions")
-        tok = jnp.take(self.token_embedding.embedding[...], ids, axis=0)
-        return (tok + self.position_embedding.embedding[: ids.shape[1]]).astype(self.dtype)
-
-
-class TextEncoder(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, *, rngs):
-        self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        return self.token_embedding(ids) + self.position_embedding(jnp.arange(ids.shape[1]))
 
 
 class CLIPTextTower(nnx.Module):
-    """``ids (B, S) -> (B, S, width)`` final-LayerNormed hidden states (causal self-attention)."""
+    """``ids (B, S) -> (B, S, width)`` final-LayerNormed hidden states (causal self-attention).
+    The layers are one stack (``encoder/layers``) run under ``lax.scan``."""
 
     def __init__(self, cfg: CLIPTextConfig, *, rngs):
-        kw = dict(eps=cfg.layer_norm_eps, dtype=canonical_dtype(cfg.dtype), param_dtype=canonical_dtype(cfg.param_dtype))
         self.embeddings = TextEmbeddings(cfg, rngs=rngs)
-        self.encoder = TextEncoder(cfg, rngs=rngs)
-        self.final_layer_norm = LayerNorm(cfg.hidden_size, **kw)
+        self.encoder = Encoder(cfg, rngs=rngs)
+        self.final_layer_norm = L.layer_norm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=canonical_dtype(cfg.dtype),
+                                             param_dtype=canonical_dtype(cfg.param_dtype), rngs=rngs)
+        self.scan_layers = cfg.scan_layers
 
     def __call__(self, ids):
         h = self.embeddings(ids)
         s = ids.shape[1]
         causal = jnp.where(jnp.tril(jnp.ones((s, s), bool)), 0.0, -1e9)[None, None]  # (1, 1, S, S)
-        for layer in self.encoder.layers:
-            h = layer(h, bias=causal)
-        return self.final_layer_norm(h)
+        return self.final_layer_norm(run_layers(self.encoder.layers, h, bias=causal, scan=self.scan_layers))
 
 
 class CLIPModel(nnx.Module):
@@ -133,10 +130,10 @@ class CLIPModel(nnx.Module):
         pdt, dt = canonical_dtype(cfg.param_dtype), canonical_dtype(cfg.dtype)
         self.text_model = CLIPTextTower(cfg.text, rngs=rngs)
         self.vision_model = CLIPVisionTower(cfg.vision, rngs=rngs)
-        self.text_projection = Dense(cfg.text.hidden_size, cfg.projection_dim, axes=("embed", None), use_bias=False,
-                                     dtype=dt, param_dtype=pdt, rngs=rngs)
-        self.visual_projection = Dense(cfg.vision.hidden_size, cfg.projection_dim, axes=("embed", None),
-                                       use_bias=False, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.text_projection = L.linear(cfg.text.hidden_size, cfg.projection_dim, axes=("embed", None),
+                                        use_bias=False, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.visual_projection = L.linear(cfg.vision.hidden_size, cfg.projection_dim, axes=("embed", None),
+                                          use_bias=False, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.logit_scale = nnx.Param(jnp.asarray(np.log(1 / 0.07), pdt))  # in the checkpoint; unused by scoring
 
     def text_embeds(self, ids: jax.Array) -> jax.Array:
@@ -148,5 +145,5 @@ class CLIPModel(nnx.Module):
 
     def image_embeds(self, pixels: jax.Array) -> jax.Array:
         """``pixels (B, H, W, 3)`` (CLIP-normalized) -> ``(B, projection_dim)``."""
-        last = self.vision_model(pixels, all_hidden=True)[-1]
+        last = self.vision_model.hidden_state(pixels, self.cfg.vision.num_hidden_layers)
         return self.visual_projection(self.vision_model.post_layernorm(last[:, 0]))

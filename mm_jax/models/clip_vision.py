@@ -3,6 +3,11 @@
 Patches (conv, no bias) + class token + learned positions -> pre-LayerNorm -> N pre-LN encoder
 layers (quick-GELU MLP) -> hidden states. Magic Mirror uses the **penultimate** layer's hidden
 states, all tokens: ``pixels (B, H, W, 3)`` (CLIP-normalized) -> ``(B, 1 + (H/p)(W/p), width)``.
+
+Layers are Flax's (``nnx.Conv``, ``nnx.Linear``, ``nnx.LayerNorm``, ``nnx.Embed`` through
+``mm_jax.models.layers``); the encoder layers are one stack (``encoder/layers``, a leading
+``layers`` axis) run under ``lax.scan``. ``EncoderLayer`` and ``run_layers`` also serve the text
+tower (``mm_jax.models.clip``).
 """
 from __future__ import annotations
 
@@ -10,12 +15,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from mm_jax.models import layers as L
 from mm_jax.models.config_base import ConfigBase
-from mm_jax.models.layers import Dense, LayerNorm, attention, canonical_dtype
-from mm_jax.models.t5 import Embedding
+from mm_jax.models.layers import attention, canonical_dtype
 from mm_jax.parallel import constrain
 
 ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -35,7 +39,9 @@ class CLIPVisionConfig(ConfigBase):
     hidden_act: str = "quick_gelu"
     dtype: str = "float32"
     param_dtype: str = "float32"
+    scan_layers: bool = True       # encoder layers under lax.scan (one compiled body) or unrolled
 
+    RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers")
     TAG = {"architectures": ["CLIPVisionModel"]}
 
     @classmethod
@@ -53,33 +59,45 @@ class CLIPVisionConfig(ConfigBase):
         return (self.image_size // self.patch_size) ** 2 + 1
 
 
+def _kw(cfg) -> dict:
+    """The compute and parameter dtypes of a tower's config (vision or text)."""
+    return dict(dtype=canonical_dtype(cfg.dtype), param_dtype=canonical_dtype(cfg.param_dtype))
+
+
+def _dense(cfg, din: int, dout: int, axes, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+    return L.linear(din, dout, axes=axes, use_bias=use_bias, rngs=rngs, **_kw(cfg))
+
+
+def _norm(cfg, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return L.layer_norm(cfg.hidden_size, eps=cfg.layer_norm_eps, rngs=rngs, **_kw(cfg))
+
+
 class Embeddings(nnx.Module):
-    """Patch embedding (conv without bias, as a reshape + einsum), class token and learned
-    positions: ``pixels (B, H, W, C) -> (B, 1 + (H/p)(W/p), width)``."""
+    """Patch embedding (a stride-p conv without bias), class token and learned positions:
+    ``pixels (B, H, W, C) -> (B, 1 + (H/p)(W/p), width)``."""
 
     def __init__(self, cfg: CLIPVisionConfig, *, rngs):
-        pdt, d, p = canonical_dtype(cfg.param_dtype), cfg.hidden_size, cfg.patch_size
-        self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (d,), pdt), logical_axes=("embed",))
-        self.patch_embedding = nnx.Module()
-        self.patch_embedding.kernel = nnx.Param(
-            jax.random.normal(rngs.params(), (p, p, cfg.num_channels, d), pdt) / np.sqrt(p * p * cfg.num_channels),
-            logical_axes=("patch", "patch", "channels", "embed"))
-        self.position_embedding = Embedding(cfg.num_positions, d, axes=(None, "embed"), param_dtype=pdt, rngs=rngs)
-        self.p, self.image_size, self.dtype = p, cfg.image_size, canonical_dtype(cfg.dtype)
+        d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
+        pdt = canonical_dtype(cfg.param_dtype)
+        self.class_embedding = nnx.Param(L.partitioned(nnx.initializers.normal(1.0), "embed")(rngs.params(), (d,), pdt))
+        init = nnx.initializers.normal((p * p * c) ** -0.5)
+        self.patch_embedding = nnx.Conv(c, d, (p, p), strides=(p, p), padding="VALID", use_bias=False,
+                                        kernel_init=L.partitioned(init, "patch", "patch", "channels", "embed"),
+                                        rngs=rngs, **_kw(cfg))
+        self.position_embedding = L.embed(cfg.num_positions, d, axes=(None, "embed"), rngs=rngs, **_kw(cfg))
+        self.image_size, self.channels, self.dtype = cfg.image_size, c, canonical_dtype(cfg.dtype)
 
     def __call__(self, pixels):
         b, h, w, c = pixels.shape
-        p = self.p
-        if (h, w, c) != (self.image_size, self.image_size, self.patch_embedding.kernel.shape[2]):
+        if (h, w, c) != (self.image_size, self.image_size, self.channels):
             # the learned positions fix the grid; transformers would fail (or interpolate on request)
             raise ValueError(f"pixels of shape {pixels.shape}: the CLIP tower takes (B, {self.image_size}, "
-                             f"{self.image_size}, {self.patch_embedding.kernel.shape[2]})")
-        x = pixels.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
-        x = jnp.einsum("biyjxc,yxcd->bijd", x, self.patch_embedding.kernel[...].astype(self.dtype))
+                             f"{self.image_size}, {self.channels})")
+        x = self.patch_embedding(pixels)
         x = x.reshape(b, -1, x.shape[-1])
         cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1)
-        return x + self.position_embedding.embedding[...].astype(self.dtype)
+        return x + self.position_embedding(jnp.arange(x.shape[1]))
 
 
 class SelfAttention(nnx.Module):
@@ -88,11 +106,10 @@ class SelfAttention(nnx.Module):
 
     def __init__(self, cfg: CLIPVisionConfig, *, rngs):
         d = cfg.hidden_size
-        kw = dict(dtype=canonical_dtype(cfg.dtype), param_dtype=canonical_dtype(cfg.param_dtype), rngs=rngs)
-        self.q_proj = Dense(d, d, axes=("embed", "heads"), **kw)
-        self.k_proj = Dense(d, d, axes=("embed", "heads"), **kw)
-        self.v_proj = Dense(d, d, axes=("embed", "heads"), **kw)
-        self.out_proj = Dense(d, d, axes=("heads", "embed"), **kw)
+        self.q_proj = _dense(cfg, d, d, ("embed", "heads"), rngs)
+        self.k_proj = _dense(cfg, d, d, ("embed", "heads"), rngs)
+        self.v_proj = _dense(cfg, d, d, ("embed", "heads"), rngs)
+        self.out_proj = _dense(cfg, d, d, ("heads", "embed"), rngs)
         self.heads = cfg.num_attention_heads
 
     def __call__(self, x, bias=None):
@@ -106,13 +123,12 @@ class MLP(nnx.Module):
     """fc1 -> activation (quick-GELU for OpenAI CLIP) -> fc2: ``(B, S, width) -> (B, S, width)``."""
 
     def __init__(self, cfg: CLIPVisionConfig, *, rngs):
-        kw = dict(dtype=canonical_dtype(cfg.dtype), param_dtype=canonical_dtype(cfg.param_dtype), rngs=rngs)
-        self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
-        self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
+        self.fc1 = _dense(cfg, cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), rngs)
+        self.fc2 = _dense(cfg, cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), rngs)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def __call__(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(constrain(self.act(self.fc1(x)), ("batch", "seq", "act_mlp")))
 
 
 class EncoderLayer(nnx.Module):
@@ -120,10 +136,9 @@ class EncoderLayer(nnx.Module):
     ``bias``: an additive attention-logit bias (the text tower's causal mask, ``mm_jax.models.clip``)."""
 
     def __init__(self, cfg: CLIPVisionConfig, *, rngs):
-        kw = dict(eps=cfg.layer_norm_eps, dtype=canonical_dtype(cfg.dtype), param_dtype=canonical_dtype(cfg.param_dtype))
-        self.layer_norm1 = LayerNorm(cfg.hidden_size, **kw)
+        self.layer_norm1 = _norm(cfg, rngs)
         self.self_attn = SelfAttention(cfg, rngs=rngs)
-        self.layer_norm2 = LayerNorm(cfg.hidden_size, **kw)
+        self.layer_norm2 = _norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, bias=None):
@@ -133,8 +148,36 @@ class EncoderLayer(nnx.Module):
 
 
 class Encoder(nnx.Module):
-    def __init__(self, cfg: CLIPVisionConfig, *, rngs):
-        self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    """``layers``: the encoder layers as one stack (``encoder.layers.i.*`` in the checkpoint)."""
+
+    def __init__(self, cfg, *, rngs):
+        self.layers = L.stack(cfg.num_hidden_layers, lambda r: EncoderLayer(cfg, rngs=r), rngs)
+
+
+def run_layers(layers: EncoderLayer, h: jax.Array, *, num_layers: int | None = None, bias=None,
+               all_hidden: bool = False, scan: bool = True):
+    """The first ``num_layers`` (default: all) layers of a stack over ``h`` (B, S, width) -> the
+    last output, or with ``all_hidden`` every layer's output (num_layers, B, S, width), as the
+    scan's per-layer outputs.
+
+    The scan runs over layer indices into the whole stack rather than over a slice of it
+    (``layers.layers_range``): XLA materializes the slice, which for CLIP-L's first 23 layers in
+    float32 took the compiled forward's temporaries from 51 MiB to 1.16 GiB."""
+    n = L.stack_size(layers) if num_layers is None else num_layers
+
+    def layer(h, i):
+        y = L.layer(layers, i)(h, bias)
+        return y, (y if all_hidden else None)
+
+    if scan:
+        h, ys = jax.lax.scan(layer, h, jnp.arange(n))
+    else:
+        outs = []
+        for i in range(n):
+            h, y = layer(h, i)
+            outs.append(y)
+        ys = jnp.stack(outs) if all_hidden else None
+    return ys if all_hidden else h
 
 
 class CLIPVisionTower(nnx.Module):
@@ -142,22 +185,27 @@ class CLIPVisionTower(nnx.Module):
 
     transformers' ``hidden_states`` has L+1 entries: the embeddings after ``pre_layrnorm``, then the
     output of each of the L layers (no ``post_layernorm``). Magic Mirror takes ``hidden_states[-2]``,
-    the output of layer L-1, so the last layer is not run. ``all_hidden=True`` returns all L+1."""
+    the output of layer L-1, so the last layer is not run (the scan covers layers 0..L-2).
+    ``all_hidden=True`` runs all L and returns the L+1 states as a tuple."""
 
     def __init__(self, cfg: CLIPVisionConfig, *, rngs: nnx.Rngs):
         cfg.validate()
         self.cfg = cfg
-        kw = dict(eps=cfg.layer_norm_eps, dtype=canonical_dtype(cfg.dtype), param_dtype=canonical_dtype(cfg.param_dtype))
         self.embeddings = Embeddings(cfg, rngs=rngs)
-        self.pre_layrnorm = LayerNorm(cfg.hidden_size, **kw)
+        self.pre_layrnorm = _norm(cfg, rngs)
         self.encoder = Encoder(cfg, rngs=rngs)
-        self.post_layernorm = LayerNorm(cfg.hidden_size, **kw)  # unused by Magic Mirror; kept for the checkpoint
+        self.post_layernorm = _norm(cfg, rngs)  # unused by Magic Mirror; kept for the checkpoint
 
     def __call__(self, pixels: jax.Array, all_hidden: bool = False):
-        h = constrain(self.pre_layrnorm(self.embeddings(pixels)), ("batch", "seq", "act_embed"))
-        states = [h]
-        layers = self.encoder.layers if all_hidden else list(self.encoder.layers)[:-1]
-        for layer in layers:
-            h = layer(h)
-            states.append(h)
-        return tuple(states) if all_hidden else h
+        if all_hidden:
+            h = self._embed(pixels)
+            return (h,) + tuple(run_layers(self.encoder.layers, h, all_hidden=True, scan=self.cfg.scan_layers))
+        return self.hidden_state(pixels, self.cfg.num_hidden_layers - 1)
+
+    def hidden_state(self, pixels: jax.Array, num_layers: int) -> jax.Array:
+        """transformers' ``hidden_states[num_layers]``: the output of the first ``num_layers`` layers
+        (only those run), ``(B, 1+P, width)``."""
+        return run_layers(self.encoder.layers, self._embed(pixels), num_layers=num_layers, scan=self.cfg.scan_layers)
+
+    def _embed(self, pixels):
+        return constrain(self.pre_layrnorm(self.embeddings(pixels)), ("batch", "seq", "act_embed"))

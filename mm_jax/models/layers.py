@@ -110,48 +110,6 @@ def scan(body: Callable, carry, stacked: nnx.Module, xs=None, *, remat_policy=No
     return jax.lax.scan(step, carry, (stacked, xs))
 
 
-class Dense(nnx.Module):
-    """y = x @ kernel + bias. ``kernel: (in, out)``; x ``(..., in) -> (..., out)``."""
-
-    def __init__(self, in_features: int, out_features: int, *, axes: Sequence[str | None] = ("embed", "mlp"),
-                 use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
-                 kernel_init: Callable | None = None, rngs: nnx.Rngs):
-        init = kernel_init or _normal(1.0 / math.sqrt(in_features))
-        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype), logical_axes=tuple(axes))
-        self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[-1],))
-                     if use_bias else None)
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(self.dtype)
-        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(self.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
-
-
-class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis (statistics in float32), optional affine ``scale``/``bias``."""
-
-    def __init__(self, dim: int, *, eps: float, affine: bool = True, use_bias: bool = True,
-                 axes: Sequence[str | None] = ("norm",), dtype=jnp.float32, param_dtype=jnp.float32):
-        self.eps = eps
-        self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=tuple(axes)) if affine else None
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=tuple(axes)) if affine and use_bias else None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        if self.scale is not None:
-            y = y * self.scale[...].astype(jnp.float32)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
-
-
 def gelu_tanh(x: jax.Array) -> jax.Array:
     """GELU with the tanh approximation (torch ``approximate="tanh"``, T5's ``gelu_new``)."""
     return jax.nn.gelu(x, approximate=True)

@@ -3,9 +3,11 @@
 Embedding (no sqrt(d) scaling) -> N blocks of [RMS norm -> self-attention with a relative
 position bias, no 1/sqrt(d) logit scaling] + [RMS norm -> gated tanh-GELU feed-forward] ->
 final RMS norm (``feed_forward_proj`` "relu" / "gated-silu" etc. swap the feed-forward for
-original T5's variants). The position bias table lives in block 0 only and is reused by every block.
-Module names mirror the checkpoint (``encoder.block.3.layer.1.DenseReluDense.wi_0``) so the
-converter maps keys with its generic rules.
+original T5's variants). The blocks are one stack (``encoder/block``, a leading ``layers`` axis
+on every parameter) run under ``lax.scan``. The position bias table, which the checkpoint keeps
+in block 0 only and every block reuses, is its own parameter ``encoder/relative_attention_bias``
+(the converter maps it to ``encoder.block.0.layer.0.SelfAttention.relative_attention_bias``).
+Module names otherwise mirror the checkpoint (``encoder.block.3.layer.1.DenseReluDense.wi_0``).
 
     input_ids (B, S) int -> (B, S, d_model)
 
@@ -14,6 +16,11 @@ bfloat16, as transformers 5 does for ``T5EncoderModel.from_pretrained(..., dtype
 (what CogVideoXPipeline loads): its ``_keep_in_fp32_modules = ["wo"]`` upcasts only under float16.
 Norm statistics are float32 in both. float16 is refused: the reference needs activation clamping
 there (T5 overflows fp16), which this port does not reproduce.
+
+Layers are Flax's (``nnx.Linear``, ``nnx.Embed`` through ``mm_jax.models.layers``) except the RMS
+norm: T5's rounds the normalized activations to the weight's dtype *before* multiplying by a
+bf16 weight, where ``nnx.RMSNorm`` multiplies in float32 and rounds once; under bf16 the two
+differ by one ulp in about a quarter of the elements, so the reference's order is kept here.
 """
 from __future__ import annotations
 
@@ -26,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mm_jax.models import layers as L
 from mm_jax.models.config_base import ConfigBase
-from mm_jax.models.layers import Dense, attention, canonical_dtype, gelu_tanh
+from mm_jax.models.layers import attention, canonical_dtype, gelu_tanh
 from mm_jax.parallel import constrain
 
 
@@ -46,7 +54,9 @@ class T5Config(ConfigBase):
     # runtime (not part of the checkpoint)
     dtype: str = "float32"
     param_dtype: str = "float32"
+    scan_layers: bool = True       # blocks under lax.scan (one compiled body) or unrolled
 
+    RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers")
     TAG = {"architectures": ["T5EncoderModel"]}
 
     @classmethod
@@ -101,10 +111,11 @@ def relative_position_buckets(q_len: int, k_len: int, num_buckets: int, max_dist
 
 
 class RMSNorm(nnx.Module):
-    """T5LayerNorm: x * rsqrt(mean(x^2) + eps) * weight (variance in float32, no mean, no bias)."""
+    """T5LayerNorm: x * rsqrt(mean(x^2) + eps) * weight (variance in float32, no mean, no bias).
+    x: (..., dim) -> (..., dim). Hand-written: see the module docstring (rounding order)."""
 
-    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.scale = nnx.Param(L.partitioned(nnx.initializers.ones, "norm")(rngs.params(), (dim,), param_dtype))
         self.eps, self.dtype = eps, dtype
 
     def __call__(self, x):
@@ -116,14 +127,15 @@ class RMSNorm(nnx.Module):
         return (w * y).astype(self.dtype)
 
 
-class Embedding(nnx.Module):
-    """A lookup table ``embedding (num, dim)``."""
+def _dense(cfg: T5Config, din: int, dout: int, axes, rngs: nnx.Rngs) -> nnx.Linear:
+    """T5 has no biases anywhere."""
+    return L.linear(din, dout, axes=axes, use_bias=False, dtype=canonical_dtype(cfg.dtype),
+                    param_dtype=canonical_dtype(cfg.param_dtype), rngs=rngs)
 
-    def __init__(self, num: int, dim: int, *, axes, param_dtype, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (num, dim), param_dtype), logical_axes=axes)
 
-    def __call__(self, ids):
-        return jnp.take(self.embedding[...], ids, axis=0)
+def _norm(cfg: T5Config, rngs: nnx.Rngs) -> RMSNorm:
+    return RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype=canonical_dtype(cfg.dtype),
+                   param_dtype=canonical_dtype(cfg.param_dtype), rngs=rngs)
 
 
 class SelfAttention(nnx.Module):
@@ -132,17 +144,12 @@ class SelfAttention(nnx.Module):
     h: (B, S, d_model), bias: (1, heads, S, S), key_mask: (B, S) bool | None -> (B, S, d_model).
     """
 
-    def __init__(self, cfg: T5Config, has_bias: bool, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         inner = cfg.num_heads * cfg.d_kv
-        dtype, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
-        kw = dict(use_bias=False, dtype=dtype, param_dtype=pdt, rngs=rngs)
-        self.q = Dense(cfg.d_model, inner, axes=("embed", "heads"), **kw)
-        self.k = Dense(cfg.d_model, inner, axes=("embed", "heads"), **kw)
-        self.v = Dense(cfg.d_model, inner, axes=("embed", "heads"), **kw)
-        self.o = Dense(inner, cfg.d_model, axes=("heads", "embed"), **kw)
-        self.relative_attention_bias = (Embedding(cfg.relative_attention_num_buckets, cfg.num_heads,
-                                                  axes=("rel_buckets", "heads"), param_dtype=pdt, rngs=rngs)
-                                        if has_bias else None)
+        self.q = _dense(cfg, cfg.d_model, inner, ("embed", "heads"), rngs)
+        self.k = _dense(cfg, cfg.d_model, inner, ("embed", "heads"), rngs)
+        self.v = _dense(cfg, cfg.d_model, inner, ("embed", "heads"), rngs)
+        self.o = _dense(cfg, inner, cfg.d_model, ("heads", "embed"), rngs)
         self.heads, self.d_kv = cfg.num_heads, cfg.d_kv
 
     def __call__(self, h, bias, key_mask=None):
@@ -155,10 +162,9 @@ class SelfAttention(nnx.Module):
 class AttentionLayer(nnx.Module):
     """``h + SelfAttention(RMS(h))``: (B, S, d_model) -> (B, S, d_model)."""
 
-    def __init__(self, cfg: T5Config, has_bias: bool, *, rngs: nnx.Rngs):
-        dtype, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
-        self.SelfAttention = SelfAttention(cfg, has_bias, rngs=rngs)
-        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype=dtype, param_dtype=pdt)
+    def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
+        self.SelfAttention = SelfAttention(cfg, rngs=rngs)
+        self.layer_norm = _norm(cfg, rngs)
 
     def __call__(self, h, bias, key_mask=None):
         return h + self.SelfAttention(self.layer_norm(h), bias, key_mask)
@@ -171,14 +177,12 @@ class DenseReluDense(nnx.Module):
     """
 
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
-        dtype, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
-        kw = dict(use_bias=False, dtype=dtype, param_dtype=pdt, rngs=rngs)
         if cfg.is_gated:
-            self.wi_0 = Dense(cfg.d_model, cfg.d_ff, axes=("embed", "mlp"), **kw)
-            self.wi_1 = Dense(cfg.d_model, cfg.d_ff, axes=("embed", "mlp"), **kw)
+            self.wi_0 = _dense(cfg, cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs)
+            self.wi_1 = _dense(cfg, cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs)
         else:
-            self.wi = Dense(cfg.d_model, cfg.d_ff, axes=("embed", "mlp"), **kw)
-        self.wo = Dense(cfg.d_ff, cfg.d_model, axes=("mlp", "embed"), **kw)
+            self.wi = _dense(cfg, cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs)
+        self.wo = _dense(cfg, cfg.d_ff, cfg.d_model, ("mlp", "embed"), rngs)
         self.act, self.gated = ACTIVATIONS[cfg.act_name], cfg.is_gated
 
     def __call__(self, x):
@@ -190,9 +194,8 @@ class FFLayer(nnx.Module):
     """``h + DenseReluDense(RMS(h))``: (B, S, d_model) -> (B, S, d_model)."""
 
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
-        dtype, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
         self.DenseReluDense = DenseReluDense(cfg, rngs=rngs)
-        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype=dtype, param_dtype=pdt)
+        self.layer_norm = _norm(cfg, rngs)
 
     def __call__(self, h):
         return h + self.DenseReluDense(self.layer_norm(h))
@@ -201,8 +204,8 @@ class FFLayer(nnx.Module):
 class T5Block(nnx.Module):
     """``layer[0]`` attention then ``layer[1]`` feed-forward: (B, S, d_model) -> (B, S, d_model)."""
 
-    def __init__(self, cfg: T5Config, has_bias: bool, *, rngs: nnx.Rngs):
-        self.layer = nnx.List([AttentionLayer(cfg, has_bias, rngs=rngs), FFLayer(cfg, rngs=rngs)])
+    def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
+        self.layer = nnx.List([AttentionLayer(cfg, rngs=rngs), FFLayer(cfg, rngs=rngs)])
 
     def __call__(self, h, bias, key_mask=None):
         h = self.layer[0](h, bias, key_mask)
@@ -210,10 +213,33 @@ class T5Block(nnx.Module):
 
 
 class T5Stack(nnx.Module):
+    """The shared position-bias table, the stacked blocks and the final norm (``encoder.*``)."""
+
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
-        dtype, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
-        self.block = nnx.List([T5Block(cfg, i == 0, rngs=rngs) for i in range(cfg.num_layers)])
-        self.final_layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype=dtype, param_dtype=pdt)
+        self.relative_attention_bias = L.embed(cfg.relative_attention_num_buckets, cfg.num_heads,
+                                               axes=("rel_buckets", "heads"), dtype=canonical_dtype(cfg.param_dtype),
+                                               param_dtype=canonical_dtype(cfg.param_dtype), rngs=rngs)
+        self.block = L.stack(cfg.num_layers, lambda r: T5Block(cfg, rngs=r), rngs)
+        self.final_layer_norm = _norm(cfg, rngs)
+        self.cfg = cfg
+
+    def position_bias(self, s: int) -> jax.Array:
+        """The (1, heads, S, S) logit bias every block adds: the table at the relative-position buckets."""
+        cfg = self.cfg
+        buckets = relative_position_buckets(s, s, cfg.relative_attention_num_buckets,
+                                            cfg.relative_attention_max_distance)
+        return self.relative_attention_bias(jnp.asarray(buckets)).transpose(2, 0, 1)[None]
+
+    def __call__(self, h: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+        """h: (B, S, d_model) embedded tokens, key_mask: (B, S) bool | None -> (B, S, d_model)."""
+        bias = self.position_bias(h.shape[1])
+        block = lambda h, blk, _: (blk(h, bias, key_mask), None)
+        if self.cfg.scan_layers:
+            h, _ = L.scan(block, h, self.block)
+        else:
+            for i in range(self.cfg.num_layers):
+                h, _ = block(h, L.layer(self.block, i), None)
+        return self.final_layer_norm(h)
 
 
 class T5Encoder(nnx.Module):
@@ -225,19 +251,10 @@ class T5Encoder(nnx.Module):
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         cfg.validate()
         self.cfg = cfg
-        self.shared = Embedding(cfg.vocab_size, cfg.d_model, axes=("vocab", "embed"),
-                                param_dtype=canonical_dtype(cfg.param_dtype), rngs=rngs)
+        self.shared = L.embed(cfg.vocab_size, cfg.d_model, axes=("vocab", "embed"), dtype=canonical_dtype(cfg.dtype),
+                              param_dtype=canonical_dtype(cfg.param_dtype), rngs=rngs)
         self.encoder = T5Stack(cfg, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None) -> jax.Array:
-        cfg = self.cfg
-        s = input_ids.shape[1]
-        h = self.shared(input_ids).astype(canonical_dtype(cfg.dtype))
-        buckets = relative_position_buckets(s, s, cfg.relative_attention_num_buckets,
-                                            cfg.relative_attention_max_distance)
-        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.embedding[...]
-        bias = jnp.take(table, jnp.asarray(buckets), axis=0).transpose(2, 0, 1)[None]  # (1, heads, S, S)
         key_mask = None if attention_mask is None else attention_mask.astype(bool)
-        for blk in self.encoder.block:
-            h = blk(h, bias, key_mask)
-        return self.encoder.final_layer_norm(h)
+        return self.encoder(self.shared(input_ids), key_mask)

@@ -10,6 +10,9 @@ conv with a temporal kernel > 1 returns the last ``kt - 1`` frames of its padded
 pytree mirroring the module tree. The first batch runs on its own (its size differs and it has
 no cache); the equal-size rest runs under one ``lax.scan``, so compile time does not grow with
 the number of frames.
+
+The layers (causal conv, norms, resnets, down/up blocks) are in ``vae_layers.py`` and take their
+sizes as arguments; the encoder and decoder here read them from ``VAEConfig``.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import numpy as np
 from flax import nnx
 
 from mm_jax.models.config_base import ConfigBase
-from mm_jax.models.vae_layers import Decoder3D, Encoder3D
+from mm_jax.models.layers import canonical_dtype
+from mm_jax.models.vae_layers import Cache, CausalConv3d, DownBlock3D, MidBlock3D, SpatialNorm3D, UpBlock3D, group_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +83,70 @@ class VAEConfig(ConfigBase):
     @property
     def temporal_levels(self) -> int:
         return int(np.log2(self.temporal_compression_ratio))
+
+
+# -- one frame batch through the encoder or the decoder ------------------------------------------
+
+def _layer_kw(cfg: VAEConfig) -> dict:
+    return dict(dtype=canonical_dtype(cfg.dtype), param_dtype=canonical_dtype(cfg.param_dtype))
+
+
+class Encoder3D(nnx.Module):
+    """(B, T, H, W, 3) -> (B, T', H/8, W/8, 2*latent) for one frame batch, with its conv cache."""
+
+    def __init__(self, cfg: VAEConfig, *, rngs):
+        kw = dict(_layer_kw(cfg), rngs=rngs)
+        norm = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps)
+        ch = cfg.block_out_channels
+        self.conv_in = CausalConv3d(cfg.in_channels, ch[0], 3, **kw)
+        self.down_blocks = nnx.List([
+            DownBlock3D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, i < len(ch) - 1, i < cfg.temporal_levels,
+                        **norm, **kw)
+            for i in range(len(ch))])
+        self.mid_block = MidBlock3D(ch[-1], zq_channels=None, **norm, **kw)
+        self.norm_out = group_norm(ch[-1], cfg.norm_num_groups, 1e-6, **kw)
+        self.conv_out = CausalConv3d(ch[-1], 2 * cfg.latent_channels, 3, **kw)
+
+    def __call__(self, x, cache: Cache = None):
+        cache = cache or {}
+        new = {}
+        h, new["conv_in"] = self.conv_in(x, cache.get("conv_in"))
+        for i, blk in enumerate(self.down_blocks):
+            h, new[f"down_block_{i}"] = blk(h, cache.get(f"down_block_{i}"))
+        h, new["mid_block"] = self.mid_block(h, None, cache.get("mid_block"))
+        h = jax.nn.silu(self.norm_out(h))
+        h, new["conv_out"] = self.conv_out(h, cache.get("conv_out"))
+        return h, new
+
+
+class Decoder3D(nnx.Module):
+    """(B, F, h, w, latent) -> (B, T, 8h, 8w, 3) for one latent frame batch; every norm is
+    conditioned on that batch of latents."""
+
+    def __init__(self, cfg: VAEConfig, *, rngs):
+        kw = dict(_layer_kw(cfg), rngs=rngs)
+        zc = cfg.latent_channels
+        norm = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, zq_channels=zc)
+        ch = list(reversed(cfg.block_out_channels))
+        self.conv_in = CausalConv3d(zc, ch[0], 3, **kw)
+        self.mid_block = MidBlock3D(ch[0], **norm, **kw)
+        self.up_blocks = nnx.List([
+            UpBlock3D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, i < len(ch) - 1, i < cfg.temporal_levels,
+                      **norm, **kw)
+            for i in range(len(ch))])
+        self.norm_out = SpatialNorm3D(ch[-1], zc, cfg.norm_num_groups, **kw)
+        self.conv_out = CausalConv3d(ch[-1], cfg.out_channels, 3, **kw)
+
+    def __call__(self, z, cache: Cache = None):
+        cache = cache or {}
+        new = {}
+        h, new["conv_in"] = self.conv_in(z, cache.get("conv_in"))
+        h, new["mid_block"] = self.mid_block(h, z, cache.get("mid_block"))
+        for i, blk in enumerate(self.up_blocks):
+            h, new[f"up_block_{i}"] = blk(h, z, cache.get(f"up_block_{i}"))
+        h = jax.nn.silu(self.norm_out(h, z))
+        h, new["conv_out"] = self.conv_out(h, cache.get("conv_out"))
+        return h, new
 
 
 # -- batching over frames ----------------------------------------------------------------------

@@ -111,7 +111,7 @@ def adapter_block(block, can_out, hs, enc, face, temb, rope):
         f_n = _mod(adanorm.norm, face, fmod[:, 0], fmod[:, 1])
         return x_n, c_n, f_n, gate[:, None], e_gate[:, None], fmod[:, 2][:, None]
 
-    E, L, N = face.shape[1], enc.shape[1], hs.shape[1]
+    E, L = face.shape[1], enc.shape[1]
     x_n, c_n, f_n, g, eg, fg = norm_all(block.norm1, f1, r1)
     attn = block.attn1
     s = torch.cat([f_n, c_n, x_n], dim=1)  # [face, text, video]

@@ -20,6 +20,10 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
         (r"\.ff\.proj_out\.", ".ff.net.2."),
         (r"\.attn1\.to_out\.", ".attn1.to_out.0."),
     ],
+    # the position-bias table every block shares is stored in block 0 only
+    "text_encoder": [
+        (r"^\.encoder\.relative_attention_bias\.", ".encoder.block.0.layer.0.SelfAttention.relative_attention_bias."),
+    ],
 }
 
 # torch key -> other names the same tensor may be stored under (tied weights)
