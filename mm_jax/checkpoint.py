@@ -38,10 +38,24 @@ def _path_from_key(key: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in key.split("/"))
 
 
-def abstract_model(name: str, cfg: Any):
-    """The component's network with ``jax.ShapeDtypeStruct`` leaves (no memory, no compute)."""
+def abstract_model(name: str, cfg: Any, mesh: Mesh | None = None):
+    """The component's network with ``jax.ShapeDtypeStruct`` leaves (no memory, no compute).
+
+    With ``mesh``, every leaf also carries the ``NamedSharding`` its logical axes give on that mesh
+    (what ``load_component`` restores onto), so the module can be passed to ``jit(...).lower`` as
+    an argument: the planner (``python -m mm_jax.plan``) compiles the real step functions this way."""
     spec = components.get(name)
-    return nnx.eval_shape(lambda: spec.build(cfg, nnx.Rngs(0)))
+    if mesh is None:
+        return nnx.eval_shape(lambda: spec.build(cfg, nnx.Rngs(0)))
+    with jax.set_mesh(mesh):
+        abstract = nnx.eval_shape(lambda: spec.build(cfg, nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        v = var.get_value()
+        sds = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, parallel.variable_spec(var, mesh)))
+        flat.append((path, var.replace(sds)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def param_shapes(model) -> dict[str, tuple[tuple[int, ...], Any]]:
