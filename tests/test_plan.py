@@ -87,6 +87,7 @@ def test_each_tpu_target_compiles_for_the_device_count_and_host_memory_its_row_s
     assert len(devs) == t.devices
     kinds = {m.kind for m in devs[0].addressable_memories()}
     assert ("pinned_host" in kinds) == t.host_offload
+    assert targets.for_devices(devs) is t  # what the notebook plans for on the attached chips
 
 
 # -- compiled numbers -------------------------------------------------------------------------

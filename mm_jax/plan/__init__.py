@@ -54,11 +54,14 @@ def settings_of(workload: str, sample: SampleSettings | None, train: TrainSettin
 
 def plan(target: str | Target, workload: str, *, mesh: str | None = None, models: Models | None = None,
          sample: SampleSettings | None = None, train: TrainSettings | None = None,
-         hbm_fraction: float = DEFAULT_HBM_FRACTION, only: tuple[str, ...] | None = None) -> Plan:
+         hbm_fraction: float = DEFAULT_HBM_FRACTION, only: tuple[str, ...] | None = None,
+         devices: list | None = None) -> Plan:
     """Compile every phase of ``workload`` (or the ``only`` ones) for ``target`` on ``mesh``
-    ("data=..,fsdp=..,tensor=.."; default: every device on fsdp). Bad input (target, mesh, sizes, a missing compiler plugin)
-    raises a ValueError naming it before anything compiles; a phase that fails to compile is
-    reported in its ``PhaseResult.error``, the others still compile."""
+    ("data=..,fsdp=..,tensor=.."; default: every device on fsdp). ``devices``: compile for these
+    attached devices (e.g. ``jax.devices()`` on the TPU itself) instead of the target's
+    compile-only ones. Bad input (target, mesh, sizes, a missing compiler plugin) raises a
+    ValueError naming it before anything compiles; a phase that fails to compile is reported in
+    its ``PhaseResult.error``, the others still compile."""
     import os
 
     from mm_jax.plan import aot, targets
@@ -74,7 +77,7 @@ def plan(target: str | Target, workload: str, *, mesh: str | None = None, models
             raise ValueError(f"phases {unknown} are not phases of {workload}; its phases: "
                              f"{', '.join(p.name for p in todo)}")
         todo = [p for p in todo if p.name in only]
-    m = aot.make_mesh(t, mesh)
+    m = aot.make_mesh(t, mesh, devices)
     results = []
     with aot.counting_kernels():
         for ph in todo:

@@ -15,8 +15,12 @@ import os
 import sys
 
 # The CUDA plugin checks the driver when JAX starts its backends; this host has none and only
-# compiles, so the check is skipped (set before JAX starts, as the plugin reads it then).
+# compiles, so the check is skipped; libtpu's process lock likewise (``allow_compile_only_libtpu``).
+# Both are read when the backends start, so they are set first.
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+from mm_jax.plan.targets import allow_compile_only_libtpu  # noqa: E402  (JAX imported, no backend started)
+
+allow_compile_only_libtpu()
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -74,6 +78,9 @@ def build_parser():
     ap.add_argument("--adapter", default=None, metavar="DIR",
                     help="an adapter folder (image_encoder, and a trained adapter's config); default: the design's "
                          "adapter for the DiT")
+    ap.add_argument("--dit", action="append", default=[], metavar="FIELD=VALUE",
+                    help="set a DiT config field for this plan, repeatable (e.g. remat_policy=dots; scan_layers=false "
+                         "once the DiT has it); the value is parsed as the field's type")
     ap.add_argument("--phases", default=None, metavar="NAMES",
                     help="compile only these phases, comma-separated (e.g. denoise)")
     ap.add_argument("--hbm-fraction", type=float, default=report.DEFAULT_HBM_FRACTION,
@@ -164,6 +171,8 @@ def main(argv=None) -> int:
                 raise ValueError(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
         cfg = config_lib.load(args.config, overrides) if args.config else None
         models = Models.from_checkpoint(args.checkpoint, args.adapter) if args.checkpoint else Models.real()
+        if args.dit:
+            models = models.with_dit(dict(kv.partition("=")[::2] for kv in args.dit))
         if args.table and not os.path.exists(args.table):
             raise ValueError(f"--table {args.table}: no such file")
         plans = []

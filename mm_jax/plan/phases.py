@@ -71,6 +71,35 @@ class Models:
                    adapter, f"{ckpt}" + (f" + {adapter_dir}" if adapter_dir else ""))
 
 
+    def with_dit(self, fields: dict[str, str]) -> "Models":
+        """These models with DiT config fields set from text (``{"remat_policy": "dots"}``), each
+        parsed as its field's type; an unknown field or a bad value is a ValueError naming it."""
+        import typing
+
+        cfg = self.transformer
+        known = {f.name: f for f in dataclasses.fields(cfg)}
+        hints = typing.get_type_hints(type(cfg))
+        values = {}
+        for name, text in fields.items():
+            if name not in known:
+                raise ValueError(f"--dit {name}={text}: the DiT config has no field {name!r}; fields: "
+                                 f"{', '.join(sorted(known))}")
+            kind = hints[name]
+            kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(f"--dit {name}={text}: expected true or false")
+                values[name] = text.lower() in ("true", "1")
+            else:
+                try:
+                    values[name] = kind(text)
+                except (TypeError, ValueError):
+                    raise ValueError(f"--dit {name}={text}: not a {kind.__name__}") from None
+        new = dataclasses.replace(cfg, **values)
+        new.validate()
+        return dataclasses.replace(self, transformer=new, source=f"{self.source}; DiT {values}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleSettings:
     """One video as ``mm_jax.pipeline.sample_identity`` makes it on an accelerator (bf16, VAE tiled)."""

@@ -39,6 +39,7 @@ class Target:
     peak_flops: float
     host_offload: bool
     chip: str              # what the chip is called
+    kind: str              # what JAX calls it (``Device.device_kind``)
     chip_config: str = "default"      # TPU: "megacore" joins a v4/v5p chip's two TensorCores
     gpu_spec: str = ""                # GPU: file in gpu_specs/
     hosts_bounds: tuple = (2, 2, 1)   # TPU: chips per host (a smaller slice gets its own shape)
@@ -53,13 +54,19 @@ class Target:
         return "cuda12" if self.is_gpu else "tpu"
 
 
+KINDS = {"TPU v5e": "TPU v5 lite", "TPU v6e": "TPU v6 lite", "TPU v4": "TPU v4", "TPU v5p": "TPU v5",
+         "H100 SXM 80GB": "NVIDIA H100 80GB HBM3", "A100 SXM 80GB": "NVIDIA A100-SXM4-80GB",
+         "A800 SXM 80GB": "NVIDIA A800-SXM4-80GB"}
+
+
 def _tpu(name, topology, devices, hbm_gib, tflops, chip, chip_config="default", hosts_bounds=(2, 2, 1)):
-    return Target(name, "tpu", topology, devices, int(hbm_gib * GIB), tflops * 1e12, True, chip, chip_config,
-                  hosts_bounds=hosts_bounds)
+    return Target(name, "tpu", topology, devices, int(hbm_gib * GIB), tflops * 1e12, True, chip, KINDS[chip],
+                  chip_config, hosts_bounds=hosts_bounds)
 
 
 def _gpu(name, devices, spec, mem_bytes, tflops, chip):
-    return Target(name, "cuda", f"1x1x{devices}", devices, mem_bytes, tflops * 1e12, False, chip, gpu_spec=spec)
+    return Target(name, "cuda", f"1x1x{devices}", devices, mem_bytes, tflops * 1e12, False, chip, KINDS[chip],
+                  gpu_spec=spec)
 
 
 H100_BYTES, A100_80_BYTES = 84942979072, 85100068864   # device_memory_size in gpu_specs/*.txtpb
@@ -78,6 +85,27 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     _gpu("a100-80x8", 8, "a100_sxm_80.txtpb", A100_80_BYTES, 312, "A100 SXM 80GB"),
     _gpu("a800-80x8", 8, "a100_sxm_80.txtpb", A100_80_BYTES, 312, "A800 SXM 80GB"),
 )}
+
+
+def allow_compile_only_libtpu() -> None:
+    """On a host without TPU chips, let several processes load libtpu at once to compile (the
+    planner, a test run, a notebook kernel): libtpu otherwise takes /tmp/libtpu_lockfile and a
+    second process fails with "Internal error when accessing libtpu multi-process lockfile". Left
+    alone where TPU chips are attached (/dev/accel*, /dev/vfio), since the lock guards them there.
+    Call before JAX starts its backends."""
+    import glob
+
+    if not glob.glob("/dev/accel*") and not os.path.exists("/dev/vfio"):
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def for_devices(devs) -> "Target | None":
+    """The table's target for a list of attached devices (same chip kind and count), or None."""
+    kind = devs[0].device_kind if devs else ""
+    for t in TARGETS.values():
+        if t.kind == kind and t.devices == len(devs):
+            return t
+    return None
 
 
 class TargetError(ValueError):
