@@ -298,7 +298,7 @@ class Compiled:
 
 
 def _xla_flops(compiled, platform: str) -> float:
-    if platform == "cuda":  # the CUDA plugin's executables report no cost analysis; XLA's model still runs
+    if platform in ("gpu", "cuda"):  # the CUDA plugin's executables report none; XLA's cost model still runs
         from jax._src.lib import _jax
 
         module = compiled._executable.xla_extension_executable().hlo_modules()[0]
