@@ -271,10 +271,24 @@ def test_cli_table_writes_the_readme_table_between_its_markers(tiny_ckpt, tmp_pa
      "frames=13: not a frame count the VAE encodes and decodes exactly"),
     (["--target", "v5e-1", "--workload", "sample", "--batch", "2"], "the sampler makes one video at a time"),
     (["--target", "v5e-1", "--workload", "train", ], "unknown workload 'train'"),
+    (["--target", "v5e-1", "--workload", "sample", "--dit", "nope=1"], "the DiT config has no field 'nope'; fields:"),
+    (["--target", "v5e-1", "--workload", "train-video", "--config", "configs/image.py:tiny"],
+     "--config is a image-stage config (data.stage='image') but the workload is train-video"),
 ])
 def test_cli_refuses_bad_input_by_name_with_exit_2(tiny_ckpt, args, message, capsys):
     assert _cli(tiny_ckpt, *args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_takes_the_train_step_settings_from_a_training_config(tiny_ckpt, tmp_path):
+    out = tmp_path / "plan.json"
+    assert _cli(tiny_ckpt, "--target", "v5e-1", "--workload", "train-video", "--config", "configs/video.py:tiny",
+                "--config.train.global_batch_size=4", "--precomputed", "all", "--json", str(out)) == 0
+    data = json.loads(out.read_text())
+    s = data["settings"]  # the tiny preset's remat and dtype, the override's batch, the flags' sizes
+    assert (s["batch"], s["remat"], s["dtype"], s["frames"], s["precomputed"]) == (4, "none", "float32", 9, "all")
+    assert data["unit"] == "training step" and data["phases"][0]["name"] == "train_step"
+    assert data["phases"][0]["alias_bytes"] > 0
 
 
 def test_cli_names_the_extra_when_the_cuda_plugin_is_missing(tiny_ckpt, monkeypatch, capsys):
