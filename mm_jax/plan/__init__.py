@@ -55,13 +55,14 @@ def settings_of(workload: str, sample: SampleSettings | None, train: TrainSettin
 def plan(target: str | Target, workload: str, *, mesh: str | None = None, models: Models | None = None,
          sample: SampleSettings | None = None, train: TrainSettings | None = None,
          hbm_fraction: float = DEFAULT_HBM_FRACTION, only: tuple[str, ...] | None = None,
-         devices: list | None = None) -> Plan:
+         devices: list | None = None, log=None) -> Plan:
     """Compile every phase of ``workload`` (or the ``only`` ones) for ``target`` on ``mesh``
     ("data=..,fsdp=..,tensor=.."; default: every device on fsdp). ``devices``: compile for these
     attached devices (e.g. ``jax.devices()`` on the TPU itself) instead of the target's
     compile-only ones. Bad input (target, mesh, sizes, a missing compiler plugin) raises a
     ValueError naming it before anything compiles; a phase that fails to compile is reported in
-    its ``PhaseResult.error``, the others still compile."""
+    its ``PhaseResult.error``, the others still compile. ``log(text)`` hears of each phase as it
+    compiles (a 5B phase takes minutes)."""
     import os
 
     from mm_jax.plan import aot, targets
@@ -81,12 +82,18 @@ def plan(target: str | Target, workload: str, *, mesh: str | None = None, models
     results = []
     with aot.counting_kernels():
         for ph in todo:
+            if log:
+                log(f"{t.name} {workload}: compiling {ph.name} ({ph.what})")
             try:
                 fn, args = ph.build(m)
                 results.append(PhaseResult(ph.name, ph.runs, ph.what, aot.compile(fn, args, m)))
             except Exception as e:  # noqa: BLE001 - a phase's compile error is a result, reported by name
-                if os.environ.get("MM_JAX_PLAN_RAISE"):
+                if os.environ.get("MM_JAX_PLAN_RAISE"):  # debugging: the whole traceback
                     raise
                 results.append(PhaseResult(ph.name, ph.runs, ph.what, error=f"{type(e).__name__}: {e}"))
+            if log:
+                c = results[-1].compiled
+                log(f"  {ph.name}: " + (f"peak {c.peak_bytes / 2 ** 30:.2f} GiB/device, compiled in "
+                                        f"{c.lower_seconds + c.compile_seconds:.0f} s" if c else "failed"))
     return Plan(t, workload, aot.mesh_spec(m), settings_of(workload, sample, train), models.source, results,
                 hbm_fraction)

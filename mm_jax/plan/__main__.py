@@ -138,7 +138,8 @@ def _plans(args, cfg, models, progress: bool):
         only = tuple(args.phases.split(",")) if args.phases else None
         try:
             yield plan(t, w, mesh=args.mesh, models=models, sample=sample, train=train,
-                       hbm_fraction=args.hbm_fraction, only=only)
+                       hbm_fraction=args.hbm_fraction, only=only,
+                       log=None if progress else (lambda text: print(text, file=sys.stderr, flush=True)))
         except ValueError as e:
             if not args.table:
                 raise
