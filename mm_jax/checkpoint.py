@@ -44,13 +44,26 @@ def _path_from_key(key: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in key.split("/"))
 
 
-def abstract_model(name: str, cfg: Any):
-    """The component's network with ``jax.ShapeDtypeStruct`` leaves (no memory, no compute), with
-    no shardings attached: they come from ``parallel.state_shardings`` for whatever mesh is meant
-    (under a mesh, ``nnx.eval_shape`` would read the logical axis names as mesh axes)."""
+def abstract_model(name: str, cfg: Any, mesh: Mesh | None = None):
+    """The component's network with ``jax.ShapeDtypeStruct`` leaves (no memory, no compute).
+
+    Built with no mesh in context (under a mesh, ``nnx.eval_shape`` would read the logical axis
+    names as mesh axes). With ``mesh``, every leaf also carries the ``NamedSharding`` its logical
+    axes give on that mesh (``parallel.state_shardings``, what ``load_component`` restores onto), so
+    the module can be passed to ``jit(...).lower`` as an argument: the planner
+    (``python -m mm_jax.plan``) compiles the real step functions this way."""
     spec = components.get(name)
     with parallel.no_mesh():
-        return nnx.eval_shape(lambda: spec.build(cfg, nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: spec.build(cfg, nnx.Rngs(0)))
+    if mesh is None:
+        return abstract
+    graphdef, state = nnx.split(abstract)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        v = var.get_value()
+        sds = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, parallel.variable_spec(var, mesh)))
+        flat.append((path, var.replace(sds)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def param_shapes(model) -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fps", type=int, default=8)
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--offload-text-encoder", action="store_true",
-                    help="run T5 on the host CPU, not the accelerator (python -m mm_jax.memory_plan says when)")
+                    help="run T5 on the host CPU, not the accelerator (python -m mm_jax.plan says when: its text_encoder phase does not fit)")
     ap.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (less memory; diffusers enable_tiling)")
     idg = ap.add_argument_group("identity (Magic Mirror)")
     idg.add_argument("--adapter", help="mm_jax checkpoint folder with the 'adapter' (and optionally 'image_encoder') component")

@@ -13,6 +13,16 @@ sys.path.insert(0, str(ROOT))
 MANIFESTS = ROOT / "tests" / "data" / "manifests"  # key/shape lists + configs of the real checkpoints
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# With the cuda12 extra installed on a machine without a driver, the CUDA plugin's start-up check
+# fails (cuInit 303) and the plugin is dropped; skipping the check keeps it for compiling GPU
+# targets (tests/test_plan.py). It changes nothing where the extra is absent.
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+# libtpu (test extra) takes a process lock when JAX starts its backends; without TPU chips that
+# only stops a second process (a subprocess test, the notebook's kernel) from compiling for TPU
+# topologies. Set before any backend starts.
+from mm_jax.plan.targets import allow_compile_only_libtpu  # noqa: E402
+
+allow_compile_only_libtpu()
 
 
 def fake_devices_env(n: int = 8) -> dict:

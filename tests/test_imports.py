@@ -146,7 +146,7 @@ def test_nothing_in_mm_jax_imports_or_reads_configs_tests_tools_or_benchmarks():
 
 
 @pytest.mark.parametrize("banned", [("torch", "diffusers"), ("mm_jax.train", "mm_jax.sample", "mm_jax.evaluate",
-                                                             "mm_jax.memory_plan", "mm_jax.demo", "argparse"),
+                                                             "mm_jax.plan", "mm_jax.demo", "argparse"),
                                     ("mm_jax.data", "mm_jax.training", "grain", "array_record")])
 def test_models_never_import_torch_clis_or_data_code(banned):
     bad = _offending(sorted((PACKAGE / "models").glob("*.py")), banned)

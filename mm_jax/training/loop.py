@@ -189,7 +189,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, return_state: bool
         (workdir / "config.json").write_text(cfg.to_json(indent=2))
     mesh = parallel.make_mesh(cfg.mesh or None)
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    models = load_models(cfg.model, dict(cfg.adapter), mesh)
+    models = load_models(cfg.model, dict(cfg.adapter), mesh, precomputed=bool(cfg.data.precomputed))
     tx = make_optimizer(cfg.optimizer)
     lr_fn = learning_rate(cfg.optimizer)
     trainable = tuple(cfg.train.trainable)

@@ -52,25 +52,34 @@ def _scheduler_config(backbone: Path) -> sch.SchedulerConfig:
     return sch.SchedulerConfig.from_dict(json.loads(path.read_text()))
 
 
-def new_adapter(dit, clip_width: int, overrides: dict, dtype: str, mesh) -> MagicMirrorAdapter:
-    """A fresh adapter for ``dit`` (the design's defaults + ``overrides``), CAN copied from the
-    DiT's text expert, created under ``mesh`` so its parameters are sharded as declared."""
+def adapter_config(dit_cfg, clip_width: int, overrides: dict, dtype: str) -> AdapterConfig:
+    """The config of a fresh adapter for a DiT config: the design's defaults + ``overrides`` (the
+    ``adapter`` section of a training config; None keeps the design's value), compute in ``dtype``,
+    float32 master parameters."""
     over = {k: v for k, v in dict(overrides).items() if v is not None}  # None: the design's value
     every = int(over.pop("adapter_every", 2))
     if every < 1:
         raise ValueError(f"adapter.adapter_every={every}: must be >= 1")
-    over.setdefault("adapter_layers", tuple(range(0, dit.cfg.num_layers, every)))
+    over.setdefault("adapter_layers", tuple(range(0, dit_cfg.num_layers, every)))
     over.update(dtype=dtype, param_dtype="float32")
-    cfg = AdapterConfig.for_dit(dit.cfg, clip_width=clip_width, **over)
+    return AdapterConfig.for_dit(dit_cfg, clip_width=clip_width, **over)
+
+
+def new_adapter(dit, clip_width: int, overrides: dict, dtype: str, mesh) -> MagicMirrorAdapter:
+    """A fresh adapter for ``dit`` (``adapter_config``), CAN copied from the DiT's text expert,
+    created under ``mesh`` so its parameters are sharded as declared."""
+    cfg = adapter_config(dit.cfg, clip_width, overrides, dtype)
     with jax.set_mesh(mesh):
         adapter = MagicMirrorAdapter(cfg, rngs=nnx.Rngs(0))
         adapter.init_from_dit(dit)
     return adapter
 
 
-def load_models(model_cfg, adapter_overrides: dict, mesh) -> TrainModels:
+def load_models(model_cfg, adapter_overrides: dict, mesh, precomputed: bool = False) -> TrainModels:
     """``model_cfg``: checkpoint (backbone folder), adapter (folder with ``image_encoder`` and,
-    to continue from, ``adapter``), dtype, remat_policy, attention_impl."""
+    to continue from, ``adapter``), dtype, remat_policy, attention_impl. ``precomputed``: the data
+    holds VAE latents and T5 embeddings (``data.precomputed``), so the VAE and T5 are not loaded
+    (they would sit unused in device memory, T5-XXL alone 9.5 GB in bf16)."""
     from mm_jax import text as text_lib
 
     backbone, adapter_dir = Path(model_cfg.checkpoint), Path(model_cfg.adapter)
@@ -82,8 +91,10 @@ def load_models(model_cfg, adapter_overrides: dict, mesh) -> TrainModels:
     runtime = {} if not model_cfg.get("attention_impl") else {"attention_impl": model_cfg.attention_impl}
     dit = checkpoint.load_component(backbone, "transformer", mesh=mesh, dtype=dt, param_dtype=dt,
                                     remat_policy=model_cfg.remat_policy, **runtime)
-    vae = checkpoint.load_component(backbone, "vae", mesh=mesh)  # fp32: encoding is a small share of the step
-    t5 = checkpoint.load_component(backbone, "text_encoder", mesh=mesh, dtype=dt, param_dtype=dt)
+    vae = t5 = None
+    if not precomputed:
+        vae = checkpoint.load_component(backbone, "vae", mesh=mesh)  # fp32: encoding is a small share of the step
+        t5 = checkpoint.load_component(backbone, "text_encoder", mesh=mesh, dtype=dt, param_dtype=dt)
     clip = checkpoint.load_component(adapter_dir, "image_encoder", mesh=mesh, dtype=dt, param_dtype=dt)
     if (adapter_dir / "adapter" / "config.json").exists():
         adapter = checkpoint.load_component(adapter_dir, "adapter", mesh=mesh, dtype=dt, param_dtype="float32",
@@ -91,8 +102,8 @@ def load_models(model_cfg, adapter_overrides: dict, mesh) -> TrainModels:
     else:
         adapter = new_adapter(dit, clip.cfg.hidden_size, dict(adapter_overrides, **runtime), dt, mesh)
     tok = text_lib.load_tokenizer(backbone / "tokenizer")
-    return TrainModels(dit, vae, t5, clip, adapter, tok, _scheduler_config(backbone), backbone, adapter_dir,
-                       vae.cfg.temporal_compression_ratio)
+    temporal = checkpoint.load_config(backbone, "vae").temporal_compression_ratio
+    return TrainModels(dit, vae, t5, clip, adapter, tok, _scheduler_config(backbone), backbone, adapter_dir, temporal)
 
 
 def count(tree) -> int:

@@ -68,18 +68,48 @@ def split_modules(models: TrainModels, trainable=("adapter",)):
     return graphdefs, params, templates, rest, frozen
 
 
+def _shardings(params: dict, tx: optax.GradientTransformation, mesh):
+    """-> (param shardings, optimizer-state shardings, abstract float32 params, abstract optimizer
+    state): moments sharded like their parameters, the step count replicated."""
+    param_shardings = {k: nnx.to_pure_dict(parallel.state_shardings(v, mesh)) for k, v in params.items()}
+    abstract_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=s),
+                                   {k: nnx.to_pure_dict(v) for k, v in params.items()}, param_shardings)
+    replicated = NamedSharding(mesh, P())
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    abstract_opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt,
+                                opt_shardings)
+    return param_shardings, opt_shardings, abstract_params, abstract_opt
+
+
 def init_state(models: TrainModels, tx: optax.GradientTransformation, mesh, trainable=("adapter",)):
     """Trainable params (float32 master copy) and fresh optimizer state placed with their shardings."""
     graphdefs, params, templates, rest, frozen = split_modules(models, trainable)
-    param_shardings = {k: nnx.to_pure_dict(parallel.state_shardings(v, mesh)) for k, v in params.items()}
+    param_shardings, opt_shardings, _, _ = _shardings(params, tx, mesh)
     params = jax.device_put({k: jax.tree.map(lambda x: x.astype(jnp.float32), nnx.to_pure_dict(v))
                              for k, v in params.items()}, param_shardings)
-    replicated = NamedSharding(mesh, P())
-    abstract_opt = jax.eval_shape(tx.init, params)
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
-                                          transform_non_params=lambda _: replicated)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     return TrainState(params, opt_state, param_shardings, opt_shardings), (graphdefs, templates, rest, frozen)
+
+
+def abstract_state(models: TrainModels, tx: optax.GradientTransformation, mesh, trainable=("adapter",)):
+    """``init_state`` without memory or compute, for abstract models whose leaves carry their
+    shardings (``checkpoint.abstract_model(name, cfg, mesh)``): -> (TrainState whose params and
+    optimizer state are ``ShapeDtypeStruct``s with their shardings, aux as ``init_state``'s, the
+    frozen states abstract). ``make_train_step`` then builds the same jitted step, and
+    ``step.lower(state.params, state.opt_state, aux[-1], batch, step)`` compiles it for any target
+    without weights (``python -m mm_jax.plan``)."""
+    graphdefs, params, templates, rest, frozen = split_modules(models, trainable)
+    param_shardings, opt_shardings, abstract_params, abstract_opt = _shardings(params, tx, mesh)
+    return (TrainState(abstract_params, abstract_opt, param_shardings, opt_shardings),
+            (graphdefs, templates, rest, frozen))
+
+
+def abstract_batch(shapes: dict[str, tuple[tuple[int, ...], Any]], mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """{field: (global shape, dtype)} -> {field: ShapeDtypeStruct} with the shardings ``put_batch`` gives."""
+    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(name, shape, mesh))
+            for name, (shape, dtype) in shapes.items()}
 
 
 def batch_sharding(name: str, shape, mesh) -> NamedSharding:
