@@ -116,19 +116,22 @@ def counting_kernels():
     saved = {k: layers.ATTENTION_IMPLS[k] for k in KERNEL_IMPLS if k in layers.ATTENTION_IMPLS}
 
     def wrap(impl, real):
-        def call(q, k, v, key_mask, scale):
+        def call(q, k, v, key_mask, kv_lengths, scale):
             mesh = jax.sharding.get_abstract_mesh()
             shards = 1
             if mesh is not None and not mesh.empty:
+                # inside shard_map (attention_parallel) q is already one device's shard: its
+                # manual axes split nothing further
+                manual = set(getattr(mesh, "manual_axes", ()) or ())
                 spec = parallel.logical_to_spec(("batch", "seq", "act_heads", None), q.shape, dict(mesh.shape))
                 for axes in spec:
                     for a in ((axes,) if isinstance(axes, str) else (axes or ())):
-                        shards *= dict(mesh.shape)[a]
+                        shards *= 1 if a in manual else dict(mesh.shape)[a]
             b, s, n, dh = q.shape
             kc = KernelCall(impl, b, s, k.shape[1], n, dh, shards)
-            fn = lambda q, k, v, key_mask: real(q, k, v, key_mask, scale)  # noqa: E731
+            fn = lambda q, k, v, key_mask, kv_lengths: real(q, k, v, key_mask, kv_lengths, scale)  # noqa: E731
             fn.__name__ = fn.__qualname__ = kc.name()
-            return jax.jit(fn)(q, k, v, key_mask)
+            return jax.jit(fn)(q, k, v, key_mask, kv_lengths)
         return call
 
     try:
