@@ -19,8 +19,9 @@ from mm_jax import parallel  # noqa: E402
 from mm_jax.models.dit import CogVideoXTransformer3D, DiTConfig  # noqa: E402
 from mm_jax.models.id_adapter import AdapterConfig, MagicMirrorAdapter  # noqa: E402
 
-CASES = [("context=8", "ring"), ("context=8", "ulysses"), ("data=2,context=4", "ulysses"),
-         ("data=2,context=4", "ring"), ("data=2,context=2,tensor=2", "ulysses"), ("data=2,context=2,tensor=2", "ring")]
+# each scheme on the whole mesh as context, and beside the CFG pair on data and heads on tensor
+CASES = [("context=8", "ring"), ("context=8", "ulysses"), ("data=2,context=2,tensor=2", "ulysses"),
+         ("data=2,context=2,tensor=2", "ring")]
 
 
 def models(parallelism=None):
@@ -38,7 +39,7 @@ def models(parallelism=None):
     return dit, ad
 
 
-@nnx.jit
+@jax.jit
 def forward(dit, ad, lat, text, t, clip, e_id, has_id):
     x_id, x_face = ad.encode(clip, e_id)
     fused = ad.fuse(text, x_id, jnp.full((text.shape[0],), 2))
@@ -61,8 +62,9 @@ def main() -> int:
             nnx.update(a8, nnx.state(ad))
             parallel.shard_module(d8, mesh)
             parallel.shard_module(a8, mesh)
-            out = np.asarray(forward(d8, a8, *args))
-            hlo = forward.lower(d8, a8, *args).compile().as_text()
+            compiled = forward.lower(d8, a8, *args).compile()  # compiled once, run and read
+            out = np.asarray(compiled(d8, a8, *args))
+            hlo = compiled.as_text()
         op = {"ulysses": "all-to-all", "ring": "collective-permute"}[scheme]
         assert op in hlo, f"{spec} {scheme}: no {op} in the compiled program: the sequence was not split"
         err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
