@@ -146,8 +146,26 @@ def _cudnn(q, k, v, key_mask, kv_lengths, scale):
     if key_mask is not None:
         raise ValueError("the cuDNN kernel takes masks as per-row key lengths (kv_lengths), not a (B, T) key mask: "
                          "order the keys so that the masked ones are a suffix")
+    s = q.shape[1]
+    q, k, v, lengths = even_lengths(q, k, v, kv_lengths)
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths, implementation="cudnn")
+    return out[:, :s]
+
+
+def even_lengths(q, k, v, kv_lengths):
+    """Pad odd query / key lengths by one: jax 0.10.2's cuDNN check refuses odd lengths in training
+    ("Unsupported sequence length Q 2, KV 259": it takes its own no-bias placeholder for a bias),
+    which the perceivers' [face features, queries] keys always are (257 + N). The padded key is
+    hidden by the key lengths and the padded query row is dropped by the caller: exact."""
+    b, s, t = q.shape[0], q.shape[1], k.shape[1]
     lengths = None if kv_lengths is None else kv_lengths.astype(jnp.int32)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths, implementation="cudnn")
+    if t % 2:
+        pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+        lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths
+    if s % 2:
+        q = jnp.pad(q, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    return q, k, v, lengths
 
 
 def chunked_attention(q, k, v, key_mask=None, scale=None, *, block_q: int = 512):
