@@ -19,9 +19,9 @@ from mm_jax import parallel  # noqa: E402
 from mm_jax.models.dit import CogVideoXTransformer3D, DiTConfig  # noqa: E402
 from mm_jax.models.id_adapter import AdapterConfig, MagicMirrorAdapter  # noqa: E402
 
-# each scheme on the whole mesh as context, and beside the CFG pair on data and heads on tensor
-CASES = [("context=8", "ring"), ("context=8", "ulysses"), ("data=2,context=2,tensor=2", "ulysses"),
-         ("data=2,context=2,tensor=2", "ring")]
+# each scheme on the whole mesh as context, beside the CFG pair on data, and with heads on tensor
+CASES = [("context=8", "ring"), ("context=8", "ulysses"), ("data=2,context=4", "ulysses"), ("data=2,context=4", "ring"),
+         ("data=2,context=2,tensor=2", "ulysses"), ("data=2,context=2,tensor=2", "ring")]
 
 
 def models(parallelism=None):
