@@ -57,7 +57,8 @@ def plan(target: str | Target, workload: str, *, mesh: str | None = None, models
          hbm_fraction: float = DEFAULT_HBM_FRACTION, only: tuple[str, ...] | None = None,
          devices: list | None = None, log=None) -> Plan:
     """Compile every phase of ``workload`` (or the ``only`` ones) for ``target`` on ``mesh``
-    ("data=..,fsdp=..,tensor=.."; default: every device on fsdp). ``devices``: compile for these
+    ("data=..,fsdp=..,context=..,tensor=.."; default: the sampler's mesh for ``sample``, every
+    device on fsdp for training). ``devices``: compile for these
     attached devices (e.g. ``jax.devices()`` on the TPU itself) instead of the target's
     compile-only ones. Bad input (target, mesh, sizes, a missing compiler plugin) raises a
     ValueError naming it before anything compiles; a phase that fails to compile is reported in
@@ -78,7 +79,7 @@ def plan(target: str | Target, workload: str, *, mesh: str | None = None, models
             raise ValueError(f"phases {unknown} are not phases of {workload}; its phases: "
                              f"{', '.join(p.name for p in todo)}")
         todo = [p for p in todo if p.name in only]
-    m = aot.make_mesh(t, mesh, devices)
+    m = aot.make_mesh(t, mesh, devices, workload)
     results = []
     with aot.counting_kernels():
         for ph in todo:

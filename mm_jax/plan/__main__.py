@@ -44,8 +44,9 @@ def build_parser():
     ap.add_argument("--workload", action="append", metavar="W",
                     help=f"{' | '.join(WORKLOADS)} (repeatable with --table; default there: all)")
     ap.add_argument("--mesh", default=None, metavar="SPEC",
-                    help="e.g. data=1,fsdp=4,tensor=2; its product must be the target's device count "
-                         "(default: every device on fsdp, as the trainer and the sampler)")
+                    help="e.g. data=2,context=4 or fsdp=4,tensor=2; its product must be the target's device "
+                         "count (default: the sampler's mesh for sample (CFG on data=2, then context; fsdp x "
+                         "tensor below 15 GiB per device), every device on fsdp for training, as the trainer)")
     ap.add_argument("--frames", type=int, default=None, help="default: 49 (sample, train-video), 1 (train-image)")
     ap.add_argument("--height", type=int, default=None, help="default: 480")
     ap.add_argument("--width", type=int, default=None, help="default: 720")

@@ -51,13 +51,20 @@ class MeshError(ValueError):
     """A mesh that does not fit the target."""
 
 
-def make_mesh(target: Target, spec: str | None = None, devices: list | None = None):
-    """A (data, fsdp, tensor) mesh over the target's compile-only devices; ``spec`` like
-    "data=1,fsdp=2,tensor=4" (default: every device on fsdp, as the trainer and sampler do)."""
+def make_mesh(target: Target, spec: str | None = None, devices: list | None = None, workload: str = "sample"):
+    """A (data, fsdp, context, tensor) mesh over the target's compile-only devices; ``spec`` like
+    "data=1,fsdp=2,tensor=4". Default: the sampler's (``parallel.sampling_mesh_shape`` for the
+    target's device count and HBM: CFG on data, then context) for ``sample``, the trainer's (every
+    device on fsdp) for training."""
     from mm_jax import parallel
     from mm_jax.plan import targets
 
-    shape = parallel.parse_mesh_spec(spec) if spec else parallel.default_mesh_shape(target.devices)
+    if spec:
+        shape = parallel.parse_mesh_spec(spec)
+    elif workload == "sample":
+        shape = parallel.sampling_mesh_shape(target.devices, target.hbm_bytes)
+    else:
+        shape = parallel.default_mesh_shape(target.devices)
     n = math.prod(shape.values())
     if n != target.devices:
         full = ",".join(f"{a}={shape.get(a, 1)}" for a in parallel.MESH_AXES)
