@@ -9,7 +9,7 @@ their shardings, modules with such leaves) for the mesh's compile-only devices a
 per-device memory plan, XLA's operation count, the attention-kernel FLOPs XLA cannot see, the
 collectives of the compiled HLO, and the seconds it took.
 
-What each number is (the last three read from the optimized, SPMD-partitioned HLO with
+What each number is (all but the bytes read from the optimized, SPMD-partitioned HLO with
 ``mm_jax.plan.hlo``, where every instruction counts as often as its computation runs per step: a
 ``while`` body its trip count, nested loops multiplied. XLA's own ``cost_analysis()`` counts a loop
 body once, so for the models' scanned layers it reads low by about the layer count):
@@ -20,7 +20,9 @@ body once, so for the models' scanned layers it reads low by about the layer cou
 * ``xla_flops``: the FLOPs of XLA's own matrix ops per device: 2 x multiply-adds of every ``dot``
   and ``convolution`` (also inside fusions; XLA:TPU writes most dots as convolutions) and every
   cuBLAS GEMM / cuDNN convolution custom call XLA:GPU made of one, convolutions counted as XLA's
-  cost model does (window positions on padding or between dilated inputs skipped). Elementwise
+  cost model does (window positions on padding or between dilated inputs skipped; where the
+  compiler pads the input explicitly, e.g. XLA:GPU for a transposed convolution, the convolution
+  computes on those zeros and they count). Elementwise
   ops, reductions and transcendentals are not counted (a few % of these models' FLOPs, and not
   matrix-unit work), nor are the attention kernels, which are custom calls XLA cannot see into.
 * ``kernel_flops``: those kernels' FLOPs, per device: every splash (Mosaic ``tpu_custom_call``) or
