@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -26,7 +27,7 @@ from mm_jax.models.dit import DiTConfig
 from mm_jax.models.t5 import T5Config
 from mm_jax.models.vae import VAEConfig
 from mm_jax.plan import __main__ as cli
-from mm_jax.plan import aot, report, targets
+from mm_jax.plan import aot, hlo, report, targets
 from mm_jax.training.models import adapter_config
 
 pytestmark = pytest.mark.skipif(not targets.libtpu_installed(), reason="libtpu missing: the test extra installs it")
@@ -36,10 +37,10 @@ D, HEADS, DH, T_EMB, T_TEXT = 256, 2, 128, 128, 256   # DiT width = HEADS * DH; 
 PATCH, C_LAT = 2, 16
 
 
-def tiny_models() -> planner.Models:
+def tiny_models(layers: int = 2) -> planner.Models:
     dit = DiTConfig(num_attention_heads=HEADS, attention_head_dim=DH, in_channels=C_LAT, out_channels=C_LAT,
-                    num_layers=2, patch_size=PATCH, text_embed_dim=T_TEXT, time_embed_dim=T_EMB, sample_width=8,
-                    sample_height=8, sample_frames=9)
+                    num_layers=layers, patch_size=PATCH, text_embed_dim=T_TEXT, time_embed_dim=T_EMB,
+                    sample_width=8, sample_height=8, sample_frames=9)
     t5 = T5Config(vocab_size=256, d_model=T_TEXT, d_kv=1, num_heads=256, d_ff=512, num_layers=2)
     vae = VAEConfig(latent_channels=C_LAT, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
                     sample_height=64, sample_width=64)
@@ -157,15 +158,32 @@ def test_the_identity_step_compiles_with_splash_on_a_2x2_mesh_with_tensor_2_and_
 
 
 def test_train_step_counts_each_kernel_call_with_its_remat_recompute_and_backward():
-    p = _plan("v5e-1", "train-video", only=None, precomputed="all")
-    c = p.phases[0].compiled
-    assert c is not None, p.phases[0].error
-    k = c.kernels
-    # DiT blocks under remat "full": forward, recomputed forward, backward; adapter perceivers: forward, backward
-    assert k["splash forward B2 S64 T64 N2 Dh128 /1"] == 2 and k["splash backward B2 S64 T64 N2 Dh128 /1"] == 1
-    assert k["splash forward B2 S68 T68 N2 Dh128 /1"] == 2 and k["splash backward B2 S68 T68 N2 Dh128 /1"] == 1
-    assert k["splash forward B2 S2 T259 N2 Dh16 /1"] == 1 and k["splash backward B2 S2 T259 N2 Dh16 /1"] == 1
-    assert c.alias_bytes > 0  # the adapter's params and optimizer state are donated
+    """The kernel calls of the compiled step, scanned DiT blocks counted per iteration: each DiT
+    block (all carry the face tokens: S = 16 text + 48 video + 4 face) one forward and one
+    backward, plus the forward remat "full" recomputes in the backward pass; each adapter
+    perceiver one forward and one backward. 4 blocks, so the scanned DiT stays a loop (of 2 groups
+    of [adapter block, plain block]): XLA inlines a loop of one iteration, and then merges the
+    remat recompute with the forward it repeats. The unrolled DiT compiles to the same calls and
+    the same XLA FLOPs."""
+    def step(scan):  # ~40 s a compile: remat "none" (one forward per block) is left out
+        train = planner.TrainSettings(batch=2, frames=9, height=64, width=64, text_length=16, precomputed="all",
+                                      remat="full")
+        p = planner.plan("v5e-1", "train-video", models=tiny_models(layers=4).with_dit({"scan_layers": scan}),
+                         train=train)
+        assert p.phases[0].compiled is not None, p.phases[0].error
+        return p.phases[0].compiled
+
+    scanned, unrolled = step("true"), step("false")
+    want = {"splash forward B2 S68 T68 N2 Dh128 /1": 2 * 4, "splash backward B2 S68 T68 N2 Dh128 /1": 4,
+            "splash forward B2 S2 T259 N2 Dh16 /1": 1, "splash backward B2 S2 T259 N2 Dh16 /1": 1,
+            "splash forward B2 S4 T261 N2 Dh16 /1": 1, "splash backward B2 S4 T261 N2 Dh16 /1": 1}
+    assert scanned.kernels == unrolled.kernels == want, (scanned.kernels, unrolled.kernels)
+    assert scanned.kernel_flops == unrolled.kernel_flops
+    assert abs(scanned.xla_flops - unrolled.xla_flops) <= 0.01 * unrolled.xla_flops, (scanned.xla_flops,
+                                                                                       unrolled.xla_flops)
+    assert not scanned.uncounted
+    assert scanned.alias_bytes > 0  # the adapter's params and optimizer state are donated
+    c = scanned
     assert c.peak_bytes == c.argument_bytes + c.output_bytes + c.temp_bytes - c.alias_bytes
 
 
@@ -180,14 +198,14 @@ def test_identity_step_compiles_with_cudnn_for_an_h100():
     c = plain.phases[0].compiled
     assert c is not None, plain.phases[0].error
     assert c.kernels == {"cudnn forward B2 S64 T64 N2 Dh128 /1": 2}
-    # XLA's cost model runs on the module although the plugin's executable reports no cost analysis
+    # XLA FLOPs from the optimized HLO, the scanned blocks' loop body counted per iteration
     want = _analytic_denoise_flops(adapter_blocks=0)
     assert abs(c.flops - want) <= 0.05 * want, (c.flops, c.xla_flops, c.kernel_flops, want)
     ident = _plan("h100x1")
     assert ident.phases[0].compiled is not None, ident.phases[0].error
 
 
-# -- collectives ------------------------------------------------------------------------------
+# -- the compiled HLO -------------------------------------------------------------------------
 
 HLO = """HloModule m
 
@@ -214,6 +232,101 @@ def test_collectives_are_counted_per_execution_with_result_bytes_and_loop_trip_c
     assert got == {"all-gather": {"count": 42, "bytes": 42 * 8 * 128 * 2}, "all-reduce": {"count": 42, "bytes": 42 * 64},
                    "reduce-scatter": {"count": 1, "bytes": 2 * 64 * 4}, "collective-permute": {"count": 1,
                                                                                              "bytes": 8 * 128 * 2}}
+
+
+# XLA:TPU's form: no known_trip_count on the loop (derived: i = 0; i < 5; i += 1, the compare
+# fused), dots written as convolutions, a splash kernel's custom call printed over three lines
+HLO_TPU = """HloModule t
+
+%fused_conv (param_0: f32[8,256], param_1: bf16[256,256]) -> f32[8,256] {
+  %param_0 = f32[8,256]{1,0:T(8,128)} parameter(0)
+  %param_1 = bf16[256,256]{1,0:T(8,128)(2,1)} parameter(1)
+  ROOT %convolution.5 = f32[8,256]{1,0:T(8,128)} convolution(%param_0, %param_1), dim_labels=bf_io->bf
+}
+
+%body (arg: (s32[], f32[8,256], bf16[256,256])) -> (s32[], f32[8,256], bf16[256,256]) {
+  %arg = (s32[]{:T(128)}, f32[8,256]{1,0:T(8,128)}, bf16[256,256]{1,0:T(8,128)(2,1)}) parameter(0)
+  %gte.0 = s32[]{:T(128)} get-tuple-element(%arg), index=0
+  %copy.2 = s32[]{:T(128)S(6)} copy(%gte.0)
+  %one = s32[]{:T(128)} constant(1)
+  %add.2 = s32[]{:T(128)} add(%copy.2, %one)
+  %gte.1 = f32[8,256]{1,0:T(8,128)} get-tuple-element(%arg), index=1
+  %gte.2 = bf16[256,256]{1,0:T(8,128)(2,1)} get-tuple-element(%arg), index=2
+  %fusion.1 = f32[8,256]{1,0:T(8,128)} fusion(%gte.1, %gte.2), kind=kOutput, calls=%fused_conv
+  %splash_mha_fwd.1 = (f32[2,128,128]{2,1,0}, bf16[2,2,128,128]{3,2,1,0}) custom-call(%gte.1), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+"xprof_metadata":"{\\"block_q\\": 128}"
+}}, metadata={op_name="jit(f)/while/body/jit(mm_attention__splash__2_68_68_2_128__1)/splash_mha_fwd/pallas_call"}
+  %ag = f32[16,256]{1,0} all-gather(%fusion.1), dimensions={0}
+  ROOT %tuple.1 = (s32[]{:T(128)}, f32[8,256]{1,0:T(8,128)}, bf16[256,256]{1,0:T(8,128)(2,1)}) tuple(%add.2, %fusion.1, %gte.2)
+}
+
+%fused_compare (param_0.1: s32[]) -> pred[] {
+  %param_0.1 = s32[] parameter(0)
+  %five = s32[] constant(5)
+  ROOT %lt = pred[] compare(%param_0.1, %five), direction=LT
+}
+
+%cond (arg.1: (s32[], f32[8,256], bf16[256,256])) -> pred[] {
+  %arg.1 = (s32[]{:T(128)}, f32[8,256]{1,0:T(8,128)}, bf16[256,256]{1,0:T(8,128)(2,1)}) parameter(0)
+  %gte.3 = s32[]{:T(128)} get-tuple-element(%arg.1), index=0
+  ROOT %cmp = pred[] fusion(%gte.3), kind=kLoop, calls=%fused_compare
+}
+
+ENTRY %main (x: f32[8,256], w: bf16[256,256], v: f32[256,16], img: f32[1,4,4,3], k: f32[3,3,3,2]) -> f32[8,16] {
+  %x = f32[8,256]{1,0} parameter(0)
+  %w = bf16[256,256]{1,0} parameter(1)
+  %v = f32[256,16]{1,0} parameter(2)
+  %img = f32[1,4,4,3]{3,2,1,0} parameter(3)
+  %k = f32[3,3,3,2]{3,2,1,0} parameter(4)
+  %zero = s32[] constant(0)
+  %i0 = s32[] copy(%zero)
+  %t = (s32[], f32[8,256]{1,0}, bf16[256,256]{1,0}) tuple(%i0, %x, %w)
+  %while.1 = (s32[], f32[8,256]{1,0}, bf16[256,256]{1,0}) while(%t), condition=%cond, body=%body
+  %h = f32[8,256]{1,0} get-tuple-element(%while.1), index=1
+  %conv = f32[1,4,4,2]{3,2,1,0} convolution(%img, %k), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f
+  %splash_mha_dq.1 = bf16[2,2,128,128]{3,2,1,0} custom-call(%h), custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/transpose(jvp())/jit(mm_attention__splash__2_68_68_2_128__1)/splash_mha_dq/pallas_call"}
+  %splash_mha_dkv.1 = bf16[2,2,128,128]{3,2,1,0} custom-call(%h), custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/transpose(jvp())/jit(mm_attention__splash__2_68_68_2_128__1)/splash_mha_dkv/pallas_call"}
+  ROOT %dot = f32[8,16]{1,0} dot(%h, %v), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+
+
+def test_hlo_counts_loop_bodies_per_iteration_with_the_trip_count_derived_from_the_loop():
+    m = hlo.Module(HLO_TPU)
+    assert m.trip_count(m.instrs["while.1"]) == 5 and not m.unknown_loops
+    # the body's dot-as-convolution 5 times, the entry's dot once, the 3x3 "same" convolution
+    # over 4x4 (10 of 12 window positions per axis land on the image): 3 in x 2 out x 100
+    assert m.flops() == 5 * 2 * 8 * 256 * 256 + 2 * 8 * 16 * 256 + 2 * 3 * 2 * 100
+    assert m.collectives() == {"all-gather": {"count": 5, "bytes": 5 * 16 * 256 * 4}}
+    # the instruction after the three-line custom call is read; a backward's dq and dkv are one call
+    assert m.kernel_calls(aot.MARK) == {("mm_attention__splash__2_68_68_2_128__1", "forward"): 5,
+                                        ("mm_attention__splash__2_68_68_2_128__1", "backward"): 1}
+
+
+def _scan_and_unrolled(target):
+    """XLA FLOPs of 4 layers of (8, 256) @ (256, 256) under lax.scan and unrolled."""
+    t = targets.get(target)
+    mesh = aot.make_mesh(t)
+
+    def scanned(x, w):
+        return jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, w)[0]
+
+    def unrolled(x, w):
+        for i in range(w.shape[0]):
+            x = jnp.tanh(x @ w[i])
+        return x
+
+    args = (aot.replicated(mesh, (8, 256), jnp.float32), aot.replicated(mesh, (4, 256, 256), jnp.float32))
+    return [aot.compile(jax.jit(f), args, mesh).xla_flops for f in (scanned, unrolled)]
+
+
+@pytest.mark.parametrize("target", ["v5e-1", "h100x1"])
+def test_xla_flops_count_every_iteration_of_a_scanned_loop(target):
+    if targets.get(target).is_gpu and not targets.cuda_plugin_installed():
+        pytest.skip("the CUDA plugin is not installed (pip install -e '.[cuda12]'); this path did not run")
+    scanned, unrolled = _scan_and_unrolled(target)
+    want = 4 * 2 * 8 * 256 * 256
+    assert abs(scanned - unrolled) <= 0.01 * unrolled and abs(unrolled - want) <= 0.01 * want, (scanned, unrolled)
 
 
 # -- the CLI ----------------------------------------------------------------------------------

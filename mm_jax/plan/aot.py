@@ -9,37 +9,51 @@ their shardings, modules with such leaves) for the mesh's compile-only devices a
 per-device memory plan, XLA's operation count, the attention-kernel FLOPs XLA cannot see, the
 collectives of the compiled HLO, and the seconds it took.
 
-What each number is:
+What each number is (all but the bytes read from the optimized, SPMD-partitioned HLO with
+``mm_jax.plan.hlo``, where every instruction counts as often as its computation runs per step: a
+``while`` body its trip count, nested loops multiplied. XLA's own ``cost_analysis()`` counts a loop
+body once, so for the models' scanned layers it reads low by about the layer count):
 
 * bytes (``compiled.memory_analysis()``, per device): arguments, outputs, temporaries, and the
   output bytes that alias a donated argument. **peak = arguments + outputs + temporaries - aliased**
   (a donated buffer is counted once). Generated code is reported apart and not in the peak.
-* ``xla_flops``: ``cost_analysis()["flops"]`` of the SPMD-partitioned module (per device). It does
-  not count custom calls: the splash (Pallas/Mosaic) and cuDNN attention kernels.
-* ``kernel_flops``: those kernels' FLOPs, per device, from the shapes the model passes to
-  ``mm_jax.models.layers.attention`` (see ``counting_kernels``): 4·B·N·S·T·Dh per forward call
-  (QK^T and PV), 2.5x that per backward call; S and T are the unpadded query and key lengths
-  (splash pads them to its block and the head dim 64 to 128: that padding is not counted), masked
-  keys are counted (the kernel computes them). Divided over the devices that split q by the
+* ``xla_flops``: the FLOPs of XLA's own matrix ops per device: 2 x multiply-adds of every ``dot``
+  and ``convolution`` (also inside fusions; XLA:TPU writes most dots as convolutions) and every
+  cuBLAS GEMM / cuDNN convolution custom call XLA:GPU made of one, convolutions counted as XLA's
+  cost model does (window positions on padding or between dilated inputs skipped; where the
+  compiler pads the input explicitly, e.g. XLA:GPU for a transposed convolution, the convolution
+  computes on those zeros and they count). Elementwise
+  ops, reductions and transcendentals are not counted (a few % of these models' FLOPs, and not
+  matrix-unit work), nor are the attention kernels, which are custom calls XLA cannot see into.
+* ``kernel_flops``: those kernels' FLOPs, per device: every splash (Mosaic ``tpu_custom_call``) or
+  cuDNN (``__cudnn$fmha*``) custom call the compiled program runs, identified by the name of the
+  ``jit`` wrapper ``counting_kernels`` puts around the call, which survives in the custom call's
+  ``op_name`` metadata (``KernelCall.name``: the shapes the model passed to
+  ``mm_jax.models.layers.attention``). 4·B·N·S·T·Dh per forward call (QK^T and PV), 2.5x that per
+  backward (splash's backward is a ``dq`` and a ``dkv`` kernel: counted once; cuDNN's is one
+  ``...Backward`` call); a remat recompute is a forward. S and T are the unpadded query and key
+  lengths (splash pads them to its block and the head dim 64 to 128: that padding is not counted),
+  masked keys are counted (the kernel computes them). Divided over the devices that split q by the
   activation rule ``("batch", "seq", "act_heads")`` of ``mm_jax.parallel`` (what splash's
-  ``shard_map`` uses).
+  ``shard_map`` uses); a call inside ``shard_map`` already holds one device's shard.
 * collectives: every all-reduce, all-gather, reduce-scatter, all-to-all and collective-permute
-  (``-start`` forms included, ``-done`` not) in the compiled HLO, times how often the computation
-  holding it runs (while loops with a known trip count multiply); bytes = the op's result size per
-  device.
+  (``-start`` forms included, ``-done`` not), times how often it runs; bytes = the op's result size
+  per device.
+* ``uncounted``: what the numbers above miss: loops whose trip count could not be derived
+  (counted once) and attention kernels with no mark (their FLOPs are not counted).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
-import re
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
+from mm_jax.plan import hlo
 from mm_jax.plan.targets import Target
 
 KERNEL_IMPLS = ("splash", "cudnn")   # attention implementations that are custom calls to XLA
@@ -114,9 +128,11 @@ class KernelCall:
 def counting_kernels():
     """While active, the custom-call attention kernels of ``mm_jax.models.layers.ATTENTION_IMPLS``
     run inside a ``jax.jit`` named after the call's shapes (``KernelCall.name``): the same kernel
-    and the same compiled program (XLA inlines the call), but each call, its recomputation under
-    remat and its transpose under autodiff appear as a named equation in the traced jaxpr, which
-    ``kernel_counts`` reads with multiplicities. Yields nothing; restores the registry on exit."""
+    and the same compiled program (XLA inlines the call), but the name stays in the ``op_name``
+    metadata of the kernel's custom calls in the optimized HLO (the call, its recomputation under
+    remat, its transpose under autodiff), which ``kernel_counts`` reads. Counting the compiled
+    program, not the traced jaxpr, matters: under ``scan`` and autodiff the jaxpr keeps copies of
+    the forward call that XLA removes as dead code. Yields nothing; restores the registry on exit."""
     from mm_jax import parallel
     from mm_jax.models import layers
 
@@ -149,53 +165,17 @@ def counting_kernels():
         layers.ATTENTION_IMPLS.update(saved)
 
 
-def _subjaxprs(eqn):
-    for p in eqn.params.values():
-        for sub in (p if isinstance(p, (tuple, list)) else [p]):
-            j = getattr(sub, "jaxpr", sub)
-            if hasattr(j, "eqns"):
-                yield j
-
-
-def _kernel_names(jaxpr) -> set[str]:
-    """Names of the kernels inside a jaxpr: Pallas calls' kernel names, other primitives' names."""
-    names = set()
-    for e in jaxpr.eqns:
-        names.add(e.primitive.name)
-        if e.params.get("name"):
-            names.add(str(e.params["name"]))
-        for sub in _subjaxprs(e):
-            names |= _kernel_names(sub)
-    return names
-
-
-def _is_backward(jaxpr) -> bool:
-    """Whether a marked call's body is a transpose: it runs the kernels' backward (splash's
-    ``splash_mha_dq_*`` / ``splash_mha_dkv_*`` Pallas calls, cuDNN's ``*_bwd`` custom call), not
-    their forward (``splash_mha_fwd_*``, ``*_fwd``)."""
-    return any(re.search(r"_dq|dkv|bwd|backward", n) for n in _kernel_names(getattr(jaxpr, "jaxpr", jaxpr)))
-
-
-def kernel_counts(jaxpr) -> dict[tuple[KernelCall, str], int]:
-    """{(call, "forward" | "backward"): executions} of the marked attention calls in a traced
-    jaxpr; a call inside ``scan`` counts ``length`` times (nested scans multiply)."""
-    out: dict[tuple[KernelCall, str], int] = {}
-
-    def walk(j, mult):
-        for e in j.eqns:
-            name = str(e.params.get("name", ""))
-            if name.startswith(MARK):
-                if e.outvars:  # partial evaluation leaves empty shells behind
-                    body = e.params["jaxpr"]
-                    key = (KernelCall.parse(name), "backward" if _is_backward(body) else "forward")
-                    out[key] = out.get(key, 0) + mult
-                continue
-            m = mult * int(e.params["length"]) if e.primitive.name == "scan" else mult
-            for sub in _subjaxprs(e):
-                walk(sub, m)
-
-    walk(getattr(jaxpr, "jaxpr", jaxpr), 1)
-    return out
+def kernel_counts(module: hlo.Module) -> tuple[dict[tuple[KernelCall, str], int], list[str]]:
+    """{(call, "forward" | "backward"): executions per run} of the marked attention kernels in the
+    compiled program, and the kernels with no mark."""
+    counts, unmarked = {}, []
+    for (name, direction), n in module.kernel_calls(MARK).items():
+        if name.startswith(MARK):
+            key = (KernelCall.parse(name), direction)
+            counts[key] = counts.get(key, 0) + n
+        else:
+            unmarked.append(f"{name} ({direction}) x{n}: FLOPs not counted")
+    return counts, unmarked
 
 
 def kernel_flops(counts: dict[tuple[KernelCall, str], int]) -> float:
@@ -204,81 +184,10 @@ def kernel_flops(counts: dict[tuple[KernelCall, str], int]) -> float:
 
 # -- collectives ------------------------------------------------------------------------------
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-                "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1}
-_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
-_OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_CALLS = re.compile(r"\b(body|condition|to_apply|calls|branch_computations|called_computations)="
-                    r"(\{[^}]*\}|%?[\w.\-]+)")
-
-
-def _shape_bytes(text: str) -> int:
-    return sum(_DTYPE_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in _SHAPE.findall(text))
-
-
-def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
-    comps, entry, cur = {}, "", None
-    for line in hlo.splitlines():
-        m = _COMP.match(line)
-        if m and not line.startswith(" "):
-            cur = m.group(1)
-            comps[cur] = []
-            if line.startswith("ENTRY"):
-                entry = cur
-        elif cur is not None:
-            if line.startswith("}"):
-                cur = None
-            else:
-                comps[cur].append(line)
-    return comps, entry
-
-
-def _multiplicities(comps: dict[str, list[str]], entry: str) -> dict[str, int]:
-    """How many times each computation runs per execution of the entry computation."""
-    mult: dict[str, int] = {}
-
-    def visit(name, m, depth=0):
-        if name not in comps or depth > 64:
-            return
-        mult[name] = mult.get(name, 0) + m
-        for line in comps[name]:
-            trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-            for kind, target in _CALLS.findall(line):
-                for callee in re.findall(r"%?([\w.\-]+)", target):
-                    visit(callee, m * (int(trip.group(1)) if (trip and kind == "body") else 1), depth + 1)
-
-    visit(entry, 1)
-    return mult
-
-
-def collectives(hlo: str) -> dict[str, dict[str, int]]:
+def collectives(text: str) -> dict[str, dict[str, int]]:
     """{kind: {"count": executions, "bytes": result bytes per device summed over executions}} of the
-    compiled (per-device) HLO text."""
-    comps, entry = _computations(hlo)
-    mult = _multiplicities(comps, entry) if entry else {}
-    out: dict[str, dict[str, int]] = {}
-    for name, lines in comps.items():
-        m = mult.get(name, 0)
-        if not m:
-            continue
-        for line in lines:
-            op = _OP.match(line)
-            if not op:
-                continue
-            shape, kind, start = op.group(1), op.group(2), op.group(3)
-            if start and shape.startswith("(") and kind in ("all-gather", "collective-permute", "all-to-all"):
-                # async form: (operands..., results..., [context]) -> the results are the second half
-                parts = _SHAPE.findall(shape)
-                parts = parts[len(parts) // 2:] if len(parts) >= 2 else parts
-                nbytes = sum(_DTYPE_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in parts)
-            else:
-                nbytes = _shape_bytes(shape)
-            d = out.setdefault(kind, {"count": 0, "bytes": 0})
-            d["count"] += m
-            d["bytes"] += m * nbytes
-    return out
+    compiled (per-device) HLO text (``hlo.Module.collectives``)."""
+    return hlo.Module(text).collectives()
 
 
 # -- compile ----------------------------------------------------------------------------------
@@ -297,6 +206,7 @@ class Compiled:
     collectives: dict
     lower_seconds: float
     compile_seconds: float
+    uncounted: list = dataclasses.field(default_factory=list)
 
     @property
     def peak_bytes(self) -> int:
@@ -307,41 +217,27 @@ class Compiled:
         return self.xla_flops + self.kernel_flops
 
 
-def _xla_flops(compiled, platform: str) -> float:
-    if platform in ("gpu", "cuda"):  # the CUDA plugin's executables report none; XLA's cost model still runs
-        from jax._src.lib import _jax
-
-        module = compiled._executable.xla_extension_executable().hlo_modules()[0]
-        cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
-    else:
-        cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    flops = float((cost or {}).get("flops", 0.0))
-    return max(flops, 0.0)  # a module of custom calls only reports -1
-
-
 def compile(fn, args: tuple, mesh) -> Compiled:
     """Trace, lower and compile the jitted ``fn`` on abstract ``args`` under ``mesh`` (the mesh is
     also set while tracing, so the model's sharding constraints and kernels see the target).
     Call inside ``counting_kernels()`` to get ``kernel_flops``."""
-    platform = np.asarray(mesh.devices).flat[0].platform
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        traced = fn.trace(*args)
-        counts = kernel_counts(traced.jaxpr)
-        lowered = traced.lower()
+        lowered = fn.trace(*args).lower()
         t1 = time.perf_counter()
         compiled = lowered.compile()
     t2 = time.perf_counter()
     mem = compiled.memory_analysis()
+    module = hlo.Module(compiled.as_text())
+    counts, unmarked = kernel_counts(module)
     return Compiled(
         argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
         alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
         generated_code_bytes=int(mem.generated_code_size_in_bytes),
-        xla_flops=_xla_flops(compiled, platform), kernel_flops=kernel_flops(counts),
+        xla_flops=module.flops(), kernel_flops=kernel_flops(counts),
         kernels={f"{c.impl} {d} B{c.b} S{c.s} T{c.t} N{c.n} Dh{c.dh} /{c.shards}": n for (c, d), n in counts.items()},
-        collectives=collectives(compiled.as_text()), lower_seconds=t1 - t0, compile_seconds=t2 - t1)
+        collectives=module.collectives(), lower_seconds=t1 - t0, compile_seconds=t2 - t1,
+        uncounted=[f"loop {w}: trip count unknown, counted once" for w in module.unknown_loops] + unmarked)
 
 
 def arg_bytes(tree: Any) -> int:

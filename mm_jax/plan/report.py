@@ -6,7 +6,7 @@ JSON (other scripts read it; the names below are kept)::
      "phases": [{"name", "argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "peak_bytes",
                  "hbm_bytes", "usable_bytes", "fits", "margin_bytes", "flops", "xla_flops",
                  "kernel_flops", "ideal_seconds", "runs", "compile_seconds" (= "lower_seconds": trace +
-                 lower, + "xla_compile_seconds"), "collectives", "kernels", "error"}]}
+                 lower, + "xla_compile_seconds"), "collectives", "kernels", "uncounted", "error"}]}
 
 Phase names: ``text_encoder``, ``denoise``, ``vae_decode`` (workload ``sample``), ``train_step``
 (``train-image``, ``train-video``). Bytes and FLOPs are per device; ``fits`` is
@@ -81,7 +81,8 @@ class Plan:
                 d.update({k: None for k in ("argument_bytes", "temp_bytes", "output_bytes", "alias_bytes",
                                             "generated_code_bytes", "peak_bytes", "margin_bytes", "flops",
                                             "xla_flops", "kernel_flops", "ideal_seconds", "compile_seconds",
-                                            "lower_seconds", "xla_compile_seconds", "collectives", "kernels")})
+                                            "lower_seconds", "xla_compile_seconds", "collectives", "kernels",
+                                            "uncounted")})
             else:
                 d.update(argument_bytes=c.argument_bytes, temp_bytes=c.temp_bytes, output_bytes=c.output_bytes,
                          alias_bytes=c.alias_bytes, generated_code_bytes=c.generated_code_bytes,
@@ -89,7 +90,7 @@ class Plan:
                          xla_flops=c.xla_flops, kernel_flops=c.kernel_flops, ideal_seconds=self.ideal_seconds(p),
                          compile_seconds=c.lower_seconds + c.compile_seconds, lower_seconds=c.lower_seconds,
                          xla_compile_seconds=c.compile_seconds,
-                         collectives=c.collectives, kernels=c.kernels)
+                         collectives=c.collectives, kernels=c.kernels, uncounted=c.uncounted)
             phases.append(d)
         t = self.target
         return {"target": t.name, "workload": self.workload, "mesh": self.mesh, "settings": self.settings,
@@ -132,6 +133,8 @@ class Plan:
                 if p.compiled.kernels:
                     lines.append("    attention kernels (calls per run): " + ", ".join(
                         f"{k} x{n}" for k, n in sorted(p.compiled.kernels.items())))
+                for note in p.compiled.uncounted:
+                    lines.append(f"    NOT COUNTED: {note}")
             else:
                 lines.append(f"    error: {p.error}")
         total = self.ideal_seconds_per_unit()

@@ -176,8 +176,11 @@ def libtpu_installed() -> bool:
 def cuda_plugin_installed() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None and \
-        importlib.util.find_spec("nvidia.cudnn") is not None
+    try:  # find_spec of a submodule raises when its package (jax_plugins, nvidia) is missing
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None and \
+            importlib.util.find_spec("nvidia.cudnn") is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def table_markdown() -> str:
