@@ -3,7 +3,7 @@ TPU slice or GPU node, compiled on this host without the hardware.
 
     python -m mm_jax.plan --target v5e-1 --workload sample
     python -m mm_jax.plan --target h100x8 --workload train-video --mesh data=2,fsdp=4 --batch 16 --json plan.json
-    python -m mm_jax.plan --table README.md            # every target x workload into the README's table
+    python -m mm_jax.plan --table README.md            # the README's matrix (README_ROWS) into its table
 
 Exit codes: 0 every phase compiled; 1 a phase failed to compile (it is reported, the others still
 are); 2 bad input (unknown target, a mesh that does not match the device count, sizes the models
@@ -89,8 +89,9 @@ def build_parser():
                          "XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise)")
     ap.add_argument("--json", default=None, metavar="FILE", help="write the plan (a list of plans with --table)")
     ap.add_argument("--table", nargs="?", const="README.md", default=None, metavar="README",
-                    help="run every target x workload (or those given) and write the table between the README's "
-                         "plan:table markers")
+                    help="run the README's matrix (sampling on v5e-1, v6e-1, v5e-8, h100x1, a800-80x8; both "
+                         "training stages on v5p-8, v5p-32, a800-80x8, h100x8), or every given --target x "
+                         "--workload, and write the table between the README's plan:table markers")
     ap.add_argument("--list-targets", action="store_true", help="print the targets table and exit")
     return ap
 
@@ -120,14 +121,24 @@ def _settings(args, workload: str, cfg):
     return None, dataclasses.replace(t, **over)
 
 
+# the README's matrix (--table without --target/--workload): the runtimes users sample on, and the
+# slices and nodes the two training stages run on
+README_ROWS = (("v5e-1", "sample"), ("v6e-1", "sample"), ("v5e-8", "sample"), ("h100x1", "sample"),
+               ("a800-80x8", "sample"),
+               *((t, w) for t in ("v5p-8", "v5p-32", "a800-80x8", "h100x8") for w in ("train-image", "train-video")))
+
+
 def _plans(args, cfg, models, progress: bool):
     """The plans asked for; with --table a row that cannot be planned (a missing compiler plugin, a
     mesh that does not fit that target) is reported in the table and the matrix goes on."""
     from mm_jax.plan import WORKLOADS, TARGETS, PhaseResult, Plan, plan
 
-    targets = args.target or (list(TARGETS) if args.table else [])
-    workloads = args.workload or (list(WORKLOADS) if args.table else [])
-    combos = [(t, w) for t in targets for w in workloads]
+    if args.table and not args.target and not args.workload:
+        combos = list(README_ROWS)
+    else:
+        targets = args.target or (list(TARGETS) if args.table else [])
+        workloads = args.workload or (list(WORKLOADS) if args.table else [])
+        combos = [(t, w) for t in targets for w in workloads]
     if progress:
         from tqdm.auto import tqdm
 
