@@ -321,8 +321,8 @@ class AutoencoderKLCogVideoX(nnx.Module):
         groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for i, j in starts:
             groups.setdefault((min(tile[0], h - i), min(tile[1], w - j)), []).append((i, j))
-        net = self
-        if spread and mesh_devices() > 1:  # parameters the mesh shards are gathered once, for every group
+        net, spread = self, spread and mesh_devices() > 1  # one device: exactly the serial path
+        if spread:  # parameters the mesh shards are gathered once, for every group
             graphdef, state = nnx.split(self)
             net = nnx.merge(graphdef, jax.lax.with_sharding_constraint(state, P()))
         done, outs = {}, None
