@@ -1,4 +1,8 @@
 """The Flax CogVideoX VAE equals diffusers' AutoencoderKLCogVideoX: frame batching, tiling, images."""
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -8,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from mm_jax import checkpoint
 from mm_jax.models import vae as vae_lib
-from tests.conftest import max_rel_err, randomize_torch_params
+from tests.conftest import fake_devices_env, max_rel_err, randomize_torch_params
 from tools.convert_weights.from_torch import check_manifest, convert
 from tools.convert_weights.safetensors_io import CheckpointError
 
@@ -102,6 +106,18 @@ def test_tiled_decode_and_encode_match_diffusers(pair):
         ref.disable_tiling()
     assert max_rel_err(jax.jit(ours.decode)(_cl(z)), _cl(want_dec)) <= 1e-4
     assert max_rel_err(jax.jit(lambda v: ours.encode(v).mean)(_cl(x)), _cl(want_enc)) <= 1e-4
+
+
+def test_tiled_decode_spread_over_8_devices_equals_one_device(pair):
+    """5 tiles of 2 shapes on 8 devices and on 3 (tests/sharded_vae_check.py): every shape group is
+    one shard_map, its tile count padded to the device count, and the video equals one device's."""
+    _, ckpt, _ = pair
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "tests" / "sharded_vae_check.py"), str(ckpt)],
+                       env=fake_devices_env(), cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert r.stdout.count("max_rel_err=") == 2
+    print(r.stdout)
 
 
 def test_scaling_factor_is_applied_once_each_way(pair):

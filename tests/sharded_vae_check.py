@@ -1,0 +1,36 @@
+"""Run in a subprocess with 8 fake CPU devices (see test_vae.py): the tiled VAE decode spread over
+the devices of a mesh equals the one-device tiled decode, on a mesh with more devices than any
+shape group has tiles (8) and on one with fewer (3 devices, 4 tiles of one shape: padded to 6)."""
+import os
+import sys
+from pathlib import Path
+
+assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's mm_jax, not an installed one
+import jax
+import numpy as np
+
+from mm_jax import checkpoint, parallel, pipeline
+
+ckpt = sys.argv[1]
+assert len(jax.devices()) == 8
+tiling = dict(use_tiling=True, tile_sample_min_height=32, tile_sample_min_width=32)
+# latent tiles 4x4 at stride 3: one row of 3 x columns 4|4|4|4|3, 5 tiles of 2 shapes (4 and 1 of them)
+z = np.random.default_rng(0).standard_normal((1, 2, 3, 15, 4)).astype(np.float32)
+
+
+def decode(mesh):
+    vae = checkpoint.load_component(ckpt, "vae", mesh=mesh, **tiling)
+    with jax.set_mesh(mesh):
+        traced = pipeline.decode_fn().trace(vae, z)
+        return np.asarray(traced.lower().compile()(vae, z)), str(traced.jaxpr).count("shard_map[")
+
+
+one, maps = decode(parallel.make_mesh({"fsdp": 1}, devices=jax.devices()[:1]))
+assert maps == 0, maps
+for spec, devices in (("data=2,fsdp=2,tensor=2", jax.devices()), ("context=3", jax.devices()[:3])):
+    got, maps = decode(parallel.make_mesh(spec, devices=devices))
+    err = float(np.max(np.abs(got - one)) / np.max(np.abs(one)))
+    print(f"mesh={spec} shard_maps={maps} max_rel_err={err:.3e}")
+    assert maps == 2, maps  # one per tile shape
+    assert err <= 1e-4, err
