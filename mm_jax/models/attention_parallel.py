@@ -22,7 +22,6 @@ tail and masked identity tokens (a suffix) stay hidden under every scheme.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable
 
@@ -61,8 +60,11 @@ def choose(local_heads: int, context: int, requested: str | None = None) -> str:
 def ulysses(kernel: Callable, q, k, v, kv_lengths, *, axis: str = CONTEXT):
     """Inside ``shard_map``: q/k/v (b, S/c, n, Dh) sequence shards -> (b, S/c, n, Dh), the kernel
     ``kernel(q, k, v, kv_lengths)`` run over the full sequence on n/c heads."""
-    to_heads = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=2, concat_axis=1, tiled=True)
-    o = kernel(to_heads(q), to_heads(k), to_heads(v), kv_lengths)
+    # q, k and v travel as one array: one all-to-all per call instead of three independent ones
+    # (fewer collective launches; XLA:CPU's in-process collectives could also deadlock when the
+    # three ran concurrently on a busy 2-core host)
+    qkv = jax.lax.all_to_all(jnp.stack([q, k, v]), axis_name=axis, split_axis=3, concat_axis=2, tiled=True)
+    o = kernel(qkv[0], qkv[1], qkv[2], kv_lengths)
     return jax.lax.all_to_all(o, axis_name=axis, split_axis=1, concat_axis=2, tiled=True)
 
 
@@ -87,8 +89,8 @@ def ring(q, k, v, kv_lengths, scale: float, *, axis: str = CONTEXT, size: int):
         corr = jnp.exp(m - m_new)
         l = l * corr + p.sum(-1)
         o = o * corr[..., None] + jnp.einsum("bnqk,bknh->bnqh", p, vc.astype(jnp.float32))
-        kc, vc = jax.lax.ppermute(kc, axis, perm), jax.lax.ppermute(vc, axis, perm)
-        return o, m_new, l, kc, vc
+        kvc = jax.lax.ppermute(jnp.stack([kc, vc]), axis, perm)  # one transfer for both
+        return o, m_new, l, kvc[0], kvc[1]
 
     init = (jnp.zeros((b, n, s, dh), jnp.float32), jnp.full((b, n, s), _NEG, jnp.float32),
             jnp.zeros((b, n, s), jnp.float32), k, v)
