@@ -83,7 +83,8 @@ def build_parser():
                     help="set a DiT config field for this plan, repeatable (e.g. remat_policy=dots; scan_layers=false "
                          "once the DiT has it); the value is parsed as the field's type")
     ap.add_argument("--phases", default=None, metavar="NAMES",
-                    help="compile only these phases, comma-separated (e.g. denoise)")
+                    help="compile only these phases, comma-separated (e.g. denoise); with --table each "
+                         "workload takes those it has (--phases denoise,train_step: the step that dominates each)")
     ap.add_argument("--hbm-fraction", type=float, default=report.DEFAULT_HBM_FRACTION,
                     help="share of HBM a phase may use to count as fitting (GPU: JAX preallocates 0.75 unless "
                          "XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise)")
@@ -121,6 +122,9 @@ def _settings(args, workload: str, cfg):
     return None, dataclasses.replace(t, **over)
 
 
+PHASES = {"sample": ("text_encoder", "denoise", "vae_decode"), "train-image": ("train_step",),
+          "train-video": ("train_step",)}
+
 # the README's matrix (--table without --target/--workload): the runtimes users sample on, and the
 # slices and nodes the two training stages run on
 README_ROWS = (("v5e-1", "sample"), ("v6e-1", "sample"), ("v5e-8", "sample"), ("h100x1", "sample"),
@@ -148,6 +152,9 @@ def _plans(args, cfg, models, progress: bool):
             combos.set_postfix_str(f"{t} {w}")
         sample, train = _settings(args, w, cfg)
         only = tuple(args.phases.split(",")) if args.phases else None
+        if only and args.table:  # a matrix of workloads: each takes the given phases it has
+            mine = {p for p in only if p in PHASES[w]}
+            only = tuple(mine) if mine else only
         try:
             yield plan(t, w, mesh=args.mesh, models=models, sample=sample, train=train,
                        hbm_fraction=args.hbm_fraction, only=only,
