@@ -100,8 +100,9 @@ def main():
     from tools.convert_weights.from_torch import convert
 
     folder = Path(tempfile.mkdtemp())
-    cfg = json.loads((ROOT.parent / "shared" / "manifests" / "cogvideox_vae_config.json").read_text()) \
-        if (ROOT.parent / "shared").exists() else {}
+    from mm_jax import presets
+
+    cfg = presets.load("cogvideox_vae")  # the real VAE's config, shipped with the package
     torch.manual_seed(0)
     AutoencoderKLCogVideoX(**{k: v for k, v in cfg.items() if not k.startswith("_")}).save_pretrained(folder / "src")
     convert(folder / "src", folder / "ckpt")

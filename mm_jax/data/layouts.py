@@ -55,9 +55,11 @@ class Layout:
         self.options = {k: v for k, v in options.items() if v is not None}
 
     def units(self, src: str | Path) -> list[dict]:
+        """Abstract: every registered layout subclass lists its units (tested per layout)."""
         raise NotImplementedError
 
     def items(self, unit: dict) -> Iterator[dict]:
+        """Abstract: every registered layout subclass expands a unit into items."""
         raise NotImplementedError
 
     def kinds(self, units: list[dict]) -> tuple[str, ...]:
