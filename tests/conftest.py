@@ -20,6 +20,7 @@ os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 # libtpu (test extra) takes a process lock when JAX starts its backends; without TPU chips that
 # only stops a second process (a subprocess test, the notebook's kernel) from compiling for TPU
 # topologies. Set before any backend starts.
+from mm_jax.fake_devices import ensure_collective_threads  # noqa: E402
 from mm_jax.plan.targets import allow_compile_only_libtpu  # noqa: E402
 
 allow_compile_only_libtpu()
@@ -31,7 +32,10 @@ def fake_devices_env(n: int = 8) -> dict:
     arrive, and XLA then aborts the process."""
     flags = (f"--xla_force_host_platform_device_count={n} --xla_cpu_collective_call_terminate_timeout_seconds=900 "
              "--xla_cpu_collective_timeout_seconds=900")
-    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    env = {k: v for k, v in os.environ.items() if k != "NPROC"}  # sized for n devices, not ours
+    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    ensure_collective_threads(env)
+    return env
 
 
 def max_rel_err(ours, ref) -> float:
