@@ -377,7 +377,10 @@ def test_cli_table_writes_the_readme_table_between_its_markers(tiny_ckpt, tmp_pa
                 "--phases", "denoise") == 0
     text = readme.read_text()
     assert "old" not in text and text.endswith("\n\nafter\n")
-    assert "| target | workload | mesh |" in text and "| v5e-1 | sample | data=1,fsdp=1,context=1,tensor=1 | denoise " in text
+    assert "| target | workload | mesh | phase |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| v5e-1 | sample |"))
+    assert "| data=1,fsdp=1,context=1,tensor=1 | denoise | " in row and " ✓ (15.20) | " in row
+    assert row.count(" per video |") == 1 and "(4) |" in row  # 4 denoising steps in the tiny config
 
 
 @pytest.mark.parametrize("args,message", [

@@ -199,6 +199,8 @@ def main(argv=None) -> int:
         for p in _plans(args, cfg, models, progress=bool(args.table)):
             plans.append(p)
             print(p.text() + "\n", flush=True)
+            if args.table:  # row by row: an interrupted matrix keeps what it measured
+                report.write_table(args.table, report.markdown_table(plans))
     except (ValueError, FileNotFoundError) as e:  # TargetError, MeshError, ConfigError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -160,21 +160,29 @@ TABLE_START, TABLE_END = "<!-- plan:table:start -->", "<!-- plan:table:end -->"
 
 
 def markdown_table(plans: list[Plan]) -> str:
-    """One row per (target, workload): peak GiB per phase with fits, ideal seconds per video /
-    training step, compile seconds."""
-    rows = ["| target | workload | mesh | peak GiB per device (usable) | ideal s per video / step | compile s |",
-            "|---|---|---|---|---|---|"]
+    """One row per compiled phase of each (target, workload): bytes per device (arguments +
+    temporaries + outputs = peak, against usable HBM), TFLOP per device (XLA's count + the
+    attention kernels'), the ideal seconds per run and per video / training step, compile seconds."""
+    rows = ["| target | workload | mesh | phase | args + temp + out = peak GiB (usable) | TFLOP = XLA + kernels "
+            "| ideal s per run (runs) | ideal s per video / step | compile s |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    g = lambda b: f"{b / GIB:.2f}"  # noqa: E731
     for pl in plans:
-        cells = []
-        for p in pl.phases:
-            if p.compiled is None:
-                cells.append(f"{p.name} {'✗ out of memory' if pl.fits(p) is False else 'failed'}")
-            else:
-                cells.append(f"{p.name} {p.compiled.peak_bytes / GIB:.2f} {'✓' if pl.fits(p) else '✗'}")
-        ideal = pl.ideal_seconds_per_unit()
-        comp = sum(p.compiled.lower_seconds + p.compiled.compile_seconds for p in pl.phases if p.compiled)
-        rows.append(f"| {pl.target.name} | {pl.workload} | {pl.mesh} | {'; '.join(cells)} "
-                    f"({pl.usable_bytes / GIB:.2f}) | {'' if ideal is None else f'{ideal:.2f}'} | {comp:.0f} |")
+        unit = pl.ideal_seconds_per_unit()
+        for i, p in enumerate(pl.phases):
+            c = p.compiled
+            head = f"| {pl.target.name} | {pl.workload} | {pl.mesh} | {p.name} |"
+            if c is None:
+                why = "out of memory" if pl.fits(p) is False else "failed"
+                rows.append(f"{head} ✗ {why}: {_first_line(p.error)[:100]} ({g(pl.usable_bytes)}) | | | | |")
+                continue
+            mark = "✓" if pl.fits(p) else "✗"
+            runs = f" ({p.runs})" if p.runs > 1 else ""
+            per_unit = f"{unit:.2f} per {pl.unit}" if unit is not None and i == 0 else ""
+            rows.append(f"{head} {g(c.argument_bytes)} + {g(c.temp_bytes)} + {g(c.output_bytes)} = "
+                        f"{g(c.peak_bytes)} {mark} ({g(pl.usable_bytes)}) | {c.flops / 1e12:.1f} = "
+                        f"{c.xla_flops / 1e12:.1f} + {c.kernel_flops / 1e12:.1f} | {pl.ideal_seconds(p):.3f}{runs} | "
+                        f"{per_unit} | {c.lower_seconds + c.compile_seconds:.0f} |")
     return "\n".join(rows)
 
 
