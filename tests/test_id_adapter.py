@@ -115,7 +115,7 @@ def test_every_remat_policy_gives_the_adapters_gradients_of_no_remat(tmp_path):
     """Remat on the scanned [adapter block, plain block] groups: the loss and the adapter's
     gradients (what training updates) equal those without remat for every policy (1e-6 of the
     gradient's scale: a key bias's true gradient is zero and holds only rounding noise)."""
-    from mm_jax.models.dit import REMAT_POLICIES
+    from mm_jax.models.block_runner import REMAT_POLICIES
 
     _, _, dit, ad = _build(tmp_path, 4, (0, 2))
     x = _inputs()

@@ -36,7 +36,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 def build_parser():
     from mm_jax.plan import WORKLOADS, phases, report, targets
-    from mm_jax.models.dit import REMAT_POLICIES
+    from mm_jax.models.block_runner import REMAT_POLICIES
 
     ap = argparse.ArgumentParser(prog="python -m mm_jax.plan", description=__doc__, formatter_class=_Formatter)
     ap.add_argument("--target", action="append", metavar="T",

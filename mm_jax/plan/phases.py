@@ -271,7 +271,7 @@ def sample_phases(models: Models, s: SampleSettings, platform: str) -> list[Phas
 def check_train(models: Models, s: TrainSettings) -> None:
     from mm_jax import pipeline
     from mm_jax.data.loader import check_frames
-    from mm_jax.models.dit import REMAT_POLICIES
+    from mm_jax.models.block_runner import REMAT_POLICIES
 
     check_frames(s.stage, s.frames, models.vae.temporal_compression_ratio)
     pipeline.SampleSettings(prompt="plan", frames=1, height=s.height, width=s.width).validate(
