@@ -68,6 +68,19 @@ def default_mesh_shape(num_devices: int) -> dict[str, int]:
     return {"data": 1, "fsdp": num_devices, "context": 1, "tensor": 1}
 
 
+def unsplit_batch_note(batch: int, mesh_shape: Mapping[str, int]) -> str | None:
+    """Why a global ``batch`` is not split over the mesh's batch axes (``LOGICAL_RULES["batch"]``),
+    or None when it is. Such a batch is replicated (every device computes all of it): it runs, but
+    its activations do not shrink with the device count (v5p-32's fsdp=16 and stage 2's batch of 8
+    need 98 GiB per chip; fsdp=8,tensor=2 fits)."""
+    shards = _mesh_axes_size(mesh_shape, LOGICAL_RULES["batch"])
+    if shards <= 1 or batch % shards == 0:
+        return None
+    return (f"global batch {batch} does not split over the {shards} batch shards (data x fsdp): every device "
+            f"computes the whole batch; use a mesh whose data x fsdp divides {batch} and put the other devices on "
+            f"tensor or context (e.g. fsdp={math.gcd(batch, shards)},tensor={shards // math.gcd(batch, shards)})")
+
+
 # Below this much memory per device, the 5B DiT (10.4 GiB in bf16) does not fit replicated: such
 # devices (TPU v2/v3 cores) shard the parameters instead of replicating them on data/context.
 REPLICATED_DIT_MIN_BYTES = 15 * 1024 ** 3

@@ -123,3 +123,12 @@ def test_the_xla_resharding_bug_that_the_encoder_sizes_avoid():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert float(r.stdout.split("rel_err")[1]) <= 1e-5, r.stdout
+
+
+def test_a_batch_the_batch_axes_cannot_split_is_named_with_a_mesh_that_can():
+    assert parallel.unsplit_batch_note(8, {"data": 1, "fsdp": 8, "context": 1, "tensor": 1}) is None
+    assert parallel.unsplit_batch_note(3, {"data": 1, "fsdp": 1, "context": 2, "tensor": 4}) is None
+    note = parallel.unsplit_batch_note(8, {"data": 1, "fsdp": 16, "context": 1, "tensor": 1})
+    assert note.startswith("global batch 8 does not split over the 16 batch shards (data x fsdp)")
+    assert note.endswith("(e.g. fsdp=8,tensor=2)")
+    assert "(e.g. fsdp=2,tensor=4)" in parallel.unsplit_batch_note(2, {"data": 2, "fsdp": 4})

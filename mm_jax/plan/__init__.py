@@ -66,6 +66,7 @@ def plan(target: str | Target, workload: str, *, mesh: str | None = None, models
     compiles (a 5B phase takes minutes)."""
     import os
 
+    from mm_jax import parallel
     from mm_jax.plan import aot, targets
 
     t = targets.get(target) if isinstance(target, str) else target
@@ -80,18 +81,21 @@ def plan(target: str | Target, workload: str, *, mesh: str | None = None, models
                              f"{', '.join(p.name for p in todo)}")
         todo = [p for p in todo if p.name in only]
     m = aot.make_mesh(t, mesh, devices, workload)
+    batch = None if workload == "sample" else (train or TrainSettings.defaults(workload.split("-")[1])).batch
+    unsplit = None if batch is None else parallel.unsplit_batch_note(batch, dict(m.shape))
     results = []
     with aot.counting_kernels():
         for ph in todo:
+            what = ph.what + (f"; WARNING: {unsplit}" if unsplit else "")
             if log:
-                log(f"{t.name} {workload}: compiling {ph.name} ({ph.what})")
+                log(f"{t.name} {workload}: compiling {ph.name} ({what})")
             try:
                 fn, args = ph.build(m)
-                results.append(PhaseResult(ph.name, ph.runs, ph.what, aot.compile(fn, args, m)))
+                results.append(PhaseResult(ph.name, ph.runs, what, aot.compile(fn, args, m)))
             except Exception as e:  # noqa: BLE001 - a phase's compile error is a result, reported by name
                 if os.environ.get("MM_JAX_PLAN_RAISE"):  # debugging: the whole traceback
                     raise
-                results.append(PhaseResult(ph.name, ph.runs, ph.what, error=f"{type(e).__name__}: {e}"))
+                results.append(PhaseResult(ph.name, ph.runs, what, error=f"{type(e).__name__}: {e}"))
             if log:
                 c = results[-1].compiled
                 log(f"  {ph.name}: " + (f"peak {c.peak_bytes / 2 ** 30:.2f} GiB/device, compiled in "

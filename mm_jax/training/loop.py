@@ -18,6 +18,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -189,6 +190,9 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, return_state: bool
         (workdir / "config.json").write_text(cfg.to_json(indent=2))
     mesh = parallel.make_mesh(cfg.mesh or None)
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    unsplit = parallel.unsplit_batch_note(cfg.train.global_batch_size, dict(mesh.shape))
+    if unsplit and main_process:
+        warnings.warn(unsplit, stacklevel=2)
     models = load_models(cfg.model, dict(cfg.adapter), mesh, precomputed=bool(cfg.data.precomputed))
     tx = make_optimizer(cfg.optimizer)
     lr_fn = learning_rate(cfg.optimizer)
