@@ -179,3 +179,23 @@ def test_converter_rejects_a_vae_missing_a_key(pair, tmp_path):
     with pytest.raises(CheckpointError, match=r"missing key decoder\.up_blocks\.3\.resnets\.0\.conv_shortcut\.weight"):
         convert(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_causal_conv_is_one_3d_conv_when_compiling_for_tpu_and_taps_on_cpu():
+    # the planner compiles a TPU program from this CPU host: it must hold what a TPU runs
+    import jax.numpy as jnp
+
+    from mm_jax import parallel
+    from mm_jax.models.vae_layers import CausalConv3d
+    from mm_jax.plan import TARGETS, targets
+
+    conv = CausalConv3d(4, 8, 3, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.ShapeDtypeStruct((1, 3, 8, 8, 4), jnp.float32)
+
+    def convs():
+        jaxpr = jax.make_jaxpr(lambda x: conv(x)[0])(x)
+        return [len(e.params["window_strides"]) for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+
+    assert convs() == [2, 2, 2]  # CPU: one 2D conv per temporal tap
+    with jax.set_mesh(parallel.make_mesh({"data": 1}, devices=targets.devices(TARGETS["v5e-1"]))):
+        assert convs() == [3]

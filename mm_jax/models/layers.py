@@ -221,9 +221,19 @@ ATTENTION_IMPLS: dict[str, Callable] = {  # (q, k, v, key_mask, kv_lengths, scal
 }
 
 
+def target_platform(mesh=None) -> str:
+    """The platform the code is being compiled for: the current mesh's devices' (a TPU topology
+    compiled from a CPU host says "tpu" here while ``jax.default_backend()`` says "cpu"), else the
+    default backend."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
+
+
 def default_attention_impl() -> str:
-    """"cudnn" on NVIDIA GPUs, "splash" on TPU when registered, "chunked" on CPU, else "xla"."""
-    backend = jax.default_backend()
+    """"cudnn" on NVIDIA GPUs, "splash" on TPU when registered, "chunked" on CPU, else "xla", for
+    the platform being compiled for (``target_platform``)."""
+    backend = target_platform()
     if backend == "gpu":
         return "cudnn"
     if backend == "tpu" and "splash" in ATTENTION_IMPLS:

@@ -107,15 +107,6 @@ def _local(q, k, v, key_mask, scale, *, interpret: bool, kernel_fn=None, max_blo
     return out.transpose(0, 2, 1, 3)[:, :s, :, :dh]
 
 
-def target_platform(mesh=None) -> str:
-    """The platform the code is being compiled for: the current mesh's devices' (a TPU topology
-    compiled from a CPU host says "tpu" here while ``jax.default_backend()`` says "cpu"), else the
-    default backend."""
-    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
-    return getattr(device, "platform", None) or jax.default_backend()
-
-
 def splash_attention(q, k, v, key_mask=None, scale=None, *, interpret: bool = False, kernel_fn=None,
                      max_block: int = MAX_BLOCK):
     """softmax(q k^T * scale + mask) v through the splash kernel.
@@ -125,6 +116,8 @@ def splash_attention(q, k, v, key_mask=None, scale=None, *, interpret: bool = Fa
     by ``fn(q, k, v, q_ids, kv_ids)`` on one example (e.g. ``reference_kernel``), keeping all the
     padding and segment-id plumbing. ``max_block``: the largest block_q/block_kv.
     """
+    from mm_jax.models.layers import target_platform
+
     platform = target_platform()
     if kernel_fn is None and not interpret and platform != "tpu":
         raise ValueError(f"attention implementation 'splash' needs a TPU (compiling for {platform!r}); "

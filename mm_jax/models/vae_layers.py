@@ -10,10 +10,12 @@ Parameters live in Flax's layers: ``nnx.Conv`` (kernel ``(*k, in, out)``, bias) 
 ``nnx.GroupNorm`` (``scale``/``bias``; statistics over (T, H, W, C/G) of the input, two-pass
 variance in float32), both exact against the hand-written versions they replace. What stays
 hand-written is what diffusers' ``CogVideoXCausalConv3d`` adds around its conv: the causal
-temporal padding (the cache, else copies of the first frame) and the cache it returns; and, on
-CPU only, how the 3D conv is computed (``temporal_taps``: per-frame 2D convs summed over the
-temporal taps, 1.9x faster than XLA:CPU's 3D convolution on a (1, 6, 64, 96, 128) input, 128 ->
-128 channels, measured on 2 cores; other backends run ``nnx.Conv`` itself).
+temporal padding (the cache, else copies of the first frame) and the cache it returns; and, when
+compiling for CPU only, how the 3D conv is computed (``temporal_taps``: per-frame 2D convs summed
+over the temporal taps, 1.9x faster than XLA:CPU's 3D convolution on a (1, 6, 64, 96, 128) input,
+128 -> 128 channels, measured on 2 cores; other platforms run ``nnx.Conv`` itself). The platform
+is the one compiled for (``layers.target_platform``), so a TPU program compiled from a CPU host
+(the planner) holds the TPU's 3D convolutions.
 """
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ class CausalConv3d(nnx.Module):
             pre = cache if cache is not None else jnp.repeat(x[:, :1], k - 1, axis=1)
             x = jnp.concatenate([pre.astype(x.dtype), x], axis=1)
             new_cache = x[:, -(k - 1):]
-        y = temporal_taps(self.conv, x) if jax.default_backend() in TEMPORAL_TAPS_BACKENDS else self.conv(x)
+        y = temporal_taps(self.conv, x) if L.target_platform() in TEMPORAL_TAPS_BACKENDS else self.conv(x)
         return y, new_cache
 
 
