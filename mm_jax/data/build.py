@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mm_jax.data.captions import load_rules
-from mm_jax.data.example import ExampleMaker, ExampleOptions, Outcome
+from mm_jax.data.example import ExampleMaker, ExampleOptions, Outcome, add_example_arguments
 from mm_jax.data.sources import BuildError, item_key, list_items  # noqa: F401  (BuildError: part of this CLI's API)
 from mm_jax.text import CLASS_WORDS
 
@@ -174,12 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--face-models", required=True, help="insightface model pack folder")
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes (0: in-process)")
     ap.add_argument("--shard-size", type=int, default=256, help="records per ArrayRecord shard")
-    ap.add_argument("--max-frames", type=int, default=49, help="frames kept per clip")
-    ap.add_argument("--min-similarity", type=float, default=0.5, help="ArcFace cosine reference vs target")
-    ap.add_argument("--det-size", type=int, default=640, help="detector input size")
-    ap.add_argument("--jpeg-quality", type=int, default=95)
-    ap.add_argument("--caption-rules", default="none",
-                    help="rewrite captions without a class word: none, default ('a person' rules) or a JSON rules file")
+    add_example_arguments(ap)
     pre = ap.add_argument_group("precompute (training then skips the VAE and T5: data.precomputed=True)")
     pre.add_argument("--precompute", action="store_true", help="also store VAE latents and T5 text embeddings")
     pre.add_argument("--checkpoint", help="converted CogVideoX folder (VAE, T5, tokenizer)")

@@ -46,6 +46,17 @@ class ExampleOptions:
                 "caption_rules": rules_to_json(self.caption_rules)}
 
 
+def add_example_arguments(ap) -> None:
+    """The per-example options of ``ExampleOptions`` as flags of a dataset CLI (``build``, ``prepare``)."""
+    d = ExampleOptions(face_models="")
+    ap.add_argument("--max-frames", type=int, default=d.max_frames, help="frames kept per clip")
+    ap.add_argument("--min-similarity", type=float, default=d.min_similarity, help="ArcFace cosine reference vs target")
+    ap.add_argument("--det-size", type=int, default=d.det_size, help="detector input size")
+    ap.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
+    ap.add_argument("--caption-rules", default="none",
+                    help="rewrite captions without a class word: none, default ('a person' rules) or a JSON rules file")
+
+
 @dataclasses.dataclass
 class Outcome:
     status: str                # "ok" | "skip"

@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 
 from mm_jax.data.captions import load_rules
-from mm_jax.data.example import ExampleOptions
+from mm_jax.data.example import ExampleOptions, add_example_arguments
 from mm_jax.data.sources import BuildError
 from mm_jax.text import CLASS_WORDS
 
@@ -192,12 +192,7 @@ def main(argv=None) -> int:
     ap.add_argument("--captions", help="mm_sfhq: captions file (CSV / JSONL / JSON); default <src>/captions.*")
     ap.add_argument("--video-root", help="mm_clips_csv, mm_opens2v: folder of the clips (default: beside the CSV / "
                                          "<src>/videos)")
-    ap.add_argument("--max-frames", type=int, default=49, help="frames kept per clip")
-    ap.add_argument("--min-similarity", type=float, default=0.5, help="ArcFace cosine reference vs target")
-    ap.add_argument("--det-size", type=int, default=640, help="detector input size")
-    ap.add_argument("--jpeg-quality", type=int, default=95)
-    ap.add_argument("--caption-rules", default="none",
-                    help="rewrite captions without a class word: none, default ('a person' rules) or a JSON rules file")
+    add_example_arguments(ap)
     ap.add_argument("--overwrite", action="store_true", help="rebuild a complete dataset")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)

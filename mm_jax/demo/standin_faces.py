@@ -18,9 +18,33 @@ import numpy as np
 KPS_OFFSETS = np.array([[-0.5, -0.4], [0.5, -0.4], [0.0, 0.1], [-0.4, 0.5], [0.4, 0.5]], np.float32)  # in strides
 
 
-def make_detector(path: Path, box: float = 2.0, box_gain: float = 0.0):
-    import onnx
+def _head(nodes: list, inits: list, outs: dict, kind: str, s: int, k: int, prev: str) -> None:
+    """One SCRFD output head (weights ``{kind}{s}_w/_b`` already in ``inits``): 1x1 conv on
+    ``prev``, NCHW -> NHWC, reshape to (-1, k) (a sigmoid for scores), output ``{kind}_{s}``."""
     from onnx import TensorProto as TP, helper as h, numpy_helper as nh
+
+    nodes += [h.make_node("Conv", [prev, f"{kind}{s}_w", f"{kind}{s}_b"], [f"{kind}{s}_c"]),
+              h.make_node("Transpose", [f"{kind}{s}_c"], [f"{kind}{s}_t"], perm=[0, 2, 3, 1])]
+    inits.append(nh.from_array(np.array([-1, k], np.int64), f"{kind}{s}_shape"))
+    o = f"{kind}_{s}"
+    nodes.append(h.make_node("Reshape", [f"{kind}{s}_t", f"{kind}{s}_shape"], [o + "_r" if kind == "score" else o]))
+    if kind == "score":
+        nodes.append(h.make_node("Sigmoid", [o + "_r"], [o]))
+    outs[kind].append(h.make_tensor_value_info(o, TP.FLOAT, ["?", k]))
+
+
+def _save_detector(nodes: list, inits: list, outs: dict, name: str, path: Path) -> None:
+    """The SCRFD graph (input.1 [1,3,?,?] -> scores, boxes, landmarks per stride) saved to ``path``."""
+    import onnx
+    from onnx import TensorProto as TP, helper as h
+
+    g = h.make_graph(nodes, name, [h.make_tensor_value_info("input.1", TP.FLOAT, [1, 3, "?", "?"])],
+                     outs["score"] + outs["bbox"] + outs["kps"], inits)
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 13)], ir_version=8), str(path))
+
+
+def make_detector(path: Path, box: float = 2.0, box_gain: float = 0.0):
+    from onnx import helper as h, numpy_helper as nh
 
     inits, nodes, outs = [], [], {"score": [], "bbox": [], "kps": []}
     arr = lambda a, n: inits.append(nh.from_array(np.asarray(a, np.float32), n))
@@ -41,17 +65,8 @@ def make_detector(path: Path, box: float = 2.0, box_gain: float = 0.0):
             else:
                 w, b = np.zeros((20, 1, 1, 1)), np.tile(KPS_OFFSETS.reshape(-1), 2)
             arr(w, f"{kind}{s}_w"); arr(b, f"{kind}{s}_b")
-            nodes.append(h.make_node("Conv", [prev, f"{kind}{s}_w", f"{kind}{s}_b"], [f"{kind}{s}_c"]))
-            nodes.append(h.make_node("Transpose", [f"{kind}{s}_c"], [f"{kind}{s}_t"], perm=[0, 2, 3, 1]))
-            inits.append(nh.from_array(np.array([-1, k], np.int64), f"{kind}{s}_shape"))
-            o = f"{kind}_{s}"
-            nodes.append(h.make_node("Reshape", [f"{kind}{s}_t", f"{kind}{s}_shape"], [o + "_r" if kind == "score" else o]))
-            if kind == "score":
-                nodes.append(h.make_node("Sigmoid", [o + "_r"], [o]))
-            outs[kind].append(h.make_tensor_value_info(o, TP.FLOAT, ["?", k]))
-    g = h.make_graph(nodes, "scrfd_standin", [h.make_tensor_value_info("input.1", TP.FLOAT, [1, 3, "?", "?"])],
-                     outs["score"] + outs["bbox"] + outs["kps"], inits)
-    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 13)], ir_version=8), str(path))
+            _head(nodes, inits, outs, kind, s, k, prev)
+    _save_detector(nodes, inits, outs, "scrfd_standin", path)
 
 
 def make_recognizer(path: Path, seed: int = 0, mxnet: bool = False, width: int = 512):
@@ -94,8 +109,7 @@ def make_landmark(path: Path):
 def make_random_detector(path: Path, seed: int = 0, channels: int = 16, score_bias: float = 0.0, box: float = 2.0):
     """SCRFD det_10g signature with random weights (after make_standin_onnx.py): conv stem at
     stride 8, ReLU, two stride-2 convs, 1x1 heads per stride."""
-    import onnx
-    from onnx import TensorProto as TP, helper as h, numpy_helper as nh
+    from onnx import helper as h, numpy_helper as nh
 
     rng = np.random.default_rng(seed)
     inits, nodes, outs = [], [], {"score": [], "bbox": [], "kps": []}
@@ -114,17 +128,8 @@ def make_random_detector(path: Path, seed: int = 0, channels: int = 16, score_bi
         for kind, k in (("score", 1), ("bbox", 4), ("kps", 10)):
             bias = {"score": score_bias, "bbox": box, "kps": 0.0}[kind]
             arr(w((2 * k, channels, 1, 1), 1.0 if kind == "score" else 0.1), f"{kind}{s}_w"); arr(np.full(2 * k, bias), f"{kind}{s}_b")
-            nodes += [h.make_node("Conv", [prev, f"{kind}{s}_w", f"{kind}{s}_b"], [f"{kind}{s}_c"]),
-                      h.make_node("Transpose", [f"{kind}{s}_c"], [f"{kind}{s}_t"], perm=[0, 2, 3, 1])]
-            inits.append(nh.from_array(np.array([-1, k], np.int64), f"{kind}{s}_shape"))
-            o = f"{kind}_{s}"
-            nodes.append(h.make_node("Reshape", [f"{kind}{s}_t", f"{kind}{s}_shape"], [o + "_r" if kind == "score" else o]))
-            if kind == "score":
-                nodes.append(h.make_node("Sigmoid", [o + "_r"], [o]))
-            outs[kind].append(h.make_tensor_value_info(o, TP.FLOAT, ["?", k]))
-    g = h.make_graph(nodes, "scrfd_random", [h.make_tensor_value_info("input.1", TP.FLOAT, [1, 3, "?", "?"])],
-                     outs["score"] + outs["bbox"] + outs["kps"], inits)
-    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 13)], ir_version=8), str(path))
+            _head(nodes, inits, outs, kind, s, k, prev)
+    _save_detector(nodes, inits, outs, "scrfd_random", path)
 
 
 def make_pack(folder: Path) -> Path:
