@@ -128,7 +128,7 @@ PHASES = {"sample": ("text_encoder", "denoise", "vae_decode"), "train-image": ("
 # the README's matrix (--table without --target/--workload): the runtimes users sample on, and the
 # slices and nodes the two training stages run on; (target, workload, mesh), None = the default mesh.
 # On v5p-32 the default (fsdp=16) cannot split stage 2's batch of 8, so each chip computes the whole
-# batch and runs out of memory; the row after it is the mesh that fits.
+# batch (75.75 GiB, 16.4 s ideal per step); the row after it splits it (13.23 GiB, 1.49 s).
 README_ROWS = tuple((t, "sample", None) for t in ("v5e-1", "v6e-1", "v5e-8", "h100x1", "a800-80x8")) + (
     ("v5p-8", "train-image", None), ("v5p-8", "train-video", None),
     ("v5p-32", "train-image", None), ("v5p-32", "train-video", None), ("v5p-32", "train-video", "fsdp=8,tensor=2"),
