@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mm_jax.models.platform import target_platform  # noqa: F401  (also used as layers.target_platform)
+
 DType = jnp.dtype
 
 
@@ -219,15 +221,6 @@ ATTENTION_IMPLS: dict[str, Callable] = {  # (q, k, v, key_mask, kv_lengths, scal
     "cudnn": _cudnn,
     "splash": _splash,  # TPU Pallas kernel, mm_jax/models/splash.py
 }
-
-
-def target_platform(mesh=None) -> str:
-    """The platform the code is being compiled for: the current mesh's devices' (a TPU topology
-    compiled from a CPU host says "tpu" here while ``jax.default_backend()`` says "cpu"), else the
-    default backend."""
-    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
-    return getattr(device, "platform", None) or jax.default_backend()
 
 
 def default_attention_impl() -> str:

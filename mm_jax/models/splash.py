@@ -116,7 +116,7 @@ def splash_attention(q, k, v, key_mask=None, scale=None, *, interpret: bool = Fa
     by ``fn(q, k, v, q_ids, kv_ids)`` on one example (e.g. ``reference_kernel``), keeping all the
     padding and segment-id plumbing. ``max_block``: the largest block_q/block_kv.
     """
-    from mm_jax.models.layers import target_platform
+    from mm_jax.models.platform import target_platform
 
     platform = target_platform()
     if kernel_fn is None and not interpret and platform != "tpu":
