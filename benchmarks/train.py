@@ -19,6 +19,7 @@ block: step time, MFU = model FLOPs / (time x peak) and peak device memory (torc
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -118,9 +119,10 @@ def reference(dcfg, acfg, lat, b, repeat):
 
     from tests.reference.magic_mirror_torch import MagicMirrorAdapterTorch, magic_mirror_forward
 
-    keys = [k for k in DiTConfig.__dataclass_fields__ if k not in ("dtype", "param_dtype", "remat_policy",
-                                                                   "attention_impl")]
-    dit = CogVideoXTransformer3DModel(**{k: getattr(dcfg, k) for k in keys if hasattr(dcfg, k)}).eval()
+    # the architecture fields diffusers' constructor takes (ours add dtype, remat, scan, attention ones)
+    accepted = inspect.signature(CogVideoXTransformer3DModel.__init__).parameters
+    keys = [k for k in DiTConfig.__dataclass_fields__ if k in accepted]
+    dit = CogVideoXTransformer3DModel(**{k: getattr(dcfg, k) for k in keys}).eval()
     dit.requires_grad_(False)
     ad = MagicMirrorAdapterTorch(acfg.to_dict())
     opt = torch.optim.AdamW(ad.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4)
