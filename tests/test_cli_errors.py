@@ -147,7 +147,7 @@ BUILD = [
     (["--max-frames", "0"], "--max-frames 0: must be >= 1"),
     (["--min-similarity", "2"], "--min-similarity 2.0: must be in [-1, 1]"),
     (["--jpeg-quality", "0"], "--jpeg-quality 0: must be in [1, 100]"),
-    (["--det-size", "100"], "det_size=100: must be a positive multiple of 32"),
+    (["--det-size", "100"], "--det-size 100: must be a positive multiple of 32"),
     (["--max-frames", "many"], "argument --max-frames: invalid int value: 'many'"),
     (["--precompute", "--checkpoint", "ckpt", "--frames", "13"], "--frames=13: not a frame count"),
     (["--precompute"], "--precompute needs --checkpoint"),

@@ -39,6 +39,7 @@ def built(tmp_path_factory):
     with open(root / "src" / "captions.jsonl", "a") as f:
         f.write(json.dumps({"file": "broken.mp4", "caption": "a man runs"}) + "\n")
         f.write(json.dumps({"file": "scenery.png", "caption": "a sunset over the sea"}) + "\n")
+        f.write('{"file": "image_0000.png", "caption": "a man\n')  # a line cut short: counted, not fatal
     (root / "src" / "scenery.png").write_bytes((root / "src" / "image_0004.png").read_bytes())
     pack = standin_faces(root)
     shards = build_dataset(src, root / "shards", pack, progress=False)
@@ -90,6 +91,13 @@ def test_a_corrupt_file_is_skipped_and_counted_with_its_reason_and_nothing_else_
     assert s["skipped"]["unreadable"]["files"] == [str(root / "src" / "broken.mp4")]
     assert s["counters"]["skipped/unreadable"] == 1 and s["counters"]["records/video"] == 4
     assert s["records"] == {"image": 2, "video": 4}  # every other clip and image of the source
+
+
+def test_a_broken_listing_line_is_skipped_and_counted_by_both_builders(built):
+    root, _, shards, s, _ = built
+    line = f"{root / 'src' / 'captions.jsonl'}:{len((root / 'src' / 'captions.jsonl').read_text().splitlines())}"
+    assert s["skipped"]["bad_listing"]["files"] == [line] == shards["skipped"]["bad_listing"]["files"]
+    assert s["counters"]["skipped/bad_listing"] == 1 and s["records"] == {"image": 2, "video": 4}
 
 
 def test_captions_without_a_class_word_are_counted_by_the_build(built):
@@ -266,6 +274,50 @@ def test_consisid_layout_is_read_and_cut_to_its_annotated_face_frames(tmp_path):
                      {"path": str(root / "v2.mp4"), "caption": "a woman laughs", "ref": None}]
 
 
+def test_consisid_total_train_data_listing_with_the_authors_paths_is_found_under_the_source(tmp_path):
+    (tmp_path / "captions").mkdir()
+    (tmp_path / "captions" / "set_a.json").write_text(json.dumps([{"path": "/x/set_a/videos/v1.mp4", "cap": "a man"}]))
+    (tmp_path / "captions" / "set_b.json").write_text("[{\"path\": ")  # corrupt: counted, set_a still read
+    (tmp_path / "set_a" / "refine_bbox_jsons").mkdir(parents=True)
+    (tmp_path / "set_a" / "videos").mkdir()
+    (tmp_path / "set_a" / "refine_bbox_jsons" / "v1.json").write_text(json.dumps({"2": {"face": [{}]}, "5": {"face": [{}]}}))
+    (tmp_path / "total_train_data.txt").write_text(
+        "/authors/disk/set_a/videos,/authors/disk/captions/set_a.json,/authors/disk/set_a\n"
+        "/authors/disk/set_b/videos,/authors/disk/captions/set_b.json,/authors/disk/set_b\n"
+        "only,two\n")
+    (tmp_path / "set_b" / "videos").mkdir(parents=True)
+    items = _items("consisid", tmp_path)
+    assert items[0] == {"path": str(tmp_path / "set_a" / "videos" / "v1.mp4"), "caption": "a man", "ref": None,
+                        "frames": [2, 6]}
+    assert [(it["path"], bool(it["invalid"])) for it in items[1:]] == [
+        (str(tmp_path / "captions" / "set_b.json"), True), (f"{tmp_path / 'total_train_data.txt'}:3", True)]
+    maker = ExampleMaker(ExampleOptions(face_models="unused"))
+    assert {maker(it).reason for it in items[1:]} == {"bad_listing"}
+
+
+def test_consisid_captions_inside_each_dataset_folder_are_read(tmp_path):
+    (tmp_path / "set_a" / "captions").mkdir(parents=True)
+    (tmp_path / "set_a" / "captions" / "set_a_captions.json").write_text(json.dumps(
+        [{"path": "videos/v1.mp4", "cap": "a woman sings"}]))
+    assert _items("consisid", tmp_path) == [{"path": str(tmp_path / "set_a" / "videos" / "v1.mp4"),
+                                            "caption": "a woman sings", "ref": None}]
+
+
+def test_sfhq_jsonl_captions_with_a_broken_line_keep_the_other_captions(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "caps.jsonl").write_text('{"file": "a.jpg", "caption": "a man"}\n{"file": \n')
+    items = _items("sfhq", tmp_path / "images", captions=str(tmp_path / "caps.jsonl"))
+    assert [(Path(it["path"]).name, it["caption"], "invalid" in it) for it in items] == [
+        ("a.jpg", "a man", False), ("caps.jsonl:2", "", True)]
+
+
+def test_opens2v_without_a_merged_caption_takes_a_face_captioners_caption(tmp_path):
+    (tmp_path / "part1.json").write_text(json.dumps({"c1": {"metadata": {
+        "path": "c1.mp4", "face_cap_qwen": "", "face_cap_glm": ["A man waves."], "face_cap_Aria": "x"}}}))
+    assert _items("opens2v", tmp_path / "part1.json")[0]["caption"] == "A man waves."
+
+
 def test_opens2v_regular_pair_json_is_read_and_cut_to_face_cut(tmp_path):
     (tmp_path / "json").mkdir()
     (tmp_path / "json" / "part1.json").write_text(json.dumps({"clip_a_step6": {
@@ -326,9 +378,33 @@ def test_prepare_cli_errors_name_the_problem_and_exit_2(built, tmp_path, capsys)
     assert "--overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--workers", "-1"], "--workers -1: must be >= 0"),
+    (["--max-frames", "0"], "--max-frames 0: must be >= 1"),
+    (["--min-similarity", "2"], "--min-similarity 2.0: must be in [-1, 1]"),
+    (["--det-size", "100"], "--det-size 100: must be a positive multiple of 32"),
+    (["--jpeg-quality", "101"], "--jpeg-quality 101: must be in [1, 100]"),
+])
+def test_prepare_refuses_out_of_range_settings_by_flag_before_writing(extra, message, tmp_path, capsys):
+    assert prepare_main(["--src", str(tmp_path), "--out", str(tmp_path / "o"), "--face-models", str(tmp_path),
+                         "--quiet", *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_refuses_a_url_source_with_what_to_do_instead(tmp_path, capsys):
+    assert prepare_main(["--src", "gs://bucket/laion", "--out", str(tmp_path / "o"), "--face-models", str(tmp_path),
+                         "--quiet"]) == 2
+    assert "--src gs://bucket/laion: sources are read from a filesystem path" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_beam_options_follow_the_tfds_build_syntax():
     assert pipeline_args("runner=DataflowRunner,project=p, region=r", 4) == [
         "--runner=DataflowRunner", "--project=p", "--region=r"]
+    # a comma inside a value (a list option) does not start a new option; leading dashes are allowed
+    assert pipeline_args("runner=DataflowRunner,experiments=use_runner_v2,upload_graph,--max_num_workers=8", 0) == [
+        "--runner=DataflowRunner", "--experiments=use_runner_v2,upload_graph", "--max_num_workers=8"]
     assert pipeline_args("", 4)[1:3] == ["--direct_running_mode=multi_processing", "--direct_num_workers=4"]
     assert pipeline_args("", 0)[1:] == ["--direct_running_mode=in_memory"]
 

@@ -129,6 +129,25 @@ def test_cli_rejects_bad_overrides_and_missing_data_clearly(assets, tmp_path, ca
     assert e.value.code == 0
 
 
+@pytest.mark.slow  # a Beam build of the synthetic set, then two tiny steps
+def test_the_train_cli_trains_on_a_tfds_dataset(assets, tmp_path, capsys):
+    """``--config.data.format=tfds`` (README): the demo hook builds the set with the TFDS builder on
+    Beam, and the trainer reads it through tfds.data_source; it used to look for shard files and exit 2."""
+    args = [f"--config.{k}={v}" for k, v in assets.items() if k != "data.path"]
+    common = ["--config", "configs/video.py:tiny", *args, "--config.data.format=tfds", "--config.train.steps=2",
+              "--config.sample.enabled=False", "--no-progress"]
+    assert train_cli.main([*common, "--workdir", str(tmp_path / "a"), "--config.data.path=synthetic"]) == 0, \
+        capsys.readouterr().err
+    data = tmp_path / "a" / "synthetic_tfds"
+    assert list(data.glob("*/*/dataset_info.json")) and not list(data.glob("*.array_record"))
+    history = read_history(tmp_path / "a")
+    assert [r["step"] for r in history][-1] == 2 and all(np.isfinite(r["loss"]) for r in history)
+    # the same dataset named directly, as a user's prepared folder is
+    assert train_cli.main([*common, "--workdir", str(tmp_path / "b"), f"--config.data.path={data}"]) == 0, \
+        capsys.readouterr().err
+    assert [r["step"] for r in read_history(tmp_path / "b")][-1] == 2
+
+
 @pytest.mark.slow  # over 30 s on 2 CPU cores
 def test_one_step_on_a_2x2x2_mesh_equals_the_one_device_step(tmp_path):
     env = fake_devices_env()

@@ -81,18 +81,12 @@ def summarize(out: Path, options: ExampleOptions | None = None) -> dict:
     return summary
 
 
-def check_options(*, workers: int, shard_size: int, max_frames: int, min_similarity: float,
-                  jpeg_quality: int) -> None:
+def check_options(options: ExampleOptions, *, workers: int, shard_size: int) -> None:
     """Refuse build settings that would silently make a wrong dataset; names the flag and the range."""
-    bad = [(f"--workers {workers}", ">= 0 (0: in-process)") if workers < 0 else None,
-           (f"--shard-size {shard_size}", ">= 1") if shard_size < 1 else None,
-           (f"--max-frames {max_frames}", ">= 1") if max_frames < 1 else None,
-           (f"--min-similarity {min_similarity}", "in [-1, 1] (a cosine similarity)")
-           if not -1.0 <= min_similarity <= 1.0 else None,
-           (f"--jpeg-quality {jpeg_quality}", "in [1, 100]") if not 1 <= jpeg_quality <= 100 else None]
-    bad = [b for b in bad if b]
+    bad = ([f"--workers {workers}: must be >= 0 (0: in-process)"] if workers < 0 else []) + \
+          ([f"--shard-size {shard_size}: must be >= 1"] if shard_size < 1 else []) + options.problems()
     if bad:
-        raise BuildError("; ".join(f"{flag}: must be {allowed}" for flag, allowed in bad))
+        raise BuildError("; ".join(bad))
 
 
 def build_dataset(src: str | Path, out: str | Path, face_models: str | Path, *, workers: int = 0,
@@ -103,12 +97,11 @@ def build_dataset(src: str | Path, out: str | Path, face_models: str | Path, *, 
     from tqdm.auto import tqdm
 
     out = Path(out)
-    check_options(workers=workers, shard_size=shard_size, max_frames=max_frames, min_similarity=min_similarity,
-                  jpeg_quality=jpeg_quality)
     options = ExampleOptions(face_models=str(face_models), max_frames=int(max_frames),
                              min_similarity=float(min_similarity), det_size=int(det_size),
                              jpeg_quality=int(jpeg_quality), class_words=tuple(class_words),
                              caption_rules=tuple(caption_rules))
+    check_options(options, workers=workers, shard_size=shard_size)
     global _MAKER
     _MAKER = ExampleMaker(options)
     _MAKER.analyzer()  # fail early, with the face module's message, on a bad pack or size

@@ -10,7 +10,8 @@ the middle frame [ours], for a lone image the image itself -> cosine filter (ref
 ``min_similarity``, 0.5 as magic_mirror_reference.md 5) -> the record (``mm_jax.data.records``),
 with the reference stored as its 224 CLIP-aligned crop + ArcFace embedding.
 
-Skip reasons: no_class_word, unreadable, no_face, unreadable_ref, no_face_in_ref, low_similarity,
+Skip reasons: bad_listing (a listing line or file that could not be read, ``sources.invalid_item``),
+no_class_word, unreadable, no_face, unreadable_ref, no_face_in_ref, low_similarity,
 and "error: <type>: <message>" for anything unexpected (a bug or an odd file never stops a build).
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ from mm_jax.data.records import encode_record
 from mm_jax.data.sources import IMAGE_EXT, item_kind, source_name
 from mm_jax.text import CLASS_WORDS
 
-SKIP_REASONS = ("no_class_word", "unreadable", "no_face", "unreadable_ref", "no_face_in_ref", "low_similarity")
+SKIP_REASONS = ("bad_listing", "no_class_word", "unreadable", "no_face", "unreadable_ref", "no_face_in_ref",
+                "low_similarity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,17 @@ class ExampleOptions:
     jpeg_quality: int = 95
     class_words: tuple[str, ...] = CLASS_WORDS
     caption_rules: tuple[CaptionRule, ...] = ()
+
+    def problems(self) -> list[str]:
+        """The out-of-range settings, each as "--flag value: must be ..." (empty when all are valid);
+        the dataset CLIs refuse them before anything is written."""
+        bad = [(f"--max-frames {self.max_frames}", ">= 1") if self.max_frames < 1 else None,
+               (f"--min-similarity {self.min_similarity}", "in [-1, 1] (a cosine similarity)")
+               if not -1.0 <= self.min_similarity <= 1.0 else None,
+               (f"--det-size {self.det_size}", "a positive multiple of 32") if self.det_size < 32
+               or self.det_size % 32 else None,
+               (f"--jpeg-quality {self.jpeg_quality}", "in [1, 100]") if not 1 <= self.jpeg_quality <= 100 else None]
+        return [f"{flag}: must be {allowed}" for flag, allowed in (b for b in bad if b)]
 
     def settings(self) -> dict[str, Any]:
         """What decides the records' content, for summaries and dataset metadata."""
@@ -149,6 +162,8 @@ class ExampleMaker:
 
     def __call__(self, item: dict) -> Outcome:
         """Never raises for bad input; an unexpected exception becomes the skip reason "error: ..."."""
+        if item.get("invalid"):  # an unreadable listing entry: its caption was never read, so not checked
+            return Outcome("skip", CaptionCheck(caption="", had_class_word=True, rule=None), reason="bad_listing")
         check = fix_caption(item.get("caption") or "", self.options.caption_rules, self.options.class_words)
         try:
             return self._make(item, check)

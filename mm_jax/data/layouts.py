@@ -31,7 +31,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from mm_jax.data.sources import IMAGE_EXT, BuildError, item_kind, kind_of, list_items
+from mm_jax.data.sources import IMAGE_EXT, BuildError, invalid_item, item_kind, jsonl_objects, kind_of, list_items
 
 CHUNK = 1024  # items (or rows) per unit
 
@@ -77,7 +77,7 @@ class Manifest(Layout):
         yield from unit["items"]
 
     def kinds(self, units):
-        found = {item_kind(it) for u in units for it in u["items"]}
+        found = {item_kind(it) for u in units for it in u["items"] if not it.get("invalid")}
         return tuple(k for k in ("image", "video") if k in found)
 
 
@@ -169,25 +169,35 @@ class LaionFace(Layout):
 
 
 # -- SFHQ: an image folder + a captions file -----------------------------------------------------
-def read_captions(path: Path) -> dict[str, str]:
-    """{file name or relative path: caption} from a CSV, JSONL or JSON captions file."""
+def read_captions(path: Path) -> tuple[dict[str, str], list[dict]]:
+    """({file name or relative path: caption}, bad lines as ``invalid_item``s) from a CSV, JSONL or
+    JSON captions file; a bad JSONL line is counted, a whole file that cannot be parsed is an error."""
     if not path.is_file():
         raise BuildError(f"--captions {path}: no such file")
     if path.suffix == ".csv":
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
         if not rows:
-            return {}
+            return {}, []
         file_col = _first(rows[0].keys(), ("file", "filename", "image", "image_name", "image_id", "path"), "file", path)
         cap_col = _first(rows[0].keys(), ("caption", "text", "prompt"), "caption", path)
-        return {r[file_col]: r[cap_col] or "" for r in rows}
+        return {r[file_col]: r[cap_col] or "" for r in rows if r.get(file_col)}, []
     if path.suffix == ".jsonl":
-        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        return {d.get("file") or d["path"]: d.get("caption", "") for d in lines}
-    data = json.loads(path.read_text())
+        captions, bad = {}, []
+        for n, d in jsonl_objects(path):
+            name = (d.get("file") or d.get("path")) if d else None
+            if not isinstance(name, str):
+                bad.append(invalid_item(f"{path}:{n}", "not a JSON object with a 'file' or 'path' string"))
+                continue
+            captions[name] = str(d.get("caption") or "")
+        return captions, bad
+    try:
+        data = json.loads(path.read_text(errors="replace"))
+    except ValueError as e:
+        raise BuildError(f"--captions {path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise BuildError(f"--captions {path}: expected a JSON object {{file: caption}}")
-    return {k: str(v) for k, v in data.items()}
+    return {k: str(v) for k, v in data.items()}, []
 
 
 class Sfhq(Layout):
@@ -202,14 +212,14 @@ class Sfhq(Layout):
             (str(p) for p in (src / "captions.csv", src / "captions.jsonl", src / "captions.json") if p.exists()), None)
         if cap_file is None:
             raise BuildError(f"--src {src}: no captions file; pass --captions FILE (CSV, JSONL or JSON)")
-        captions = read_captions(Path(cap_file))
+        captions, bad = read_captions(Path(cap_file))
         images = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXT)
         if not images:
             raise BuildError(f"--src {src}: no images")
         items = [{"path": str(p), "ref": None,
                   "caption": captions.get(str(p.relative_to(src)), captions.get(p.name, captions.get(p.stem, "")))}
                  for p in images]
-        return [{"items": chunk} for chunk in _chunks(items)]
+        return [{"items": chunk} for chunk in _chunks(items + bad)]
 
     def items(self, unit):
         yield from unit["items"]
@@ -287,37 +297,87 @@ class ClipsCsv(Layout):
 
 # -- ConsisID ------------------------------------------------------------------------------------
 def _face_frames(bbox_json: Path) -> list[int] | None:
-    """[first, last + 1) over the frames with a face box in a ConsisID refine_bbox json, None if none."""
-    if not bbox_json.exists():
+    """[first, last + 1) over the frames with a face box in a ConsisID refine_bbox json, None if
+    there is none or the file cannot be read (the clip is then read whole)."""
+    try:
+        boxes = json.loads(bbox_json.read_text())
+        frames = sorted(int(k) for k, v in boxes.items() if isinstance(v, dict) and v.get("face"))
+    except (OSError, ValueError, AttributeError):
         return None
-    frames = sorted(int(k) for k, v in json.loads(bbox_json.read_text()).items() if v.get("face"))
     return [frames[0], frames[-1] + 1] if frames else None
 
 
+def _locate(path: str, base: Path) -> Path | None:
+    """A path from a listing written on another machine: as given, under ``base``, its last two
+    parts under ``base`` (``captions/x.json``, ``name/videos``), or its name under ``base``."""
+    p = Path(path)
+    for c in (p, base / p, base / Path(*p.parts[-2:]), base / p.name):
+        if c.exists():
+            return c
+    return None
+
+
 class Consisid(Layout):
+    """Three forms of ConsisID-preview-Data (its repository's README tree and ``models/dataloader.py``):
+    ``total_train_data.txt`` lines ``videos_dir,captions_json,anno_base`` (paths as given, else found
+    under the source folder), else ``captions/<name>.json`` with ``<name>/videos/`` and
+    ``<name>/refine_bbox_jsons/``, else ``<name>/captions/*.json`` inside each dataset folder."""
     name = "consisid"
     KINDS = ("video",)
+    LISTING = "total_train_data.txt"
 
     def units(self, src):
         src = Path(src)
-        caption_files = sorted((src / "captions").glob("*.json"))
-        if not caption_files:
-            raise BuildError(f"--src {src}: no captions/<name>.json (ConsisID's layout: captions/, <name>/videos/, "
-                             f"<name>/refine_bbox_jsons/)")
-        units = []
-        for cf in caption_files:
-            entries = json.loads(cf.read_text())
-            if not isinstance(entries, list):
-                raise BuildError(f"{cf}: expected a list of {{path, cap}}")
-            units += [{"root": str(src / cf.stem), "entries": c} for c in _chunks(entries)]
+        listing = src if src.is_file() else src / self.LISTING
+        if listing.is_file():
+            return self._listed(listing)
+        sets = [(cf, src / cf.stem, src / cf.stem) for cf in sorted((src / "captions").glob("*.json"))]
+        sets += [(cf, cf.parent.parent, cf.parent.parent) for cf in sorted(src.glob("*/captions/*.json"))]
+        if not sets:
+            raise BuildError(f"--src {src}: no {self.LISTING}, captions/<name>.json or <name>/captions/*.json "
+                             f"(ConsisID's layout: captions/, <name>/videos/, <name>/refine_bbox_jsons/)")
+        return [u for cf, root, anno in sets for u in self._caption_units(cf, root / "videos", anno)]
+
+    def _listed(self, listing: Path) -> list[dict]:
+        units, base = [], listing.parent
+        for n, line in enumerate(listing.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = [x.strip() for x in line.split(",")]
+            found = [_locate(x, base) for x in parts] if len(parts) == 3 else []
+            if len(found) != 3 or None in found:
+                units.append({"invalid": f"{listing}:{n}", "error": "not 'videos_dir,captions_json,anno_base' "
+                                                                    "with paths that exist here"})
+                continue
+            videos, captions, anno = found
+            units += self._caption_units(captions, videos, anno)
+        if not units:
+            raise BuildError(f"--src {listing}: lists nothing")
         return units
 
+    @staticmethod
+    def _caption_units(captions: Path, videos: Path, anno: Path) -> list[dict]:
+        """Chunks of one captions file; a file that is not a JSON list is one unit counted as bad_listing."""
+        try:
+            entries = json.loads(captions.read_text())
+        except (OSError, ValueError) as e:
+            return [{"invalid": str(captions), "error": f"not readable JSON ({e})"}]
+        if not isinstance(entries, list):
+            return [{"invalid": str(captions), "error": "expected a list of {path, cap}"}]
+        return [{"videos": str(videos), "anno": str(anno), "entries": c} for c in _chunks(entries)]
+
     def items(self, unit):
-        root = Path(unit["root"])
-        for e in unit["entries"]:
+        if "invalid" in unit:
+            yield invalid_item(unit["invalid"], unit["error"])
+            return
+        videos, anno = Path(unit["videos"]), Path(unit["anno"])
+        for k, e in enumerate(unit["entries"]):
+            if not isinstance(e, dict) or not isinstance(e.get("path"), str):
+                yield invalid_item(f"{anno}#{k}", "a caption entry without a 'path' string")
+                continue
             name = Path(e["path"]).name
-            item = {"path": str(root / "videos" / name), "caption": e.get("cap") or "", "ref": None}
-            frames = _face_frames(root / "refine_bbox_jsons" / f"{Path(name).stem}.json")
+            item = {"path": str(videos / name), "caption": str(e.get("cap") or ""), "ref": None}
+            frames = _face_frames(anno / "refine_bbox_jsons" / f"{Path(name).stem}.json")
             if frames:
                 item["frames"] = frames
             yield item
@@ -327,6 +387,7 @@ class Consisid(Layout):
 class Opens2v(Layout):
     name = "opens2v"
     KINDS = ("video",)
+    CAPTION_KEYS = ("cap", "face_cap_qwen", "face_cap_glm", "face_cap_Aria")
 
     def units(self, src):
         src = Path(src)
@@ -341,8 +402,9 @@ class Opens2v(Layout):
         if not isinstance(data, dict):
             raise ValueError(f"{unit['json']}: expected {{clip_id: {{metadata, ...}}}}")
         for clip_id, entry in data.items():
-            meta = entry.get("metadata", {})
-            cap = meta.get("cap") or ""
+            meta = entry.get("metadata", {}) if isinstance(entry, dict) else {}
+            # the merged caption, else the face captions of the three captioners the metadata carries
+            cap = next((meta[k] for k in self.CAPTION_KEYS if meta.get(k)), "")
             item = {"path": str(Path(unit["video_root"]) / meta.get("path", f"{clip_id}.mp4")),
                     "caption": cap[0] if isinstance(cap, list) else cap, "ref": None}
             cut = meta.get("face_cut") or meta.get("cut")

@@ -64,12 +64,22 @@ def find_tfds_dir(path: str | Path) -> Path | None:
     return found[0] if found else None
 
 
+def import_tfds():
+    """``tensorflow_datasets``, or an error that says which extra installs it."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError(f"TFDS datasets need tensorflow-datasets and apache-beam ({e}): "
+                          f"pip install -e '.[tfds]'") from None
+    return tfds
+
+
 class TfdsRecords:
     """Record bytes by global index over the stage's TFDS splits (``tfds.data_source``, split after
     split); pickles as (folder, splits), so Grain worker processes reopen it."""
 
     def __init__(self, folder: str | Path, splits: tuple[str, ...]):
-        import tensorflow_datasets as tfds
+        tfds = import_tfds()
 
         self.folder, self.splits = str(folder), tuple(splits)
         builder = tfds.builder_from_directory(self.folder)
@@ -91,9 +101,11 @@ class TfdsRecords:
         self.__init__(state["folder"], state["splits"])
 
 
-def open_records(path: str | Path, stage: str, data_format: str = "shards"):
-    """-> (source: index -> record bytes, names, starts): the stage's records from a shard folder or
-    a TFDS dataset, with each shard's or split's name and first global index (for error messages)."""
+def locate_records(path: str | Path, stage: str, data_format: str = "shards"):
+    """Where the stage's records are, checked without opening them (cheap: the trainer calls it
+    before it writes anything): ``("shards", [shard paths])`` or ``("tfds", dataset folder,
+    splits)``. ``data_format`` "shards" also accepts a TFDS dataset when the folder holds no
+    shards; "tfds" requires one. Errors name the folder and what is missing."""
     if data_format not in ("shards", "tfds"):
         raise ValueError(f"data.format={data_format!r}: must be 'shards' or 'tfds'")
     if not Path(path).is_dir():
@@ -104,19 +116,33 @@ def open_records(path: str | Path, stage: str, data_format: str = "shards"):
         raise FileNotFoundError(f"data.path={path}: no TFDS dataset (dataset_info.json) in or below it; build one "
                                 f"with python -m mm_jax.data.prepare")
     if tfds_dir is None:
-        import grain
-
-        paths = shard_paths(path, stage)
-        sizes = [len(grain.sources.ArrayRecordDataSource([str(p)])) for p in paths]
-        starts = tuple(int(x) for x in np.cumsum([0] + sizes[:-1]))
-        return grain.sources.ArrayRecordDataSource([str(p) for p in paths]), tuple(p.name for p in paths), starts
+        return "shards", shard_paths(path, stage)
     import json
 
-    present = json.loads((tfds_dir / "dataset_info.json").read_text()).get("splits", [])
-    splits = tuple(k for k in _stage_kinds(stage) if any(s["name"] == k for s in present))
+    try:
+        present = json.loads((tfds_dir / "dataset_info.json").read_text()).get("splits", [])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"data.path={path}: {tfds_dir / 'dataset_info.json'} is not valid JSON ({e})") from None
+    splits = tuple(k for k in _stage_kinds(stage) if any(s.get("name") == k for s in present))
     if not splits:
         raise FileNotFoundError(f"data.path={path}: the TFDS dataset {tfds_dir} has no {' or '.join(_stage_kinds(stage))} "
                                 f"split for the {stage} stage")
+    return "tfds", tfds_dir, splits
+
+
+def open_records(path: str | Path, stage: str, data_format: str = "shards"):
+    """-> (source: index -> record bytes, names, starts): the stage's records from a shard folder or
+    a TFDS dataset (``locate_records``), with each shard's or split's name and first global index
+    (for error messages)."""
+    found = locate_records(path, stage, data_format)
+    if found[0] == "shards":
+        import grain
+
+        paths = found[1]
+        sizes = [len(grain.sources.ArrayRecordDataSource([str(p)])) for p in paths]
+        starts = tuple(int(x) for x in np.cumsum([0] + sizes[:-1]))
+        return grain.sources.ArrayRecordDataSource([str(p) for p in paths]), tuple(p.name for p in paths), starts
+    _, tfds_dir, splits = found
     source = TfdsRecords(tfds_dir, splits)
     return source, tuple(f"split {s} of {tfds_dir}" for s in splits), tuple(source.starts)
 

@@ -19,11 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 import threading
 from pathlib import Path
+
+from etils import epath
 
 from mm_jax.data.captions import load_rules
 from mm_jax.data.example import ExampleOptions, add_example_arguments
@@ -35,13 +38,19 @@ BUILDER_NAMES = ("mm_faces_manifest", "mm_laion_face", "mm_sfhq", "mm_clips_csv"
 
 def pipeline_args(beam_pipeline_options: str, workers: int) -> list[str]:
     """``"runner=DataflowRunner,project=p"`` (the ``tfds build`` syntax) -> ["--runner=DataflowRunner",
-    "--project=p"]; without options the DirectRunner: in-process (workers <= 1) or ``workers`` processes."""
-    if beam_pipeline_options:
-        return [f"--{kv.strip()}" for kv in beam_pipeline_options.split(",") if kv.strip()]
+    "--project=p"]; a value may hold commas (``experiments=a,b``), a key may have its dashes; without options the DirectRunner: in-process (workers <= 1) or ``workers`` processes."""
+    if beam_pipeline_options:  # a comma starts a new option only before "key=": values may hold commas
+        parts = re.split(r",(?=\s*-*[A-Za-z_][\w.-]*=)", beam_pipeline_options)
+        return [f"--{kv.strip().lstrip('-')}" for kv in parts if kv.strip()]
     if workers <= 1:
         return ["--runner=DirectRunner", "--direct_running_mode=in_memory"]
     return ["--runner=DirectRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}",
             "--default_sdk_harness_log_level=WARNING"]  # the worker processes log every step at INFO
+
+
+def _remote(path) -> bool:
+    """A URL-style path (gs://, s3://, http://): read and written through etils epath, not pathlib."""
+    return "://" in str(path)
 
 
 def _is_local(args: list[str]) -> bool:
@@ -51,15 +60,15 @@ def _is_local(args: list[str]) -> bool:
 
 def remove_incomplete(builder) -> list[str]:
     """Delete the ``incomplete.*`` folders that a killed build left beside the dataset's version folder."""
-    stale = [p for p in Path(builder.data_path).parent.glob("incomplete.*") if p.is_dir()]
+    stale = [p for p in epath.Path(builder.data_path).parent.glob("incomplete.*") if p.is_dir()]
     for p in stale:
-        shutil.rmtree(p)
+        p.rmtree()
     return [str(p) for p in stale]
 
 
 def summarize(builder) -> dict:
     """Records per split, counters (skips by reason, caption checks), settings and the skipped files."""
-    data_path = Path(builder.data_path)
+    data_path = epath.Path(builder.data_path)
     meta = json.loads((data_path / "metadata.json").read_text()) if (data_path / "metadata.json").exists() else {}
     skipped: dict[str, list[str]] = {}
     for f in sorted(data_path.glob("skipped*.jsonl")):
@@ -112,39 +121,48 @@ def prepare(builder: str, src: str | Path, out: str | Path, face_models: str | P
             min_similarity: float = 0.5, det_size: int = 640, jpeg_quality: int = 95, class_words=CLASS_WORDS,
             caption_rules=(), overwrite: bool = False, progress: bool = True) -> dict:
     """Build (or reuse) the dataset; returns ``summarize``'s summary."""
-    import tensorflow_datasets as tfds
-    from apache_beam.options.pipeline_options import PipelineOptions
+    if builder not in BUILDER_NAMES:
+        raise BuildError(f"--builder {builder}: unknown; one of {', '.join(BUILDER_NAMES)}")
+    options = ExampleOptions(face_models=str(face_models), max_frames=int(max_frames),
+                             min_similarity=float(min_similarity), det_size=int(det_size),
+                             jpeg_quality=int(jpeg_quality), class_words=tuple(class_words),
+                             caption_rules=tuple(caption_rules))
+    bad = ([f"--workers {workers}: must be >= 0 (0 or 1: in-process)"] if workers < 0 else []) + options.problems()
+    if bad:
+        raise BuildError("; ".join(bad))
+    try:
+        import tensorflow_datasets as tfds
+        from apache_beam.options.pipeline_options import PipelineOptions
 
-    from mm_jax.data.tfds import BUILDERS
-
-    if builder not in BUILDERS:
-        raise BuildError(f"--builder {builder}: unknown; one of {', '.join(BUILDERS)}")
+        from mm_jax.data.tfds import BUILDERS
+    except ImportError as e:
+        raise BuildError(f"python -m mm_jax.data.prepare needs tensorflow-datasets and apache-beam ({e}): "
+                         f"pip install -e '.[tfds]'") from None
     args = pipeline_args(beam_pipeline_options, workers)
     local = _is_local(args)
     tfds.disable_progress_bar()  # ours counts items; tfds' counts splits
+    if _remote(src):
+        raise BuildError(f"--src {src}: sources are read from a filesystem path (local, or mounted on every worker, "
+                         f"e.g. gcsfuse or a Filestore/NFS mount), not from a URL; --out may be a gs:// URL")
     if local:  # on a cluster the pack need only exist where the workers run
         from mm_jax.face import FaceModels
 
         FaceModels.load(face_models)  # fail early, with the face module's message, on a bad pack
         if not Path(src).exists():
             raise BuildError(f"--src {src}: no such file or folder")
-    options = ExampleOptions(face_models=str(face_models), max_frames=int(max_frames),
-                             min_similarity=float(min_similarity), det_size=int(det_size),
-                             jpeg_quality=int(jpeg_quality), class_words=tuple(class_words),
-                             caption_rules=tuple(caption_rules))
     progress_dir = tempfile.mkdtemp(prefix="mm_prepare_") if local else None
     try:
         b = BUILDERS[builder](data_dir=str(out), file_format="array_record", src=str(src), options=options,
                               layout_options=layout_options, progress_dir=progress_dir)
         remove_incomplete(b)
         if b.is_prepared():
-            settings = json.loads((Path(b.data_path) / "metadata.json").read_text()).get("settings")
+            settings = json.loads((epath.Path(b.data_path) / "metadata.json").read_text()).get("settings")
             if not overwrite and settings == options.settings():
                 return summarize(b)
             if not overwrite:
                 raise BuildError(f"--out {out}: {b.data_path} was built with other settings ({settings}); pass "
                                  f"--overwrite to rebuild it or choose another --out")
-            shutil.rmtree(b.data_path)
+            epath.Path(b.data_path).rmtree()
             b = BUILDERS[builder](data_dir=str(out), file_format="array_record", src=str(src), options=options,
                                   layout_options=layout_options, progress_dir=progress_dir)
         config = tfds.download.DownloadConfig(beam_options=PipelineOptions(args), manual_dir=str(src))
@@ -163,7 +181,7 @@ def prepare(builder: str, src: str | Path, out: str | Path, face_models: str | P
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
     downloads = Path(out) / "downloads"
-    if downloads.is_dir() and not any(p.is_file() for p in downloads.rglob("*")):
+    if not _remote(out) and downloads.is_dir() and not any(p.is_file() for p in downloads.rglob("*")):
         shutil.rmtree(downloads)  # the empty folders tfds' download manager makes: nothing is downloaded
     return summarize(b)
 

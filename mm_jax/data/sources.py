@@ -60,32 +60,53 @@ def item_key(item: dict) -> str:
     return f"{source_name(item)}|{ver}|{item.get('ref') or ''}"
 
 
+def invalid_item(where: str, problem: str) -> dict[str, Any]:
+    """A listing entry that could not be read (a bad JSONL line, a corrupt captions file): it goes
+    through the builders like any item and is skipped as "bad_listing" and counted, so one bad line
+    among millions neither stops a build nor vanishes unnoticed."""
+    return {"path": where, "caption": "", "ref": None, "invalid": problem}
+
+
+def jsonl_objects(path: Path):
+    """(line number, dict) for each JSON object line; a line that is not one is (n, None)."""
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError:
+            d = None
+        yield n, d if isinstance(d, dict) else None
+
+
 def list_items(src: str | Path) -> list[dict[str, Any]]:
-    """-> [{"path", "caption", "ref"}], from a folder or a JSONL manifest; errors name the problem."""
+    """-> [{"path", "caption", "ref"}], from a folder or a JSONL manifest; a missing or empty source
+    is an error that names it, a bad line an ``invalid_item`` (skipped and counted)."""
     src = Path(src)
     if src.is_file():
         items = []
-        for n, line in enumerate(src.read_text().splitlines(), 1):
-            if not line.strip():
+        for n, d in jsonl_objects(src):
+            path = d.get("path") if d else None
+            if not isinstance(path, str) or not path:
+                items.append(invalid_item(f"{src}:{n}", "not a JSON object with a 'path' string"))
                 continue
-            try:
-                d = json.loads(line)
-                path = Path(d["path"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise BuildError(f"{src}:{n}: not a manifest line with a 'path' ({e})") from None
+            path = Path(path)
             path = path if path.is_absolute() else src.parent / path
             ref = d.get("ref")
-            items.append({"path": str(path), "caption": d.get("caption", ""),
+            items.append({"path": str(path), "caption": str(d.get("caption") or ""),
                           "ref": None if not ref else str(ref if Path(ref).is_absolute() else src.parent / ref)})
+        if not items:
+            raise BuildError(f"--src {src}: the manifest lists nothing")
         return items
     if not src.is_dir():
         raise BuildError(f"--src {src}: no such folder or manifest file")
-    captions = {}
+    captions, bad = {}, []
     if (src / "captions.jsonl").exists():
-        for line in (src / "captions.jsonl").read_text().splitlines():
-            if line.strip():
-                d = json.loads(line)
-                captions[d["file"]] = d.get("caption", "")
+        for n, d in jsonl_objects(src / "captions.jsonl"):
+            if d is None or not isinstance(d.get("file"), str):
+                bad.append(invalid_item(f"{src / 'captions.jsonl'}:{n}", "not a JSON object with a 'file' string"))
+                continue
+            captions[d["file"]] = str(d.get("caption") or "")
     media = sorted(p for p in src.iterdir() if kind_of(p.name))
     if not media:
         raise BuildError(f"--src {src}: no images or videos in the folder (extensions "
@@ -96,4 +117,4 @@ def list_items(src: str | Path) -> list[dict[str, Any]]:
         if cap is None and p.with_suffix(".txt").exists():
             cap = p.with_suffix(".txt").read_text().strip()
         items.append({"path": str(p), "caption": cap or "", "ref": None})
-    return items
+    return items + bad

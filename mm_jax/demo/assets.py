@@ -91,9 +91,9 @@ def prepare(cfg, workdir: str | Path) -> None:
     if cfg.data.path == "synthetic" and not cfg.data.face_models:
         raise ValueError("data.path=synthetic needs data.face_models (a pack folder, or 'standin')")
     if cfg.data.path != "synthetic":  # a real dataset given to a tiny preset
-        from mm_jax.data.loader import shard_paths
+        from mm_jax.data.loader import locate_records
 
-        shard_paths(cfg.data.path, cfg.data.stage)
+        locate_records(cfg.data.path, cfg.data.stage, cfg.data.get("format", "shards"))
     if cfg.model.checkpoint == "tiny" or cfg.model.adapter == "tiny":
         backbone, adapter = tiny_models(workdir)
         if cfg.model.checkpoint == "tiny":

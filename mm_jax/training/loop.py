@@ -172,7 +172,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, return_state: bool
     from tqdm.auto import tqdm
 
     from mm_jax import parallel
-    from mm_jax.data.loader import make_loader, shard_paths
+    from mm_jax.data.loader import locate_records, make_loader
     from mm_jax.training.checkpoints import TrainCheckpoints
     from mm_jax.training.logs import MetricLog
     from mm_jax.training.models import count, load_models
@@ -182,7 +182,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, return_state: bool
     parallel.maybe_initialize_distributed()
     cfg = cfg.copy_and_resolve_references()
     check(cfg)  # cheap checks first: a bad config writes nothing
-    shard_paths(cfg.data.path, cfg.data.stage)
+    locate_records(cfg.data.path, cfg.data.stage, cfg.data.get("format", "shards"))
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     main_process = jax.process_index() == 0
