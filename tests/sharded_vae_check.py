@@ -14,9 +14,10 @@ from mm_jax import checkpoint, parallel, pipeline
 
 ckpt = sys.argv[1]
 assert len(jax.devices()) == 8
-tiling = dict(use_tiling=True, tile_sample_min_height=32, tile_sample_min_width=32)
-# latent tiles 4x4 at stride 3: one row of 3 x columns 4|4|4|4|3, 5 tiles of 2 shapes (4 and 1 of them)
-z = np.random.default_rng(0).standard_normal((1, 2, 3, 15, 4)).astype(np.float32)
+# pixel tiles 48x40 (latent 6x5, stride 5x4, blend 8x8 pixels): a geometry whose tiles align
+tiling = dict(use_tiling=True, tile_sample_min_height=48, tile_sample_min_width=40)
+# one row of 3 x columns 5|5|5|5|2: 5 tiles of 2 shapes (4 and 1 of them)
+z = np.random.default_rng(0).standard_normal((1, 2, 3, 18, 4)).astype(np.float32)
 
 
 def decode(mesh):
@@ -28,6 +29,7 @@ def decode(mesh):
 
 one, maps = decode(parallel.make_mesh({"fsdp": 1}, devices=jax.devices()[:1]))
 assert maps == 0, maps
+assert one.shape[2:4] == (24, 144), one.shape  # 8x the latents: the tiles land where they belong
 for spec, devices in (("data=2,fsdp=2,tensor=2", jax.devices()), ("context=3", jax.devices()[:3])):
     got, maps = decode(parallel.make_mesh(spec, devices=devices))
     err = float(np.max(np.abs(got - one)) / np.max(np.abs(one)))

@@ -92,20 +92,36 @@ def test_vae_parameters_carry_logical_axes_and_no_layers_axis(pair):
 
 @pytest.mark.slow  # over 30 s on 2 CPU cores
 def test_tiled_decode_and_encode_match_diffusers(pair):
+    """Tiles of 48x40 pixels (6x5 latents): strides 40x32 pixels / 5x4 latents, blends 8x8 pixels /
+    1x1 latents: a geometry whose tiles align, as the 5B's (240x360) do."""
     ref, ckpt, _ = pair
-    ref.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32)
+    ref.enable_tiling(tile_sample_min_height=48, tile_sample_min_width=40)
     try:
-        ours = checkpoint.load_component(ckpt, "vae", use_tiling=True, tile_sample_min_height=32,
-                                         tile_sample_min_width=32)
-        z = torch.randn(1, 4, 3, 5, 9, generator=torch.Generator().manual_seed(2))  # 2x3 latent tiles: 4|2 x 4|4|3
-        x = _video(9, 48, 48, seed=3)  # 2x2 pixel tiles: 32|22 x 32|23 (stride 26 x 25)
+        ours = checkpoint.load_component(ckpt, "vae", use_tiling=True, tile_sample_min_height=48,
+                                         tile_sample_min_width=40)
+        z = torch.randn(1, 4, 3, 8, 10, generator=torch.Generator().manual_seed(2))  # 2x3 latent tiles: 6|3 x 5|5|2
+        x = _video(9, 64, 72, seed=3)  # 2x3 pixel tiles: 48|24 x 40|40|8
         with torch.no_grad():
             want_dec = ref.decode(z).sample
             want_enc = ref.encode(x).latent_dist.mean
     finally:
         ref.disable_tiling()
+    assert want_dec.shape[-2:] == (64, 80) and want_enc.shape[-2:] == (8, 9)
     assert max_rel_err(jax.jit(ours.decode)(_cl(z)), _cl(want_dec)) <= 1e-4
     assert max_rel_err(jax.jit(lambda v: ours.encode(v).mean)(_cl(x)), _cl(want_enc)) <= 1e-4
+
+
+def test_tiles_that_do_not_align_decode_untiled_at_the_input_size_with_a_warning(pair):
+    """32x32 tiles on this VAE (stride 3 latents = 24 pixels, but each tile is cropped to 27x26):
+    the reference would return 70x68 frames for 8x8 latents; ours warns and decodes without tiles."""
+    _, ckpt, _ = pair
+    tiled = checkpoint.load_component(ckpt, "vae", use_tiling=True, tile_sample_min_height=32, tile_sample_min_width=32)
+    plain = checkpoint.load_component(ckpt, "vae")
+    z = np.random.default_rng(1).standard_normal((1, 1, 8, 8, 4)).astype(np.float32)
+    with pytest.warns(UserWarning, match="do not align"):
+        got = np.asarray(tiled.decode(z))
+    assert got.shape == (1, 1, 64, 64, 3)
+    np.testing.assert_array_equal(got, np.asarray(plain.decode(z)))
 
 
 def test_tiled_decode_spread_over_8_devices_equals_one_device(pair):

@@ -17,6 +17,7 @@ sizes as arguments; the encoder and decoder here read them from ``VAEConfig``.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Optional
 
 import jax
@@ -254,6 +255,20 @@ def _blend_axis(a, b, extent, axis):
     return jnp.concatenate([mixed, jax.lax.slice_in_dim(b, extent, b.shape[axis], axis=axis)], axis=axis)
 
 
+def _tiles_align(stride, tile, blend, out_tile, what: str) -> bool:
+    """Whether the reference's tiling puts every tile where it belongs: each tile is cropped to
+    ``out_tile - blend`` outputs and the next one starts ``stride`` inputs later, so the two must
+    be the same length (``(out_tile - blend) * tile == stride * out_tile``). The 5B's settings
+    align (480x720 tiles of 240x360, overlaps 1/6 and 1/5); some small configurations do not (the
+    reference then returns frames of another size, e.g. 70x68 for 64x64). Those are run without
+    tiles, with a warning, so the output always has the input's size."""
+    if all((o - b) * t == s * o for s, t, b, o in zip(stride, tile, blend, out_tile)):
+        return True
+    warnings.warn(f"VAE tiling: tiles of {tile} with stride {stride} and blend {blend} do not align (the reference "
+                  f"would {what} to a different size); running without tiles", stacklevel=3)
+    return False
+
+
 class AutoencoderKLCogVideoX(nnx.Module):
     """CogVideoX VAE: ``encode(video) -> DiagonalGaussian``, ``decode(latents) -> video`` (unscaled
     latents; see ``encode_video`` / ``decode_latents`` for the scaling factor)."""
@@ -283,13 +298,12 @@ class AutoencoderKLCogVideoX(nnx.Module):
         _check_video(x.shape, self.cfg.spatial_compression)
         th, tw, lh, lw = self._tiles()
         h, w = x.shape[2:4]
-        if self.cfg.use_tiling and (h > th or w > tw):
-            cfg = self.cfg
+        cfg = self.cfg
+        stride = (int(th * (1 - cfg.tile_overlap_factor_height)), int(tw * (1 - cfg.tile_overlap_factor_width)))
+        blend = (int(lh * cfg.tile_overlap_factor_height), int(lw * cfg.tile_overlap_factor_width))
+        if cfg.use_tiling and (h > th or w > tw) and _tiles_align(stride, (th, tw), blend, (lh, lw), "encode"):
             # not spread over the mesh: the trainer encodes a batch the mesh already splits
-            moments = self._tiled(x, type(self)._encode_moments, (int(th * (1 - cfg.tile_overlap_factor_height)),
-                                                                  int(tw * (1 - cfg.tile_overlap_factor_width))),
-                                  (th, tw), (int(lh * cfg.tile_overlap_factor_height),
-                                             int(lw * cfg.tile_overlap_factor_width)), (lh, lw))
+            moments = self._tiled(x, type(self)._encode_moments, stride, (th, tw), blend, (lh, lw))
         else:
             moments = self._encode_moments(x)
         return DiagonalGaussian.from_moments(moments)
@@ -301,11 +315,10 @@ class AutoencoderKLCogVideoX(nnx.Module):
         cfg = self.cfg
         th, tw, lh, lw = self._tiles()
         h, w = z.shape[2:4]
-        if cfg.use_tiling and (h > lh or w > lw):
-            return self._tiled(z, type(self)._decode_frames, (int(lh * (1 - cfg.tile_overlap_factor_height)),
-                                                              int(lw * (1 - cfg.tile_overlap_factor_width))),
-                               (lh, lw), (int(th * cfg.tile_overlap_factor_height),
-                                          int(tw * cfg.tile_overlap_factor_width)), (th, tw), spread=True)
+        stride = (int(lh * (1 - cfg.tile_overlap_factor_height)), int(lw * (1 - cfg.tile_overlap_factor_width)))
+        blend = (int(th * cfg.tile_overlap_factor_height), int(tw * cfg.tile_overlap_factor_width))
+        if cfg.use_tiling and (h > lh or w > lw) and _tiles_align(stride, (lh, lw), blend, (th, tw), "decode"):
+            return self._tiled(z, type(self)._decode_frames, stride, (lh, lw), blend, (th, tw), spread=True)
         return self._decode_frames(z)
 
     def _tiled(self, x, fn, stride, tile, blend, out_tile, spread: bool = False):
