@@ -11,7 +11,9 @@ reference). Videos go to ``OUT/videos/<prompt id>_<ref stem>.mp4``; a video alre
 (a rerun resumes). All missing videos are sampled by ONE ``python -m mm_jax.sample --prompts
 OUT/todo.jsonl`` call: the models load once, every prompt is encoded before the DiT is placed,
 and the face models and CLIP tower run once per reference. ``OUT/manifest.jsonl`` pairs videos,
-references and prompts; the report is ``OUT/report.json`` / ``report.csv`` / ``plots/``.
+references and prompts; the report is ``OUT/report.json`` / ``report.csv`` / ``plots/``, over the
+videos that exist (``OUT/evaluated.jsonl``): a prompt that failed to sample (named by the sampler)
+leaves the others scored, and the exit code is 1.
 ``--dry-run`` writes the manifest and the prompts file and prints the sample command.
 """
 from __future__ import annotations
@@ -82,14 +84,23 @@ def main(argv=None) -> int:
     cmd = ["--checkpoint", args.checkpoint, "--adapter", args.adapter, "--face-models", args.face_models,
            "--prompts", str(out / "todo.jsonl"), *extra]
     print(f"{len(todo)} of {len(jobs)} videos to sample: python -m mm_jax.sample {shlex.join(cmd)}", file=sys.stderr)
-    if todo and not args.dry_run and (rc := sample.main(cmd)) != 0:
-        return rc
     if args.dry_run:
         print(f"dry run: wrote {out / 'manifest.jsonl'} ({len(jobs)} videos)", file=sys.stderr)
         return 0
-    return evaluate.main(["--manifest", str(out / "manifest.jsonl"), "--face-models", args.face_models,
-                          "--out", str(out / "report.json"), "--csv", str(out / "report.csv"),
-                          "--plots", str(out / "plots"), *(["--clip", args.clip] if args.clip else [])])
+    rc = sample.main(cmd) if todo else 0
+    if rc not in (0, 1):  # 1: some lines failed (named above), the others were written
+        return rc
+    done = [j for j in jobs if (out / j["video"]).exists()]
+    if not done:
+        print("error: no video was sampled; nothing to evaluate", file=sys.stderr)
+        return 2
+    if len(done) < len(jobs):
+        print(f"evaluating the {len(done)} of {len(jobs)} videos that were sampled", file=sys.stderr)
+    (out / "evaluated.jsonl").write_text("".join(json.dumps(j) + "\n" for j in done))
+    rc_eval = evaluate.main(["--manifest", str(out / "evaluated.jsonl"), "--face-models", args.face_models,
+                             "--out", str(out / "report.json"), "--csv", str(out / "report.csv"),
+                             "--plots", str(out / "plots"), *(["--clip", args.clip] if args.clip else [])])
+    return rc_eval or rc
 
 
 if __name__ == "__main__":

@@ -103,23 +103,26 @@ def class_index(tokenizer, prompt: str, adapter_cfg, max_length: int) -> int:
     return idx
 
 
-def prepare(idents: list[Identity], dit, text: jax.Array, prompts: list[str], ckpt_dir, mesh, dtype: str,
+def load_adapter(idents: list[Identity], dit_cfg, *, mesh, dtype: str):
+    """The one adapter all ``idents`` name (loaded once for every batch of a run), checked against
+    the backbone and each identity's CLIP width."""
+    folders = {str(i.adapter_dir) for i in idents}
+    if len(folders) != 1:
+        raise ValueError(f"identity videos of one run need one adapter; got {sorted(folders)}")
+    adapter = checkpoint.load_component(idents[0].adapter_dir, "adapter", mesh=mesh, dtype=dtype, param_dtype=dtype)
+    for ident in idents:
+        check_fits(adapter.cfg, dit_cfg, ident.clip_hidden)
+    return adapter
+
+
+def prepare(idents: list[Identity], adapter, tokenizer, text: jax.Array, prompts: list[str], dtype: str,
             cfg_on: bool, max_length: int = 226):
     """The batch for V videos with identities -> (text batch, extras for the compiled step, model_fn).
 
+    ``adapter`` from ``load_adapter``, ``tokenizer`` the backbone's (both loaded once per run).
     ``text``: (2V, L, T) [negative_1..V, positive_1..V] with CFG, else (V, L, T); ``prompts``: the
-    V positive prompts. CFG batch (design s.4): [negatives without faces | fused prompts with faces].
-    All identities share one adapter folder (loaded once)."""
-    from mm_jax import text as text_lib
-
-    folders = {str(i.adapter_dir) for i in idents}
-    if len(folders) != 1:
-        raise ValueError(f"one batch of identity videos needs one adapter; got {sorted(folders)}")
-    adapter = checkpoint.load_component(idents[0].adapter_dir, "adapter", mesh=mesh, dtype=dtype, param_dtype=dtype)
-    for ident in idents:
-        check_fits(adapter.cfg, dit.cfg, ident.clip_hidden)
-    tok = text_lib.load_tokenizer(Path(ckpt_dir) / "tokenizer")
-    idx = jnp.asarray([class_index(tok, p, adapter.cfg, max_length) for p in prompts])
+    V positive prompts. CFG batch (design s.4): [negatives without faces | fused prompts with faces]."""
+    idx = jnp.asarray([class_index(tokenizer, p, adapter.cfg, max_length) for p in prompts])
     v = len(idents)
     clip = jnp.asarray(np.stack([i.clip_hidden for i in idents]), dtype)
     e_id = jnp.asarray(np.stack([i.e_id for i in idents]), dtype)

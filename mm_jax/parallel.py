@@ -96,17 +96,18 @@ def device_memory_bytes(device=None) -> int | None:
     return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
-def sampling_mesh_shape(num_devices: int, memory_bytes: int | None = None) -> dict[str, int]:
+def sampling_mesh_shape(num_devices: int, memory_bytes: int | None = None, rows: int = 2) -> dict[str, int]:
     """The default mesh for sampling on ``num_devices``: the CFG pair on ``data`` first (two
     independent halves, one small collective per step for the guidance combine), then the
     sequence over ``context``, as xDiT / ConsisID measured (CFG-parallel beats ring or Ulysses at 2
-    GPUs; CFG x sequence beyond). An odd count goes all to ``context``. Devices with less than
+    GPUs; CFG x sequence beyond). An odd count, or ``rows`` = 1 (one video without CFG: a batch
+    of one row that ``data`` cannot split), goes all to ``context``. Devices with less than
     ``REPLICATED_DIT_MIN_BYTES`` (``memory_bytes`` per device) shard the parameters instead:
     fsdp=2 x tensor (``python -m mm_jax.plan`` gives the figures)."""
     if memory_bytes is not None and memory_bytes < REPLICATED_DIT_MIN_BYTES and num_devices > 1:
         fsdp = 2 if num_devices % 2 == 0 else 1
         return {"data": 1, "fsdp": fsdp, "context": 1, "tensor": num_devices // fsdp}
-    data = 2 if num_devices % 2 == 0 else 1
+    data = 2 if num_devices % 2 == 0 and rows >= 2 else 1
     return {"data": data, "fsdp": 1, "context": num_devices // data, "tensor": 1}
 
 

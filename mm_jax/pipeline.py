@@ -227,14 +227,17 @@ SHARED_FIELDS = ("frames", "height", "width", "steps", "guidance", "scheduler", 
 def generate_batch(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, dtype: str = "float32",
                    progress: bool | ProgressFn = True, videos_per_batch: int = 1, text_embeddings: np.ndarray | None = None,
                    model_fn: Callable = default_model_fn, transformer=None, vae=None, text_encoder_on_host: bool = False,
-                   vae_tiling: bool = False, attention_parallelism: str | None = None) -> list[np.ndarray]:
+                   vae_tiling: bool | None = None, attention_parallelism: str | None = None,
+                   return_latents: bool = False):
     """Many videos with the models loaded once: frames (F, H, W, 3) float32 in [0, 1] per request.
 
     Order of work: T5 encodes every prompt (then is freed), the DiT (+ the adapter) denoises the
     videos ``videos_per_batch`` at a time (identity and plain videos in separate batches), then the
     VAE decodes each video. Requests must share ``SHARED_FIELDS`` (they fix the compiled shapes).
     ``text_embeddings``: (2R or R, L, T) precomputed [negatives, positives] for all R requests.
-    ``attention_parallelism``: "ulysses" / "ring" for a ``context`` mesh axis (None: the default)."""
+    ``attention_parallelism``: "ulysses" / "ring" for a ``context`` mesh axis (None: the default).
+    ``vae_tiling``: None decides by ``default_vae_tiling(mesh)``. ``return_latents``: also return
+    each video's final latents (1, f, h, w, C) float32, as ``(frames, latents)``."""
     ckpt_dir = Path(ckpt_dir)
     if not requests:
         return []
@@ -268,6 +271,12 @@ def generate_batch(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, 
     with_id = [i for i, r in enumerate(requests) if r.identity is not None]
     chunks = [c[k:k + videos_per_batch] for c in (plain, with_id) for k in range(0, len(c), videos_per_batch)]
     latents_out: dict[int, jax.Array] = {}
+    adapter = tokenizer = None
+    if with_id:  # loaded once for every identity batch of the run
+        from mm_jax import text as text_lib
+
+        adapter = id_lib.load_adapter([requests[i].identity for i in with_id], dit.cfg, mesh=mesh, dtype=dtype)
+        tokenizer = text_lib.load_tokenizer(ckpt_dir / "tokenizer")
     close = None
     if progress is True:
         progress, close = tqdm_progress(first.steps * len(chunks), desc=f"denoising {n} video(s)")
@@ -276,42 +285,65 @@ def generate_batch(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, 
             text = jnp.asarray(np.concatenate(([neg[chunk]] if cfg_on else []) + [pos[chunk]]), dtype)
             fn, extras = model_fn, None
             if requests[chunk[0]].identity is not None:
-                text, extras, fn = id_lib.prepare([requests[i].identity for i in chunk], dit, text,
-                                                  [requests[i].settings.prompt for i in chunk], ckpt_dir, mesh, dtype,
-                                                  cfg_on, first.max_sequence_length)
+                text, extras, fn = id_lib.prepare([requests[i].identity for i in chunk], adapter, tokenizer, text,
+                                                  [requests[i].settings.prompt for i in chunk], dtype, cfg_on,
+                                                  first.max_sequence_length)
             done = (lambda k, _t, c=c: progress(c * first.steps + k, first.steps * len(chunks))) if progress else None
             with jax.set_mesh(mesh):
                 z = denoise(dit, jnp.concatenate([xs[i] for i in chunk]).astype(dtype), text, first, scheduler_cfg,
                             progress=done, model_fn=fn, extras=extras, seeds=[requests[i].settings.seed for i in chunk])
             for j, i in enumerate(chunk):
                 latents_out[i] = z[j:j + 1]
-            del extras  # the adapter too
+            del extras
     finally:
         if close is not None:
             close()
-    del dit
+    del dit, adapter
     if owns_dit:  # release the DiT before the VAE is placed
         gc.collect()
-    vae = vae or checkpoint.load_component(ckpt_dir, "vae", mesh=mesh, use_tiling=vae_tiling)
+    tiling = default_vae_tiling(mesh) if vae_tiling is None else vae_tiling
+    vae = vae or checkpoint.load_component(ckpt_dir, "vae", mesh=mesh, use_tiling=tiling)
     frames = []
     for i in range(n):
         with jax.set_mesh(mesh):
             video = decode_fn()(vae, jnp.asarray(latents_out[i], jnp.float32))
         frames.append(np.clip(np.asarray(video[0], np.float32) / 2 + 0.5, 0.0, 1.0))
+    if return_latents:
+        return frames, [np.asarray(latents_out[i], np.float32) for i in range(n)]
     return frames
+
+
+def attention_scheme(ckpt_dir: str | Path, mesh, requested: str | None = None) -> str | None:
+    """How the DiT's self-attention joins the sequence on ``mesh``: "ulysses", "ring", or None
+    when the ``context`` axis is 1 (the heads per tensor shard decide, ``attention_parallel.choose``)."""
+    from mm_jax.models import attention_parallel
+
+    context = mesh.shape.get("context", 1)
+    if context == 1:
+        return None
+    heads = checkpoint.load_config(ckpt_dir, "transformer").num_attention_heads
+    return attention_parallel.choose(heads // mesh.shape.get("tensor", 1), context, requested)
+
+
+def default_vae_tiling(mesh) -> bool:
+    """Tiled decode by default on accelerators (memory: one tile's activations at a time) and on
+    meshes of several devices (the tiles are decoded in parallel over all of them); off on one CPU
+    device, where it would only add the tiles' overlap work."""
+    return jax.default_backend() != "cpu" or (mesh is not None and mesh.size > 1)
 
 
 def generate(ckpt_dir: str | Path, settings: SampleSettings, *, latents: np.ndarray | None = None, mesh=None,
              dtype: str = "float32", progress: bool | ProgressFn = True, text_embeddings: np.ndarray | None = None,
              model_fn: Callable = default_model_fn, transformer=None, vae=None,
              identity: Optional[Any] = None, text_encoder_on_host: bool = False,
-             vae_tiling: bool = False) -> np.ndarray:
+             vae_tiling: bool | None = None) -> np.ndarray:
     """Text (+ identity) to video: returns frames (F, H, W, 3) float32 in [0, 1].
 
     ``identity``: an ``mm_jax.identity.Identity`` (reference embeddings + adapter folder); None is
     plain CogVideoX text-to-video. ``progress``: True for a tqdm bar, False for none, or a
     ``ProgressFn``. ``text_encoder_on_host``: run T5 on the host CPU. ``vae_tiling``: decode in
-    overlapping spatial tiles (diffusers ``enable_tiling``), one tile's activations at a time."""
+    overlapping spatial tiles (diffusers ``enable_tiling``), one tile's activations at a time;
+    None: ``default_vae_tiling``."""
     return generate_batch(ckpt_dir, [Request(settings, identity, latents)], mesh=mesh, dtype=dtype, progress=progress,
                           text_embeddings=text_embeddings, model_fn=model_fn, transformer=transformer, vae=vae,
                           text_encoder_on_host=text_encoder_on_host, vae_tiling=vae_tiling)[0]
@@ -325,13 +357,13 @@ def sample_identity(ckpt_dir: str | Path, settings: SampleSettings, reference, f
 
     ``reference``: image path or RGB uint8 array. ``clip_dir``: the checkpoint folder with the
     ``image_encoder`` (default: the adapter's folder, else the backbone's). ``dtype`` defaults to
-    bfloat16 on accelerators and float32 on CPU, as ``mm_jax.sample``; ``vae_tiling`` defaults to on
-    for accelerators and off on CPU.
+    bfloat16 on accelerators and float32 on CPU, as ``mm_jax.sample``; ``vae_tiling`` follows
+    ``default_vae_tiling`` (on for accelerators and meshes of several devices).
     """
-    mesh = mesh or parallel.make_mesh(parallel.sampling_mesh_shape(len(jax.devices()), parallel.device_memory_bytes()))
+    mesh = mesh or parallel.make_mesh(parallel.sampling_mesh_shape(len(jax.devices()), parallel.device_memory_bytes(),
+                                                                   rows=2 if settings.guidance > 1 else 1))
     dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     clip_dir = clip_dir or id_lib.component_dir("image_encoder", adapter_dir, ckpt_dir)
     ident = id_lib.compute(reference, face_models, clip_dir, adapter_dir, mesh=mesh)
-    accel = jax.default_backend() != "cpu"
     return generate(ckpt_dir, settings, mesh=mesh, dtype=dtype, progress=progress, identity=ident,
-                    text_encoder_on_host=text_encoder_on_host, vae_tiling=accel if vae_tiling is None else vae_tiling)
+                    text_encoder_on_host=text_encoder_on_host, vae_tiling=vae_tiling)

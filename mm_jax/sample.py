@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--offload-text-encoder", action="store_true",
                     help="run T5 on the host CPU, not the accelerator (python -m mm_jax.plan says when: its text_encoder phase does not fit)")
-    ap.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (less memory; diffusers enable_tiling)")
+    ap.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
+                    help="decode in spatial tiles (less memory; diffusers enable_tiling), spread over the mesh's "
+                         "devices; default: on for accelerators and for several devices, off on one CPU device")
+    ap.add_argument("--save-latents", help="also write the final latents (1, f, h, w, C) to this .npy (before decode)")
     idg = ap.add_argument_group("identity (Magic Mirror)")
     idg.add_argument("--adapter", help="mm_jax checkpoint folder with the 'adapter' (and optionally 'image_encoder') component")
     idg.add_argument("--ref", help="reference photo of the person")
@@ -158,6 +161,7 @@ def _many(args, base, mesh, dtype) -> int:
             continue
         requests.append(pipeline.Request(settings, ident))
         outs.append((n, d["out"]))
+    del embedder  # the CLIP tower and face models: freed before the DiT is placed
     if not requests:
         print(f"error: {args.prompts}: no usable line", file=sys.stderr)
         return 2 if not failed else 1
@@ -197,9 +201,11 @@ def main(argv=None) -> int:
         for flag in ("prompt", "out"):
             if not getattr(args, flag) and not args.prompts:
                 raise ValueError(f"--{flag} is required (or --prompts FILE)")
-        if args.prompts and (args.prompt or args.out or args.ref or args.id or args.latents):
+        if args.prompts and (args.prompt or args.out or args.ref or args.id or args.latents or args.save_latents):
             raise ValueError("--prompts takes the prompts, outputs and references from its lines; do not also give "
-                             "--prompt/--out/--ref/--id/--latents")
+                             "--prompt/--out/--ref/--id/--latents/--save-latents")
+        if args.save_latents and not args.save_latents.endswith(".npy"):
+            raise ValueError(f"--save-latents {args.save_latents}: must be an .npy path")
         if args.videos_per_batch is not None and args.videos_per_batch < 1:
             raise ValueError(f"--videos-per-batch {args.videos_per_batch}: must be >= 1")
         if (args.ref or args.id) and not args.adapter:
@@ -225,9 +231,11 @@ def main(argv=None) -> int:
             except Exception as e:  # unreadable / not an .npy
                 raise ValueError(f"--latents {args.latents}: cannot read ({e})") from None
         parallel.maybe_initialize_distributed()
+        rows = 2 if args.prompts or args.guidance > 1 else 1  # the DiT batch of one call: a CFG pair, or videos
         mesh = parallel.make_mesh(args.mesh or parallel.sampling_mesh_shape(len(jax.devices()),
-                                                                          parallel.device_memory_bytes()))
+                                                                          parallel.device_memory_bytes(), rows))
         dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+        scheme = pipeline.attention_scheme(args.checkpoint, mesh, args.attention_parallelism)
         if args.prompts:
             return _many(args, settings, mesh, dtype)
         ident = None
@@ -246,18 +254,21 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = dict(dataclasses.asdict(settings), checkpoint=str(args.checkpoint), dtype=dtype,
-                mesh=dict(mesh.shape), latents=args.latents, adapter=args.adapter,
-                reference=(ident.source if ident is not None else None))
+                mesh=dict(mesh.shape), attention=scheme,
+                latents=args.latents, adapter=args.adapter, reference=(ident.source if ident is not None else None))
     print("settings: " + json.dumps(meta), file=sys.stderr)
     t0 = time.time()
     try:
-        frames = pipeline.generate_batch(args.checkpoint, [pipeline.Request(settings, ident, latents)], mesh=mesh,
-                                         dtype=dtype, progress=not args.quiet,
-                                         text_encoder_on_host=args.offload_text_encoder, vae_tiling=args.vae_tiling,
-                                         attention_parallelism=args.attention_parallelism)[0]
+        frames, final = pipeline.generate_batch(
+            args.checkpoint, [pipeline.Request(settings, ident, latents)], mesh=mesh, dtype=dtype,
+            progress=not args.quiet, text_encoder_on_host=args.offload_text_encoder, vae_tiling=args.vae_tiling,
+            attention_parallelism=args.attention_parallelism, return_latents=True)
+        frames = frames[0]
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.save_latents:
+        np.save(args.save_latents, final[0])
     meta["seconds"] = round(time.time() - t0, 2)
     video_io.write_frames(args.out, frames, fps=args.fps, metadata=meta)
     print(f"wrote {args.out} ({frames.shape[0]} frames, {frames.shape[1]}x{frames.shape[2]}) in {meta['seconds']} s",

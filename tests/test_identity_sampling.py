@@ -34,7 +34,7 @@ def setup(tmp_path_factory):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     root = tmp_path_factory.mktemp("idpipe")
-    make_pipeline(root / "src")
+    make_pipeline(root / "src", heads=4)  # 4 heads: Ulysses divides them over context=4 (and 2)
     ckpt = convert(root / "src", root / "ckpt")
     torch.manual_seed(0)
     clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -114,33 +114,39 @@ def test_info_prints_the_added_parameter_count(setup, capsys):
     assert "adapter (from" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a subprocess on 8 fake devices: over 30 s on 2 CPU cores
 def test_identity_sampling_with_progress_bar_on_8_devices_equals_one_device(setup, tmp_path):
-    """8 devices, default mesh (the CFG pair on data=2, the sequence over context=4, Ulysses), dynamic
-    CFG, progress bar on (it used to be an ordered callback inside the compiled loop, which XLA
-    refuses on more than one device; now the host drives the steps)."""
+    """8 devices, default mesh (the CFG pair on data=2, the sequence over context=4 with Ulysses:
+    4 heads), dynamic CFG, progress bar on (it used to be an ordered callback inside the compiled
+    loop, which XLA refuses on more than one device; now the host drives the steps). The final
+    latents equal the 1-device run within 1e-5 (relative to their largest value)."""
     import subprocess
     import sys
     from pathlib import Path
 
     root, ckpt, adapter_dir, pack, refs = setup
     ident = ["--adapter", str(adapter_dir), "--face-models", str(pack), "--ref", str(refs[0]), "--dynamic-cfg"]
-    assert _run(setup, tmp_path / "one.npy", *ident) == 0
+    assert _run(setup, tmp_path / "one.npy", *ident, "--save-latents", str(tmp_path / "one_z.npy")) == 0
     args = ["--checkpoint", str(ckpt), "--prompt", PROMPT, "--frames", "9", "--height", "64", "--width", "64",
-            "--steps", "3", "--latents", str(root / "latents.npy"), "--out", str(tmp_path / "eight.npy"), *ident]
+            "--steps", "3", "--latents", str(root / "latents.npy"), "--out", str(tmp_path / "eight.npy"),
+            "--save-latents", str(tmp_path / "eight_z.npy"), *ident]
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "mm_jax.sample", *args], cwd=repo, env=fake_devices_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "denoising" in proc.stderr and "3/3" in proc.stderr
-    assert '"mesh": {"data": 2, "fsdp": 1, "context": 4, "tensor": 1}' in proc.stderr
-    # frames: the pipeline's bound against diffusers (sharded sums add fp32 rounding: 1.4e-5 seen)
+    assert '"mesh": {"data": 2, "fsdp": 1, "context": 4, "tensor": 1}, "attention": "ulysses"' in proc.stderr
+    one, eight = np.load(tmp_path / "one_z.npy"), np.load(tmp_path / "eight_z.npy")
+    assert one.shape == eight.shape == (1, 3, 8, 8, 4)
+    assert np.max(np.abs(eight - one)) <= 1e-5 * np.max(np.abs(one)), np.max(np.abs(eight - one))
+    # frames: the pipeline's bound against diffusers (the decode adds fp32 rounding)
     assert np.max(np.abs(np.load(tmp_path / "eight.npy") - np.load(tmp_path / "one.npy"))) <= 1e-4
 
 
 def test_prompts_file_writes_every_good_line_and_names_the_bad_ones(setup, tmp_path, capsys):
     """Models load once; two identity videos denoised in one batch and a plain one equal their single
-    runs; a missing reference, a prompt without a class word and a broken line are reported by
-    number and skipped; the exit code says some failed."""
+    runs; a missing reference, a prompt without a class word, a broken line and a reference without
+    a face are reported by number and skipped; the exit code says some failed."""
     root, ckpt, adapter_dir, pack, refs = setup
     lines = [
         {"prompt": PROMPT, "out": str(tmp_path / "a.npy"), "ref": str(refs[0]), "seed": 3},
@@ -148,7 +154,9 @@ def test_prompts_file_writes_every_good_line_and_names_the_bad_ones(setup, tmp_p
         {"prompt": "a man rides a bicycle", "out": str(tmp_path / "b.npy"), "ref": str(refs[1]), "seed": 4},
         {"prompt": "a dog on the beach", "out": str(tmp_path / "dog.npy"), "ref": str(refs[0])},
         {"prompt": PROMPT, "out": str(tmp_path / "plain.npy"), "seed": 5},
+        {"prompt": PROMPT, "out": str(tmp_path / "noface.npy"), "ref": str(tmp_path / "wall.png")},
     ]
+    iio.imwrite(tmp_path / "wall.png", np.full((128, 128, 3), 128, np.uint8))  # a photo without a face
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text("\n".join(json.dumps(d) for d in lines[:3]) + "\n{not json\n"
                      + "\n".join(json.dumps(d) for d in lines[3:]) + "\n")
@@ -159,8 +167,9 @@ def test_prompts_file_writes_every_good_line_and_names_the_bad_ones(setup, tmp_p
     err = capsys.readouterr().err
     assert "prompts.jsonl:2: reference" in err and "prompts.jsonl:4: not JSON" in err
     assert "prompts.jsonl:5: the prompt names no subject class word" in err
-    assert "3 line(s) failed: [2, 4, 5]" in err
-    assert not (tmp_path / "missing.npy").exists() and not (tmp_path / "dog.npy").exists()
+    assert f"prompts.jsonl:7: no face found in {tmp_path / 'wall.png'}" in err
+    assert "4 line(s) failed: [2, 4, 5, 7]" in err
+    assert not any((tmp_path / f).exists() for f in ("missing.npy", "dog.npy", "noface.npy"))
     assert json.loads((tmp_path / "b.npy.json").read_text())["line"] == 3
     single = ["--adapter", str(adapter_dir), "--face-models", str(pack)]
     for name, extra in (("a", ["--ref", str(refs[0]), "--seed", "3"]),
@@ -189,3 +198,31 @@ def test_eval_prompts_benchmark_plans_one_prompts_file_for_the_missing_videos(se
     assert eval_prompts.main(args) == 0
     todo = [json.loads(x) for x in (tmp_path / "out" / "todo.jsonl").read_text().splitlines()]
     assert [t["prompt"] for t in todo] == ["a man number 0", "a man number 2"]
+
+
+def test_eval_prompts_scores_the_sampled_videos_when_one_line_failed(setup, tmp_path, monkeypatch):
+    from benchmarks import eval_prompts
+    from mm_jax import evaluate
+
+    root, ckpt, adapter_dir, pack, refs = setup
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"a man number {i}", "class_word": "man"}) + "\n"
+                               for i in range(3)))
+    evaluated = []
+
+    def fake_sample(cmd):  # line 2 fails (as a reference without a face would), the others are written
+        todo = [json.loads(x) for x in open(cmd[cmd.index("--prompts") + 1])]
+        for t in todo[:1] + todo[2:]:
+            open(t["out"], "wb").write(b"video")
+        return 1
+
+    def fake_evaluate(argv):
+        evaluated.extend(json.loads(x)["video"] for x in open(argv[argv.index("--manifest") + 1]))
+        return 0
+
+    monkeypatch.setattr(sample, "main", fake_sample)
+    monkeypatch.setattr(evaluate, "main", fake_evaluate)
+    args = ["--checkpoint", str(ckpt), "--adapter", str(adapter_dir), "--face-models", str(pack), "--refs",
+            str(refs[0]), "--out-dir", str(tmp_path / "out"), "--prompts", str(prompts)]
+    assert eval_prompts.main(args) == 1
+    assert evaluated == ["videos/p0_ref0.mp4", "videos/p2_ref0.mp4"]

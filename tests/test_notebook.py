@@ -64,5 +64,7 @@ def test_notebook_runs_in_tiny_mode_and_writes_the_video(tmp_path, kernel_path, 
     want = "{'data': 2, 'fsdp': 1, 'context': 4, 'tensor': 1}" if devices == 8 else \
         "{'data': 1, 'fsdp': 1, 'context': 1, 'tensor': 1}"
     assert f"mesh {want}" in printed
+    # the progress bar (text tqdm here: no ipywidgets in the test env) reached the last step
+    assert "denoising 1 video(s)" in printed and "2/2" in printed
     last = nb.cells[-1]
     assert any("text/html" in o.get("data", {}) for o in last.outputs)  # the video is shown inline

@@ -30,6 +30,7 @@ def test_logical_rules_replicate_dims_that_do_not_divide():
     assert parallel.logical_to_spec(("batch",), (2,), mesh_shape) == P(None)
 
 
+@pytest.mark.slow  # a subprocess on 8 fake devices: over 30 s on 2 CPU cores
 def test_dit_on_2x2x2_mesh_equals_one_device(tmp_path):
     from diffusers import CogVideoXTransformer3DModel
 
@@ -46,6 +47,7 @@ def test_dit_on_2x2x2_mesh_equals_one_device(tmp_path):
     assert "max_rel_err" in r.stdout
 
 
+@pytest.mark.slow  # a subprocess on 8 fake devices: over 30 s on 2 CPU cores
 def test_dit_with_adapter_on_context_parallel_meshes_equals_one_device():
     """context=8, data=2,context=4 and data=2,context=2,tensor=2, Ulysses and ring: the CFG batch forward
     equals the 1-device forward within 1e-5 (tests/context_parallel_check.py)."""
@@ -57,6 +59,23 @@ def test_dit_with_adapter_on_context_parallel_meshes_equals_one_device():
     print(r.stdout)
 
 
+def test_attention_scheme_is_ulysses_when_the_heads_divide_else_ring_and_a_forced_ulysses_names_why():
+    from mm_jax.models.attention_parallel import choose
+
+    assert choose(48, 4) == "ulysses" and choose(48, 8) == "ulysses"
+    assert choose(48, 5) == "ring" and choose(2, 4) == "ring"  # the context size does not divide the heads
+    assert choose(48, 4, "ring") == "ring"
+    with pytest.raises(ValueError, match=r"heads per tensor shard \(2\) to be a multiple of the context axis \(4\)"):
+        choose(2, 4, "ulysses")
+    with pytest.raises(ValueError, match="attention_parallelism='tree'"):
+        choose(48, 4, "tree")
+
+
+def test_sampling_mesh_without_cfg_puts_every_device_on_context():
+    assert parallel.sampling_mesh_shape(8, rows=1) == {"data": 1, "fsdp": 1, "context": 8, "tensor": 1}
+    assert parallel.sampling_mesh_shape(8, rows=2) == {"data": 2, "fsdp": 1, "context": 4, "tensor": 1}
+
+
 def test_sampling_mesh_puts_the_cfg_pair_on_data_then_the_sequence_on_context():
     assert parallel.sampling_mesh_shape(1) == {"data": 1, "fsdp": 1, "context": 1, "tensor": 1}
     assert parallel.sampling_mesh_shape(8) == {"data": 2, "fsdp": 1, "context": 4, "tensor": 1}
@@ -66,6 +85,7 @@ def test_sampling_mesh_puts_the_cfg_pair_on_data_then_the_sequence_on_context():
     assert parallel.sampling_mesh_shape(8, 16 * 1024 ** 3) == {"data": 2, "fsdp": 1, "context": 4, "tensor": 1}
 
 
+@pytest.mark.slow  # a subprocess on 8 fake devices: over 30 s on 2 CPU cores
 def test_t5_and_clip_on_2x2x2_mesh_equal_one_device(tmp_path):
     from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, T5Config, T5EncoderModel
 

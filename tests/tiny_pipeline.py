@@ -31,8 +31,8 @@ def train_tokenizer(folder: Path, vocab_size: int = 64):
     return T5Tokenizer.from_pretrained(str(folder), extra_ids=0)
 
 
-def make_pipeline(folder: Path, *, snr_shift_scale: float = 1.0, seed: int = 0):
-    """Save a tiny pipeline to ``folder`` and return the diffusers object."""
+def make_pipeline(folder: Path, *, snr_shift_scale: float = 1.0, seed: int = 0, heads: int = 2):
+    """Save a tiny pipeline to ``folder`` and return the diffusers object (``heads`` DiT heads of 16)."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
     from transformers import T5Config, T5EncoderModel
 
@@ -41,7 +41,7 @@ def make_pipeline(folder: Path, *, snr_shift_scale: float = 1.0, seed: int = 0):
     t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2,
                                  feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
                                  relative_attention_max_distance=20, dropout_rate=0.0)).eval()
-    dit = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+    dit = CogVideoXTransformer3DModel(num_attention_heads=heads, attention_head_dim=16, in_channels=4, out_channels=4,
                                       num_layers=2, text_embed_dim=32, time_embed_dim=16, sample_width=8,
                                       sample_height=8, sample_frames=9, max_text_seq_length=226,
                                       use_rotary_positional_embeddings=True).eval()
