@@ -23,10 +23,10 @@ def _main(cli: str):
         from tools.convert_weights import from_torch
 
         return from_torch.main
-    if cli == "mm_jax.demo":
-        from mm_jax.demo.__main__ import main
+    if cli in ("mm_jax.demo", "mm_jax.plan"):  # packages: their CLI is __main__
+        import importlib
 
-        return main
+        return importlib.import_module(cli + ".__main__").main
     import importlib
 
     return importlib.import_module(cli).main
@@ -84,6 +84,19 @@ TRAIN = [
 @pytest.mark.parametrize("extra,message", TRAIN)
 def test_train_refuses_bad_flags_and_values_by_name_and_writes_nothing(extra, message, empty_cwd):
     code, err = _run("mm_jax.train", ["--config", DEMO, "--workdir", "run", "--no-progress", *extra])
+    assert code == 2 and message in err, err
+    assert not list(empty_cwd.iterdir())
+
+
+@pytest.mark.parametrize("target,extra,message", [
+    ("v5e-1", ["--config.train.steps=abc"], "--config.train.steps=abc"),
+    ("v5e-1", ["--config.train.nope=1"], "no field 'nope'"),
+    ("v9-1", [], "v9-1"),
+    ("v5e-1", ["--mesh", "rows=2"], "unknown axis 'rows'"),
+])
+def test_plan_refuses_bad_overrides_and_values_by_name_and_writes_nothing(target, extra, message, empty_cwd):
+    code, err = _run("mm_jax.plan", ["--target", target, "--workload", "train-video", "--config",
+                                     str(ROOT / "configs" / "video.py") + ":tiny", "--json", "plan.json", *extra])
     assert code == 2 and message in err, err
     assert not list(empty_cwd.iterdir())
 
@@ -203,7 +216,7 @@ def test_converter_refuses_bad_values_by_name_and_writes_nothing(empty_cwd, tmp_
 
 
 @pytest.mark.parametrize("cli", ["mm_jax.train", "mm_jax.sample", "mm_jax.evaluate", "mm_jax.data.build",
-                                 "mm_jax.demo", "from_torch"])
+                                 "mm_jax.data.prepare", "mm_jax.plan", "mm_jax.demo", "from_torch"])
 def test_every_cli_help_shows_the_defaults(cli):
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:

@@ -17,6 +17,7 @@ from mm_jax.data.records import CorruptRecordError, decode_record
 from mm_jax.demo.assets import standin_faces
 from mm_jax.demo.synthetic import make_demo_source
 from mm_jax.demo.tiny_checkpoint import build_tokenizer
+from mm_jax.text import CLASS_WORDS
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +204,7 @@ def test_a_second_face_pack_or_detector_size_in_one_process_gets_its_own_analyze
     for name, pack, det_size in (("first", root / "standin_faces", 640), ("other", other, 640),
                                  ("smaller", root / "standin_faces", 320)):
         options = ExampleOptions(face_models=str(pack), max_frames=9, min_similarity=-1.0, det_size=det_size,
-                                 jpeg_quality=90, class_words=("man", "woman", "person", "boy", "girl"))
+                                 jpeg_quality=90, class_words=CLASS_WORDS)
         _, outcome = build._work((item, options))
         assert outcome.status == "ok"
         records[name] = decode_record(outcome.record, name)

@@ -13,7 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mm_jax.text import CLASS_WORDS
+
+# the captions' subjects: a subset of the one class-word list (so every caption has one)
 WORDS = ("man", "woman", "person", "boy", "girl")
+assert set(WORDS) <= set(CLASS_WORDS)
 ACTIONS = ("is walking on the beach at sunset", "plays the guitar in a small room", "rides a bicycle through the city",
            "laughs while eating ice cream", "is smiling at the camera", "reads a book by the window")
 

@@ -1,4 +1,4 @@
-"""The Magic Mirror identity adapter in Flax NNX (design: shared/design/magic_mirror_reference.md s.3-4).
+"""The Magic Mirror identity adapter in Flax NNX (design: tests/reference/magic_mirror_reference.md s.3-4).
 
     clip_hidden (B, 257, clip_width)  penultimate CLIP ViT states of the 224x224 face crop
     e_id        (B, id_dim)           L2-normalized ArcFace embedding

@@ -8,7 +8,12 @@ through the small factories below, which attach each parameter's *logical* axis 
 (``eager_sharding=False``): a model can be built with or without a mesh, and abstractly, and the
 shardings are derived afterwards by ``parallel.state_shardings``, which also replicates a
 dimension its mesh axes do not divide (something ``nnx.get_named_sharding`` cannot do; tiny test
-models and 48 heads over 5 devices need it).
+models and 48 heads over 5 devices need it). Tried with flax 0.12.8 / jax 0.10.2: a (3072, 48)
+parameter named ``(None, "tensor")`` on a 5-device ``tensor`` axis gets ``P(None, "tensor")``
+from ``nnx.get_named_sharding``, and placing it fails with "ValueError: Sharding spec ('tensor',)
+implies that array axis 1 is partitioned 5 times, but does not evenly divide the dimension size
+48"; ``parallel.logical_to_spec`` keeps that dimension whole (``("embed", "heads")`` on
+fsdp=1, tensor=5: ``P("fsdp", None)``; on tensor=4: ``P("fsdp", "tensor")``).
 
 Parameter names follow the PyTorch checkpoints' meaning (``kernel`` for a linear/conv weight in
 JAX layout, ``scale``/``bias`` for norms, ``embedding`` for tables) so the converter derives every

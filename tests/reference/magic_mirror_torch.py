@@ -1,5 +1,5 @@
 """A second, independent PyTorch implementation of the Magic Mirror adapter, written from
-shared/design/magic_mirror_reference.md sections 3.2-3.5 (not from the Flax code), on top of
+tests/reference/magic_mirror_reference.md sections 3.2-3.5 (not from the Flax code), on top of
 diffusers' CogVideoXTransformer3DModel. Used only by tests.
 
 Open choices are the ones the design fixes for us (config fields): every Linear has a bias, GELU is
