@@ -2,7 +2,8 @@
 (49x480x720, CFG batch 2, DDIM) on 1, 2, 4 and 8 chips with the CFG pair on ``data`` and the
 sequence on ``context``, with and without the identity adapter.
 
-    python benchmarks/context_parallel.py [--family v5e v6e h100] [--chips 1 2 4 8] [--json out.json]
+    python benchmarks/context_parallel.py [--family v5e v6e h100] [--chips 1 2 4 8] [--identity both|on|off] \
+        [--layout cfg|context] [--attention default|ulysses|ring] [--ring-score-mib 256] [--json out.json]
 
 Each row is ``mm_jax.plan.plan`` of the sampler's own denoising step (the planner's ``denoise``
 phase) on the first n chips of the family's topology. It prints, per device: the FLOPs (XLA's
@@ -20,11 +21,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# no GPU driver here: the CUDA plugin's start-up check is skipped, before any backend starts (as
+# python -m mm_jax.plan does; targets.devices sets it too late once JAX has started its backends)
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 GIB = 1024 ** 3
 STEPS = 50
@@ -43,20 +48,27 @@ def family_target(family: str, chips: int):
                               hosts_bounds=(*shape, 1))
 
 
-def mesh_for(chips: int) -> str:
-    return "data=1" if chips == 1 else f"data=2,context={chips // 2}"
+def mesh_for(chips: int, layout: str = "cfg") -> str:
+    """"cfg": the CFG pair on data=2, the rest on context (the sampler's default); "context": every
+    chip on context (data=1), the layout for a batch of one row or for comparing the schemes."""
+    if chips == 1:
+        return "data=1"
+    return f"data=2,context={chips // 2}" if layout == "cfg" else f"data=1,context={chips}"
 
 
-def measure(family: str, chips: int, identity: bool) -> dict:
+def measure(family: str, chips: int, identity: bool, layout: str = "cfg", attention: str = "default") -> dict:
     from mm_jax import plan as planner
 
     t = family_target(family, chips)
+    models = planner.Models.real()
+    if attention != "default":
+        models = models.with_dit({"attention_parallelism": attention})
     t0 = time.perf_counter()
-    p = planner.plan(t, "sample", mesh=mesh_for(chips), sample=planner.SampleSettings(identity=identity),
-                     only=("denoise",))
+    p = planner.plan(t, "sample", mesh=mesh_for(chips, layout), models=models,
+                     sample=planner.SampleSettings(identity=identity), only=("denoise",))
     ph = p.phases[0]
-    row = {"family": family, "chips": chips, "mesh": p.mesh, "identity": identity, "error": ph.error,
-           "wall_seconds": time.perf_counter() - t0}
+    row = {"family": family, "chips": chips, "mesh": p.mesh, "identity": identity, "attention": attention,
+           "error": ph.error, "wall_seconds": time.perf_counter() - t0}
     c = ph.compiled
     if c is not None:
         coll = c.collectives
@@ -75,8 +87,19 @@ def main(argv=None) -> int:
     ap.add_argument("--family", nargs="+", default=["v5e", "v6e", "h100"], choices=("v5e", "v6e", "h100", "a800"))
     ap.add_argument("--chips", nargs="+", type=int, default=[1, 2, 4, 8], choices=(1, 2, 4, 8))
     ap.add_argument("--identity", choices=("both", "on", "off"), default="both")
+    ap.add_argument("--layout", choices=("cfg", "context"), default="cfg",
+                    help="cfg: the CFG pair on data=2, the rest on context; context: every chip on context")
+    ap.add_argument("--attention", choices=("default", "ulysses", "ring"), default="default",
+                    help="the DiT's attention_parallelism (default: Ulysses where the heads divide, else ring)")
+    ap.add_argument("--ring-score-mib", type=float, default=None,
+                    help="ring: float32 score bytes per query chunk (attention_parallel.RING_SCORE_BYTES; "
+                         "default 256; a huge value: the whole block per step, as before chunking)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
+    if args.ring_score_mib is not None:
+        from mm_jax.models import attention_parallel
+
+        attention_parallel.RING_SCORE_BYTES = int(args.ring_score_mib * 2 ** 20)
     from mm_jax.plan import targets
 
     targets.allow_compile_only_libtpu()
@@ -85,21 +108,22 @@ def main(argv=None) -> int:
     for fam in args.family:
         for ident in idents:
             for n in sorted(args.chips):
-                r = measure(fam, n, ident)
+                r = measure(fam, n, ident, args.layout, args.attention)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    print("\n| chips | mesh | identity | TFLOP/device (1 chip / this) | peak GiB/device (usable) | all-to-all MiB/step "
-          "| permute MiB/step | ideal s/video | speed-up vs 1 chip | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| chips | mesh | attention | identity | TFLOP/device (1 chip / this) | peak GiB/device (usable) "
+          "| all-to-all MiB/step | permute MiB/step | ideal s/video | speed-up vs 1 chip | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("flops") is None:
-            print(f"| {r['family']} x{r['chips']} | {r['mesh']} | {r['identity']} | failed: {r['error']} | | | | | | |")
+            print(f"| {r['family']} x{r['chips']} | {r['mesh']} | {r['attention']} | {r['identity']} | failed: "
+                  f"{r['error'][:200]} | | | | | | |")
             continue
         one = next((o for o in rows if o["family"] == r["family"] and o["identity"] == r["identity"]
                     and o["chips"] == 1 and o.get("flops")), None)
         ratio = f"{one['flops'] / r['flops']:.2f}x" if one else ""
         speed = f"{one['ideal_video_seconds'] / r['ideal_video_seconds']:.2f}x" if one else ""
-        print(f"| {r['family']} x{r['chips']} | {r['mesh']} | {'yes' if r['identity'] else 'no'} | "
+        print(f"| {r['family']} x{r['chips']} | {r['mesh']} | {r['attention']} | {'yes' if r['identity'] else 'no'} | "
               f"{r['flops'] / 1e12:.1f} ({ratio}) | {r['peak_bytes'] / GIB:.2f} {'✓' if r['fits'] else '✗'} "
               f"({r['usable_bytes'] / GIB:.2f}) | {r['all_to_all_bytes'] / 2 ** 20:.0f} | "
               f"{r['permute_bytes'] / 2 ** 20:.0f} | {r['ideal_video_seconds']:.1f} | {speed} | "

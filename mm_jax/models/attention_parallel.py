@@ -14,7 +14,8 @@ get the same explicit layout). q/k/v arrive ``(B, S, N, Dh)`` with B over the ba
 * **Ring**: each device keeps its query block and passes the key/value blocks around the
   ``context`` ring (``ppermute``), combining the blocks with an online softmax in float32. Works
   for any c; c - 1 permutes of k and v per call. The per-block product is written out in XLA
-  (einsum), not a fused kernel.
+  (einsum), not a fused kernel, one query chunk at a time (``ring_query_chunk``: at most
+  ``RING_SCORE_BYTES`` of float32 scores per chunk).
 
 ``parallelism``: "ulysses", "ring" or None (Ulysses when the heads divide, else ring). Masks are
 per-row key lengths (``kv_lengths``: row b sees keys [0, kv_lengths[b])), so a padded sequence
@@ -32,6 +33,8 @@ from jax.sharding import PartitionSpec as P
 CONTEXT = "context"
 PARALLELISMS = ("ulysses", "ring")
 _NEG = -1e30  # a finite "minus infinity": a fully masked block must not make exp(-inf - -inf) = NaN
+RING_SCORE_BYTES = 256 * 2 ** 20  # float32 scores of one ring query chunk (``ring_query_chunk``)
+RING_QUERY_CHUNK: int | None = None  # a fixed chunk instead (tests: chunks that do not divide the block)
 
 
 def mesh_shape() -> dict[str, int]:
@@ -68,12 +71,30 @@ def ulysses(kernel: Callable, q, k, v, kv_lengths, *, axis: str = CONTEXT):
     return jax.lax.all_to_all(o, axis_name=axis, split_axis=1, concat_axis=2, tiled=True)
 
 
-def ring(q, k, v, kv_lengths, scale: float, *, axis: str = CONTEXT, size: int):
+def ring_query_chunk(b: int, s: int, n: int, budget: int | None = None) -> int:
+    """Query rows per block of a ring step so that one float32 score block (b, n, rows, s) stays
+    within ``budget`` bytes (``RING_SCORE_BYTES``): the whole block when it fits. At real size
+    (context=4: s ~ 4.4k, 48 heads) the unchunked block is ~3.8 GB, with its exponentials twice that."""
+    budget = RING_SCORE_BYTES if budget is None else budget
+    most = int(max(1, min(s, budget // max(1, b * n * s * 4))))
+    chunks = -(-s // most)
+    return -(-s // chunks)  # the same number of chunks, balanced: the last one pads the fewest rows
+
+
+def ring(q, k, v, kv_lengths, scale: float, *, axis: str = CONTEXT, size: int, q_chunk: int | None = None):
     """Inside ``shard_map``: exact attention of the local query block over every key/value block,
-    which travel once around the ring. q/k/v (b, s, n, Dh) with s = S/c -> (b, s, n, Dh)."""
+    which travel once around the ring. q/k/v (b, s, n, Dh) with s = S/c -> (b, s, n, Dh). The query
+    block is processed ``q_chunk`` rows at a time within each step (``ring_query_chunk``), so the
+    float32 scores never exceed one chunk's; the online softmax makes the result independent of it."""
     b, s, n, dh = q.shape
     me = jax.lax.axis_index(axis)
+    q_chunk = q_chunk or RING_QUERY_CHUNK
+    qc = ring_query_chunk(b, s, n) if q_chunk is None else max(1, min(s, q_chunk))
+    nq = -(-s // qc)
     qf = q.astype(jnp.float32) * scale
+    if nq * qc != s:  # pad the queries to whole chunks; the padded rows are dropped at the end
+        qf = jnp.pad(qf, ((0, 0), (0, nq * qc - s), (0, 0), (0, 0)))
+    qf = qf.reshape(b, nq, qc, n, dh).transpose(1, 0, 2, 3, 4)  # (nq, b, qc, n, dh)
     perm = [(i, (i + 1) % size) for i in range(size)]
     lengths = jnp.full((b,), size * s, jnp.int32) if kv_lengths is None else kv_lengths.astype(jnp.int32)
 
@@ -81,21 +102,27 @@ def ring(q, k, v, kv_lengths, scale: float, *, axis: str = CONTEXT, size: int):
         o, m, l, kc, vc = carry
         src = (me - i) % size  # whose key/value block this device holds at step i
         pos = src * s + jnp.arange(s)
-        valid = pos[None, :] < lengths[:, None]  # (b, s_k)
-        sc = jnp.einsum("bqnh,bknh->bnqk", qf, kc.astype(jnp.float32))
-        sc = jnp.where(valid[:, None, None, :], sc, _NEG)
-        m_new = jnp.maximum(m, sc.max(-1))
-        p = jnp.exp(sc - m_new[..., None])
-        corr = jnp.exp(m - m_new)
-        l = l * corr + p.sum(-1)
-        o = o * corr[..., None] + jnp.einsum("bnqk,bknh->bnqh", p, vc.astype(jnp.float32))
-        kvc = jax.lax.ppermute(jnp.stack([kc, vc]), axis, perm)  # one transfer for both
-        return o, m_new, l, kvc[0], kvc[1]
+        valid = (pos[None, :] < lengths[:, None])[:, None, None, :]  # (b, 1, 1, s_k)
+        kf, vf = kc.astype(jnp.float32), vc.astype(jnp.float32)
 
-    init = (jnp.zeros((b, n, s, dh), jnp.float32), jnp.full((b, n, s), _NEG, jnp.float32),
-            jnp.zeros((b, n, s), jnp.float32), k, v)
+        def block(args):  # one query chunk against this step's key/value block
+            qb, ob, mb, lb = args
+            sc = jnp.where(valid, jnp.einsum("bqnh,bknh->bnqk", qb, kf), _NEG)
+            m_new = jnp.maximum(mb, sc.max(-1))
+            p = jnp.exp(sc - m_new[..., None])
+            corr = jnp.exp(mb - m_new)
+            return (ob * corr[..., None] + jnp.einsum("bnqk,bknh->bnqh", p, vf), m_new,
+                    lb * corr + p.sum(-1))
+
+        o, m, l = jax.lax.map(block, (qf, o, m, l))
+        kvc = jax.lax.ppermute(jnp.stack([kc, vc]), axis, perm)  # one transfer for both
+        return o, m, l, kvc[0], kvc[1]
+
+    init = (jnp.zeros((nq, b, n, qc, dh), jnp.float32), jnp.full((nq, b, n, qc), _NEG, jnp.float32),
+            jnp.zeros((nq, b, n, qc), jnp.float32), k, v)
     o, _, l, _, _ = jax.lax.fori_loop(0, size, step, init)
-    return (o / l[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
+    o = (o / l[..., None]).transpose(1, 0, 3, 2, 4).reshape(b, nq * qc, n, dh)[:, :s]  # (b, s, n, dh)
+    return o.astype(q.dtype)
 
 
 def specs(shape: tuple[int, ...]) -> tuple[P, P]:
