@@ -203,6 +203,16 @@ def test_laion_face_parquet_and_webdataset_shards_are_read(built, tmp_path):
     decoded = [decode_record(maker(it).record) for it in items]
     assert [d["kind"] for d in decoded] == ["image"] * 4 and decoded[2]["source"].endswith("00001.tar#002.png")
     assert all(d["face_found"].all() for d in decoded)
+    # the progress bar's total: parquet row groups say their rows, a tar does not until it is read
+    layout = LAYOUTS["laion_face"]()
+    assert layout.count(layout.units(tmp_path / "laion" / "00000.parquet")) == 2
+    assert layout.count(layout.units(tmp_path / "laion")) is None
+
+
+def test_a_listed_source_gives_the_progress_bar_its_item_count(built):
+    layout = LAYOUTS["manifest"]()
+    units = layout.units(built[0] / "src")
+    assert layout.count(units) == len(list(_items("manifest", built[0] / "src"))) > 0
 
 
 def test_a_corrupt_tar_shard_is_counted_and_the_other_shards_are_built(built, tmp_path):

@@ -65,6 +65,23 @@ class Layout:
     def kinds(self, units: list[dict]) -> tuple[str, ...]:
         return self.KINDS
 
+    def count(self, units: list[dict]) -> int | None:
+        """How many items the units hold, when the listing says so without reading them (the
+        progress bar's total); None when a unit's count is unknown before it is read."""
+        n = 0
+        for u in units:
+            if "items" in u:
+                n += len(u["items"])
+            elif "entries" in u:
+                n += len(u["entries"])
+            elif "invalid" in u:
+                n += 1
+            elif u.get("rows") is not None:
+                n += u["rows"]
+            else:
+                return None
+        return n
+
 
 # -- the generic input --------------------------------------------------------------------------
 class Manifest(Layout):
@@ -100,10 +117,11 @@ class LaionFace(Layout):
                 import pyarrow.parquet as pq
 
                 try:
-                    groups = pq.ParquetFile(f).num_row_groups
+                    meta = pq.ParquetFile(f).metadata
+                    rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
                 except Exception:  # unreadable: one unit, whose reading is counted as skipped
-                    groups = 1
-                units += [{"parquet": str(f), "row_group": g} for g in range(groups)]
+                    rows = [None]
+                units += [{"parquet": str(f), "row_group": g, "rows": r} for g, r in enumerate(rows)]
             else:
                 units.append({"tar": str(f)})
         return units

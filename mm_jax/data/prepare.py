@@ -101,7 +101,13 @@ class _Progress:
         return sum(p.stat().st_size for p in self.folder.iterdir())
 
     def _run(self):
+        total = Path(f"{self.folder}.total")  # written by the builder once it has listed the source
         while not self._stop.wait(0.5):
+            if self.bar.total is None and total.is_file():
+                try:
+                    self.bar.total = int(total.read_text())
+                except ValueError:  # caught mid-write: read it next time
+                    pass
             self.bar.n = self._count()
             self.bar.refresh()
 
@@ -180,6 +186,7 @@ def prepare(builder: str, src: str | Path, out: str | Path, face_models: str | P
     finally:
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
+            Path(f"{progress_dir}.total").unlink(missing_ok=True)
     downloads = Path(out) / "downloads"
     if not _remote(out) and downloads.is_dir() and not any(p.is_file() for p in downloads.rglob("*")):
         shutil.rmtree(downloads)  # the empty folders tfds' download manager makes: nothing is downloaded

@@ -54,6 +54,10 @@ class RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         kinds = layout.kinds(units)
         if not units or not kinds:
             raise BuildError(f"--src {self._src}: nothing to build ({layout.name} layout)")
+        total = layout.count(units) if self._progress_dir else None
+        if total is not None:  # the progress bar's total (``prepare._Progress`` reads it)
+            with open(f"{self._progress_dir}.total", "w") as f:
+                f.write(str(total))
         self.info.metadata.update({"record_format": RECORD_FORMAT, "layout": layout.name, "src": str(self._src),
                                    "layout_options": self._layout_options, "settings": self._options.settings()})
         return build_splits(pipeline, layout, units, kinds, self._options, str(self.data_path / "skipped"),
