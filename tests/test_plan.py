@@ -234,6 +234,20 @@ def test_collectives_are_counted_per_execution_with_result_bytes_and_loop_trip_c
                                                                                              "bytes": 8 * 128 * 2}}
 
 
+def test_a_tpu_async_permute_counts_its_result_not_its_context_scalars():
+    """XLA:TPU writes (operand, result, u32[], u32[]) for collective-permute-start; the ring's
+    transfers on TPU read as 0 MiB when the context scalars were taken for the result."""
+    hlo = """HloModule t
+
+ENTRY %main (p: bf16[2,1,1024,8,64]) -> bf16[2,1,1024,8,64] {
+  %p = bf16[2,1,1024,8,64]{2,4,3,1,0:T(8,128)(2,1)} parameter(0)
+  %cps = (bf16[2,1,1024,8,64]{2,4,3,1,0:T(8,128)(2,1)S(1)}, bf16[2,1,1024,8,64]{2,4,3,1,0:T(8,128)(2,1)S(1)}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%p), channel_id=1, source_target_pairs={{0,1},{1,0}}
+  ROOT %cpd = bf16[2,1,1024,8,64]{2,4,3,1,0:T(8,128)(2,1)} collective-permute-done(%cps)
+}
+"""
+    assert aot.collectives(hlo) == {"collective-permute": {"count": 1, "bytes": 2 * 1024 * 8 * 64 * 2}}
+
+
 # XLA:TPU's form: no known_trip_count on the loop (derived: i = 0; i < 5; i += 1, the compare
 # fused), dots written as convolutions, a splash kernel's custom call printed over three lines
 HLO_TPU = """HloModule t

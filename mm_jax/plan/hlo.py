@@ -369,7 +369,11 @@ class Module:
             if ins.op.endswith("-start") and ins.type.startswith("(") and kind in (
                     "all-gather", "collective-permute", "all-to-all"):
                 # async form: (operands..., results..., [context]) -> the results are the second half
+                # once the context is dropped: XLA:TPU's collective-permute-start ends in two u32[]
+                # scalars, which halving would otherwise take for the results (8 bytes a transfer)
                 parts = shapes(ins.type)
+                while len(parts) > 2 and parts[-1][1] == () and parts[-1][0] in ("u32", "s32"):
+                    parts = parts[:-1]
                 parts = parts[len(parts) // 2:] if len(parts) >= 2 else parts
                 nbytes = sum(DTYPE_BYTES[dt] * math.prod(dims) for dt, dims in parts)
             else:
