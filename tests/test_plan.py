@@ -70,13 +70,16 @@ def _sharded_bytes(module) -> int:
 # -- targets ----------------------------------------------------------------------------------
 
 def test_the_target_table_has_every_machine_the_users_run_with_devices_memory_and_peak():
-    need = {"v5e-1", "v5e-8", "v6e-1", "v6e-8", "v5p-8", "v5p-32", "v4-8", "h100x1", "h100x8", "a100-80x8", "a800-80x8"}
+    need = {"v2-8", "v5e-1", "v5e-8", "v6e-1", "v6e-8", "v5p-8", "v5p-32", "v4-8", "h100x1", "h100x8", "a100-80x8",
+            "a800-80x8"}
     assert need <= set(targets.TARGETS)
     t = targets.TARGETS
     # chips per name: v5e/v6e names count chips, v4/v5p names count TensorCores (2 per megacore chip)
     assert [t[n].devices for n in ("v5e-1", "v5e-8", "v6e-8", "v4-8", "v5p-8", "v5p-32", "h100x8")] == [1, 8, 8, 4, 4,
                                                                                                           16, 8]
     assert t["v5e-1"].hbm_bytes == 16 * GIB and t["v5e-1"].peak_flops == 197e12
+    # v2-8 (Colab): 4 chips of two TensorCores, each a JAX device of 8 GiB and half the chip's 45 TFLOP/s
+    assert t["v2-8"].devices == 8 and t["v2-8"].hbm_bytes == 8 * GIB and t["v2-8"].peak_flops == 22.5e12
     assert t["a800-80x8"].peak_flops == t["a100-80x8"].peak_flops == 312e12
     assert "| `v5p-32` | 16 x TPU v5p |" in targets.table_markdown()
 

@@ -5,7 +5,11 @@ the CUDA plugin). Figures, per chip / GPU:
 
 * TPU: bf16 peak and HBM from the Cloud TPU system-architecture pages (checked 2026):
   v5e 197 TFLOP/s, 16 GB (docs.cloud.google.com/tpu/docs/v5e); v6e 918 TFLOP/s, 32 GB (.../v6e);
-  v5p 459 TFLOP/s, 95 GB (.../v5p); v4 275 TFLOP/s, 32 GiB (.../v4). The pages write GB for v5e,
+  v5p 459 TFLOP/s, 95 GB (.../v5p); v4 275 TFLOP/s, 32 GiB (.../v4); v2 45 TFLOP/s and 16 GiB per
+  chip (the v2 page defers to Jouppi et al., "A Domain Specific Supercomputer for Training Deep
+  Neural Networks", 2020; 180 TFLOP/s per 4-chip v2-8 as announced). A v2 chip's two
+  TensorCores are two JAX devices of 8 GiB (no megacore): v2-8 = 8 devices, 2x2 chips, the Colab
+  TPU runtime. The pages write GB for v5e,
   v6e and v5p and GiB for v4; the table counts all of them as GiB. Chips per name: a v5e/v6e
   name counts chips (v5e-8 = 8 chips, 2x4); a v4/v5p name counts TensorCores, two per chip, which
   JAX sees as one "megacore" device (v4-8 and v5p-8 = 4 chips, 2x2x1; v5p-32 = 16 chips, 2x2x4).
@@ -54,7 +58,7 @@ class Target:
         return "cuda12" if self.is_gpu else "tpu"
 
 
-KINDS = {"TPU v5e": "TPU v5 lite", "TPU v6e": "TPU v6 lite", "TPU v4": "TPU v4", "TPU v5p": "TPU v5",
+KINDS = {"TPU v2": "TPU v2", "TPU v5e": "TPU v5 lite", "TPU v6e": "TPU v6 lite", "TPU v4": "TPU v4", "TPU v5p": "TPU v5",
          "H100 SXM 80GB": "NVIDIA H100 80GB HBM3", "A100 SXM 80GB": "NVIDIA A100-SXM4-80GB",
          "A800 SXM 80GB": "NVIDIA A800-SXM4-80GB"}
 
@@ -77,6 +81,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     _tpu("v5e-8", "v5e:2x4", 8, 16, 197, "TPU v5e", hosts_bounds=(2, 4, 1)),
     _tpu("v6e-1", "v6e:1x1", 1, 32, 918, "TPU v6e", hosts_bounds=(1, 1, 1)),
     _tpu("v6e-8", "v6e:2x4", 8, 32, 918, "TPU v6e", hosts_bounds=(2, 4, 1)),
+    _tpu("v2-8", "v2:2x2", 8, 8, 22.5, "TPU v2"),
     _tpu("v4-8", "v4:2x2x1", 4, 32, 275, "TPU v4", "megacore"),
     _tpu("v5p-8", "v5p:2x2x1", 4, 95, 459, "TPU v5p", "megacore"),
     _tpu("v5p-32", "v5p:2x2x4", 16, 95, 459, "TPU v5p", "megacore"),
@@ -188,7 +193,9 @@ def table_markdown() -> str:
     rows = ["| target | chips (JAX devices) | compiled as | HBM per device | bf16 peak per device | host offload |",
             "|---|---|---|---|---|---|"]
     for t in TARGETS.values():
-        rows.append(f"| `{t.name}` | {t.devices} x {t.chip} | `{t.topology}`{' (' + t.gpu_spec + ')' if t.is_gpu else ''}"
-                    f" | {t.hbm_bytes / GIB:.2f} GiB | {t.peak_flops / 1e12:.0f} TFLOP/s | "
+        chips = f"{t.devices // 2} x {t.chip} ({t.devices} TensorCores)" if t.chip == "TPU v2" else \
+            f"{t.devices} x {t.chip}"
+        rows.append(f"| `{t.name}` | {chips} | `{t.topology}`{' (' + t.gpu_spec + ')' if t.is_gpu else ''}"
+                    f" | {t.hbm_bytes / GIB:.2f} GiB | {t.peak_flops / 1e12:g} TFLOP/s | "
                     f"{'yes' if t.host_offload else 'no'} |")
     return "\n".join(rows)
