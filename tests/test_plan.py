@@ -94,6 +94,22 @@ def test_each_tpu_target_compiles_for_the_device_count_and_host_memory_its_row_s
     assert targets.for_devices(devs) is t  # what the notebook plans for on the attached chips
 
 
+def test_tpu_v2_takes_the_chunked_attention_because_its_mosaic_refuses_splash():
+    """Compiled for v2-8, splash failed: "Mosaic failed to compile TPU kernel: E2001:
+    CompileTimeMosaicUnsupportedRhsType ... vector<128x128xbf16>"; the models and the planner
+    pick the chunked XLA attention there and splash from v4 on."""
+    from jax.sharding import Mesh
+
+    from mm_jax.models import layers
+    from mm_jax.plan.phases import attention_for
+
+    for name, want in (("v2-8", "chunked"), ("v5e-8", "splash")):
+        mesh = Mesh(np.array(targets.devices(targets.TARGETS[name])), ("data",))
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            assert layers.default_attention_impl() == want, name
+        assert attention_for("tpu", targets.TARGETS[name].kind) == want
+
+
 # -- compiled numbers -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("target,mesh", MESHES)

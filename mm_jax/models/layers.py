@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mm_jax.models.platform import target_platform  # noqa: F401  (also used as layers.target_platform)
+from mm_jax.models.platform import NO_PALLAS_TPUS, target_device_kind, target_platform  # noqa: F401  (also used as layers.target_platform)
 
 DType = jnp.dtype
 
@@ -229,11 +229,15 @@ ATTENTION_IMPLS: dict[str, Callable] = {  # (q, k, v, key_mask, kv_lengths, scal
 
 
 def default_attention_impl() -> str:
-    """"cudnn" on NVIDIA GPUs, "splash" on TPU when registered, "chunked" on CPU, else "xla", for
-    the platform being compiled for (``target_platform``)."""
+    """"cudnn" on NVIDIA GPUs, "splash" on TPU when registered (v4 and later: v2/v3's Mosaic refuses
+    it), "chunked" on CPU and TPU v2/v3 (exact, one query block at a time: the full score matrix of
+    the 5B's 17.8k tokens would not fit a v2 core's 8 GiB), else "xla", for the platform being
+    compiled for (``target_platform``, ``target_device_kind``)."""
     backend = target_platform()
     if backend == "gpu":
         return "cudnn"
+    if backend == "tpu" and target_device_kind() in NO_PALLAS_TPUS:
+        return "chunked"
     if backend == "tpu" and "splash" in ATTENTION_IMPLS:
         return "splash"
     if backend == "cpu":

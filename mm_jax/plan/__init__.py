@@ -25,16 +25,17 @@ __all__ = ["plan", "Plan", "PhaseResult", "Models", "SampleSettings", "TrainSett
 
 
 def phases_for(workload: str, models: Models, platform: str, sample: SampleSettings | None = None,
-               train: TrainSettings | None = None):
-    """The phases of ``workload`` (checked settings; nothing compiled yet)."""
+               train: TrainSettings | None = None, kind: str | None = None):
+    """The phases of ``workload`` (checked settings; nothing compiled yet) for ``platform`` and
+    device ``kind`` (which picks the attention kernel: TPU v2/v3 cannot run splash)."""
     from mm_jax.plan import phases
 
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
     if workload == "sample":
-        return phases.sample_phases(models, sample or SampleSettings(), platform)
+        return phases.sample_phases(models, sample or SampleSettings(), platform, kind)
     train = train or TrainSettings.defaults(workload.split("-")[1])
-    return phases.train_phases(models, train, platform)
+    return phases.train_phases(models, train, platform, kind)
 
 
 def settings_of(workload: str, sample: SampleSettings | None, train: TrainSettings | None) -> dict:
@@ -73,7 +74,7 @@ def plan(target: str | Target, workload: str, *, mesh: str | None = None, models
     if not 0 < hbm_fraction <= 1:
         raise ValueError(f"hbm_fraction={hbm_fraction}: must lie in (0, 1]")
     models = models or Models.real()
-    todo = phases_for(workload, models, t.platform, sample, train)
+    todo = phases_for(workload, models, t.platform, sample, train, t.kind)
     if only:
         unknown = sorted(set(only) - {p.name for p in todo})
         if unknown:

@@ -22,7 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ATTENTION_FOR = {"tpu": "splash", "cuda": "cudnn"}  # what the models' default picks on the real device
+def attention_for(platform: str, kind: str | None = None) -> str | None:
+    """The attention kernel the models' default picks on the real device
+    (``layers.default_attention_impl``): splash on TPU v4 and later, the chunked XLA attention on
+    TPU v2/v3 (Mosaic refuses splash there), cuDNN on NVIDIA GPUs."""
+    from mm_jax.models.platform import NO_PALLAS_TPUS
+
+    if platform == "tpu" and kind in NO_PALLAS_TPUS:
+        return "chunked"
+    return {"tpu": "splash", "cuda": "cudnn"}.get(platform)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,13 +205,13 @@ def check_sample(models: Models, s: SampleSettings) -> None:
     frame_counts.check(s.frames, "frames", **frame_counts.from_vae_config(vae))
 
 
-def sample_phases(models: Models, s: SampleSettings, platform: str) -> list[Phase]:
+def sample_phases(models: Models, s: SampleSettings, platform: str, kind: str | None = None) -> list[Phase]:
     """text_encoder, denoise (x steps), vae_decode: what ``pipeline.generate`` runs for one video."""
     from mm_jax import checkpoint, identity, pipeline, text
     from mm_jax import schedulers as sch
 
     check_sample(models, s)
-    impl = ATTENTION_FOR.get(platform)
+    impl = attention_for(platform, kind)
     cfg_on = s.guidance > 1.0
     n_text = 2 if cfg_on else 1
     dt = jnp.dtype(s.dtype)
@@ -284,7 +292,7 @@ def check_train(models: Models, s: TrainSettings) -> None:
         raise ValueError(f"remat={s.remat!r}; choose from {', '.join(REMAT_POLICIES)}")
 
 
-def train_phases(models: Models, s: TrainSettings, platform: str) -> list[Phase]:
+def train_phases(models: Models, s: TrainSettings, platform: str, kind: str | None = None) -> list[Phase]:
     """train_step: ``training.step.make_train_step`` on ``abstract_state``, the batch sharded as
     ``put_batch`` shards it, the frozen encoders the step runs (those ``precomputed`` does not replace)."""
     import ml_collections
@@ -296,7 +304,7 @@ def train_phases(models: Models, s: TrainSettings, platform: str) -> list[Phase]
     from mm_jax.training.optim import make_optimizer
 
     check_train(models, s)
-    impl = ATTENTION_FOR.get(platform)
+    impl = attention_for(platform, kind)
     dt = s.dtype
     dit_cfg = _replace(models.transformer, dtype=dt, param_dtype=dt, remat_policy=s.remat, attention_impl=impl)
     vae_cfg = models.vae  # float32, as load_models restores it
