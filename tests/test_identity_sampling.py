@@ -138,7 +138,9 @@ def test_identity_sampling_with_progress_bar_on_8_devices_equals_one_device(setu
     assert '"mesh": {"data": 2, "fsdp": 1, "context": 4, "tensor": 1}, "attention": "ulysses"' in proc.stderr
     one, eight = np.load(tmp_path / "one_z.npy"), np.load(tmp_path / "eight_z.npy")
     assert one.shape == eight.shape == (1, 3, 8, 8, 4)
-    assert np.max(np.abs(eight - one)) <= 1e-5 * np.max(np.abs(one)), np.max(np.abs(eight - one))
+    err = float(np.max(np.abs(eight - one)) / np.max(np.abs(one)))
+    print(f"8 devices (data=2,context=4, Ulysses) vs 1: final latents max rel err {err:.2e}")
+    assert err <= 1e-5, err
     # frames: the pipeline's bound against diffusers (the decode adds fp32 rounding)
     assert np.max(np.abs(np.load(tmp_path / "eight.npy") - np.load(tmp_path / "one.npy"))) <= 1e-4
 
