@@ -10,7 +10,6 @@ models included) runs on every mesh.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -133,24 +132,6 @@ def no_mesh():
     """A context with no mesh set (inside one that has one): for building or shape-evaluating
     models whose parameters carry logical names, which are not mesh axes."""
     return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ()))
-
-
-def maybe_initialize_distributed() -> None:
-    """Call ``jax.distributed.initialize()`` when launched as one of several processes.
-
-    Detected from the usual launcher variables (``JAX_COORDINATOR_ADDRESS``, SLURM, TPU pods set
-    theirs); a single process does nothing.
-    """
-    multi = any(
-        os.environ.get(k)
-        for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES")
-    )
-    if multi and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
-        try:
-            jax.distributed.initialize()
-        except RuntimeError as e:  # already initialized
-            if "already" not in str(e):
-                raise
 
 
 def _mesh_axes_size(mesh_shape: Mapping[str, int], axes: Any) -> int:

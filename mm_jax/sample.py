@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import jax
 
-    from mm_jax import parallel, pipeline, video_io
+    from mm_jax import distributed, parallel, pipeline, video_io
 
     if args.info:
         return _info(args)
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
                 latents = np.load(args.latents)
             except Exception as e:  # unreadable / not an .npy
                 raise ValueError(f"--latents {args.latents}: cannot read ({e})") from None
-        parallel.maybe_initialize_distributed()
+        distributed.initialize()
         rows = 2 if args.prompts or args.guidance > 1 else 1  # the DiT batch of one call: a CFG pair, or videos
         mesh = parallel.make_mesh(args.mesh or parallel.sampling_mesh_shape(len(jax.devices()),
                                                                           parallel.device_memory_bytes(), rows))

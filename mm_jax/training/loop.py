@@ -171,7 +171,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, return_state: bool
     with ``return_state`` also the final trainable params and the frozen states (for tests)."""
     from tqdm.auto import tqdm
 
-    from mm_jax import parallel
+    from mm_jax import distributed, parallel
     from mm_jax.data.loader import locate_records, make_loader
     from mm_jax.training.checkpoints import TrainCheckpoints
     from mm_jax.training.logs import MetricLog
@@ -179,7 +179,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, return_state: bool
     from mm_jax.training.optim import learning_rate, make_optimizer
     from mm_jax.training.step import init_state, make_train_step, put_batch
 
-    parallel.maybe_initialize_distributed()
+    distributed.initialize()
     cfg = cfg.copy_and_resolve_references()
     check(cfg)  # cheap checks first: a bad config writes nothing
     locate_records(cfg.data.path, cfg.data.stage, cfg.data.get("format", "shards"))
