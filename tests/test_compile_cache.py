@@ -1,0 +1,45 @@
+"""The persistent compilation cache: a second process reads every program the first compiled, and
+spends a small part of the first one's compile time getting them."""
+import json
+import os
+import subprocess
+import sys
+
+from mm_jax import compile_cache
+
+PROGRAMS = """
+import json, sys
+from mm_jax import compile_cache
+compile_cache.enable(compile_cache.resolve(sys.argv[1]))
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T + jnp.tanh(x).sum())
+for n in (64, 128, 256):
+    f(jnp.ones((n, n))).block_until_ready()
+print(json.dumps(compile_cache.STATS.as_dict()))
+"""
+
+
+def _run(folder):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NPROC")}
+    r = subprocess.run([sys.executable, "-c", PROGRAMS, str(folder)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_reads_every_program_from_the_cache(tmp_path):
+    first, second = _run(tmp_path / "xla"), _run(tmp_path / "xla")
+    assert first["cache_hits"] == 0 and first["cache_misses"] == first["programs"] >= 3
+    assert second["cache_hits"] == second["programs"] == first["programs"] and second["cache_misses"] == 0
+    assert second["compile_s"] < 0.1 * first["compile_s"], (first, second)
+
+
+def test_off_disables_the_cache_and_empty_means_the_default_folder(tmp_path, monkeypatch):
+    assert compile_cache.resolve("off") is None and compile_cache.resolve("None") is None
+    monkeypatch.setenv("MM_JAX_COMPILE_CACHE", str(tmp_path / "c"))
+    assert compile_cache.resolve("") == compile_cache.resolve(None) == str(tmp_path / "c")
+    monkeypatch.delenv("MM_JAX_COMPILE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert compile_cache.resolve(None) == str(tmp_path / "x" / "mm_jax" / "xla")
+    stats = _run("off")
+    assert stats["cache_hits"] == stats["cache_misses"] == 0 and stats["programs"] >= 3
