@@ -1,5 +1,6 @@
 """Building a training set from generated clips/images (stand-in face models) and loading both
-stages: counts and skips, resume, the batch contract, determinism, process sharding, dropout,
+stages: counts and skips, resume, the batch contract, determinism, one global stream whatever
+the process count (rows, states), dropout,
 and clear errors for corrupt records, empty folders and wrong frame counts."""
 import json
 import shutil
@@ -102,22 +103,81 @@ def test_same_seed_same_batches_and_a_restored_state_continues_exactly(built):
     assert not np.array_equal(other["pixels"], first[0]["pixels"])
 
 
-def test_two_processes_read_disjoint_records_that_cover_the_set(built):
+def _same(x, y):
+    return x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]) for k in x)
+
+
+def _joined(*parts):
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def test_the_rows_of_two_processes_put_together_are_the_one_process_batch_across_epochs(built):
+    """5 video records, global batch 4: batches 1, 2 and 3 straddle epoch boundaries (positions 5, 10, 15)."""
     from array_record.python.array_record_module import ArrayRecordReader
 
     root, _, tok = built
+    one = make_loader(_cfg(root / "out"), tokenizer=tok, global_batch_size=4, seed=2, process_index=0,
+                      process_count=1)
+    halves = [make_loader(_cfg(root / "out"), tokenizer=tok, global_batch_size=4, seed=2, rows=r)
+              for r in ((0, 2), (2, 4))]
+    by_default = make_loader(_cfg(root / "out"), tokenizer=tok, global_batch_size=4, seed=2, process_index=1,
+                             process_count=2)
+    assert halves[0].batch_size == 2 and by_default.rows == (2, 4)
+    batches = []
+    for _ in range(4):
+        whole, low, high = next(one), next(halves[0]), next(halves[1])
+        assert whole["pixels"].shape[0] == 4 and low["pixels"].shape[0] == 2
+        assert _same(whole, _joined(low, high)) and _same(high, next(by_default))
+        batches.append(whole)
+    # the global stream's first epoch (positions 0-4) holds every record once, the second a new order
     everything = set()
-    for p in sorted((root / "out").glob("video-*.array_record")):
-        r = ArrayRecordReader(str(p))
+    for path in sorted((root / "out").glob("video-*.array_record")):
+        r = ArrayRecordReader(str(path))
         everything |= {decode_record(x)["ref_embedding"].tobytes() for x in r.read_all()}
         r.close()
-    seen = []
-    for pi in (0, 1):
-        ld = make_loader(_cfg(root / "out", shuffle=False), tokenizer=tok, global_batch_size=2, seed=0,
-                         process_index=pi, process_count=2)
-        per_epoch = (5 - pi + 1) // 2
-        seen.append({next(ld)["e_id"][0].tobytes() for _ in range(per_epoch)})
-    assert not seen[0] & seen[1] and seen[0] | seen[1] == everything
+    ids = [e.tobytes() for b in batches for e in b["e_id"]]
+    assert len(everything) == 5 and set(ids[:5]) == everything and set(ids[5:10]) == everything
+    assert ids[:5] != ids[5:10]
+
+
+def test_a_state_saved_by_two_processes_restores_on_one_and_the_reverse(built):
+    root, _, tok = built
+    mk = lambda **kw: make_loader(_cfg(root / "out"), tokenizer=tok, global_batch_size=4, seed=4, **kw)
+    low, high = mk(rows=(0, 2)), mk(rows=(2, 4))
+    for _ in range(2):
+        next(low), next(high)
+    state = low.get_state()
+    assert state == high.get_state() == {"global_batch": 2, "global_batch_size": 4}
+    one = mk(process_index=0, process_count=1)
+    one.set_state(state)
+    for _ in range(2):
+        assert _same(next(one), _joined(next(low), next(high)))
+    back = mk(rows=(2, 4))  # and a 1-process state restores in a 2-process loader
+    back.set_state(one.get_state())
+    assert _same(next(back), {k: v[2:] for k, v in next(one).items()})
+    with pytest.raises(ValueError, match="saved with global batch 8, this run's is 4"):
+        one.set_state({"global_batch": 3, "global_batch_size": 8})
+    with pytest.raises(ValueError, match=r"rows=\(2, 5\): must be \(start, stop\) with 0 <= start < stop <= the "
+                                         r"global batch 4"):
+        mk(rows=(2, 5))
+
+
+def test_a_state_of_the_earlier_per_process_loader_resumes_at_its_batch_count_with_a_warning(built):
+    root, _, tok = built
+    mk = lambda: make_loader(_cfg(root / "out"), tokenizer=tok, global_batch_size=2, seed=4, process_index=0,
+                             process_count=1)
+    ref = mk()
+    expected = [next(ref) for _ in range(4)][3]
+    for old in ({"next_index": 3}, {"next_index_in_cycle": 1, "next_index_in_datasets": 3,
+                                    "iterators_in_use_indices": [0, 1],
+                                    "iterators_in_use_states": [{"next_index": 2}, {"next_index": 1}],
+                                    "exhausted": [0, 0], "future_states": {}}):
+        ld = mk()
+        with pytest.warns(UserWarning, match="cannot be continued exactly: resuming at global batch 3"):
+            ld.set_state(old)
+        assert _same(next(ld), expected)
+    with pytest.raises(ValueError, match="cannot resume the data stream from it"):
+        mk().set_state({"something": 1})
 
 
 def test_condition_dropout_rates_match_the_config(built):
@@ -134,13 +194,16 @@ def test_condition_dropout_rates_match_the_config(built):
     assert abs(both - 0.2) < 4 * (0.2 * 0.8 / n) ** 0.5
 
 
-def test_a_worker_process_gives_the_same_batches(built):
+def test_worker_processes_give_the_same_rows_and_restore_the_same_state(built):
     root, _, tok = built
-    a = make_loader(_cfg(root / "out"), tokenizer=tok, global_batch_size=2, seed=3)
-    b = make_loader(_cfg(root / "out", num_workers=1), tokenizer=tok, global_batch_size=2, seed=3)
-    for _ in range(2):
-        x, y = next(a), next(b)
-        assert all(np.array_equal(x[k], y[k]) for k in x)
+    a = make_loader(_cfg(root / "out"), tokenizer=tok, global_batch_size=4, seed=3, process_index=0,
+                    process_count=1)
+    b = make_loader(_cfg(root / "out", num_workers=2), tokenizer=tok, global_batch_size=4, seed=3, rows=(2, 4))
+    whole = [next(a) for _ in range(3)]
+    assert _same(next(b), {k: v[2:] for k, v in whole[0].items()})
+    b.set_state({"global_batch": 2, "global_batch_size": 4})
+    assert _same(next(b), {k: v[2:] for k, v in whole[2].items()})
+    assert b.get_state() == {"global_batch": 3, "global_batch_size": 4}
     b.close()
 
 
