@@ -13,9 +13,37 @@ def learning_rate(cfg) -> optax.Schedule:
                                  optax.constant_schedule(cfg.lr)], [cfg.warmup_steps])
 
 
+# Weight decay by parameter role (the leaf's name, ``mm_jax.models.layers``' naming) [ours; the
+# design's "AdamW, wd 1e-4" names no mask]: the weight matrices decay, i.e. linear and conv
+# kernels and the learned tables (``embedding``, the perceivers' learned queries ``latents``, CLIP's
+# ``class_embedding``); biases, norm scales/offsets and CLIP's logit temperature do not, whatever
+# their rank (stacked layers make biases and norm scales 2-D, e.g. the CAN bias (21, 43008)).
+DECAYED = ("kernel", "embedding", "latents", "class_embedding")
+NOT_DECAYED = ("bias", "scale", "logit_scale")
+
+
+def _role(path) -> str:
+    """The parameter's name: the last string key of its path (``.value`` of nnx states skipped)."""
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    names = [n for n in names if isinstance(n, str) and n != "value"]
+    return names[-1] if names else ""
+
+
 def decay_mask(params):
-    """Weight decay on matrices only [ours]: biases, norms' scales and 1-D tables are not decayed."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """True where weight decay applies: by the parameter's role (``DECAYED`` / ``NOT_DECAYED``),
+    not its rank. A parameter of another name is an error that names it (classify it here)."""
+
+    def decays(path, _):
+        role = _role(path)
+        if role in DECAYED:
+            return True
+        if role in NOT_DECAYED:
+            return False
+        raise ValueError(f"parameter {jax.tree_util.keystr(path)}: no weight-decay role for the name {role!r}; "
+                         f"decayed: {', '.join(DECAYED)}; not decayed: {', '.join(NOT_DECAYED)} "
+                         f"(mm_jax/training/optim.py)")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
