@@ -22,7 +22,8 @@ DEMO_SETUP = "mm_jax.demo.assets:prepare"
 def common(stage: str) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.stage = stage
-    cfg.mesh = ""          # e.g. "data=2,fsdp=4,tensor=1"; empty: every device on fsdp
+    cfg.mesh = ""          # e.g. "data=2,fsdp=4,tensor=1"; empty: every device on fsdp (of a slice, with mesh_dcn)
+    cfg.mesh_dcn = ""      # e.g. "data=2" for 2 TPU slices (mesh is then per slice); empty: one slice
     cfg.init_from = ""     # stage 2: a stage-1 workdir or an exported adapter folder
     cfg.setup = ""         # "module:function" the train CLI calls as fn(cfg, workdir) before training
 
@@ -71,6 +72,7 @@ def common(stage: str) -> ml_collections.ConfigDict:
     cfg.train.checkpoint_every = 500
     cfg.train.keep_checkpoints = 3
     cfg.train.async_checkpointing = True
+    cfg.train.log_every = 10  # steps between metric fetches (each step's loss is still logged and checked)
 
     cfg.sample = ml_collections.ConfigDict()
     cfg.sample.every = 0               # steps between sample videos; 0: only after the last step

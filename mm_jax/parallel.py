@@ -10,10 +10,12 @@ models included) runs on every mesh.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")  # tensor innermost: its collectives are the most frequent
@@ -110,21 +112,109 @@ def sampling_mesh_shape(num_devices: int, memory_bytes: int | None = None, rows:
     return {"data": data, "fsdp": 1, "context": num_devices // data, "tensor": 1}
 
 
-def make_mesh(shape: Mapping[str, int] | str | None = None, devices: Sequence[Any] | None = None) -> Mesh:
-    """A ``Mesh`` over ``MESH_AXES``. Missing axes get size 1; the product must equal the device count."""
-    devices = list(jax.devices() if devices is None else devices)
+def _axis_sizes(shape: Mapping[str, int] | str, what: str) -> list[int]:
+    """Sizes over ``MESH_AXES`` (missing axes 1) from a spec string or a mapping, axes checked."""
     if isinstance(shape, str):
         shape = parse_mesh_spec(shape)
-    shape = dict(default_mesh_shape(len(devices)) if not shape else shape)
-    sizes = [shape.get(a, 1) for a in MESH_AXES]
-    if math.prod(sizes) != len(devices):
-        raise ValueError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but {len(devices)} are present"
-        )
+    unknown = sorted(set(shape) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"{what} {dict(shape)}: unknown axes {unknown}; allowed: {', '.join(MESH_AXES)}")
+    bad = {a: s for a, s in shape.items() if not isinstance(s, (int, np.integer)) or s < 1}
+    if bad:
+        raise ValueError(f"{what} {dict(shape)}: axis sizes must be positive integers, got {bad}")
+    return [int(shape.get(a, 1)) for a in MESH_AXES]
+
+
+def _named(sizes: Sequence[int]) -> str:
+    return ",".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+
+
+def _slices(devices: Sequence[Any]) -> tuple[dict[int, list], str]:
+    """The devices grouped by slice (``device.slice_index``: TPU slices joined by the data-center
+    network), or by process where devices carry no slice index (CPU, GPU), and what was grouped by."""
+    by = "slice_index" if all(getattr(d, "slice_index", None) is not None for d in devices) else "process_index"
+    groups: dict[int, list] = {}
+    for d in devices:
+        groups.setdefault(getattr(d, by), []).append(d)
+    return groups, by
+
+
+_SPLIT_WARNED: set = set()   # (device kind, mesh shape) already warned about
+
+
+def _topology_order(build, sizes: list[int], devices: list, **kw) -> np.ndarray:
+    """``build`` (``mesh_utils.create_device_mesh`` or ``create_hybrid_device_mesh``) over
+    ``devices``. Its documented refusal, NotImplementedError for a TPU mesh whose axis sizes are not
+    products of whole physical torus axes, is met by splitting physical axes (still by topology,
+    what ``jax.make_mesh`` does on v5e), with a warning once per device kind and shape."""
     try:
-        arr = jax.experimental.mesh_utils.create_device_mesh(sizes, devices=devices)
-    except Exception:  # unusual topologies (fake CPU devices): plain reshape
-        arr = np.asarray(devices).reshape(sizes)
+        return build(sizes, devices=devices, **kw)
+    except NotImplementedError:
+        key = (devices[-1].device_kind, tuple(sizes))
+        if key not in _SPLIT_WARNED:
+            _SPLIT_WARNED.add(key)
+            coords = [tuple(d.coords) for d in devices if hasattr(d, "coords")]
+            torus = "x".join(str(max(c) - min(c) + 1) for c in zip(*coords)) if coords else "?"
+            warnings.warn(f"mesh {_named(sizes)} on {len(devices)} x {key[0]} (chips {torus}): an axis size is not a "
+                          f"product of whole physical torus axes, so mesh_utils splits a physical axis over several "
+                          f"mesh axes (fewer links per collective); sizes that are products of the torus' axes avoid "
+                          f"it", stacklevel=3)
+        return build(sizes, devices=devices, allow_split_physical_axes=True, **kw)
+
+
+def make_mesh(shape: Mapping[str, int] | str | None = None, devices: Sequence[Any] | None = None, *,
+              dcn: Mapping[str, int] | str | None = None) -> Mesh:
+    """A ``Mesh`` over ``MESH_AXES`` whose device order follows the chips.
+
+    ``shape``: axis sizes, a mapping or a spec ("data=2,fsdp=4"); missing axes get size 1; the
+    product must equal the device count; default: every device on fsdp.
+
+    ``dcn``: the mesh axes across slices (same names and forms; config ``mesh_dcn``, planner
+    ``--mesh-dcn``), for devices in several TPU slices joined by the data-center network. The
+    mesh is then ``shape`` within each slice times ``dcn`` across slices, axis by axis: ``shape``
+    "fsdp=8" with ``dcn`` "data=2" on 2 slices of 8 chips is data=2,fsdp=8, each ``data`` index one
+    slice (``mesh_utils.create_hybrid_device_mesh``); ``shape`` defaults to every device of a
+    slice on fsdp. A slice is a ``device.slice_index``; devices without one (CPU, GPU) count each
+    process as a slice. The product of ``dcn`` must equal the slice count; devices of several
+    slices without ``dcn`` are refused (one slice's torus cannot hold them).
+
+    Device order: ``mesh_utils.create_device_mesh`` (what ``jax.make_mesh`` uses): on TPU the axes
+    are laid onto the physical torus, the innermost (tensor) onto the most links; on GPU the
+    devices sorted by id; on CPU (fake devices too) the plain order of ``devices``, which is also
+    what a reshape gives, so nothing falls back or warns there. The one fallback: a TPU shape whose
+    axis sizes are not products of whole torus axes (mesh_utils' NotImplementedError, e.g.
+    data=2,fsdp=2,context=2,tensor=2 on v5p-32's 2x2x4 chips) splits a physical axis, with a warning
+    once per device kind and shape. Any other mesh_utils error propagates.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    groups, by = _slices(devices)
+    if dcn is None:
+        if by == "slice_index" and len(groups) > 1:
+            raise ValueError(f"the {len(devices)} devices span {len(groups)} slices (device.slice_index): give the "
+                             f"mesh's axes across slices, dcn / config mesh_dcn, e.g. \"data={len(groups)}\"")
+        sizes = _axis_sizes(shape or default_mesh_shape(len(devices)), "mesh")
+        if math.prod(sizes) != len(devices):
+            raise ValueError(f"mesh {_named(sizes)} needs {math.prod(sizes)} devices but {len(devices)} are present")
+        return Mesh(_topology_order(mesh_utils.create_device_mesh, sizes, devices), MESH_AXES)
+
+    dcn_sizes = _axis_sizes(dcn, "DCN mesh (mesh_dcn)")
+    slices = math.prod(dcn_sizes)
+    unit = "slice(s) (device.slice_index)" if by == "slice_index" else \
+        "process(es) (these devices carry no slice_index: each process counts as one slice)"
+    if slices != len(groups):
+        raise ValueError(f"DCN mesh (mesh_dcn) {_named(dcn_sizes)} spans {slices} slices but the {len(devices)} "
+                         f"devices are in {len(groups)} {unit}")
+    counts = sorted({len(g) for g in groups.values()})
+    if len(counts) > 1:
+        raise ValueError(f"DCN mesh (mesh_dcn) {_named(dcn_sizes)}: the {len(groups)} {unit} hold unequal device "
+                         f"counts {counts}")
+    per = counts[0]
+    sizes = _axis_sizes(shape or default_mesh_shape(per), "mesh")
+    if math.prod(sizes) != per:
+        raise ValueError(f"mesh {_named(sizes)} (the axes within one slice when mesh_dcn is given) needs "
+                         f"{math.prod(sizes)} devices per slice but each of the {slices} slices has {per}")
+    arr = _topology_order(mesh_utils.create_hybrid_device_mesh, sizes, devices, dcn_mesh_shape=dcn_sizes,
+                          process_is_granule=by == "process_index")
     return Mesh(arr, MESH_AXES)
 
 

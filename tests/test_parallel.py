@@ -22,6 +22,46 @@ def test_mesh_spec_parsing_and_errors():
         parallel.make_mesh("fsdp=4")
 
 
+CPU_MESH = """
+import sys, warnings
+import jax
+from mm_jax import parallel
+from jax.experimental import mesh_utils
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    mesh = parallel.make_mesh("data=2,fsdp=4")
+    one_slice = parallel.make_mesh("data=2,fsdp=4", dcn="data=1")
+print("mesh", [d.id for d in mesh.devices.flat], "one_slice", [d.id for d in one_slice.devices.flat])
+print("create_device_mesh", [d.id for d in mesh_utils.create_device_mesh((2, 4, 1, 1)).flat])
+print("devices", [d.id for d in jax.devices()], "warnings", [str(w.message) for w in caught])
+"""
+
+
+def test_cpu_meshes_take_create_device_mesh_order_without_a_fallback_or_warning():
+    """8 fake CPU devices, only mm_jax.parallel imported (the run's path): create_device_mesh gives
+    the plain device order on CPU, make_mesh gives the same (with dcn=data=1 too) and warns nothing."""
+    r = subprocess.run([sys.executable, "-c", CPU_MESH], env=fake_devices_env(8), cwd=Path(__file__).parents[1],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    order = str(list(range(8)))
+    assert f"mesh {order} one_slice {order}" in r.stdout, r.stdout
+    assert f"create_device_mesh {order}" in r.stdout and f"devices {order} warnings []" in r.stdout, r.stdout
+
+
+def test_a_dcn_mesh_the_devices_cannot_form_is_refused_by_name():
+    import jax
+
+    n = len(jax.devices())
+    with pytest.raises(ValueError, match=r"spans 2 slices but the .* devices are in 1 process\(es\) \(these devices "
+                                         r"carry no slice_index"):
+        parallel.make_mesh(dcn="data=2")
+    with pytest.raises(ValueError, match=r"DCN mesh \(mesh_dcn\) \{'pipe': 2\}: unknown axes \['pipe'\]"):
+        parallel.make_mesh(dcn={"pipe": 2})
+    with pytest.raises(ValueError, match=rf"the axes within one slice when mesh_dcn is given\) needs {2 * n} devices "
+                                         rf"per slice but each of the 1 slices has {n}"):
+        parallel.make_mesh({"fsdp": 2 * n}, dcn="data=1")
+
+
 def test_logical_rules_replicate_dims_that_do_not_divide():
     mesh_shape = {"data": 2, "fsdp": 2, "tensor": 2}
     assert parallel.logical_to_spec(("embed", "mlp"), (8, 6), mesh_shape) == P("fsdp", "tensor")
