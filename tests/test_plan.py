@@ -109,6 +109,97 @@ def test_tpu_v2_takes_the_chunked_attention_because_its_mosaic_refuses_splash():
         assert attention_for("tpu", targets.TARGETS[name].kind) == want
 
 
+# -- meshes: the run's make_mesh, on the target's chips --------------------------------------
+
+def _ids(mesh_or_array) -> list[int]:
+    return [d.id for d in np.asarray(getattr(mesh_or_array, "devices", mesh_or_array)).flat]
+
+
+def test_tpu_meshes_follow_the_chips_where_nothing_else_imported_mesh_utils(monkeypatch):
+    """The run's path: nothing but mm_jax.parallel imported jax.experimental.mesh_utils (the planner's
+    topologies import used to hide that make_mesh never could). v5e-8's 2x4 chips on data=2,fsdp=4
+    and v5p-32's 2x2x4 on fsdp=4,tensor=4: the device order is create_device_mesh's (a ring, the
+    tensor axis on a 2x2 plane), not the plain order, and the planner's mesh is the same."""
+    from jax.experimental import mesh_utils
+
+    from mm_jax import parallel
+
+    monkeypatch.delattr(jax.experimental, "mesh_utils")
+    for name, spec, sizes in (("v5e-8", "data=2,fsdp=4", (2, 4, 1, 1)), ("v5p-32", "fsdp=4,tensor=4", (1, 4, 1, 4))):
+        devs = targets.devices(targets.get(name))
+        run = parallel.make_mesh(spec, devs)
+        want = _ids(mesh_utils.create_device_mesh(sizes, devs))
+        assert _ids(run) == want != [d.id for d in devs], name
+        assert _ids(aot.make_mesh(targets.get(name), spec, workload="train-image")) == want, name
+
+
+def test_a_tpu_mesh_off_the_torus_axes_splits_a_physical_axis_and_warns_once(monkeypatch):
+    """fsdp=2,context=2,tensor=4 on v5p-32 (2x2x4 chips): tensor takes a 2x2 plane, so 2 x 2 must split
+    the 4-chip axis; mesh_utils refuses that (NotImplementedError) unless told to split. make_mesh
+    splits it, by topology (not the plain order), and warns once for that kind and shape."""
+    import warnings
+
+    from jax.experimental import mesh_utils
+
+    from mm_jax import parallel
+
+    monkeypatch.setattr(parallel, "_SPLIT_WARNED", set())
+    devs = targets.devices(targets.get("v5p-32"))
+    with pytest.raises(NotImplementedError):
+        mesh_utils.create_device_mesh((1, 2, 2, 4), devs)
+    with pytest.warns(UserWarning, match=r"mesh data=1,fsdp=2,context=2,tensor=4 on 16 x TPU v5 \(chips 2x2x4\): an "
+                                         r"axis size is not a product of whole physical torus axes"):
+        mesh = parallel.make_mesh("fsdp=2,context=2,tensor=4", devs)
+    want = _ids(mesh_utils.create_device_mesh((1, 2, 2, 4), devs, allow_split_physical_axes=True))
+    assert _ids(mesh) == want != [d.id for d in devs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _ids(parallel.make_mesh("fsdp=2,context=2,tensor=4", devs)) == want
+
+
+def test_two_slices_with_dcn_data_2_put_one_slice_on_each_data_index():
+    """2 x v5e-8 (libtpu's num_slices=2; devices carry slice_index): mesh fsdp=8 with dcn data=2 is
+    data=2,fsdp=8, data index i holds slice i in that slice's own create_device_mesh order; the
+    planner builds the same; without dcn, or with a dcn of another slice count, it is refused."""
+    from jax.experimental import mesh_utils
+
+    from mm_jax import parallel
+
+    t = targets.get("v5e-8")
+    devs = targets.devices(t, slices=2)
+    mesh = parallel.make_mesh("fsdp=8", devs, dcn="data=2")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 8, "context": 1, "tensor": 1}
+    for i in range(2):
+        assert {d.slice_index for d in mesh.devices[i].flat} == {i}
+        mine = [d for d in devs if d.slice_index == i]
+        assert _ids(mesh.devices[i]) == _ids(mesh_utils.create_device_mesh((1, 8, 1, 1), mine)) != [d.id for d in mine]
+    assert _ids(aot.make_mesh(t, "fsdp=8", workload="train-image", dcn="data=2")) == _ids(mesh)
+    with pytest.raises(ValueError, match=r"the 16 devices span 2 slices \(device.slice_index\): give the mesh's axes "
+                                         r"across slices, dcn / config mesh_dcn, e.g. \"data=2\""):
+        parallel.make_mesh("fsdp=16", devs)
+    with pytest.raises(ValueError, match=r"spans 4 slices but the 16 devices are in 2 slice\(s\) \(device.slice_index"):
+        parallel.make_mesh("fsdp=4", devs, dcn="data=4")
+
+
+def test_text_encoder_on_two_slices_holds_the_one_slice_parameter_shards_per_device():
+    """One cheap compile over 2 x v5e-4 (mesh fsdp=2,tensor=2 in each slice, data=2 across): the T5
+    parameters are split as in one slice and replicated across the slices, so each device's
+    argument bytes are its fsdp x tensor shard plus the token ids, as on one slice."""
+    p = planner.plan("v5e-4", "sample", mesh="fsdp=2,tensor=2", mesh_dcn="data=2", models=tiny_models(),
+                     only=("text_encoder",), sample=dataclasses.replace(SAMPLE, text_length=128, dtype="float32"))
+    c = p.phases[0].compiled
+    assert c is not None, p.phases[0].error
+    assert (p.mesh, p.mesh_dcn, p.slices) == ("data=2,fsdp=2,context=1,tensor=2", "data=2", 2)
+    assert p.text().startswith("sample on 2 x v5e-4: 2 slices of 4 x TPU v5e")
+    assert p.to_json()["mesh_dcn"] == "data=2" and p.to_json()["slices"] == 2
+    cfg = dataclasses.replace(tiny_models().text_encoder, dtype="float32")
+    two = checkpoint.abstract_model("text_encoder", cfg, aot.make_mesh(targets.get("v5e-4"), "fsdp=2,tensor=2",
+                                                                       dcn="data=2"))
+    one = checkpoint.abstract_model("text_encoder", cfg, aot.make_mesh(targets.get("v5e-4"), "fsdp=2,tensor=2"))
+    assert _sharded_bytes(two) == _sharded_bytes(one)
+    assert c.argument_bytes == _sharded_bytes(two) + 2 * 128 * 4  # + [negative, positive] x 128 int32 token ids
+
+
 # -- compiled numbers -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("target,mesh", MESHES)
@@ -291,6 +382,17 @@ def test_cli_table_writes_the_readme_table_between_its_markers(tiny_ckpt, tmp_pa
 ])
 def test_cli_refuses_bad_input_by_name_with_exit_2(tiny_ckpt, args, message, capsys):
     assert _cli(tiny_ckpt, *args) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--target", "v5e-4", "--mesh-dcn", "pipe=2"], "mesh spec 'pipe=2': unknown axis 'pipe'"),
+    (["--target", "v5e-4", "--mesh", "fsdp=8", "--mesh-dcn", "data=2"],
+     "mesh 'fsdp=8' (data=1,fsdp=8,context=1,tensor=1) has 8 devices but target v5e-4 has 4 per slice"),
+    (["--target", "h100x8", "--mesh-dcn", "data=2"], "target h100x8: multi-slice (DCN) plans are for TPU targets"),
+])
+def test_cli_refuses_a_multi_slice_plan_it_cannot_make_with_exit_2(tiny_ckpt, args, message, capsys):
+    assert _cli(tiny_ckpt, *args, "--workload", "sample") == 2
     assert message in capsys.readouterr().err
 
 

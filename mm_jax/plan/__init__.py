@@ -53,13 +53,16 @@ def settings_of(workload: str, sample: SampleSettings | None, train: TrainSettin
     return d
 
 
-def plan(target: str | Target, workload: str, *, mesh: str | None = None, models: Models | None = None,
+def plan(target: str | Target, workload: str, *, mesh: str | None = None, mesh_dcn: str | None = None,
+         models: Models | None = None,
          sample: SampleSettings | None = None, train: TrainSettings | None = None,
          hbm_fraction: float = DEFAULT_HBM_FRACTION, only: tuple[str, ...] | None = None,
          devices: list | None = None, log=None) -> Plan:
     """Compile every phase of ``workload`` (or the ``only`` ones) for ``target`` on ``mesh``
     ("data=..,fsdp=..,context=..,tensor=.."; default: the sampler's mesh for ``sample``, every
-    device on fsdp for training). ``devices``: compile for these
+    device on fsdp for training). ``mesh_dcn`` ("data=2"): plan a multi-slice run, that many
+    slices of the target joined by the data-center network, ``mesh`` then within each slice (as
+    the trainer's ``mesh_dcn`` and ``mesh``). ``devices``: compile for these
     attached devices (e.g. ``jax.devices()`` on the TPU itself) instead of the target's
     compile-only ones. Bad input (target, mesh, sizes, a missing compiler plugin) raises a
     ValueError naming it before anything compiles; a phase that fails to compile is reported in
@@ -81,7 +84,7 @@ def plan(target: str | Target, workload: str, *, mesh: str | None = None, models
             raise ValueError(f"phases {unknown} are not phases of {workload}; its phases: "
                              f"{', '.join(p.name for p in todo)}")
         todo = [p for p in todo if p.name in only]
-    m = aot.make_mesh(t, mesh, devices, workload)
+    m = aot.make_mesh(t, mesh, devices, workload, dcn=mesh_dcn)
     batch = None if workload == "sample" else (train or TrainSettings.defaults(workload.split("-")[1])).batch
     unsplit = None if batch is None else parallel.unsplit_batch_note(batch, dict(m.shape))
     results = []
@@ -102,4 +105,4 @@ def plan(target: str | Target, workload: str, *, mesh: str | None = None, models
                 log(f"  {ph.name}: " + (f"peak {c.peak_bytes / 2 ** 30:.2f} GiB/device, compiled in "
                                         f"{c.lower_seconds + c.compile_seconds:.0f} s" if c else "failed"))
     return Plan(t, workload, aot.mesh_spec(m), settings_of(workload, sample, train), models.source, results,
-                hbm_fraction)
+                hbm_fraction, mesh_dcn=aot.dcn_spec(mesh_dcn))

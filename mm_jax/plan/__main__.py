@@ -3,6 +3,7 @@ TPU slice or GPU node, compiled on this host without the hardware.
 
     python -m mm_jax.plan --target v5e-1 --workload sample
     python -m mm_jax.plan --target h100x8 --workload train-video --mesh data=2,fsdp=4 --batch 16 --json plan.json
+    python -m mm_jax.plan --target v5p-32 --workload train-video --mesh fsdp=8,tensor=2 --mesh-dcn data=2
     python -m mm_jax.plan --table README.md            # the README's matrix (README_ROWS) into its table
 
 Exit codes: 0 every phase compiled; 1 a phase failed to compile (it is reported, the others still
@@ -46,7 +47,12 @@ def build_parser():
     ap.add_argument("--mesh", default=None, metavar="SPEC",
                     help="e.g. data=2,context=4 or fsdp=4,tensor=2; its product must be the target's device "
                          "count (default: the sampler's mesh for sample (CFG on data=2, then context; fsdp x "
-                         "tensor below 15 GiB per device), every device on fsdp for training, as the trainer)")
+                         "tensor below 15 GiB per device), every device on fsdp for training, as the trainer); "
+                         "with --mesh-dcn the mesh within one slice")
+    ap.add_argument("--mesh-dcn", default=None, metavar="SPEC",
+                    help="multi-slice: the mesh's axes across TPU slices joined by the data-center network, e.g. "
+                         "data=2 plans 2 slices of the target (the full mesh is --mesh times this, axis by axis), "
+                         "as the training config's mesh_dcn")
     ap.add_argument("--frames", type=int, default=None, help="default: 49 (sample, train-video), 1 (train-image)")
     ap.add_argument("--height", type=int, default=None, help="default: 480")
     ap.add_argument("--width", type=int, default=None, help="default: 720")
@@ -160,14 +166,15 @@ def _plans(args, cfg, models, progress: bool):
             mine = {p for p in only if p in PHASES[w]}
             only = tuple(mine) if mine else only
         try:
-            yield plan(t, w, mesh=row_mesh or args.mesh, models=models, sample=sample, train=train,
-                       hbm_fraction=args.hbm_fraction, only=only,
+            yield plan(t, w, mesh=row_mesh or args.mesh, mesh_dcn=args.mesh_dcn, models=models, sample=sample,
+                       train=train, hbm_fraction=args.hbm_fraction, only=only,
                        log=None if progress else (lambda text: print(text, file=sys.stderr, flush=True)))
         except ValueError as e:
             if not args.table:
                 raise
             yield Plan(TARGETS[t], w, row_mesh or args.mesh or "default", {}, models.source,
-                       [PhaseResult("(not planned)", 1, "", error=f"{type(e).__name__}: {e}")], args.hbm_fraction)
+                       [PhaseResult("(not planned)", 1, "", error=f"{type(e).__name__}: {e}")], args.hbm_fraction,
+                       mesh_dcn=args.mesh_dcn)
 
 
 def main(argv=None) -> int:
@@ -176,7 +183,7 @@ def main(argv=None) -> int:
     ap = build_parser()
     args, rest = ap.parse_known_args(argv)
     overrides = config_lib.split_overrides(ap, rest)
-    from mm_jax.plan import Models, WORKLOADS, report, targets
+    from mm_jax.plan import Models, WORKLOADS, aot, report, targets
 
     if args.list_targets:
         print(targets.table_markdown())
@@ -193,6 +200,7 @@ def main(argv=None) -> int:
         for w in args.workload or ():
             if w not in WORKLOADS:
                 raise ValueError(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
+        args.mesh_dcn = aot.dcn_spec(args.mesh_dcn)  # checked here: a bad spec exits 2 before anything compiles
         cfg = config_lib.load(args.config, overrides) if args.config else None
         models = Models.from_checkpoint(args.checkpoint, args.adapter) if args.checkpoint else Models.real()
         if args.dit:

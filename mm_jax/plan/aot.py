@@ -65,11 +65,15 @@ class MeshError(ValueError):
     """A mesh that does not fit the target."""
 
 
-def make_mesh(target: Target, spec: str | None = None, devices: list | None = None, workload: str = "sample"):
-    """A (data, fsdp, context, tensor) mesh over the target's compile-only devices; ``spec`` like
+def make_mesh(target: Target, spec: str | None = None, devices: list | None = None, workload: str = "sample",
+              dcn: str | None = None):
+    """A (data, fsdp, context, tensor) mesh over the target's compile-only devices, built by the
+    run's own ``parallel.make_mesh`` (so plan and run place devices alike); ``spec`` like
     "data=1,fsdp=2,tensor=4". Default: the sampler's (``parallel.sampling_mesh_shape`` for the
     target's device count and HBM: CFG on data, then context) for ``sample``, the trainer's (every
-    device on fsdp) for training."""
+    device on fsdp) for training. ``dcn`` ("data=2"): that many slices of the target joined by
+    the data-center network (``targets.devices(target, slices)``), ``spec`` then the mesh within
+    one slice, as the trainer's ``mesh_dcn`` and ``mesh``."""
     from mm_jax import parallel
     from mm_jax.plan import targets
 
@@ -82,12 +86,21 @@ def make_mesh(target: Target, spec: str | None = None, devices: list | None = No
     n = math.prod(shape.values())
     if n != target.devices:
         full = ",".join(f"{a}={shape.get(a, 1)}" for a in parallel.MESH_AXES)
-        raise MeshError(f"mesh {spec!r} ({full}) has {n} devices but target {target.name} has {target.devices}")
-    return parallel.make_mesh(shape, devices=devices or targets.devices(target))
+        where = " per slice" if dcn else ""
+        raise MeshError(f"mesh {spec!r} ({full}) has {n} devices but target {target.name} has {target.devices}{where}")
+    slices = math.prod(parallel.parse_mesh_spec(dcn).values()) if dcn else 1
+    return parallel.make_mesh(shape, devices=devices or targets.devices(target, slices), dcn=dcn or None)
 
 
 def mesh_spec(mesh) -> str:
     return ",".join(f"{k}={v}" for k, v in dict(mesh.shape).items())
+
+
+def dcn_spec(dcn: str | None) -> str:
+    """The DCN axes as given, without size-1 axes ("" for one slice)."""
+    from mm_jax import parallel
+
+    return ",".join(f"{k}={v}" for k, v in parallel.parse_mesh_spec(dcn or "").items() if v > 1)
 
 
 def replicated(mesh, shape, dtype) -> jax.ShapeDtypeStruct:

@@ -2,7 +2,7 @@
 
 JSON (other scripts read it; the names below are kept)::
 
-    {"target", "workload", "mesh", "settings", "models", "unit", "ideal_seconds_per_unit",
+    {"target", "workload", "mesh", "mesh_dcn", "slices", "settings", "models", "unit", "ideal_seconds_per_unit",
      "phases": [{"name", "argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "peak_bytes",
                  "hbm_bytes", "usable_bytes", "fits", "margin_bytes", "flops", "xla_flops",
                  "kernel_flops", "ideal_seconds", "runs", "compile_seconds" (= "lower_seconds": trace +
@@ -17,6 +17,7 @@ runs per video or training step; a phase that failed to compile has ``error`` an
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -44,6 +45,16 @@ class Plan:
     models: str
     phases: list[PhaseResult]
     hbm_fraction: float = DEFAULT_HBM_FRACTION
+    mesh_dcn: str = ""      # the mesh's axes across slices ("data=2"); "" for one slice
+
+    @property
+    def target_name(self) -> str:
+        """The target, "2 x v5e-8" for two slices of it."""
+        return f"{self.slices} x {self.target.name}" if self.mesh_dcn else self.target.name
+
+    @property
+    def slices(self) -> int:
+        return math.prod(int(kv.split("=")[1]) for kv in self.mesh_dcn.split(",") if kv)
 
     @property
     def usable_bytes(self) -> int:
@@ -93,7 +104,8 @@ class Plan:
                          collectives=c.collectives, kernels=c.kernels, uncounted=c.uncounted)
             phases.append(d)
         t = self.target
-        return {"target": t.name, "workload": self.workload, "mesh": self.mesh, "settings": self.settings,
+        return {"target": t.name, "workload": self.workload, "mesh": self.mesh, "mesh_dcn": self.mesh_dcn,
+                "slices": self.slices, "settings": self.settings,
                 "models": self.models, "device": {"chip": t.chip, "devices": t.devices, "hbm_bytes": t.hbm_bytes,
                                                   "peak_flops": t.peak_flops, "hbm_fraction": self.hbm_fraction},
                 "unit": self.unit, "ideal_seconds_per_unit": self.ideal_seconds_per_unit(), "phases": phases}
@@ -101,8 +113,10 @@ class Plan:
     # -- text ---------------------------------------------------------------------------------
     def text(self) -> str:
         t = self.target
-        lines = [f"{self.workload} on {t.name}: {t.devices} x {t.chip} ({t.hbm_bytes / GIB:.2f} GiB HBM, "
-                 f"{t.peak_flops / 1e12:.0f} TFLOP/s bf16 each), mesh {self.mesh}",
+        across = f" (across slices: {self.mesh_dcn})" if self.mesh_dcn else ""
+        slices = f"{self.slices} slices of " if self.mesh_dcn else ""
+        lines = [f"{self.workload} on {self.target_name}: {slices}{t.devices} x {t.chip} ({t.hbm_bytes / GIB:.2f} "
+                 f"GiB HBM, {t.peak_flops / 1e12:.0f} TFLOP/s bf16 each), mesh {self.mesh}{across}",
                  "  " + ", ".join(f"{k} {v}" for k, v in self.settings.items() if not isinstance(v, dict)),
                  f"  models: {self.models}",
                  f"  per device; usable HBM = {self.hbm_fraction:.0%} of {t.hbm_bytes / GIB:.2f} = "
@@ -171,7 +185,7 @@ def markdown_table(plans: list[Plan]) -> str:
         unit = pl.ideal_seconds_per_unit()
         for i, p in enumerate(pl.phases):
             c = p.compiled
-            head = f"| {pl.target.name} | {pl.workload} | {pl.mesh} | {p.name} |"
+            head = f"| {pl.target_name} | {pl.workload} | {pl.mesh} | {p.name} |"
             if c is None:
                 why = "out of memory" if pl.fits(p) is False else "failed"
                 rows.append(f"{head} ✗ {why}: {_first_line(p.error)[:100]} ({g(pl.usable_bytes)}) | | | | |")

@@ -146,11 +146,19 @@ def gpu_target_config(target: Target) -> str:
     return text
 
 
-def devices(target: Target) -> list:
-    """The target's compile-only devices (no hardware needed). Raises ``TargetError`` naming the
-    extra to install when the compiler plugin is missing."""
+def devices(target: Target, slices: int = 1) -> list:
+    """The target's compile-only devices (no hardware needed); ``slices`` > 1: that many copies of
+    a TPU slice joined by the data-center network (libtpu's ``num_slices``; each device carries its
+    ``slice_index``), as a multi-slice run sees them. Raises ``TargetError`` naming the extra to
+    install when the compiler plugin is missing, or for GPU targets with ``slices`` > 1 (not
+    describable here)."""
     from jax.experimental import topologies
 
+    if slices < 1:
+        raise TargetError(f"slices={slices}: must be at least 1")
+    if target.is_gpu and slices > 1:
+        raise TargetError(f"target {target.name}: multi-slice (DCN) plans are for TPU targets; a GPU node's "
+                          f"compile-only devices cannot be given several nodes here")
     if target.is_gpu:
         os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver here: skip cuInit checks
         if not cuda_plugin_installed():
@@ -163,12 +171,12 @@ def devices(target: Target) -> list:
             raise TargetError(f"target {target.name} needs libtpu: pip install -e \".[tpu]\" (or the test extra)")
         topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
                                             chip_config_name=target.chip_config,
-                                            chips_per_host_bounds=list(target.hosts_bounds), num_slices=1,
+                                            chips_per_host_bounds=list(target.hosts_bounds), num_slices=slices,
                                             wrap=[False, False, False])
     devs = list(topo.devices)
-    if len(devs) != target.devices:
-        raise TargetError(f"target {target.name}: the compiler gave {len(devs)} devices, the table says "
-                          f"{target.devices}")
+    if len(devs) != target.devices * slices:
+        raise TargetError(f"target {target.name}: the compiler gave {len(devs)} devices for {slices} slice(s), the "
+                          f"table says {target.devices} per slice")
     return devs
 
 
