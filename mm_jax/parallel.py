@@ -130,9 +130,13 @@ def _named(sizes: Sequence[int]) -> str:
 
 
 def _slices(devices: Sequence[Any]) -> tuple[dict[int, list], str]:
-    """The devices grouped by slice (``device.slice_index``: TPU slices joined by the data-center
-    network), or by process where devices carry no slice index (CPU, GPU), and what was grouped by."""
-    by = "slice_index" if all(getattr(d, "slice_index", None) is not None for d in devices) else "process_index"
+    """The devices grouped by slice, and what was grouped by. A TPU slice is a ``slice_index``
+    (slices are joined by the data-center network). CPU and GPU devices name one slice (index 0
+    in a multi-process run; no index in a single process) unless their processes were given
+    partition indices: there each process counts as a slice."""
+    indexed = all(getattr(d, "slice_index", None) is not None for d in devices)
+    tpu = devices[0].platform == "tpu"
+    by = "slice_index" if indexed and (tpu or len({d.slice_index for d in devices}) > 1) else "process_index"
     groups: dict[int, list] = {}
     for d in devices:
         groups.setdefault(getattr(d, by), []).append(d)
@@ -174,8 +178,8 @@ def make_mesh(shape: Mapping[str, int] | str | None = None, devices: Sequence[An
     mesh is then ``shape`` within each slice times ``dcn`` across slices, axis by axis: ``shape``
     "fsdp=8" with ``dcn`` "data=2" on 2 slices of 8 chips is data=2,fsdp=8, each ``data`` index one
     slice (``mesh_utils.create_hybrid_device_mesh``); ``shape`` defaults to every device of a
-    slice on fsdp. A slice is a ``device.slice_index``; devices without one (CPU, GPU) count each
-    process as a slice. The product of ``dcn`` must equal the slice count; devices of several
+    slice on fsdp. A slice is a TPU ``device.slice_index``; CPU and GPU devices, which name no
+    slices unless given partition indices, count each process as one. The product of ``dcn`` must equal the slice count; devices of several
     slices without ``dcn`` are refused (one slice's torus cannot hold them).
 
     Device order: ``mesh_utils.create_device_mesh`` (what ``jax.make_mesh`` uses): on TPU the axes
@@ -200,7 +204,7 @@ def make_mesh(shape: Mapping[str, int] | str | None = None, devices: Sequence[An
     dcn_sizes = _axis_sizes(dcn, "DCN mesh (mesh_dcn)")
     slices = math.prod(dcn_sizes)
     unit = "slice(s) (device.slice_index)" if by == "slice_index" else \
-        "process(es) (these devices carry no slice_index: each process counts as one slice)"
+        f"process(es) ({devices[0].platform} devices name no slices: each process counts as one)"
     if slices != len(groups):
         raise ValueError(f"DCN mesh (mesh_dcn) {_named(dcn_sizes)} spans {slices} slices but the {len(devices)} "
                          f"devices are in {len(groups)} {unit}")

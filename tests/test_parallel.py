@@ -48,12 +48,40 @@ def test_cpu_meshes_take_create_device_mesh_order_without_a_fallback_or_warning(
     assert f"create_device_mesh {order}" in r.stdout and f"devices {order} warnings []" in r.stdout, r.stdout
 
 
+# 2 processes x 4 CPU devices (which name no slices): dcn data=2 takes each process as a slice.
+DCN_PROCESSES = """
+import numpy as np
+from mm_jax import distributed
+distributed.initialize()
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from mm_jax import parallel
+mesh = parallel.make_mesh("fsdp=4", dcn="data=2")
+x = jax.make_array_from_callback((8, 4), NamedSharding(mesh, P(("data", "fsdp"))),
+                                 lambda idx: np.arange(32.0).reshape(8, 4)[idx])
+rows = [sorted({d.process_index for d in row.flat}) for row in mesh.devices]
+print(f"shape {dict(mesh.shape)} processes by data index {rows} sum {float(jax.jit(lambda a: a.sum())(x))}")
+"""
+
+
+def test_dcn_data_2_over_two_processes_gives_each_process_one_data_index():
+    """The hybrid mesh on the multi-process path the pod tests use (mm_jax.launch, 2 x 4 CPU
+    devices): data=2 across the processes, fsdp=4 within each, and a sum over it is right (0..31)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NPROC")}
+    r = subprocess.run([sys.executable, "-m", "mm_jax.launch", "--processes", "2", "--devices-per-process", "4", "--",
+                        sys.executable, "-c", DCN_PROCESSES], env=env, cwd=Path(__file__).parents[1],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = "shape {'data': 2, 'fsdp': 4, 'context': 1, 'tensor': 1} processes by data index [[0], [1]] sum 496.0"
+    assert sorted(line for line in r.stdout.splitlines() if "shape" in line) == [f"[p0] {want}", f"[p1] {want}"]
+
+
 def test_a_dcn_mesh_the_devices_cannot_form_is_refused_by_name():
     import jax
 
     n = len(jax.devices())
-    with pytest.raises(ValueError, match=r"spans 2 slices but the .* devices are in 1 process\(es\) \(these devices "
-                                         r"carry no slice_index"):
+    with pytest.raises(ValueError, match=r"spans 2 slices but the .* devices are in 1 process\(es\) \(cpu devices "
+                                         r"name no slices: each process counts as one\)"):
         parallel.make_mesh(dcn="data=2")
     with pytest.raises(ValueError, match=r"DCN mesh \(mesh_dcn\) \{'pipe': 2\}: unknown axes \['pipe'\]"):
         parallel.make_mesh(dcn={"pipe": 2})
