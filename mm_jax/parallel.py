@@ -179,15 +179,16 @@ def make_mesh(shape: Mapping[str, int] | str | None = None, devices: Sequence[An
     "fsdp=8" with ``dcn`` "data=2" on 2 slices of 8 chips is data=2,fsdp=8, each ``data`` index one
     slice (``mesh_utils.create_hybrid_device_mesh``); ``shape`` defaults to every device of a
     slice on fsdp. A slice is a TPU ``device.slice_index``; CPU and GPU devices, which name no
-    slices unless given partition indices, count each process as one. The product of ``dcn`` must equal the slice count; devices of several
-    slices without ``dcn`` are refused (one slice's torus cannot hold them).
+    separate slices unless their processes were given partition indices, count each process as
+    one. The product of ``dcn`` must equal the slice count; devices of several TPU slices without
+    ``dcn`` are refused (one slice's torus cannot hold them).
 
     Device order: ``mesh_utils.create_device_mesh`` (what ``jax.make_mesh`` uses): on TPU the axes
     are laid onto the physical torus, the innermost (tensor) onto the most links; on GPU the
     devices sorted by id; on CPU (fake devices too) the plain order of ``devices``, which is also
     what a reshape gives, so nothing falls back or warns there. The one fallback: a TPU shape whose
     axis sizes are not products of whole torus axes (mesh_utils' NotImplementedError, e.g.
-    data=2,fsdp=2,context=2,tensor=2 on v5p-32's 2x2x4 chips) splits a physical axis, with a warning
+    fsdp=2,context=2,tensor=4 on v5p-32's 2x2x4 chips) splits a physical axis, with a warning
     once per device kind and shape. Any other mesh_utils error propagates.
     """
     devices = list(jax.devices() if devices is None else devices)
@@ -204,7 +205,7 @@ def make_mesh(shape: Mapping[str, int] | str | None = None, devices: Sequence[An
     dcn_sizes = _axis_sizes(dcn, "DCN mesh (mesh_dcn)")
     slices = math.prod(dcn_sizes)
     unit = "slice(s) (device.slice_index)" if by == "slice_index" else \
-        f"process(es) ({devices[0].platform} devices name no slices: each process counts as one)"
+        f"process(es) ({devices[0].platform} devices name no separate slices: each process counts as one)"
     if slices != len(groups):
         raise ValueError(f"DCN mesh (mesh_dcn) {_named(dcn_sizes)} spans {slices} slices but the {len(devices)} "
                          f"devices are in {len(groups)} {unit}")

@@ -81,7 +81,7 @@ def test_a_dcn_mesh_the_devices_cannot_form_is_refused_by_name():
 
     n = len(jax.devices())
     with pytest.raises(ValueError, match=r"spans 2 slices but the .* devices are in 1 process\(es\) \(cpu devices "
-                                         r"name no slices: each process counts as one\)"):
+                                         r"name no separate slices: each process counts as one\)"):
         parallel.make_mesh(dcn="data=2")
     with pytest.raises(ValueError, match=r"DCN mesh \(mesh_dcn\) \{'pipe': 2\}: unknown axes \['pipe'\]"):
         parallel.make_mesh(dcn={"pipe": 2})
