@@ -36,19 +36,40 @@ def component_dir(name: str, *dirs) -> Path:
 class Embedder:
     """The face front end and the CLIP tower, loaded once for many reference photos:
     ``Embedder(face_models, clip_ckpt, adapter_dir)(image) -> Identity`` (raises ``NoFaceError``
-    naming the image when it holds no face)."""
+    naming the image when it holds no face).
+
+    ``analyze(image)`` is the face step alone (detect, align, ArcFace; the host's CPU): a CLI runs it
+    for every reference while it checks its input, before any model is placed. ``embed(face)`` runs
+    the CLIP tower, loaded on ``mesh`` at its first call. On several processes every process calls
+    ``embed`` (the tower runs over the global mesh) and gets the whole result."""
 
     def __init__(self, face_models: str | Path, clip_ckpt: str | Path, adapter_dir: str | Path, *, mesh=None):
         from mm_jax.face import FaceAnalyzer
 
         self.faces = FaceAnalyzer(face_models)
-        self.clip = checkpoint.load_component(clip_ckpt, "image_encoder", mesh=mesh)
+        self.clip_ckpt, self.mesh, self.clip = Path(clip_ckpt), mesh, None
         self.adapter_dir = Path(adapter_dir)
 
+    @property
+    def clip_width(self) -> int:
+        """The width of the CLIP states ``embed`` returns (from the tower's config: nothing is loaded)."""
+        return checkpoint.load_config(self.clip_ckpt, "image_encoder").hidden_size
+
+    def analyze(self, ref_image):
+        """The largest face of ``ref_image`` (``mm_jax.face.FaceResult``); ``NoFaceError`` when none."""
+        return self.faces.analyze(ref_image)
+
+    def embed(self, face, source: str = "") -> Identity:
+        """The ``Identity`` of an analyzed ``face``: its ArcFace embedding and the CLIP tower's states."""
+        from mm_jax.gather import to_host
+
+        if self.clip is None:
+            self.clip = checkpoint.load_component(self.clip_ckpt, "image_encoder", mesh=self.mesh)
+        hidden = to_host(self.clip(face.clip_crop[None]))[0]
+        return Identity(face.embedding, hidden, self.adapter_dir, source)
+
     def __call__(self, ref_image) -> Identity:
-        face = self.faces.analyze(ref_image)
-        hidden = np.asarray(self.clip(face.clip_crop[None]))[0]
-        return Identity(face.embedding, hidden, self.adapter_dir, str(ref_image))
+        return self.embed(self.analyze(ref_image), str(ref_image))
 
 
 def compute(ref_image, face_models: str | Path, clip_ckpt: str | Path, adapter_dir: str | Path, *,
@@ -69,14 +90,15 @@ def load(path: str | Path, adapter_dir: str | Path) -> Identity:
         raise ValueError(f"--id {path}: not an identity file written by --save-id ({e})") from None
 
 
-def check_fits(adapter_cfg, dit_cfg, clip_hidden: np.ndarray | None = None) -> None:
-    """The adapter must match the backbone it is joined to; name the first field that does not."""
+def check_fits(adapter_cfg, dit_cfg, clip_width: int | None = None) -> None:
+    """The adapter must match the backbone it is joined to (and ``clip_width``, the width of the
+    CLIP states it reads, when given); name the first field that does not."""
     pairs = [("dit_dim", adapter_cfg.dit_dim, "transformer inner dim", dit_cfg.inner_dim),
              ("text_dim", adapter_cfg.text_dim, "transformer text_embed_dim", dit_cfg.text_embed_dim),
              ("time_embed_dim", adapter_cfg.time_embed_dim, "transformer time_embed_dim", dit_cfg.time_embed_dim),
              ("num_dit_layers", adapter_cfg.num_dit_layers, "transformer num_layers", dit_cfg.num_layers)]
-    if clip_hidden is not None:
-        pairs.append(("clip_width", adapter_cfg.clip_width, "CLIP hidden size", clip_hidden.shape[-1]))
+    if clip_width is not None:
+        pairs.append(("clip_width", adapter_cfg.clip_width, "CLIP hidden size", clip_width))
     for name, a, what, b in pairs:
         if a != b:
             raise ValueError(f"adapter does not fit the backbone: adapter {name}={a} but the {what} is {b} "
@@ -111,7 +133,7 @@ def load_adapter(idents: list[Identity], dit_cfg, *, mesh, dtype: str):
         raise ValueError(f"identity videos of one run need one adapter; got {sorted(folders)}")
     adapter = checkpoint.load_component(idents[0].adapter_dir, "adapter", mesh=mesh, dtype=dtype, param_dtype=dtype)
     for ident in idents:
-        check_fits(adapter.cfg, dit_cfg, ident.clip_hidden)
+        check_fits(adapter.cfg, dit_cfg, ident.clip_hidden.shape[-1])
     return adapter
 
 

@@ -6,7 +6,12 @@ dynamic CFG on the raw timestep value, latents / scaling_factor before decoding,
 (x / 2 + 0.5) clipped to [0, 1]. No argument parsing here: the CLI is ``mm_jax.sample``.
 
 Memory order: T5 is loaded, run and released before the DiT is placed, so the two large models
-are never resident together.
+are never resident together; one video's DiT is released before the VAE is placed, while many
+videos written as they finish keep both (``iter_videos``).
+
+Several processes (``mm_jax.distributed``): every process makes the same calls, the models run over
+the global mesh, and every result fetched to the host is gathered (``mm_jax.gather.to_host``), so
+each process gets whole videos; the caller writes them from one process.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import numpy as np
 from mm_jax import checkpoint, parallel
 from mm_jax import identity as id_lib
 from mm_jax import schedulers as sch
+from mm_jax.gather import to_host
 
 REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -79,18 +85,19 @@ def check_checkpoint(ckpt_dir: str | Path, needed=REQUIRED_COMPONENTS) -> None:
 def prompt_embeddings(ckpt_dir: str | Path, prompts: list[str], *, max_length: int = 226, mesh=None,
                       dtype: str = "float32", on_host: bool = False) -> np.ndarray:
     """Load T5 from ``ckpt_dir``, embed ``prompts`` (``mm_jax.text.encode_prompts``) -> (B,
-    max_length, d_model) host array, then free T5.
+    max_length, d_model) host array (the whole batch on every process of a multi-process run),
+    then free T5.
 
     ``on_host``: place and run T5 on the host CPU instead of ``mesh`` (T5-XXL is 9.5 GB in bf16;
     on a 16 GB chip this keeps the accelerator for the DiT; ``python -m mm_jax.plan`` says when)."""
     from mm_jax import text as text_lib
 
     tokenizer = text_lib.load_tokenizer(Path(ckpt_dir) / "tokenizer")
-    if on_host:
-        mesh = parallel.make_mesh(devices=[jax.devices("cpu")[0]])
+    if on_host:  # this process's own CPU (jax.devices("cpu")[0] belongs to process 0)
+        mesh = parallel.make_mesh(devices=[jax.local_devices(backend="cpu")[0]])
     encoder = checkpoint.load_component(ckpt_dir, "text_encoder", mesh=mesh, dtype=dtype, param_dtype=dtype)
     with jax.set_mesh(mesh or parallel.make_mesh()):
-        emb = np.asarray(text_lib.encode_prompts(encoder, tokenizer, prompts, max_length=max_length))
+        emb = to_host(text_lib.encode_prompts(encoder, tokenizer, prompts, max_length=max_length))
     del encoder
     gc.collect()
     return emb
@@ -224,24 +231,15 @@ class Request:
 SHARED_FIELDS = ("frames", "height", "width", "steps", "guidance", "scheduler", "dynamic_cfg", "max_sequence_length")
 
 
-def generate_batch(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, dtype: str = "float32",
-                   progress: bool | ProgressFn = True, videos_per_batch: int = 1, text_embeddings: np.ndarray | None = None,
-                   model_fn: Callable = default_model_fn, transformer=None, vae=None, text_encoder_on_host: bool = False,
-                   vae_tiling: bool | None = None, attention_parallelism: str | None = None,
-                   return_latents: bool = False):
-    """Many videos with the models loaded once: frames (F, H, W, 3) float32 in [0, 1] per request.
-
-    Order of work: T5 encodes every prompt (then is freed), the DiT (+ the adapter) denoises the
-    videos ``videos_per_batch`` at a time (identity and plain videos in separate batches), then the
-    VAE decodes each video. Requests must share ``SHARED_FIELDS`` (they fix the compiled shapes).
-    ``text_embeddings``: (2R or R, L, T) precomputed [negatives, positives] for all R requests.
-    ``attention_parallelism``: "ulysses" / "ring" for a ``context`` mesh axis (None: the default).
-    ``vae_tiling``: None decides by ``default_vae_tiling(mesh)``. ``return_latents``: also return
-    each video's final latents (1, f, h, w, C) float32, as ``(frames, latents)``."""
+def check_requests(ckpt_dir: str | Path, requests: list[Request]) -> None:
+    """Every check of a batch that needs no model, so that a CLI can refuse bad input before any
+    work: the checkpoint's components, the ``SHARED_FIELDS`` the requests must agree on, each
+    request's settings against the checkpoint's VAE and DiT, and initial latents' shapes.
+    Raises ``FileNotFoundError`` / ``ValueError`` naming what is wrong."""
     ckpt_dir = Path(ckpt_dir)
-    if not requests:
-        return []
     check_checkpoint(ckpt_dir)
+    if not requests:
+        return
     first = requests[0].settings
     for r in requests[1:]:
         diff = [f for f in SHARED_FIELDS if getattr(r.settings, f) != getattr(first, f)]
@@ -253,6 +251,48 @@ def generate_batch(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, 
     spatial, temporal = vae_cfg.spatial_compression, vae_cfg.temporal_compression_ratio
     for r in requests:
         r.settings.validate(spatial, temporal, dit_cfg.patch_size)
+        shape = r.settings.latent_shape(dit_cfg.in_channels, spatial, temporal)
+        if r.latents is not None and tuple(np.shape(r.latents)) != shape:
+            raise ValueError(f"initial latents have shape {tuple(np.shape(r.latents))}; these settings need {shape} "
+                             "(1, (frames-1)/4+1, height/8, width/8, latent channels)")
+
+
+def iter_videos(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, dtype: str = "float32",
+                progress: bool | ProgressFn = True, videos_per_batch: int = 1, text_embeddings: np.ndarray | None = None,
+                model_fn: Callable = default_model_fn, transformer=None, vae=None, text_encoder_on_host: bool = False,
+                vae_tiling: bool | None = None, attention_parallelism: str | None = None,
+                decode_each_batch: bool = False):
+    """Many videos with the models loaded once, yielded as each is decoded: ``(index into requests,
+    frames (F, H, W, 3) float32 in [0, 1], final latents (1, f, h, w, C) float32)``.
+
+    Order of work: T5 encodes every prompt (then is freed), the DiT (+ the adapter) denoises the
+    videos ``videos_per_batch`` at a time (identity and plain videos in separate batches), the
+    VAE decodes. Two residency orders:
+
+    - ``decode_each_batch=False`` (one video, ``generate``): every batch is denoised, the DiT is
+      released (when this call loaded it), then the VAE is placed and decodes each video. The DiT
+      and the VAE are never resident together: the lowest peak memory. Nothing is yielded before
+      the last batch is denoised.
+    - ``decode_each_batch=True`` (``mm_jax.sample --prompts``): the VAE is placed beside the DiT
+      and each batch is decoded as soon as it is denoised, so its videos can be written at once
+      and only the current batch's frames are held (a failure at video k keeps the ones before).
+      Peak memory: DiT + VAE + one decode (``python -m mm_jax.plan`` sizes each).
+
+    Requests must share ``SHARED_FIELDS`` (they fix the compiled shapes; ``check_requests``).
+    ``text_embeddings``: (2R or R, L, T) precomputed [negatives, positives] for all R requests.
+    ``attention_parallelism``: "ulysses" / "ring" for a ``context`` mesh axis (None: the default).
+    ``vae_tiling``: None decides by ``default_vae_tiling(mesh)``.
+
+    On several processes every process makes the same call (the models run over the global
+    ``mesh``) and gets every video's frames and latents (gathered: ``mm_jax.gather``)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not requests:
+        return
+    check_requests(ckpt_dir, requests)
+    first = requests[0].settings
+    vae_cfg = checkpoint.load_config(ckpt_dir, "vae")
+    dit_cfg = checkpoint.load_config(ckpt_dir, "transformer")
+    spatial, temporal = vae_cfg.spatial_compression, vae_cfg.temporal_compression_ratio
     mesh = mesh or parallel.make_mesh()
     xs = [initial_latents(r.settings, dit_cfg.in_channels, spatial, temporal, r.latents) for r in requests]
     cfg_on = first.guidance > 1.0
@@ -266,6 +306,16 @@ def generate_batch(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, 
     owns_dit = transformer is None
     dit = transformer or checkpoint.load_component(ckpt_dir, "transformer", mesh=mesh, dtype=dtype, param_dtype=dtype,
                                                    attention_parallelism=attention_parallelism)
+    tiling = default_vae_tiling(mesh) if vae_tiling is None else vae_tiling
+
+    def place_vae():
+        return vae or checkpoint.load_component(ckpt_dir, "vae", mesh=mesh, use_tiling=tiling)
+
+    def decoded(i, z, vae_module):
+        with jax.set_mesh(mesh):
+            video = decode_fn()(vae_module, jnp.asarray(z, jnp.float32))
+        return i, np.clip(to_host(video)[0].astype(np.float32) / 2 + 0.5, 0.0, 1.0), to_host(z).astype(np.float32)
+
     scheduler_cfg = json.loads((ckpt_dir / "scheduler" / "scheduler_config.json").read_text())
     plain = [i for i, r in enumerate(requests) if r.identity is None]
     with_id = [i for i, r in enumerate(requests) if r.identity is not None]
@@ -277,6 +327,7 @@ def generate_batch(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, 
 
         adapter = id_lib.load_adapter([requests[i].identity for i in with_id], dit.cfg, mesh=mesh, dtype=dtype)
         tokenizer = text_lib.load_tokenizer(ckpt_dir / "tokenizer")
+    vae_now = place_vae() if decode_each_batch else None
     close = None
     if progress is True:
         progress, close = tqdm_progress(first.steps * len(chunks), desc=f"denoising {n} video(s)")
@@ -292,24 +343,42 @@ def generate_batch(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, 
             with jax.set_mesh(mesh):
                 z = denoise(dit, jnp.concatenate([xs[i] for i in chunk]).astype(dtype), text, first, scheduler_cfg,
                             progress=done, model_fn=fn, extras=extras, seeds=[requests[i].settings.seed for i in chunk])
-            for j, i in enumerate(chunk):
-                latents_out[i] = z[j:j + 1]
             del extras
+            for j, i in enumerate(chunk):
+                if decode_each_batch:
+                    yield decoded(i, z[j:j + 1], vae_now)
+                else:
+                    latents_out[i] = z[j:j + 1]
+            del z
     finally:
         if close is not None:
             close()
     del dit, adapter
+    if decode_each_batch:
+        return
     if owns_dit:  # release the DiT before the VAE is placed
         gc.collect()
-    tiling = default_vae_tiling(mesh) if vae_tiling is None else vae_tiling
-    vae = vae or checkpoint.load_component(ckpt_dir, "vae", mesh=mesh, use_tiling=tiling)
-    frames = []
-    for i in range(n):
-        with jax.set_mesh(mesh):
-            video = decode_fn()(vae, jnp.asarray(latents_out[i], jnp.float32))
-        frames.append(np.clip(np.asarray(video[0], np.float32) / 2 + 0.5, 0.0, 1.0))
+    vae_now = place_vae()
+    for i in sorted(latents_out):
+        yield decoded(i, latents_out.pop(i), vae_now)
+
+
+def generate_batch(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, dtype: str = "float32",
+                   progress: bool | ProgressFn = True, videos_per_batch: int = 1, text_embeddings: np.ndarray | None = None,
+                   model_fn: Callable = default_model_fn, transformer=None, vae=None, text_encoder_on_host: bool = False,
+                   vae_tiling: bool | None = None, attention_parallelism: str | None = None,
+                   return_latents: bool = False):
+    """``iter_videos`` collected (the DiT released before the VAE is placed): frames (F, H, W, 3)
+    float32 in [0, 1] per request, in request order; ``return_latents``: also each video's final
+    latents (1, f, h, w, C) float32, as ``(frames, latents)``. Every video is held in host memory:
+    for many videos, iterate ``iter_videos(..., decode_each_batch=True)`` and write each."""
+    out = dict((i, (f, z)) for i, f, z in iter_videos(
+        ckpt_dir, requests, mesh=mesh, dtype=dtype, progress=progress, videos_per_batch=videos_per_batch,
+        text_embeddings=text_embeddings, model_fn=model_fn, transformer=transformer, vae=vae,
+        text_encoder_on_host=text_encoder_on_host, vae_tiling=vae_tiling, attention_parallelism=attention_parallelism))
+    frames = [out[i][0] for i in range(len(requests))]
     if return_latents:
-        return frames, [np.asarray(latents_out[i], np.float32) for i in range(n)]
+        return frames, [out[i][1] for i in range(len(requests))]
     return frames
 
 
@@ -337,7 +406,8 @@ def generate(ckpt_dir: str | Path, settings: SampleSettings, *, latents: np.ndar
              model_fn: Callable = default_model_fn, transformer=None, vae=None,
              identity: Optional[Any] = None, text_encoder_on_host: bool = False,
              vae_tiling: bool | None = None) -> np.ndarray:
-    """Text (+ identity) to video: returns frames (F, H, W, 3) float32 in [0, 1].
+    """Text (+ identity) to video: returns frames (F, H, W, 3) float32 in [0, 1]. On several
+    processes every process makes the same call and gets the whole video.
 
     ``identity``: an ``mm_jax.identity.Identity`` (reference embeddings + adapter folder); None is
     plain CogVideoX text-to-video. ``progress``: True for a tqdm bar, False for none, or a

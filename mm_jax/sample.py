@@ -6,13 +6,21 @@ id.npz`` saved earlier with ``--save-id``); the prompt must name the subject wit
 Prints the settings and the seed, shows a progress bar over denoising steps, and writes the
 frames (.mp4, .gif, .npy of floats in [0, 1], or a folder of PNGs) with a ``<out>.json`` sidecar
 of the settings. Bad input (frame count, sizes, a checkpoint missing a component, initial
-latents of the wrong shape) exits with code 2 and writes nothing.
+latents of the wrong shape, a reference without a face, a prompt without a class word) is refused
+before any work with exit code 2 and nothing written; an error once the work has started keeps
+its traceback and exits 1 (``mm_jax.exit_codes``).
 
 Many videos: ``--prompts FILE.jsonl`` (one ``{"prompt", "out", "seed"?, "negative_prompt"?,
-"ref"? | "id"?}`` per line). Models load once, T5 encodes every prompt before the DiT is placed,
-videos are denoised ``--videos-per-batch`` at a time; a bad line (unreadable, missing file, no
-face, no class word) is reported with its number and skipped, the others are written, and the
-exit code is 1 when any line failed.
+"ref"? | "id"?}`` per line). Every line is checked first; a bad line (unreadable, missing file, no
+face, no class word) is reported with its number and skipped, and the exit code is 1 when any
+line failed. Models load once, T5 encodes every prompt before the DiT is placed, videos are
+denoised ``--videos-per-batch`` at a time, and each batch is decoded and written as soon as it is
+denoised (the VAE stays beside the DiT; only the current batch's frames are held), so a failure
+at video k keeps the videos written before it.
+
+Several processes (``python -m mm_jax.launch``, a TPU pod, SLURM): every process runs the same
+work over the global mesh and gets the whole videos; process 0 alone writes the files and prints
+the settings and "wrote" lines.
 """
 from __future__ import annotations
 
@@ -106,17 +114,68 @@ def _lines(path: str):
         yield n, (d if isinstance(d, dict) else "not a JSON object")
 
 
-def _many(args, base, mesh, dtype) -> int:
-    """``--prompts``: every good line becomes a video; bad lines are reported and skipped."""
-    from mm_jax import identity, pipeline, video_io
+def _check_identity(args, adapter_cfg, dit_cfg, tokenizer, prompt: str, max_length: int, *, ref=None, id_file=None,
+                    embedder=None):
+    """An identity's input checks, before any model is placed: the prompt's class word, the
+    adapter against the backbone and the CLIP width, the --id file, and the reference's face
+    (detected here, on the host) -> ("id", Identity) or ("face", (face, ref))."""
+    from mm_jax import identity
 
-    failed, requests, outs = [], [], []
-    embedder, adapter_cfg, tokenizer = None, None, None
+    identity.class_index(tokenizer, prompt, adapter_cfg, max_length)
+    if id_file:
+        ident = identity.load(id_file, args.adapter)
+        identity.check_fits(adapter_cfg, dit_cfg, ident.clip_hidden.shape[-1])
+        return "id", ident
+    if not Path(ref).is_file():
+        raise FileNotFoundError(f"reference {ref} not found")
+    identity.check_fits(adapter_cfg, dit_cfg, embedder.clip_width)
+    return "face", (embedder.analyze(ref), str(ref))
+
+
+class _Faces:
+    """The face models (and, lazily, the CLIP tower) of a run: loaded at the first reference."""
+
+    def __init__(self, args, mesh):
+        self.args, self.mesh, self.embedder = args, mesh, None
+
+    def get(self):
+        from mm_jax import identity
+
+        if self.embedder is None:
+            clip_dir = identity.component_dir("image_encoder", self.args.adapter, self.args.checkpoint)
+            self.embedder = identity.Embedder(self.args.face_models, clip_dir, self.args.adapter, mesh=self.mesh)
+        return self.embedder
+
+
+def _identities(checked: list, faces: "_Faces"):
+    """The work half of the identities: the CLIP tower over each analyzed face (every process runs
+    it on the global mesh); the tower is freed afterwards, before the DiT is placed."""
+    out = [(ident if kind == "id" else faces.embedder.embed(*ident)) if kind else None for kind, ident in checked]
+    faces.embedder = None
+    return out
+
+
+def _check_lines(args, base, mesh):
+    """``--prompts``' input checks, before any work: each line's fields, output, seed and identity
+    (class word, files, the reference's face). A bad line is reported by number and skipped ->
+    (good lines as (number, settings, out, checked identity), failed numbers, the face models)."""
+    from mm_jax import checkpoint, distributed, identity, text, video_io
+
+    failed, lines = [], []  # lines: (line number, settings, out, (kind, identity-or-face) or (None, None))
+    main_process = distributed.is_main()
 
     def fail(n, msg):
         failed.append(n)
-        print(f"error: {args.prompts}:{n}: {msg}; line skipped", file=sys.stderr)
+        if main_process:
+            print(f"error: {args.prompts}:{n}: {msg}; line skipped", file=sys.stderr)
 
+    adapter_cfg = dit_cfg = tokenizer = None
+    if args.adapter:  # checked once for every identity line
+        adapter_cfg = checkpoint.load_config(args.adapter, "adapter")
+        dit_cfg = checkpoint.load_config(args.checkpoint, "transformer")
+        tokenizer = text.load_tokenizer(Path(args.checkpoint) / "tokenizer")
+        identity.check_fits(adapter_cfg, dit_cfg)
+    faces = _Faces(args, mesh)
     for n, d in _lines(args.prompts):
         if isinstance(d, str):
             fail(n, d)
@@ -133,147 +192,170 @@ def _many(args, base, mesh, dtype) -> int:
                 raise ValueError(f"seed {seed!r}: must be an integer")
             settings = dataclasses.replace(base, prompt=d["prompt"], seed=seed,
                                            negative_prompt=d.get("negative_prompt", base.negative_prompt))
-            ident = None
+            checked = (None, None)
             if d.get("ref") or d.get("id"):
                 if not args.adapter:
                     raise ValueError("'ref'/'id' need --adapter DIR")
                 if d.get("ref") and d.get("id"):
                     raise ValueError("give either 'ref' or 'id', not both")
-                if adapter_cfg is None:
-                    from mm_jax import checkpoint, text
-
-                    adapter_cfg = checkpoint.load_config(args.adapter, "adapter")
-                    tokenizer = text.load_tokenizer(Path(args.checkpoint) / "tokenizer")
-                identity.class_index(tokenizer, settings.prompt, adapter_cfg, settings.max_sequence_length)
-                if d.get("id"):
-                    ident = identity.load(d["id"], args.adapter)
-                else:
-                    if not args.face_models:
-                        raise ValueError("'ref' needs --face-models DIR")
-                    if not Path(d["ref"]).is_file():
-                        raise FileNotFoundError(f"reference {d['ref']} not found")
-                    if embedder is None:
-                        clip_dir = identity.component_dir("image_encoder", args.adapter, args.checkpoint)
-                        embedder = identity.Embedder(args.face_models, clip_dir, args.adapter, mesh=mesh)
-                    ident = embedder(d["ref"])
+                if d.get("ref") and not args.face_models:
+                    raise ValueError("'ref' needs --face-models DIR")
+                checked = _check_identity(args, adapter_cfg, dit_cfg, tokenizer, settings.prompt,
+                                          settings.max_sequence_length, ref=d.get("ref"), id_file=d.get("id"),
+                                          embedder=faces.get() if d.get("ref") else None)
         except (ValueError, FileNotFoundError) as e:
             fail(n, e)
             continue
-        requests.append(pipeline.Request(settings, ident))
-        outs.append((n, d["out"]))
-    del embedder  # the CLIP tower and face models: freed before the DiT is placed
-    if not requests:
-        print(f"error: {args.prompts}: no usable line", file=sys.stderr)
-        return 2 if not failed else 1
+        lines.append((n, settings, d["out"], checked))
+    if not lines:
+        raise ValueError(f"{args.prompts}: no usable line" + (f" (line(s) {failed} refused above)" if failed else ""))
+    return lines, failed, faces
+
+
+def _many(args, lines, failed, faces, base, mesh, dtype) -> int:
+    """``--prompts``' work, after ``_check_lines``: every good line becomes a video, written (by
+    process 0) as soon as its batch is decoded; an error here propagates, the videos written stay."""
+    from mm_jax import distributed, exit_codes, pipeline, video_io
+
+    main_process = distributed.is_main()
     per_batch = args.videos_per_batch or max(1, mesh.shape["data"] // (2 if base.guidance > 1 else 1))
-    print(f"{len(requests)} video(s), {len(failed)} line(s) skipped; mesh {dict(mesh.shape)}, {per_batch} per batch",
-          file=sys.stderr)
+    if main_process:
+        print(f"{len(lines)} video(s), {len(failed)} line(s) skipped; mesh {dict(mesh.shape)}, {per_batch} per batch",
+              file=sys.stderr)
     t0 = time.time()
-    try:
-        videos = pipeline.generate_batch(args.checkpoint, requests, mesh=mesh, dtype=dtype, progress=not args.quiet,
-                                         videos_per_batch=per_batch, text_encoder_on_host=args.offload_text_encoder,
-                                         vae_tiling=args.vae_tiling, attention_parallelism=args.attention_parallelism)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    seconds = round(time.time() - t0, 2)
-    for (n, out), r, frames in zip(outs, requests, videos):
-        meta = dict(dataclasses.asdict(r.settings), checkpoint=str(args.checkpoint), dtype=dtype, mesh=dict(mesh.shape),
-                    adapter=args.adapter, reference=r.identity.source if r.identity is not None else None,
-                    line=n, batch_seconds=seconds)
-        video_io.write_frames(out, frames, fps=args.fps, metadata=meta)
-        print(f"wrote {out} (line {n})", file=sys.stderr)
+    idents = _identities([c for *_, c in lines], faces)
+    requests = [pipeline.Request(settings, ident) for (_, settings, _, _), ident in zip(lines, idents)]
+    videos = pipeline.iter_videos(args.checkpoint, requests, mesh=mesh, dtype=dtype, progress=not args.quiet,
+                                  videos_per_batch=per_batch, text_encoder_on_host=args.offload_text_encoder,
+                                  vae_tiling=args.vae_tiling, attention_parallelism=args.attention_parallelism,
+                                  decode_each_batch=True)
+    for i, frames, _ in videos:
+        n, r, out = lines[i][0], requests[i], lines[i][2]
+        if main_process:
+            meta = dict(dataclasses.asdict(r.settings), checkpoint=str(args.checkpoint), dtype=dtype,
+                        mesh=dict(mesh.shape), adapter=args.adapter,
+                        reference=r.identity.source if r.identity is not None else None, line=n,
+                        seconds=round(time.time() - t0, 2))
+            video_io.write_frames(out, frames, fps=args.fps, metadata=meta)
+            print(f"wrote {out} (line {n})", file=sys.stderr)
+        del frames
     if failed:
-        print(f"{len(failed)} line(s) failed: {failed}", file=sys.stderr)
-        return 1
-    return 0
+        if main_process:
+            print(f"{len(failed)} line(s) failed: {failed}", file=sys.stderr)
+        return exit_codes.CRASH  # some lines were skipped (named above)
+    return exit_codes.OK
+
+
+def _check(args):
+    """Every input check that needs no model: flags, settings against the checkpoint, initial
+    latents, the mesh, identity files and the reference's face. Raises ``ValueError`` /
+    ``FileNotFoundError`` naming what is wrong; places nothing on the devices, writes nothing."""
+    import jax
+
+    from mm_jax import parallel, pipeline, video_io
+
+    for flag in ("prompt", "out"):
+        if not getattr(args, flag) and not args.prompts:
+            raise ValueError(f"--{flag} is required (or --prompts FILE)")
+    if args.prompts and (args.prompt or args.out or args.ref or args.id or args.latents or args.save_latents):
+        raise ValueError("--prompts takes the prompts, outputs and references from its lines; do not also give "
+                         "--prompt/--out/--ref/--id/--latents/--save-latents")
+    if args.save_latents and not args.save_latents.endswith(".npy"):
+        raise ValueError(f"--save-latents {args.save_latents}: must be an .npy path")
+    if args.videos_per_batch is not None and args.videos_per_batch < 1:
+        raise ValueError(f"--videos-per-batch {args.videos_per_batch}: must be >= 1")
+    if (args.ref or args.id) and not args.adapter:
+        raise ValueError("--ref / --id need --adapter DIR")
+    if args.ref and not args.face_models:
+        raise ValueError("--ref needs --face-models DIR (a local insightface model pack)")
+    if args.ref and args.id:
+        raise ValueError("give either --ref or --id, not both")
+    if args.out:
+        video_io.output_kind(args.out)
+    if args.fps < 1:
+        raise ValueError(f"--fps {args.fps}: must be >= 1")
+    settings = pipeline.SampleSettings(
+        prompt=args.prompt or "(from --prompts)", negative_prompt=args.negative_prompt, frames=args.frames,
+        height=args.height, width=args.width, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+        dynamic_cfg=args.dynamic_cfg, seed=args.seed)
+    settings.validate()
+    pipeline.check_checkpoint(args.checkpoint)
+    latents = None
+    if args.latents:
+        try:
+            latents = np.load(args.latents)
+        except Exception as e:  # unreadable / not an .npy
+            raise ValueError(f"--latents {args.latents}: cannot read ({e})") from None
+    request = pipeline.Request(settings, None, latents)
+    pipeline.check_requests(args.checkpoint, [request])  # against the checkpoint's VAE and DiT
+    rows = 2 if args.prompts or args.guidance > 1 else 1  # the DiT batch of one call: a CFG pair, or videos
+    mesh = parallel.make_mesh(args.mesh or parallel.sampling_mesh_shape(len(jax.devices()),
+                                                                      parallel.device_memory_bytes(), rows))
+    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    scheme = pipeline.attention_scheme(args.checkpoint, mesh, args.attention_parallelism)
+    checked, faces = (None, None), None
+    if (args.ref or args.id) and not args.prompts:
+        from mm_jax import checkpoint, text
+
+        faces = _Faces(args, mesh)
+        checked = _check_identity(args, checkpoint.load_config(args.adapter, "adapter"),
+                                  checkpoint.load_config(args.checkpoint, "transformer"),
+                                  text.load_tokenizer(Path(args.checkpoint) / "tokenizer"), settings.prompt,
+                                  settings.max_sequence_length, ref=args.ref, id_file=args.id,
+                                  embedder=faces.get() if args.ref else None)
+    return request, mesh, dtype, scheme, checked, faces
 
 
 def main(argv=None) -> int:
+    """The CLI; exit codes from ``mm_jax.exit_codes``: 2 (REFUSED) only for input refused before any
+    work, with nothing written; an error during the work propagates (traceback, exit 1)."""
     args = build_parser().parse_args(argv)
-    import jax
+    from mm_jax import distributed, exit_codes
 
-    from mm_jax import distributed, parallel, pipeline, video_io
-
+    try:
+        distributed.initialize()  # first: before anything starts a JAX backend
+    except ValueError as e:  # a launcher variable set wrong
+        print(f"error: {e}", file=sys.stderr)
+        return exit_codes.REFUSED
     if args.info:
         return _info(args)
     try:
-        for flag in ("prompt", "out"):
-            if not getattr(args, flag) and not args.prompts:
-                raise ValueError(f"--{flag} is required (or --prompts FILE)")
-        if args.prompts and (args.prompt or args.out or args.ref or args.id or args.latents or args.save_latents):
-            raise ValueError("--prompts takes the prompts, outputs and references from its lines; do not also give "
-                             "--prompt/--out/--ref/--id/--latents/--save-latents")
-        if args.save_latents and not args.save_latents.endswith(".npy"):
-            raise ValueError(f"--save-latents {args.save_latents}: must be an .npy path")
-        if args.videos_per_batch is not None and args.videos_per_batch < 1:
-            raise ValueError(f"--videos-per-batch {args.videos_per_batch}: must be >= 1")
-        if (args.ref or args.id) and not args.adapter:
-            raise ValueError("--ref / --id need --adapter DIR")
-        if args.ref and not args.face_models:
-            raise ValueError("--ref needs --face-models DIR (a local insightface model pack)")
-        if args.ref and args.id:
-            raise ValueError("give either --ref or --id, not both")
-        if args.out:
-            video_io.output_kind(args.out)
-        if args.fps < 1:
-            raise ValueError(f"--fps {args.fps}: must be >= 1")
-        settings = pipeline.SampleSettings(
-            prompt=args.prompt or "(from --prompts)", negative_prompt=args.negative_prompt, frames=args.frames, height=args.height,
-            width=args.width, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
-            dynamic_cfg=args.dynamic_cfg, seed=args.seed)
-        settings.validate()
-        pipeline.check_checkpoint(args.checkpoint)
-        latents = None
-        if args.latents:
-            try:
-                latents = np.load(args.latents)
-            except Exception as e:  # unreadable / not an .npy
-                raise ValueError(f"--latents {args.latents}: cannot read ({e})") from None
-        distributed.initialize()
-        rows = 2 if args.prompts or args.guidance > 1 else 1  # the DiT batch of one call: a CFG pair, or videos
-        mesh = parallel.make_mesh(args.mesh or parallel.sampling_mesh_shape(len(jax.devices()),
-                                                                          parallel.device_memory_bytes(), rows))
-        dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-        scheme = pipeline.attention_scheme(args.checkpoint, mesh, args.attention_parallelism)
+        request, mesh, dtype, scheme, checked, faces = _check(args)
         if args.prompts:
-            return _many(args, settings, mesh, dtype)
-        ident = None
-        if args.ref or args.id:
-            from mm_jax import identity
-
-            if args.id:
-                ident = identity.load(args.id, args.adapter)
-            else:
-                clip_dir = identity.component_dir("image_encoder", args.adapter, args.checkpoint)
-                ident = identity.compute(args.ref, args.face_models, clip_dir, args.adapter, mesh=mesh)
-            if args.save_id:
-                identity.save(args.save_id, ident)
-                print(f"saved the identity embeddings to {args.save_id}", file=sys.stderr)
+            lines, failed, faces = _check_lines(args, request.settings, mesh)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_codes.REFUSED
+    # the work: from here on an error is a crash (its traceback, exit 1)
+    if args.prompts:
+        return _many(args, lines, failed, faces, request.settings, mesh, dtype)
+    from mm_jax import identity, pipeline, video_io
+
+    main_process = distributed.is_main()
+    ident = _identities([checked], faces)[0] if checked[0] else None
+    if args.save_id and ident is not None and main_process:
+        identity.save(args.save_id, ident)
+        print(f"saved the identity embeddings to {args.save_id}", file=sys.stderr)
+    settings = request.settings
     meta = dict(dataclasses.asdict(settings), checkpoint=str(args.checkpoint), dtype=dtype,
                 mesh=dict(mesh.shape), attention=scheme,
                 latents=args.latents, adapter=args.adapter, reference=(ident.source if ident is not None else None))
-    print("settings: " + json.dumps(meta), file=sys.stderr)
+    if main_process:
+        print("settings: " + json.dumps(meta), file=sys.stderr)
     t0 = time.time()
-    try:
-        frames, final = pipeline.generate_batch(
-            args.checkpoint, [pipeline.Request(settings, ident, latents)], mesh=mesh, dtype=dtype,
-            progress=not args.quiet, text_encoder_on_host=args.offload_text_encoder, vae_tiling=args.vae_tiling,
-            attention_parallelism=args.attention_parallelism, return_latents=True)
-        frames = frames[0]
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    [(_, frames, final)] = pipeline.iter_videos(
+        args.checkpoint, [pipeline.Request(settings, ident, request.latents)], mesh=mesh, dtype=dtype,
+        progress=not args.quiet, text_encoder_on_host=args.offload_text_encoder, vae_tiling=args.vae_tiling,
+        attention_parallelism=args.attention_parallelism)
+    if not main_process:
+        return exit_codes.OK
     if args.save_latents:
-        np.save(args.save_latents, final[0])
+        np.save(args.save_latents, final)
     meta["seconds"] = round(time.time() - t0, 2)
     video_io.write_frames(args.out, frames, fps=args.fps, metadata=meta)
     print(f"wrote {args.out} ({frames.shape[0]} frames, {frames.shape[1]}x{frames.shape[2]}) in {meta['seconds']} s",
           file=sys.stderr)
-    return 0
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import io
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,6 +138,62 @@ def test_sample_names_a_folder_that_is_not_a_checkpoint(empty_cwd):
     code, err = _run("mm_jax.sample", ["--checkpoint", "nope", "--prompt", "a man", "--out", "v.mp4"])
     assert code == 2 and "nope is not an mm_jax checkpoint folder" in err
     assert not list(empty_cwd.iterdir())
+
+
+# A sampler whose denoising fails at its ``fail_at``-th call (counted over the run), run as
+# ``python -m mm_jax.sample`` would be: the exception's traceback and exit code are the interpreter's.
+FLAKY_SAMPLE = """
+import runpy, sys
+from mm_jax import pipeline
+real, calls = pipeline.denoise, []
+def flaky(*a, **k):
+    calls.append(1)
+    if len(calls) >= {fail_at}:
+        raise ValueError("injected failure in denoising call %d" % len(calls))
+    return real(*a, **k)
+pipeline.denoise = flaky
+sys.argv = ["mm_jax.sample"] + {argv!r}
+runpy.run_module("mm_jax.sample", run_name="__main__")
+"""
+
+
+def _flaky_sample(argv, fail_at, cwd):
+    import subprocess
+
+    from tests.conftest import fake_devices_env
+
+    code = FLAKY_SAMPLE.format(fail_at=fail_at, argv=[str(a) for a in argv])
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=dict(fake_devices_env(1), PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=600)
+
+
+SMALL = ["--frames", "9", "--height", "64", "--width", "64", "--steps", "2", "--quiet"]
+
+
+def test_sample_failure_during_generation_exits_1_with_its_traceback(ckpt, empty_cwd):
+    """A ValueError raised once the work has started is a crash, not refused input: exit 1 and the
+    traceback, no "error:" line of a refusal, and no video."""
+    proc = _flaky_sample(["--checkpoint", ckpt, "--prompt", "a man is walking", "--out", "v.npy", *SMALL], 1, empty_cwd)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback (most recent call last)" in proc.stderr and "injected failure in denoising call 1" in proc.stderr
+    assert "\nerror: " not in proc.stderr
+    assert not (empty_cwd / "v.npy").exists()
+
+
+def test_sample_prompts_keeps_the_videos_written_before_a_failure(ckpt, empty_cwd):
+    """--prompts writes each video as soon as its batch is decoded: when the 2nd batch fails, the
+    1st video and its sidecar are already on disk; the run exits 1 with the traceback."""
+    import json
+
+    (empty_cwd / "p.jsonl").write_text("\n".join(json.dumps({"prompt": f"a man number {i}", "out": f"v{i}.npy"})
+                                                  for i in range(2)) + "\n")
+    proc = _flaky_sample(["--checkpoint", ckpt, "--prompts", "p.jsonl", "--videos-per-batch", "1", *SMALL], 2,
+                         empty_cwd)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "wrote v0.npy (line 1)" in proc.stderr and "injected failure in denoising call 2" in proc.stderr
+    assert np.load(empty_cwd / "v0.npy").shape == (9, 64, 64, 3)
+    assert json.loads((empty_cwd / "v0.npy.json").read_text())["line"] == 1
+    assert not (empty_cwd / "v1.npy").exists()
 
 
 DEMO_CLI = [
