@@ -175,6 +175,7 @@ def main(argv=None) -> int:
     pre.add_argument("--width", type=int, default=720)
     pre.add_argument("--frames", type=int, default=49, help="1 for the image stage; clips: a count the VAE decodes "
                                                             "exactly (python -m mm_jax.sample --help lists them)")
+    pre.add_argument("--frame-stride", type=int, default=1, help="encode frames 0, s, 2s, ... (data.frame_stride)")
     pre.add_argument("--max-text-length", type=int, default=226)
     args = ap.parse_args(argv)
     if args.precompute and not args.checkpoint:
@@ -184,9 +185,9 @@ def main(argv=None) -> int:
             from mm_jax import frame_counts
 
             frame_counts.check(args.frames, "--frames")
-            if min(args.height, args.width, args.max_text_length) < 1:
+            if min(args.height, args.width, args.max_text_length, args.frame_stride) < 1:
                 raise BuildError(f"--height {args.height} --width {args.width} --max-text-length "
-                                 f"{args.max_text_length}: must be positive")
+                                 f"{args.max_text_length} --frame-stride {args.frame_stride}: must be positive")
         s = build_dataset(args.src, args.out, args.face_models, workers=args.workers, shard_size=args.shard_size,
                           max_frames=args.max_frames, min_similarity=args.min_similarity, det_size=args.det_size,
                           jpeg_quality=args.jpeg_quality, caption_rules=load_rules(args.caption_rules))
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
             from mm_jax.data.precompute import precompute
 
             s = precompute(args.out, args.checkpoint, height=args.height, width=args.width, frames=args.frames,
-                           max_text_length=args.max_text_length)
+                           frame_stride=args.frame_stride, max_text_length=args.max_text_length)
     except (BuildError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -161,6 +161,12 @@ def check_frames(stage: str, frames: int, temporal_ratio: int | None = None) -> 
         frame_counts.check(frames, "data.frames", ratio=temporal_ratio)
 
 
+def precomputed_frames(frames: int, frame_stride: int) -> list[int]:
+    """The frames of a clip that ``--precompute`` encodes and the loader's precomputed path masks:
+    ``frames`` frames from frame 0 at ``frame_stride``."""
+    return list(range(0, (frames - 1) * frame_stride + 1, frame_stride))
+
+
 def _decode_jpeg(b: bytes) -> np.ndarray:
     import cv2
 
@@ -205,6 +211,24 @@ class ExampleTransform:
             self.tokenizer = load_tokenizer(self.tokenizer)
         return self.tokenizer
 
+    def _check_precomputed(self, r: dict, index: int) -> None:
+        """The record's latents are of the frames and size this config reads, or a ValueError that names
+        the field, the record's value and the config's."""
+        pre = r.get("precomputed")
+        rebuild = (f"rebuild with python -m mm_jax.data.build --precompute --frames {self.frames} --frame-stride "
+                   f"{self.frame_stride} --height {self.height} --width {self.width}")
+        if not isinstance(pre, dict) or "latents" not in r:
+            raise ValueError(f"{self.where(index)}: no precomputed latents (data.precomputed=True); {rebuild}")
+        for field, want in (("frames", self.frames), ("frame_stride", self.frame_stride), ("height", self.height),
+                            ("width", self.width)):
+            if pre.get(field) != want:
+                raise ValueError(f"{self.where(index)}: latents precomputed with {field}={pre.get(field)}, but "
+                                 f"data.{field}={want}; set data.{field}={pre.get(field)} or {rebuild}")
+        picks = precomputed_frames(self.frames, self.frame_stride)
+        if pre.get("frame_indices") != picks:
+            raise ValueError(f"{self.where(index)}: latents precomputed from frames {pre.get('frame_indices')}, but "
+                             f"the loader masks frames {picks}; {rebuild}")
+
     def __call__(self, item, rng: np.random.Generator) -> dict[str, np.ndarray]:
         index, data = item
         r = decode_record(data, self.where(index))
@@ -212,7 +236,8 @@ class ExampleTransform:
         span = (self.frames - 1) * self.frame_stride + 1
         found = np.asarray(r["face_found"], bool)
         if self.precomputed:
-            start = 0  # the latents were computed from the first frames, centre crop
+            self._check_precomputed(r, index)
+            start = 0  # the latents were computed from these frames (precomputed_frames), centre crop
         elif self.frames == 1:
             faces = np.flatnonzero(found)
             start = int(rng.choice(faces)) if len(faces) else int(rng.integers(n))
@@ -258,9 +283,6 @@ class ExampleTransform:
                 warnings.warn(f"{self.where(index)}: no class word in {caption!r}; trained without the ID fusion",
                               stacklevel=2)
         if self.precomputed:
-            if r.get("precomputed", {}).get("frames") != self.frames or "latents" not in r:
-                raise ValueError(f"{self.where(index)}: no latents precomputed for {self.frames} frames "
-                                 f"(found {r.get('precomputed')}); rebuild with --precompute --frames {self.frames}")
             out["latents"] = np.asarray(r["latents"], np.float32)
             out["latents_std"] = np.asarray(r["latents_std"], np.float32)
             out["text_embeddings"] = np.asarray(self.null_text if drop_text else r["text_embedding"], np.float32)
