@@ -119,14 +119,40 @@ def batch_sharding(name: str, shape, mesh) -> NamedSharding:
     return NamedSharding(mesh, parallel.logical_to_spec(axes[:len(shape)], shape, dict(mesh.shape)))
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """This process's part of the global batch -> global arrays sharded on the batch axis."""
+def process_rows(mesh, global_batch: int) -> tuple[int, int]:
+    """``(start, stop)``: the rows of a global batch of ``global_batch`` that this process's devices
+    hold under ``batch_sharding`` (every process loads exactly these; processes whose devices hold
+    the same rows, as when the batch is replicated over an axis that spans processes, load the
+    same ones). A ValueError when they are not one contiguous block (a mesh whose device order
+    interleaves processes on the batch axes)."""
+    sharding = batch_sharding("has_id", (global_batch,), mesh)
+    spans = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
+                    for s in sharding.addressable_devices_indices_map((global_batch,)).values()})
+    start, stop = spans[0]
+    for a, b in spans[1:]:
+        if a > stop:
+            raise ValueError(f"process {jax.process_index()} holds rows {spans} of the global batch of {global_batch} "
+                             f"on mesh {dict(mesh.shape)}: not one contiguous block, so it cannot load one slice "
+                             f"of the batch; order the mesh's devices by process")
+        stop = max(stop, b)
+    return start, stop
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh, global_batch: int | None = None) -> dict[str, jax.Array]:
+    """This process's rows of the global batch (``process_rows``) -> global arrays of leading size
+    ``global_batch``, sharded on the batch axis. ``global_batch`` None: the batch is the whole
+    global batch (one process)."""
+    if global_batch is None:
+        if jax.process_count() > 1:
+            raise ValueError(f"put_batch on {jax.process_count()} processes needs global_batch (each holds only "
+                             "its rows)")
+        global_batch = len(next(iter(np.asarray(v) for k, v in batch.items() if k in BATCH_AXES)))
     out = {}
     for name, value in batch.items():
         if name not in BATCH_AXES:
             continue  # loader extras (ids, names) stay on the host
         value = np.asarray(value)
-        global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+        global_shape = (global_batch,) + value.shape[1:]
         sharding = batch_sharding(name, global_shape, mesh)
         out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
     return out
