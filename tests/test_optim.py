@@ -26,7 +26,8 @@ def params():
 def _by_role(params):
     mask = decay_mask(params)
     out = {}
-    for (path, p), (_, m) in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves_with_path(mask)):
+    leaves = zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves_with_path(mask))
+    for (path, p), (_, m) in leaves:
         out.setdefault(path[-1].key, []).append((jax.tree_util.keystr(path), p.ndim, bool(m)))
     return out
 
@@ -58,5 +59,6 @@ def test_one_adamw_step_with_zero_gradients_shrinks_kernels_and_leaves_biases_an
 
 
 def test_a_parameter_without_a_known_role_is_an_error_naming_it():
-    with pytest.raises(ValueError, match=r"parameter \['adapter'\]\['gain'\]: no weight-decay role for the name 'gain'"):
+    with pytest.raises(ValueError,
+                       match=r"parameter \['adapter'\]\['gain'\]: no weight-decay role for the name 'gain'"):
         decay_mask({"adapter": {"gain": np.ones((2, 3))}})
