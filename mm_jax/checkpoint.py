@@ -22,11 +22,13 @@ no replicated host copy of the model is ever made.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
@@ -75,8 +77,14 @@ def param_shapes(model) -> dict[str, tuple[tuple[int, ...], Any]]:
     return out
 
 
+def _writable(folder) -> Any:
+    """A folder to write into: a URL (``gs://...``) as an ``etils.epath`` path, a local one absolute."""
+    text = os.fspath(folder)
+    return epath.Path(text) if "://" in text else Path(text).absolute()
+
+
 def write_index(ckpt_dir: Path, names: list[str]) -> None:
-    (Path(ckpt_dir) / INDEX_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "components": names}, indent=1))
+    (_writable(ckpt_dir) / INDEX_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "components": names}, indent=1))
 
 
 def read_index(ckpt_dir: str | Path) -> list[str]:
@@ -116,7 +124,7 @@ def save_params(folder: Path, name: str, flat: Mapping[str, Any], progress: bool
     groups: dict[str, list[str]] = {}
     for k in flat:
         groups.setdefault(group_of(name, k), []).append(k)
-    root = Path(folder).absolute() / "params"
+    root = _writable(folder) / "params"
     root.mkdir(parents=True, exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
     items = groups.items()
@@ -132,7 +140,7 @@ def save_params(folder: Path, name: str, flat: Mapping[str, Any], progress: bool
 
 
 def save_component(ckpt_dir: str | Path, name: str, cfg: Any, flat: Mapping[str, Any], progress: bool = False) -> None:
-    folder = Path(ckpt_dir) / name
+    folder = _writable(ckpt_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
     save_params(folder, name, flat, progress)

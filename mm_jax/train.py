@@ -10,8 +10,13 @@ before training (the tiny/demo presets name ``mm_jax.demo.assets:prepare``, whic
 random tiny models, stand-in faces and synthetic data in the workdir). It is imported by name here
 so that the trainer never imports the demo's test assets.
 
-Exit codes: 0 done, 2 bad input (a bad flag, config field or value, missing data; nothing is
-written), 3 the loss diverged (the message names the last good checkpoint).
+Several processes (a pod, SLURM, ``python -m mm_jax.launch``) run the same command; they join
+first (``mm_jax.distributed.initialize``). ``--workdir`` may be a URL (``gs://bucket/run``).
+
+Exit codes (``mm_jax.exit_codes``): 0 done; 2 input refused before any work (a bad flag, config
+field or value, missing data, a workdir the processes do not share; nothing is written); 1 a crash
+once work started (its traceback above); 3 the loss diverged (the message names the last good
+checkpoint); 75 preempted after saving a checkpoint (relaunch the same command to resume).
 """
 from __future__ import annotations
 
@@ -39,32 +44,44 @@ def setup_hook(name: str):
 
 
 def main(argv=None) -> int:
-    from mm_jax import config as config_lib
+    from mm_jax import config as config_lib, distributed, exit_codes
 
     ap = argparse.ArgumentParser(prog="python -m mm_jax.train", description=__doc__.split("\n\n")[0],
                                  epilog="Overrides: --config.<field>=<value>, e.g. --config.train.steps=100 "
                                         "(the value is parsed as the field's type)", formatter_class=_Help)
     config_lib.add_arguments(ap)
-    ap.add_argument("--workdir", required=True, help="checkpoints, logs and outputs; re-use it to resume")
+    ap.add_argument("--workdir", required=True, help="checkpoints, logs and outputs (a folder every process sees, "
+                                                     "or a URL such as gs://bucket/run); re-use it to resume")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     args, rest = ap.parse_known_args(argv)
     overrides = config_lib.split_overrides(ap, rest)
+    distributed.initialize()  # before anything starts a JAX backend
     from mm_jax.training import loop
+    from mm_jax.training.preemption import Preempted
 
-    try:
+    workdir = loop.workdir_path(args.workdir)
+    try:  # input checked before any work: refused with one line
         cfg = config_lib.load(args.config, overrides)
         loop.check(cfg)  # before the setup hook writes anything
-        if cfg.setup:
-            setup_hook(cfg.setup)(cfg, Path(args.workdir).absolute())
-        summary = loop.train(cfg, args.workdir, progress=not args.no_progress)
-    except loop.TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        if cfg.setup:  # a hook refuses its own bad input before it writes (the demo's does)
+            setup_hook(cfg.setup)(cfg, workdir if loop.is_url(workdir) else Path(workdir))
     except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+        return exit_codes.REFUSED
+    try:
+        summary = loop.train(cfg, workdir, progress=not args.no_progress)
+    except loop.Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exit_codes.REFUSED
+    except loop.TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exit_codes.DIVERGED
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        return exit_codes.PREEMPTED
+    if distributed.is_main():
+        print(json.dumps(summary, indent=2))
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

@@ -224,3 +224,133 @@ def test_the_real_configs_remat_trains_with_the_loss_and_gradients_of_no_remat(a
     assert abs(loss - loss0) <= 1e-6 * abs(loss0), (loss, loss0)
     assert max(float(np.max(np.abs(g - g0))) for g, g0 in zip(grads, grads0)) <= 1e-6 * scale
     assert abs(step_loss - step_loss0) <= 1e-6 * abs(step_loss0) and abs(norm - norm0) <= 1e-6 * norm0
+
+
+def _launch(n, m, *command, timeout=600):
+    env = {k: v for k, v in fake_devices_env(1).items() if k != "XLA_FLAGS"}  # the launcher sets each child's
+    return subprocess.run([sys.executable, "-m", "mm_jax.launch", "--processes", str(n), "--devices-per-process",
+                           str(m), "--", *command], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_each_process_loads_the_rows_its_devices_hold_and_put_batch_assembles_the_global_batch():
+    """2 processes x 4 devices: ``process_rows`` gives each process the rows its devices hold (half
+    each when the batch is split 8 or 2 ways, all of them when it is replicated), and
+    ``put_batch`` builds the global batch from them exactly (tests/process_rows_check.py)."""
+    r = _launch(2, 4, sys.executable, str(ROOT / "tests" / "process_rows_check.py"), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ok = [line for line in r.stdout.splitlines() if "ROWS" in line and line.endswith(" ok")]
+    assert len(ok) == 8, r.stdout  # 4 meshes x 2 processes
+
+
+def test_a_local_workdir_the_processes_do_not_share_is_refused_by_name(assets, tmp_path):
+    """Each process given its own folder at "the same" path (as hosts with their own disks are):
+    process 1 does not see process 0's marker, so the run exits 2 naming it, before writing."""
+    args = " ".join(f"--config.{k}={v}" for k, v in assets.items())
+    r = _launch(2, 1, "sh", "-c", f"{sys.executable} -m mm_jax.train --config configs/video.py:tiny {args} "
+                                  f"--config.sample.enabled=False --no-progress --workdir {tmp_path}/$JAX_PROCESS_ID")
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"--workdir {tmp_path}/0 is not shared between processes: process(es) [1] do not see" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not any((tmp_path / p / "config.json").exists() for p in "01")
+
+
+def test_a_crash_after_work_started_exits_1_with_its_traceback_and_bad_input_still_exits_2(assets, tmp_path):
+    """A ValueError once training started (here from loading the models, after the config was
+    written) is a crash: exit 1 with its traceback, no longer "bad input" (exit 2, one line)."""
+    args = [f"--config.{k}={v}" for k, v in assets.items()]
+    crash = ("import sys, mm_jax.training.models as m\n"
+             "def load_models(*a, **k): raise ValueError('injected failure after start')\n"
+             "m.load_models = load_models\n"
+             "from mm_jax import train\n"
+             "sys.exit(train.main(sys.argv[1:]))\n")
+    env = fake_devices_env(1)
+    common = ["--config", "configs/video.py:tiny", *args, "--config.sample.enabled=False", "--no-progress"]
+    r = subprocess.run([sys.executable, "-c", crash, *common, "--workdir", str(tmp_path / "crash")], env=env,
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback (most recent call last)" in r.stderr and "ValueError: injected failure after start" in r.stderr
+    assert (tmp_path / "crash" / "config.json").exists()  # work had started
+    r = subprocess.run([sys.executable, "-m", "mm_jax.train", *common, "--workdir", str(tmp_path / "bad"),
+                        "--config.train.log_every=0"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "train.log_every=0: must be >= 1" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_metrics_and_tensorboard_reach_a_url_workdir(tmp_path, monkeypatch):
+    """``--workdir gs://...``: metrics.jsonl (rewritten whole at each flush: object stores cannot
+    append; truncated on resume) and the TensorBoard event file go through etils.epath, here to a
+    local file system registered for gs:// (no bucket reachable from the tests)."""
+    import os
+
+    import fsspec  # noqa: F401  (loads fsspec.registry)
+    from etils.epath import backend
+    from fsspec.implementations.local import LocalFileSystem
+
+    from mm_jax.training.logs import MetricLog
+
+    root = str(tmp_path / "bucket_root")
+
+    class LocalBucket(LocalFileSystem):
+        """gs://bucket/x -> <root>/bucket/x, parents created (object stores need none)."""
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            path = os.fspath(path)
+            return LocalFileSystem._strip_protocol(root + "/" + path[5:] if path.startswith("gs://") else path)
+
+        def __init__(self, *args, finalize_on_close=None, **kwargs):
+            super().__init__(*args, auto_mkdir=True, **kwargs)
+
+    monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, "gcs", LocalBucket)  # epath asks for "gcs"
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    try:
+        log = MetricLog("gs://bucket/run", resume_step=0)
+        for step in range(1, 6):
+            log.write(step, {"loss": 1.0 / step})
+            if step % 2 == 0:
+                log.flush()
+        log.close()
+        assert [r["step"] for r in read_history("gs://bucket/run")] == [1, 2, 3, 4, 5]
+        log = MetricLog("gs://bucket/run", resume_step=3)  # resumed from step 3: steps 4, 5 are redone
+        log.write(4, {"loss": 9.0})
+        log.close()
+        assert [(r["step"], r["loss"]) for r in read_history("gs://bucket/run")] == [(1, 1.0), (2, 0.5), (3, 1 / 3),
+                                                                                    (4, 9.0)]
+        local = tmp_path / "bucket_root" / "bucket" / "run"
+        events = list((local / "tb").glob("events.out.tfevents.*"))
+        assert events and all(p.stat().st_size > 0 for p in events)
+        assert not (ROOT / "gs:").exists() and not (tmp_path / "gs:").exists()
+    finally:
+        backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_losses_fetched_in_a_window_are_all_logged_and_checked_in_step_order():
+    """``train.log_every``: the metrics of several steps are fetched at once; every step gets its
+    line, and the first non-finite loss stops the run, after the finite steps before it were
+    logged, naming the last good checkpoint (never a step after an unchecked loss)."""
+    import jax.numpy as jnp
+
+    from mm_jax.training.loop import MetricWindow
+
+    class Log:
+        def __init__(self):
+            self.lines = []
+
+        def write(self, step, scalars):
+            self.lines.append((step, scalars["loss"]))
+
+        def flush(self):
+            pass
+
+    log = Log()
+    window = MetricWindow(log, lambda step: 1e-3, 4, lambda: "step 2 in ckpts")
+    for done, loss in ((1, 1.0), (2, 0.5)):
+        window.add(done, {"loss": jnp.float32(loss)}, 0.0)
+    window.flush()
+    for done, loss in ((3, 0.25), (4, float("nan")), (5, 0.1)):
+        window.add(done, {"loss": jnp.float32(loss)}, 0.0)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4: .* last good checkpoint is step 2 in ckpts"):
+        window.flush()
+    assert log.lines == [(1, 1.0), (2, 0.5), (3, 0.25)] and window.loss == 0.25 and window.first_loss == 1.0

@@ -1,15 +1,18 @@
 """Training checkpoints with Orbax: adapter params, optimizer state and a JSON ``meta`` item
 (step, seed, data-iterator state, config digest) per step folder, saved asynchronously every N
 steps with the last K kept. A checkpoint is only ever written after its step's loss was checked
-finite, so the latest one is always a good one."""
+finite, so the latest one is always a good one. The directory may be a URL (``gs://bucket/run/
+checkpoints``): Orbax writes URLs itself. On several processes every process calls every method
+(Orbax writes each process's shards and coordinates the processes)."""
 from __future__ import annotations
 
 import base64
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 def _jsonable(state: Any) -> Any:
@@ -28,10 +31,11 @@ def _from_jsonable(state: Any) -> Any:
 class TrainCheckpoints:
     """``<workdir>/checkpoints/<step>/{params,opt_state,meta}``."""
 
-    def __init__(self, directory: str | Path, *, keep: int, every: int, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, keep: int, every: int, async_save: bool = True):
         if every < 1 or keep < 1:
             raise ValueError(f"checkpoint every={every} and keep={keep} must be >= 1")
-        self.directory = Path(directory).absolute()
+        text = os.fspath(directory)
+        self.directory = epath.Path(text if "://" in text else os.path.abspath(text))
         self.every = every
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)

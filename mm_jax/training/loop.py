@@ -8,24 +8,92 @@ latest checkpoint (params, optimizer, step, data position). Outputs in the workd
 ``checkpoints/``, ``metrics.jsonl``, ``tb/`` (TensorBoard), ``adapter/`` (the trained adapter folder
 for ``python -m mm_jax.sample --adapter``), ``samples/``, ``config.json``, ``summary.json``.
 
-The whole step is one ``jax.jit`` over a (data, fsdp, tensor) mesh of every device of every process;
-several hosts are joined with ``jax.distributed`` when launched by a cluster launcher.
+The whole step is one ``jax.jit`` over a (data, fsdp, tensor) mesh of every device of every process
+(joined by ``mm_jax.distributed.initialize``, which the CLI calls first). Every process runs the
+same program: the steps, the export and the samples are SPMD work; only process 0 writes files
+(Orbax writes each process's part of a checkpoint itself). The workdir is an ``etils.epath`` path:
+a local folder, which several processes must share (checked at start), or a URL such as
+``gs://bucket/run`` that every host reaches.
+
+The host never waits for a step: it dispatches step k, then loads and places batch k+1 while the
+devices run (``DevicePrefetch``), and fetches the metrics every ``train.log_every`` steps (and
+before any checkpoint, sample or export: a checkpoint is written only after every loss before it
+was checked finite).
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
+import os
+import secrets
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import jax
+from etils import epath
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the latest checkpoint is the last good one."""
+
+
+class Refused(ValueError):
+    """The run's input was refused before any work started (nothing written but, for a workdir
+    check, its marker): the train CLI exits ``exit_codes.REFUSED``."""
+
+
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+    """A URL (``gs://bucket/run``) as it is, a local folder made absolute."""
+    text = os.fspath(workdir)
+    return epath.Path(text) if "://" in text else epath.Path(os.path.abspath(text))
+
+
+def is_url(path) -> bool:
+    return "://" in os.fspath(path)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def check_shared_workdir(workdir: epath.Path) -> None:
+    """Several processes on a local path: process 0 writes a marker with a random token, and every
+    other process must read it there (each host writing its own part of a checkpoint to its own
+    disk would leave no complete checkpoint anywhere). ``Refused`` names the processes that do not
+    see it. URLs and single processes pass."""
+    if jax.process_count() == 1 or is_url(workdir):
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    token = secrets.token_hex(16).encode() if jax.process_index() == 0 else b"0" * 32
+    token = bytes(multihost_utils.broadcast_one_to_all(np.frombuffer(token, np.uint8)).astype(np.uint8))
+    marker = workdir / f".shared-check-{token.decode()}"
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        marker.write_bytes(token)
+    _barrier("mm_jax_workdir_marker_written")
+    try:
+        sees = marker.exists() and marker.read_bytes() == token
+    except OSError:
+        sees = False
+    seen = multihost_utils.process_allgather(np.asarray([sees]))
+    _barrier("mm_jax_workdir_marker_read")
+    if jax.process_index() == 0:
+        marker.unlink(missing_ok=True)
+    blind = [k for k, ok in enumerate(np.asarray(seen).reshape(-1)) if not ok]
+    if blind:
+        raise Refused(f"--workdir {workdir} is not shared between processes: process(es) {blind} do not see "
+                      f"{marker.name}, which process 0 wrote there; give every host the same folder (a shared "
+                      f"file system) or a URL such as gs://bucket/run")
 
 
 def _meta(cfg, step: int, data_state, loss: float) -> dict:
@@ -40,7 +108,7 @@ def init_from(path: str, state) -> dict:
     from mm_jax import checkpoint
     from mm_jax.training.checkpoints import TrainCheckpoints
 
-    p = Path(path)
+    p = workdir_path(path)
     if (p / "checkpoints").is_dir():
         prev = TrainCheckpoints(p / "checkpoints", keep=1, every=1, async_save=False)
         step = prev.latest_step()
@@ -60,55 +128,92 @@ def init_from(path: str, state) -> dict:
 
 
 def _trained_modules(params, aux) -> dict:
+    """{name: module} with the trained params as they are: global arrays, sharded over the mesh
+    (no host copy; every process holds the same handles)."""
     from mm_jax.training.step import merge_params
 
     graphdefs, templates, rest, _ = aux
-    host = jax.device_get(params)
-    return {k: merge_params(graphdefs[k], templates[k], rest[k], v) for k, v in host.items()}
+    return {k: merge_params(graphdefs[k], templates[k], rest[k], v) for k, v in params.items()}
 
 
-def _write_atomically(out: Path, fill) -> Path:
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+def _copytree(src, dst) -> None:
+    """Copy a folder between local paths and URLs (epath)."""
+    src, dst = epath.Path(src), epath.Path(dst)
+    if not is_url(src) and not is_url(dst):
+        shutil.copytree(src, dst)
+        return
+    for root, _, files in src.walk():
+        target = dst / os.path.relpath(os.fspath(root), os.fspath(src))
+        target.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            (root / f).copy(target / f)
+
+
+def _write_atomically(out: epath.Path, fill, name: str) -> epath.Path:
+    """Written aside (``<out>.tmp``) by every process (``fill(tmp)``), then renamed into place once,
+    by process 0, after all of them finished (barriers): never half-written."""
+    tmp = out.parent / (out.name + ".tmp")
+    if jax.process_index() == 0 and tmp.exists():
+        tmp.rmtree()
+    _barrier(f"mm_jax_{name}_aside")
     fill(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    _barrier(f"mm_jax_{name}_written")
+    if jax.process_index() == 0:
+        if out.exists():
+            out.rmtree()
+        tmp.rename(out)
+    _barrier(f"mm_jax_{name}_renamed")
     return out
 
 
-def export(workdir: Path, models, params, aux) -> Path:
+def export(workdir, models, params, aux) -> epath.Path:
     """Write ``<workdir>/adapter`` (image_encoder + trained adapter), the folder ``mm_jax.sample
     --adapter`` takes; when the DiT trains too, also ``<workdir>/backbone`` (the backbone with the
-    trained transformer). Each is written aside and renamed into place: never half-written."""
+    trained transformer). Each is written aside and renamed into place: never half-written.
+
+    Every process calls it (SPMD). The trained params stay global arrays: every process takes part
+    in Orbax's save of them, and Orbax writes each process's shards and coordinates the processes,
+    so no host ever holds a whole trained DiT (a gather to process 0 would put the 5B DiT's float32
+    master copy, 20 GB, in one host's memory). Process 0 alone copies the frozen folders, writes
+    the index and renames the folder into place."""
     from mm_jax import checkpoint
 
+    workdir = epath.Path(workdir)
     trained = _trained_modules(params, aux)
+    main = jax.process_index() == 0
 
-    def adapter_folder(tmp: Path):
-        shutil.copytree(models.adapter_dir / "image_encoder", tmp / "image_encoder")
+    def adapter_folder(tmp):
+        if main:
+            _copytree(epath.Path(models.adapter_dir) / "image_encoder", tmp / "image_encoder")
         checkpoint.save_module(tmp, "adapter", trained["adapter"])
-        checkpoint.write_index(tmp, ["image_encoder", "adapter"])
+        if main:
+            checkpoint.write_index(tmp, ["image_encoder", "adapter"])
 
-    def backbone_folder(tmp: Path):
+    def backbone_folder(tmp):
         names = checkpoint.read_index(models.backbone_dir)
-        for name in names:
-            if name != "transformer":
-                shutil.copytree(models.backbone_dir / name, tmp / name)
+        if main:
+            for name in names:
+                if name != "transformer":
+                    _copytree(epath.Path(models.backbone_dir) / name, tmp / name)
         checkpoint.save_module(tmp, "transformer", trained["dit"])
-        checkpoint.write_index(tmp, names)
+        if main:
+            checkpoint.write_index(tmp, names)
 
     if "dit" in trained:
-        _write_atomically(workdir / "backbone", backbone_folder)
-    return _write_atomically(workdir / "adapter", adapter_folder)
+        _write_atomically(workdir / "backbone", backbone_folder, "backbone")
+    return _write_atomically(workdir / "adapter", adapter_folder, "adapter")
 
 
-def sample_video(cfg, workdir: Path, step: int, models, params, aux) -> Path | None:
-    """Sample the fixed reference + prompt with the exported adapter -> ``samples/step_XXXXXX.mp4``."""
+def sample_video(cfg, workdir, step: int, models, params, aux) -> epath.Path | None:
+    """Sample the fixed reference + prompt with the exported adapter -> ``samples/step_XXXXXX.mp4``.
+    Every process calls it (the denoising steps run over the global mesh); process 0 writes the video."""
     from mm_jax import identity, pipeline, video_io
 
     if not cfg.sample.ref or not cfg.data.face_models:
-        print("sample skipped: sample.ref and data.face_models are needed", file=sys.stderr)
+        if jax.process_index() == 0:
+            print("sample skipped: sample.ref and data.face_models are needed", file=sys.stderr)
         return None
+    workdir = epath.Path(workdir)
     adapter_dir = workdir / "adapter"
     ident = identity.compute(cfg.sample.ref, cfg.data.face_models, adapter_dir, adapter_dir)
     settings = pipeline.SampleSettings(prompt=cfg.sample.prompt, frames=cfg.sample.frames,
@@ -119,8 +224,16 @@ def sample_video(cfg, workdir: Path, step: int, models, params, aux) -> Path | N
     frames = pipeline.generate(models.backbone_dir, settings, dtype=cfg.model.dtype, progress=False,
                                identity=ident, vae=models.vae, transformer=dit)
     out = workdir / "samples" / f"step_{step:06d}.mp4"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    video_io.write_frames(out, frames, fps=8, metadata={"step": step, "prompt": cfg.sample.prompt, "ref": cfg.sample.ref})
+    if jax.process_index() == 0:
+        meta = {"step": step, "prompt": cfg.sample.prompt, "ref": cfg.sample.ref}
+        if is_url(out):  # the video encoder writes local files: encode aside, then copy up
+            with tempfile.TemporaryDirectory() as d:
+                video_io.write_frames(Path(d) / out.name, frames, fps=8, metadata=meta)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                for f in Path(d).iterdir():  # the video and its .json sidecar
+                    epath.Path(f).copy(out.parent / f.name, overwrite=True)
+        else:
+            video_io.write_frames(Path(out), frames, fps=8, metadata=meta)
     return out
 
 
@@ -135,10 +248,9 @@ def check(cfg) -> None:
     t = cfg.train
     if t.steps < 0:
         raise ValueError(f"train.steps={t.steps}: must be >= 0")
-    if t.global_batch_size < 1 or t.global_batch_size % jax.process_count():
-        raise ValueError(f"train.global_batch_size={t.global_batch_size}: must be a positive multiple of the "
-                         f"{jax.process_count()} processes")
-    for name in ("checkpoint_every", "keep_checkpoints"):
+    if t.global_batch_size < 1:
+        raise ValueError(f"train.global_batch_size={t.global_batch_size}: must be >= 1")
+    for name in ("checkpoint_every", "keep_checkpoints", "log_every"):
         if t[name] < 1:
             raise ValueError(f"train.{name}={t[name]}: must be >= 1")
     if "adapter" not in t.trainable or set(t.trainable) - set(TRAINABLE):
@@ -166,9 +278,75 @@ def check(cfg) -> None:
             raise ValueError(f"sample.every={s.every}: must be >= 0 (0: only after the last step)")
 
 
-def train(cfg, workdir: str | Path, *, progress: bool = True, return_state: bool = False):
+class DevicePrefetch:
+    """Batches placed on the devices ahead of the step that takes them: ``pop()`` -> (global
+    batch arrays, the loader state after it, host seconds it took to load and place); ``fill()``
+    reads and places up to ``depth`` batches (called right after a step is dispatched, so the host
+    loads while the devices compute). Reads no more than ``limit`` batches in all."""
+
+    def __init__(self, loader, put, depth: int, limit: int):
+        self.loader, self.put, self.depth, self.left = loader, put, depth, limit
+        self.queue = collections.deque()
+
+    def fill(self) -> None:
+        while len(self.queue) < self.depth and self.left > 0:
+            t0 = time.perf_counter()
+            batch = self.put(next(self.loader))
+            self.queue.append((batch, self.loader.get_state(), time.perf_counter() - t0))
+            self.left -= 1
+
+    def pop(self):
+        if not self.queue:
+            self.fill()
+        return self.queue.popleft()
+
+
+class MetricWindow:
+    """Each step's metrics stay on the devices until ``flush()`` fetches them all in one transfer,
+    checks every loss finite in step order, and writes one log line per step; ``TrainingDiverged``
+    at the first non-finite one (after logging the finite ones before it), naming ``last_good()``."""
+
+    def __init__(self, log, lr_fn, global_batch: int, last_good):
+        self.log, self.lr_fn, self.global_batch, self.last_good = log, lr_fn, global_batch, last_good
+        self.pending: list[tuple[int, dict, float]] = []  # (step done, device metrics, host data seconds)
+        self.started = time.perf_counter()
+        self.first_loss = self.loss = None
+        self.on_step = lambda done, scalars: None
+
+    def add(self, done: int, metrics, data_s: float) -> None:
+        self.pending.append((done, metrics, data_s))
+
+    def flush(self) -> float:
+        """-> the wall seconds per step over the window (the steps since the last flush)."""
+        if not self.pending:
+            return 0.0
+        fetched = jax.device_get([m for _, m, _ in self.pending])
+        now = time.perf_counter()
+        step_s = (now - self.started) / len(self.pending)
+        self.started = now
+        pending, self.pending = self.pending, []
+        for (done, _, data_s), metrics in zip(pending, fetched):
+            metrics = {k: float(v) for k, v in metrics.items()}
+            loss = metrics["loss"]
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"loss is {loss} at step {done}: training stopped; the last good checkpoint "
+                                       f"is {self.last_good()}; lower optimizer.lr or check the data")
+            self.first_loss = loss if self.first_loss is None else self.first_loss
+            self.loss = loss
+            scalars = dict(metrics, lr=float(self.lr_fn(done - 1)), data_wait_s=data_s, step_s=step_s,
+                           samples_per_s=self.global_batch / max(step_s, 1e-9))
+            self.log.write(done, scalars)
+            self.on_step(done, scalars)
+        self.log.flush()
+        return step_s
+
+
+def train(cfg, workdir: str | os.PathLike, *, progress: bool = True, return_state: bool = False):
     """Run (or resume) training; returns a summary dict (first/last loss, steps, timings), and
-    with ``return_state`` also the final trainable params and the frozen states (for tests)."""
+    with ``return_state`` also the final trainable params and the frozen states (for tests).
+
+    Everything checkable before work (the config, the data's presence, the mesh, a shared
+    workdir) raises ``Refused`` before anything is written; a failure after that propagates as it is."""
     from tqdm.auto import tqdm
 
     from mm_jax import distributed, parallel
@@ -177,20 +355,27 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, return_state: bool
     from mm_jax.training.logs import MetricLog
     from mm_jax.training.models import count, load_models
     from mm_jax.training.optim import learning_rate, make_optimizer
-    from mm_jax.training.step import init_state, make_train_step, put_batch
+    from mm_jax.training.preemption import Preempted, Preemption
+    from mm_jax.training.step import init_state, make_train_step, process_rows, put_batch
 
     distributed.initialize()
     cfg = cfg.copy_and_resolve_references()
-    check(cfg)  # cheap checks first: a bad config writes nothing
-    locate_records(cfg.data.path, cfg.data.stage, cfg.data.get("format", "shards"))
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = workdir_path(workdir)
+    try:
+        check(cfg)  # cheap checks first: a bad config writes nothing
+        locate_records(cfg.data.path, cfg.data.stage, cfg.data.get("format", "shards"))
+        mesh = parallel.make_mesh(cfg.mesh or None, dcn=cfg.mesh_dcn or None)
+        rows = process_rows(mesh, int(cfg.train.global_batch_size))
+    except (ValueError, FileNotFoundError) as e:
+        raise Refused(str(e)) from e
+    check_shared_workdir(workdir)
     main_process = jax.process_index() == 0
     if main_process:
+        workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(cfg.to_json(indent=2))
-    mesh = parallel.make_mesh(cfg.mesh or None)
+    global_batch = int(cfg.train.global_batch_size)
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    unsplit = parallel.unsplit_batch_note(cfg.train.global_batch_size, dict(mesh.shape))
+    unsplit = parallel.unsplit_batch_note(global_batch, dict(mesh.shape))
     if unsplit and main_process:
         warnings.warn(unsplit, stacklevel=2)
     models = load_models(cfg.model, dict(cfg.adapter), mesh, precomputed=bool(cfg.data.precomputed))
@@ -201,76 +386,95 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, return_state: bool
     frozen = aux[-1]
     ckpts = TrainCheckpoints(workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
                              every=cfg.train.checkpoint_every, async_save=cfg.train.async_checkpointing)
-    loader = make_loader(cfg.data, tokenizer=models.tokenizer, global_batch_size=cfg.train.global_batch_size,
-                         seed=cfg.train.seed)
+    loader = make_loader(cfg.data, tokenizer=models.tokenizer, global_batch_size=global_batch, seed=cfg.train.seed,
+                         rows=rows)
     start = ckpts.latest_step() or 0
     params, opt_state = state.params, state.opt_state
     if start:
         params, opt_state, meta = ckpts.restore(start, params, opt_state)
         if meta.get("data_state") is not None:
             loader.set_state(meta["data_state"])
-        print(f"resumed from {ckpts.directory}/{start} (loss {meta.get('loss')})")
+        if main_process:
+            print(f"resumed from {ckpts.directory}/{start} (loss {meta.get('loss')})")
     elif cfg.init_from:
         params = init_from(cfg.init_from, state)
-        print(f"adapter initialized from {cfg.init_from}")
+        if main_process:
+            print(f"adapter initialized from {cfg.init_from}")
     step_fn = make_train_step(models, tx, state, aux, cfg.train, mesh)
     log = MetricLog(workdir, resume_step=start, enabled=main_process)
     if main_process:
         print(f"training {count(params):,} params of {'+'.join(trainable)} ({cfg.stage} stage) over {count(frozen):,} frozen; mesh "
-              f"{dict(mesh.shape)}; global batch {cfg.train.global_batch_size} ({n_batch_shards} batch shards)")
-    first_loss, loss, data_wait, step_time, compile_s = None, float("nan"), 0.0, 0.0, None
+              f"{dict(mesh.shape)}; global batch {global_batch} ({n_batch_shards} batch shards; this process loads "
+              f"rows {rows[0]}:{rows[1]}); metrics fetched every {cfg.train.log_every} steps")
     bar = tqdm(total=cfg.train.steps, initial=start, desc=f"train {cfg.stage}", unit="step",
                disable=not (progress and main_process), dynamic_ncols=True)
-    try:
-        for step in range(start, cfg.train.steps):
-            t0 = time.perf_counter()
-            batch = next(loader)
-            t1 = time.perf_counter()
-            with jax.set_mesh(mesh):
-                params, opt_state, metrics = step_fn(params, opt_state, frozen, put_batch(batch, mesh), step)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            t2 = time.perf_counter()
-            loss = metrics["loss"]
-            done = step + 1
-            if not math.isfinite(loss):
-                ckpts.wait()
-                last = ckpts.latest_step()
-                raise TrainingDiverged(f"loss is {loss} at step {done}: training stopped; the last good checkpoint "
-                                       f"is {f'step {last} in {ckpts.directory}' if last else 'none (no step finished)'}"
-                                       f"; lower optimizer.lr or check the data")
-            if step == start:
-                compile_s = t2 - t1
-            else:
-                data_wait += t1 - t0
-                step_time += t2 - t0
-            first_loss = loss if first_loss is None else first_loss
-            lr = float(lr_fn(step))
-            scalars = dict(metrics, lr=lr, data_wait_s=t1 - t0, step_s=t2 - t0,
-                           samples_per_s=cfg.train.global_batch_size / max(t2 - t0, 1e-9))
-            log.write(done, scalars)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", step_s=f"{t2 - t0:.2f}",
-                            sps=f"{scalars['samples_per_s']:.1f}", refresh=False)
-            final = done == cfg.train.steps
-            if ckpts.should_save(done, final):
-                ckpts.save(done, params, opt_state, _meta(cfg, done, loader.get_state(), loss))
-            if main_process and cfg.sample.enabled and ((cfg.sample.every and done % cfg.sample.every == 0) or final):
-                export(workdir, models, params, aux)
-                path = sample_video(cfg, workdir, done, models, params, aux)
-                if path:
-                    bar.write(f"sample: {path}")
+
+    def last_good() -> str:
         ckpts.wait()
-        if main_process and cfg.train.steps > start:
+        last = ckpts.latest_step()
+        return f"step {last} in {ckpts.directory}" if last else "none (no step finished)"
+
+    window = MetricWindow(log, lr_fn, global_batch, last_good)
+
+    def show(done, scalars):
+        bar.update(1)
+        bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}", step_s=f"{scalars['step_s']:.2f}",
+                        sps=f"{scalars['samples_per_s']:.1f}", refresh=False)
+
+    window.on_step = show
+    prefetch = DevicePrefetch(loader, lambda b: put_batch(b, mesh, global_batch), depth=2,
+                              limit=max(cfg.train.steps - start, 0))
+    compile_s, data_wait, timed_s, timed_steps = None, 0.0, 0.0, 0
+    try:
+        with Preemption() as preemption:
+            for step in range(start, cfg.train.steps):
+                batch, data_state, data_s = prefetch.pop()
+                with jax.set_mesh(mesh):
+                    params, opt_state, metrics = step_fn(params, opt_state, frozen, batch, step)
+                del batch
+                prefetch.fill()  # the next batches load while this step runs
+                done = step + 1
+                window.add(done, metrics, data_s)
+                if step > start:
+                    data_wait += data_s
+                final = done == cfg.train.steps
+                save = ckpts.should_save(done, final)
+                sample = cfg.sample.enabled and ((cfg.sample.every and done % cfg.sample.every == 0) or final)
+                if step == start or save or sample or final or (done - start) % cfg.train.log_every == 0:
+                    n = len(window.pending)
+                    step_s = window.flush()  # before a checkpoint: its losses are checked finite first
+                    if step == start:
+                        compile_s = step_s
+                    else:
+                        timed_s, timed_steps = timed_s + step_s * n, timed_steps + n
+                if save:
+                    ckpts.save(done, params, opt_state, _meta(cfg, done, data_state, window.loss))
+                if sample:
+                    export(workdir, models, params, aux)
+                    path = sample_video(cfg, workdir, done, models, params, aux)
+                    if path and main_process:
+                        bar.write(f"sample: {path}")
+                if save or sample:
+                    window.started = time.perf_counter()  # step times leave out checkpoint and sample time
+                if not final and preemption.reached():  # every process stops after the same step
+                    window.flush()
+                    if not save:
+                        ckpts.save(done, params, opt_state, _meta(cfg, done, data_state, window.loss))
+                    ckpts.wait()
+                    raise Preempted(done, ckpts.directory)
+        window.flush()
+        ckpts.wait()
+        if cfg.train.steps > start:
             export(workdir, models, params, aux)
     finally:
         bar.close()
         log.close()
         ckpts.close()
         loader.close()  # stops mp_prefetch workers and frees their shared memory
-    timed = max(cfg.train.steps - start - 1, 0)
-    summary = {"start_step": start, "steps": cfg.train.steps, "first_loss": first_loss, "last_loss": loss,
-               "compile_s": compile_s, "mean_step_s": step_time / timed if timed else None,
-               "data_wait_fraction": data_wait / step_time if step_time else None, "workdir": str(workdir)}
+    summary = {"start_step": start, "steps": cfg.train.steps, "first_loss": window.first_loss,
+               "last_loss": window.loss if window.loss is not None else float("nan"),
+               "compile_s": compile_s, "mean_step_s": timed_s / timed_steps if timed_steps else None,
+               "data_wait_fraction": data_wait / timed_s if timed_s else None, "workdir": str(workdir)}
     if main_process:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return (summary, params, frozen) if return_state else summary
