@@ -416,7 +416,7 @@ def _drain_shared_memory_deletes() -> None:
     pool.join()
 
 
-def process_rows(global_batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
+def default_rows(global_batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
     """The default rows of process p of P: ``[p * G / P, (p + 1) * G / P)``."""
     if global_batch_size % process_count:
         raise ValueError(f"global batch {global_batch_size} is not a multiple of the {process_count} processes")
@@ -429,7 +429,7 @@ def make_loader(data_cfg, *, tokenizer, global_batch_size: int, seed: int, proce
     """The stage's loader (see the module docstring). ``tokenizer``: a tokenizer or its folder.
     ``rows``: (start, stop), the rows of each global batch this process loads (those its devices
     hold; processes whose devices replicate the batch pass the same rows); by default process p of
-    P (``process_index``/``process_count``, else JAX's) takes ``process_rows``."""
+    P (``process_index``/``process_count``, else JAX's) takes ``default_rows``."""
     import grain
 
     check_frames(data_cfg.stage, int(data_cfg.frames))
@@ -441,7 +441,7 @@ def make_loader(data_cfg, *, tokenizer, global_batch_size: int, seed: int, proce
             import jax
 
             process_index, process_count = jax.process_index(), jax.process_count()
-        rows = process_rows(g, process_index, process_count)
+        rows = default_rows(g, process_index, process_count)
     rows = (int(rows[0]), int(rows[1]))
     if not 0 <= rows[0] < rows[1] <= g:
         raise ValueError(f"rows={rows}: must be (start, stop) with 0 <= start < stop <= the global batch {g}")
