@@ -207,22 +207,21 @@ def export(workdir, models, params, aux) -> epath.Path:
 def sample_video(cfg, workdir, step: int, models, params, aux) -> epath.Path | None:
     """Sample the fixed reference + prompt with the exported adapter -> ``samples/step_XXXXXX.mp4``.
     Every process calls it (the denoising steps run over the global mesh); process 0 writes the video."""
-    from mm_jax import identity, pipeline, video_io
+    from mm_jax import identity, video_io
 
     if not cfg.sample.ref or not cfg.data.face_models:
         if jax.process_index() == 0:
             print("sample skipped: sample.ref and data.face_models are needed", file=sys.stderr)
         return None
     workdir = epath.Path(workdir)
-    adapter_dir = workdir / "adapter"
-    ident = identity.compute(cfg.sample.ref, cfg.data.face_models, adapter_dir, adapter_dir)
-    settings = pipeline.SampleSettings(prompt=cfg.sample.prompt, frames=cfg.sample.frames,
-                                       height=cfg.sample.height, width=cfg.sample.width, steps=cfg.sample.steps,
-                                       guidance=cfg.sample.guidance, seed=cfg.sample.seed,
-                                       max_sequence_length=cfg.data.max_text_length)
-    dit = _trained_modules(params, aux).get("dit", models.dit)
-    frames = pipeline.generate(models.backbone_dir, settings, dtype=cfg.model.dtype, progress=False,
-                               identity=ident, vae=models.vae, transformer=dit)
+    with tempfile.TemporaryDirectory() as local:
+        adapter_dir = workdir / "adapter"
+        if is_url(adapter_dir):  # the face and adapter loaders read local folders: the trained adapter comes down
+            _copytree(adapter_dir / "adapter", Path(local) / "adapter")
+            ident = identity.compute(cfg.sample.ref, cfg.data.face_models, models.adapter_dir, local)
+        else:
+            ident = identity.compute(cfg.sample.ref, cfg.data.face_models, adapter_dir, adapter_dir)
+        frames = _generate(cfg, models, params, aux, ident)
     out = workdir / "samples" / f"step_{step:06d}.mp4"
     if jax.process_index() == 0:
         meta = {"step": step, "prompt": cfg.sample.prompt, "ref": cfg.sample.ref}
@@ -235,6 +234,18 @@ def sample_video(cfg, workdir, step: int, models, params, aux) -> epath.Path | N
         else:
             video_io.write_frames(Path(out), frames, fps=8, metadata=meta)
     return out
+
+
+def _generate(cfg, models, params, aux, ident):
+    from mm_jax import pipeline
+
+    settings = pipeline.SampleSettings(prompt=cfg.sample.prompt, frames=cfg.sample.frames,
+                                       height=cfg.sample.height, width=cfg.sample.width, steps=cfg.sample.steps,
+                                       guidance=cfg.sample.guidance, seed=cfg.sample.seed,
+                                       max_sequence_length=cfg.data.max_text_length)
+    dit = _trained_modules(params, aux).get("dit", models.dit)
+    return pipeline.generate(models.backbone_dir, settings, dtype=cfg.model.dtype, progress=False,
+                             identity=ident, vae=models.vae, transformer=dit)
 
 
 def check(cfg) -> None:
@@ -250,7 +261,7 @@ def check(cfg) -> None:
         raise ValueError(f"train.steps={t.steps}: must be >= 0")
     if t.global_batch_size < 1:
         raise ValueError(f"train.global_batch_size={t.global_batch_size}: must be >= 1")
-    for name in ("checkpoint_every", "keep_checkpoints", "log_every"):
+    for name in ("checkpoint_every", "keep_checkpoints", "log_every", "device_prefetch"):
         if t[name] < 1:
             raise ValueError(f"train.{name}={t[name]}: must be >= 1")
     if "adapter" not in t.trainable or set(t.trainable) - set(TRAINABLE):
@@ -422,7 +433,7 @@ def train(cfg, workdir: str | os.PathLike, *, progress: bool = True, return_stat
                         sps=f"{scalars['samples_per_s']:.1f}", refresh=False)
 
     window.on_step = show
-    prefetch = DevicePrefetch(loader, lambda b: put_batch(b, mesh, global_batch), depth=2,
+    prefetch = DevicePrefetch(loader, lambda b: put_batch(b, mesh, global_batch), depth=cfg.train.device_prefetch,
                               limit=max(cfg.train.steps - start, 0))
     compile_s, data_wait, timed_s, timed_steps = None, 0.0, 0.0, 0
     try:
