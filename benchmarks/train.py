@@ -10,11 +10,17 @@
    the load average around the runs (one run each side at a different moment gave ratios from
    1.2 to 2.6 for the same code).
 2. Loop (CPU): ``python -m mm_jax.train --config configs/video.py:tiny`` style run: steps/s and the
-   share of step time spent waiting for data (goal < 5%).
+   share of step time spent loading data (goal < 5%). ``--baseline REV`` also runs the loop of
+   ``git show REV:mm_jax/training/loop.py`` (loaded as a temporary module) in the same process,
+   alternating with today's for ``--loop-rounds`` rounds: before/after on one machine at one time.
+   The earlier loop fetched the metrics after every step and only then loaded the next batch, so its
+   data share is time the devices sat idle; today's loads the next batch while the step runs, so its
+   share is host time hidden behind the step (the step time says what the overlap gained).
 GPU (--gpu): step 1 at CogVideoX-5B size, 49x480x720 (13x60x90 latents), batch 1, bf16, remat per
 block: step time, MFU = model FLOPs / (time x peak) and peak device memory (torch side skipped).
 
     python benchmarks/train.py [--gpu] [--rounds 3] [--repeat 10] [--loop-steps 40]
+    python benchmarks/train.py --rounds 0 --loop-steps 40 --workers 0 --baseline 70e180f --loop-rounds 2
 """
 from __future__ import annotations
 
@@ -155,17 +161,54 @@ def reference(dcfg, acfg, lat, b, repeat):
     return step_times(run, repeat)
 
 
-def loop(steps: int, workers: int):
+def baseline_loop(rev: str):
+    """The training loop module of commit ``rev``, imported from a temporary file (its
+    ``maybe_initialize_distributed`` call, gone since, is dropped: one process)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    text = subprocess.run(["git", "show", f"{rev}:mm_jax/training/loop.py"], cwd=root, capture_output=True,
+                          text=True, check=True).stdout
+    text = text.replace("parallel.maybe_initialize_distributed()", "pass")
+    path = Path(tempfile.mkdtemp()) / f"loop_{rev}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(f"loop_{rev}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def loop(steps: int, workers: int, train_fn=None, log_every: int = 10):
     from mm_jax import config
     from mm_jax.demo import assets
     from mm_jax.training.loop import train
 
     with tempfile.TemporaryDirectory() as d:
         cfg = config.load("configs/video.py:tiny", [f"train.steps={steps}", "train.checkpoint_every=1000000",
-                                                    f"data.num_workers={workers}"])
+                                                    f"data.num_workers={workers}", f"train.log_every={log_every}"])
         assets.prepare(cfg, Path(d) / "run")  # the preset's setup hook, as the train CLI calls it
-        s = train(cfg, Path(d) / "run", progress=False)
+        s = (train_fn or train)(cfg, Path(d) / "run", progress=False)
     return s
+
+
+def compare_loops(rev: str, steps: int, workers: int, rounds: int, log_every: int) -> None:
+    """Before (the loop of ``rev``) and after (today's), alternating in this process."""
+    old = baseline_loop(rev).train
+    rows = {"before": [], "after": []}
+    load = [os.getloadavg()[0]]
+    for r in range(rounds):
+        for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
+            rows[name].append(loop(steps, workers, old if name == "before" else None, log_every))
+            load.append(os.getloadavg()[0])
+    print(f"loop (configs/video.py:tiny, {steps} steps, {workers} data workers, {len(jax.devices())} devices, "
+          f"log_every {log_every}); {rounds} rounds alternating; 1-min load average "
+          f"{' -> '.join(f'{x:.2f}' for x in load)}")
+    for name, label in (("before", f"before ({rev})"), ("after", "after")):
+        for s in rows[name]:
+            print(f"  {label:18s} {s['mean_step_s'] * 1e3:7.1f} ms/step ({1 / s['mean_step_s']:.2f} steps/s), "
+                  f"data {s['data_wait_fraction']:.1%} of step time, first step {s['compile_s']:.1f} s")
+    best = {k: min(s["mean_step_s"] for s in v) for k, v in rows.items()}
+    print(f"  best step time after/before: {best['after'] / best['before']:.3f}")
 
 
 def side(name: str, repeat: int) -> None:
@@ -212,15 +255,21 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--repeat", type=int, default=10, help="timed steps per side and round")
-    ap.add_argument("--rounds", type=int, default=3, help="CPU: alternating rounds, each side in its own process")
+    ap.add_argument("--rounds", type=int, default=3, help="CPU: alternating rounds, each side in its own process "
+                    "(0: skip the step comparison)")
     ap.add_argument("--loop-steps", type=int, default=40, help="tiny-loop steps on CPU (0: skip)")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="data worker processes to compare")
+    ap.add_argument("--baseline", metavar="REV", help="also run the training loop of this git revision, "
+                    "alternating with today's (before/after)")
+    ap.add_argument("--loop-rounds", type=int, default=2, help="--baseline: alternating rounds")
+    ap.add_argument("--log-every", type=int, default=10, help="loop runs: train.log_every")
     ap.add_argument("--side", choices=("ours", "torch"), help=argparse.SUPPRESS)  # internal: one side per process
     args = ap.parse_args()
     if args.side:
         return side(args.side, args.repeat)
     if not args.gpu:
-        compare_on_cpu(args.rounds, args.repeat)
+        if args.rounds:
+            compare_on_cpu(args.rounds, args.repeat)
     else:
         dcfg, acfg, lat, b = configs(True)
         times, compile_s = ours(dcfg, acfg, lat, b, args.repeat)
@@ -237,10 +286,14 @@ def main():
               if peak else f"  model FLOPs/step {flops:.3e} (unknown peak for {dev.device_kind})")
         print(f"  peak device memory {mem.get('peak_bytes_in_use', 0) / 2**30:.1f} GiB")
         return
+    if args.baseline:
+        for workers in args.workers:
+            compare_loops(args.baseline, args.loop_steps, workers, args.loop_rounds, args.log_every)
+        return
     for workers in args.workers if args.loop_steps else ():
-        s = loop(args.loop_steps, workers)
+        s = loop(args.loop_steps, workers, log_every=args.log_every)
         print(f"loop (configs/video.py:tiny, {args.loop_steps} steps, {workers} data workers): "
-              f"{1 / s['mean_step_s']:.1f} steps/s, data wait {s['data_wait_fraction']:.1%} of step time, "
+              f"{1 / s['mean_step_s']:.1f} steps/s, data loading {s['data_wait_fraction']:.1%} of step time, "
               f"first step (compile) {s['compile_s']:.1f} s")
 
 
