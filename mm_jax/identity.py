@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mm_jax import checkpoint
+from mm_jax.gather import to_host
 
 
 @dataclasses.dataclass
@@ -61,8 +62,6 @@ class Embedder:
 
     def embed(self, face, source: str = "") -> Identity:
         """The ``Identity`` of an analyzed ``face``: its ArcFace embedding and the CLIP tower's states."""
-        from mm_jax.gather import to_host
-
         if self.clip is None:
             self.clip = checkpoint.load_component(self.clip_ckpt, "image_encoder", mesh=self.mesh)
         hidden = to_host(self.clip(face.clip_crop[None]))[0]
