@@ -5,7 +5,7 @@ program, the devices and the compiler version; a later process that lowers the s
 it back instead of compiling. ``enable`` turns it on, for every program (no minimum compile time
 or size: the small ones add up on a Colab restart too), in:
 
-- ``$MM_JAX_COMPILE_CACHE`` when set, else ``$XDG_CACHE_HOME/mm_jax/xla`` (``~/.cache/mm_jax/xla``):
+- ``$MM_JAX_COMPILE_CACHE`` when set (``off`` turns the default off), else ``$XDG_CACHE_HOME/mm_jax/xla`` (``~/.cache/mm_jax/xla``):
   ``DEFAULT``; the CLIs take ``--compile-cache DIR`` (``off`` disables), the trainer
   ``compile_cache`` in its config, the notebook a folder on Google Drive when one is mounted.
 
@@ -34,9 +34,12 @@ def default_dir() -> Path:
 
 
 def resolve(value: str | None) -> str | None:
-    """A ``--compile-cache`` value -> the folder to use, or None for off. Empty/None: the default."""
+    """A ``--compile-cache`` value -> the folder to use, or None for off. Empty/None: the default
+    (``$MM_JAX_COMPILE_CACHE``, which may say ``off``)."""
     if value is None or str(value).strip() == "":
-        return str(default_dir())
+        value = os.environ.get("MM_JAX_COMPILE_CACHE", "").strip()
+        if value.lower() not in OFF:
+            return str(default_dir())
     if str(value).strip().lower() in OFF:
         return None
     return str(value)
@@ -56,6 +59,11 @@ def enable(folder: str | None) -> str | None:
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # JAX decides once per process, at its first compile, whether the cache is on: reset that
+    # decision so a notebook or library caller that compiled something already gets the cache too.
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    jax_cache.reset_cache()
     return folder
 
 

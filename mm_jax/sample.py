@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--latents", help="initial noise .npy, (1, (F-1)/4+1, H/8, W/8, C)")
     ap.add_argument("--mesh", default=None,
                     help="e.g. data=2,context=4 (default: the CFG pair on data=2, the sequence over context)")
+    ap.add_argument("--mesh-dcn", default=None,
+                    help="multi-slice TPU pods: the axes across slices, e.g. data=2 (--mesh is then one slice's mesh)")
+    ap.add_argument("--compile-cache", default=None, metavar="DIR",
+                    help="persistent compilation cache: a later run reuses the compiled programs (default: "
+                         "$MM_JAX_COMPILE_CACHE or ~/.cache/mm_jax/xla; 'off' disables)")
     ap.add_argument("--attention-parallelism", choices=("ulysses", "ring"), default=None,
                     help="how a context axis > 1 joins the sequence (default: ulysses when the heads divide, else ring)")
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
@@ -215,7 +220,7 @@ def _check_lines(args, base, mesh):
 def _many(args, lines, failed, faces, base, mesh, dtype) -> int:
     """``--prompts``' work, after ``_check_lines``: every good line becomes a video, written (by
     process 0) as soon as its batch is decoded; an error here propagates, the videos written stay."""
-    from mm_jax import distributed, exit_codes, pipeline, video_io
+    from mm_jax import compile_cache, distributed, exit_codes, pipeline, video_io
 
     main_process = distributed.is_main()
     per_batch = args.videos_per_batch or max(1, mesh.shape["data"] // (2 if base.guidance > 1 else 1))
@@ -235,10 +240,12 @@ def _many(args, lines, failed, faces, base, mesh, dtype) -> int:
             meta = dict(dataclasses.asdict(r.settings), checkpoint=str(args.checkpoint), dtype=dtype,
                         mesh=dict(mesh.shape), adapter=args.adapter,
                         reference=r.identity.source if r.identity is not None else None, line=n,
-                        seconds=round(time.time() - t0, 2))
+                        seconds=round(time.time() - t0, 2), compile=compile_cache.STATS.as_dict())
             video_io.write_frames(out, frames, fps=args.fps, metadata=meta)
             print(f"wrote {out} (line {n})", file=sys.stderr)
         del frames
+    if main_process:
+        print(compile_cache.STATS.line(), file=sys.stderr)
     if failed:
         if main_process:
             print(f"{len(failed)} line(s) failed: {failed}", file=sys.stderr)
@@ -289,8 +296,10 @@ def _check(args):
     request = pipeline.Request(settings, None, latents)
     pipeline.check_requests(args.checkpoint, [request])  # against the checkpoint's VAE and DiT
     rows = 2 if args.prompts or args.guidance > 1 else 1  # the DiT batch of one call: a CFG pair, or videos
-    mesh = parallel.make_mesh(args.mesh or parallel.sampling_mesh_shape(len(jax.devices()),
-                                                                      parallel.device_memory_bytes(), rows))
+    shape = args.mesh
+    if not shape and not args.mesh_dcn:
+        shape = parallel.sampling_mesh_shape(len(jax.devices()), parallel.device_memory_bytes(), rows)
+    mesh = parallel.make_mesh(shape, dcn=args.mesh_dcn)
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     scheme = pipeline.attention_scheme(args.checkpoint, mesh, args.attention_parallelism)
     checked, faces = (None, None), None
@@ -310,7 +319,7 @@ def main(argv=None) -> int:
     """The CLI; exit codes from ``mm_jax.exit_codes``: 2 (REFUSED) only for input refused before any
     work, with nothing written; an error during the work propagates (traceback, exit 1)."""
     args = build_parser().parse_args(argv)
-    from mm_jax import distributed, exit_codes
+    from mm_jax import compile_cache, distributed, exit_codes
 
     try:
         distributed.initialize()  # first: before anything starts a JAX backend
@@ -320,6 +329,7 @@ def main(argv=None) -> int:
     if args.info:
         return _info(args)
     try:
+        compile_cache.enable(compile_cache.resolve(args.compile_cache))
         request, mesh, dtype, scheme, checked, faces = _check(args)
         if args.prompts:
             lines, failed, faces = _check_lines(args, request.settings, mesh)
@@ -352,6 +362,8 @@ def main(argv=None) -> int:
     if args.save_latents:
         np.save(args.save_latents, final)
     meta["seconds"] = round(time.time() - t0, 2)
+    meta["compile"] = compile_cache.STATS.as_dict()
+    print(compile_cache.STATS.line(), file=sys.stderr)
     video_io.write_frames(args.out, frames, fps=args.fps, metadata=meta)
     print(f"wrote {args.out} ({frames.shape[0]} frames, {frames.shape[1]}x{frames.shape[2]}) in {meta['seconds']} s",
           file=sys.stderr)

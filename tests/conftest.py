@@ -17,6 +17,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # fails (cuInit 303) and the plugin is dropped; skipping the check keeps it for compiling GPU
 # targets (tests/test_plan.py). It changes nothing where the extra is absent.
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+# The CLIs turn on the persistent compilation cache by default (mm_jax.compile_cache); the tests run
+# without it unless a test names a folder, so no test reads programs another one compiled.
+os.environ.setdefault("MM_JAX_COMPILE_CACHE", "off")
 # libtpu (test extra) takes a process lock when JAX starts its backends; without TPU chips that
 # only stops a second process (a subprocess test, the notebook's kernel) from compiling for TPU
 # topologies. Set before any backend starts.
