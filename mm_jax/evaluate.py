@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=32, help="frames per recognizer batch")
     ap.add_argument("--det-thresh", type=float, default=0.5, help="face detector score threshold")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--compile-cache", default=None, metavar="DIR",
+                    help="persistent compilation cache for the CLIP scorer (default: $MM_JAX_COMPILE_CACHE or "
+                         "~/.cache/mm_jax/xla; 'off' disables)")
     return ap
 
 
@@ -63,11 +66,13 @@ def _pairs(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from mm_jax import compile_cache
     from mm_jax.face import FaceAnalyzer
     from mm_jax.metrics import face_metrics, report, video_eval
 
     t0 = time.time()
     try:
+        compile_cache.enable(compile_cache.resolve(args.compile_cache))
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
         pairs = _pairs(args)
