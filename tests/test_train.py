@@ -123,7 +123,11 @@ def test_cli_rejects_bad_overrides_and_missing_data_clearly(assets, tmp_path, ca
     assert train_cli.main(["--config", "configs/video.py:tiny", "--workdir", str(tmp_path / "z"),
                            "--config.data.frames=8"]) == 2
     assert "data.frames=8: not a frame count the VAE encodes and decodes exactly" in capsys.readouterr().err
-    assert not any((tmp_path / w).exists() for w in "xyz")  # a rejected run writes nothing
+    args = [f"--config.{k}={v}" for k, v in assets.items() if k != "model.checkpoint"]
+    assert train_cli.main(["--config", "configs/video.py:tiny", "--workdir", str(tmp_path / "w"), *args,
+                           f"--config.model.checkpoint={tmp_path / 'nomodel'}"]) == 2
+    assert f"model.checkpoint={tmp_path / 'nomodel'}: not an mm_jax checkpoint folder" in capsys.readouterr().err
+    assert not any((tmp_path / w).exists() for w in "xyzw")  # a rejected run writes nothing
     with pytest.raises(SystemExit) as e:
         train_cli.main(["--help"])
     assert e.value.code == 0

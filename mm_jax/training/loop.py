@@ -356,15 +356,15 @@ def train(cfg, workdir: str | os.PathLike, *, progress: bool = True, return_stat
     """Run (or resume) training; returns a summary dict (first/last loss, steps, timings), and
     with ``return_state`` also the final trainable params and the frozen states (for tests).
 
-    Everything checkable before work (the config, the data's presence, the mesh, a shared
-    workdir) raises ``Refused`` before anything is written; a failure after that propagates as it is."""
+    Everything checkable before work (the config, the data's presence, the model folders, the mesh,
+    a shared workdir) raises ``Refused`` before anything is written; a failure after that propagates as it is."""
     from tqdm.auto import tqdm
 
     from mm_jax import distributed, parallel
     from mm_jax.data.loader import locate_records, make_loader
     from mm_jax.training.checkpoints import TrainCheckpoints
     from mm_jax.training.logs import MetricLog
-    from mm_jax.training.models import count, load_models
+    from mm_jax.training.models import check_model_folders, count, load_models
     from mm_jax.training.optim import learning_rate, make_optimizer
     from mm_jax.training.preemption import Preempted, Preemption
     from mm_jax.training.step import init_state, make_train_step, process_rows, put_batch
@@ -375,6 +375,7 @@ def train(cfg, workdir: str | os.PathLike, *, progress: bool = True, return_stat
     try:
         check(cfg)  # cheap checks first: a bad config writes nothing
         locate_records(cfg.data.path, cfg.data.stage, cfg.data.get("format", "shards"))
+        check_model_folders(cfg.model)
         mesh = parallel.make_mesh(cfg.mesh or None, dcn=cfg.mesh_dcn or None)
         rows = process_rows(mesh, int(cfg.train.global_batch_size))
     except (ValueError, FileNotFoundError) as e:

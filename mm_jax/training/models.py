@@ -75,6 +75,22 @@ def new_adapter(dit, clip_width: int, overrides: dict, dtype: str, mesh) -> Magi
     return adapter
 
 
+def check_model_folders(model_cfg) -> None:
+    """The backbone and adapter folders are mm_jax checkpoints holding the components training
+    reads (checked before any work: a FileNotFoundError names the field and what is missing)."""
+    backbone, adapter_dir = Path(model_cfg.checkpoint), Path(model_cfg.adapter)
+    for what, d, needed in (("model.checkpoint", backbone, ("transformer", "vae", "text_encoder")),
+                            ("model.adapter", adapter_dir, ("image_encoder",))):
+        if not (d / checkpoint.INDEX_FILE).exists():
+            raise FileNotFoundError(f"{what}={d}: not an mm_jax checkpoint folder (no {checkpoint.INDEX_FILE}); convert "
+                                    f"weights with tools/convert_weights/from_torch.py")
+        missing = [c for c in needed if not (d / c / "config.json").exists()]
+        if missing:
+            raise FileNotFoundError(f"{what}={d}: lacks component(s) {missing}; it has {checkpoint.read_index(d)}")
+    if not (backbone / "tokenizer").is_dir():
+        raise FileNotFoundError(f"model.checkpoint={backbone}: no tokenizer/ folder (convert with --components all)")
+
+
 def load_models(model_cfg, adapter_overrides: dict, mesh, precomputed: bool = False) -> TrainModels:
     """``model_cfg``: checkpoint (backbone folder), adapter (folder with ``image_encoder`` and,
     to continue from, ``adapter``), dtype, remat_policy, attention_impl. ``precomputed``: the data
@@ -82,11 +98,8 @@ def load_models(model_cfg, adapter_overrides: dict, mesh, precomputed: bool = Fa
     (they would sit unused in device memory, T5-XXL alone 9.5 GB in bf16)."""
     from mm_jax import text as text_lib
 
+    check_model_folders(model_cfg)
     backbone, adapter_dir = Path(model_cfg.checkpoint), Path(model_cfg.adapter)
-    for what, d in (("model.checkpoint", backbone), ("model.adapter", adapter_dir)):
-        if not (d / checkpoint.INDEX_FILE).exists():
-            raise FileNotFoundError(f"{what}={d}: not an mm_jax checkpoint folder (no {checkpoint.INDEX_FILE}); convert "
-                                    f"weights with tools/convert_weights/from_torch.py")
     dt = model_cfg.dtype
     runtime = {} if not model_cfg.get("attention_impl") else {"attention_impl": model_cfg.attention_impl}
     dit = checkpoint.load_component(backbone, "transformer", mesh=mesh, dtype=dt, param_dtype=dt,
