@@ -26,6 +26,7 @@ def common(stage: str) -> ml_collections.ConfigDict:
     cfg.mesh_dcn = ""      # e.g. "data=2" for 2 TPU slices (mesh is then per slice); empty: one slice
     cfg.init_from = ""     # stage 2: a stage-1 workdir or an exported adapter folder
     cfg.setup = ""         # "module:function" the train CLI calls as fn(cfg, workdir) before training
+    cfg.compile_cache = ""  # persistent compilation cache folder; "": $MM_JAX_COMPILE_CACHE or ~/.cache/mm_jax/xla; "off"
 
     cfg.model = ml_collections.ConfigDict()
     cfg.model.checkpoint = ""       # converted CogVideoX folder ("tiny": built by the demo setup)

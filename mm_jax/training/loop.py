@@ -360,7 +360,7 @@ def train(cfg, workdir: str | os.PathLike, *, progress: bool = True, return_stat
     a shared workdir) raises ``Refused`` before anything is written; a failure after that propagates as it is."""
     from tqdm.auto import tqdm
 
-    from mm_jax import distributed, parallel
+    from mm_jax import compile_cache, distributed, parallel
     from mm_jax.data.loader import locate_records, make_loader
     from mm_jax.training.checkpoints import TrainCheckpoints
     from mm_jax.training.logs import MetricLog
@@ -371,6 +371,7 @@ def train(cfg, workdir: str | os.PathLike, *, progress: bool = True, return_stat
 
     distributed.initialize()
     cfg = cfg.copy_and_resolve_references()
+    compile_cache.enable(compile_cache.resolve(cfg.get("compile_cache")))  # a resumed run reuses the compiled step
     workdir = workdir_path(workdir)
     try:
         check(cfg)  # cheap checks first: a bad config writes nothing
@@ -486,7 +487,8 @@ def train(cfg, workdir: str | os.PathLike, *, progress: bool = True, return_stat
     summary = {"start_step": start, "steps": cfg.train.steps, "first_loss": window.first_loss,
                "last_loss": window.loss if window.loss is not None else float("nan"),
                "compile_s": compile_s, "mean_step_s": timed_s / timed_steps if timed_steps else None,
-               "data_wait_fraction": data_wait / timed_s if timed_s else None, "workdir": str(workdir)}
+               "data_wait_fraction": data_wait / timed_s if timed_s else None, "workdir": str(workdir),
+               "compile": compile_cache.STATS.as_dict()}
     if main_process:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return (summary, params, frozen) if return_state else summary
