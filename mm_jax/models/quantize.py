@@ -1,0 +1,174 @@
+"""Quantized linear layers for sampling (``--quantize``): the one place that knows qwix.
+
+    dit = quantize.quantize_model(dit, "int8")          # in place; returns the module
+    quantize.weight_bytes(dit)                           # parameter bytes, quantized ones included
+
+Modes (``MODES``):
+
+* ``int8``: int8 weights (per output channel) and int8 activations (per token, dynamic absmax),
+  int8 x int8 -> int32 matmuls: TPU v5e/v6e/v5p and A100/A800 run these at twice the bf16 rate.
+* ``fp8``: the same with float8_e4m3fn weights and activations, fp32 accumulation: H100's fp8
+  tensor cores (twice the bf16 rate).
+* ``int8-weights``: int8 weights only; activations stay in the compute dtype and the weight is
+  dequantized into the matmul. A memory mode (the weights at about half their bf16 bytes) for
+  where activations cannot be quantized; the matmuls run at the bf16 rate.
+
+Every ``nnx.Linear`` whose path (``"/"``-joined, e.g. ``transformer_blocks/attn1/to_q``) matches
+``include`` becomes a ``QuantizedLinear``: the DiT's attention projections, feed-forward, AdaLN
+modulations, text projection and output projection; T5's attention and gated feed-forward. The
+attention itself (QK^T, softmax, PV in the attention kernel), LayerNorms, the patch convolution and
+embeddings keep the compute dtype. Stacked layers (``layers.stack``: a leading ``layers`` axis run
+under ``lax.scan``) are quantized per layer and per output channel (scale ``(layers, 1, out)``), so
+the scan slices the int8 kernel and its scale together.
+
+Why qwix's core ops and not ``qwix.quantize_model``: with qwix 0.1.8 its NNX path
+(``quantize_model(model, qwix.PtqProvider([qwix.QtRule(weight_qtype=int8, act_qtype=int8)]), ...)``)
+replaces each weight while tracing the model's first call, by ``setattr`` on the module the op
+runs in. Inside the DiT's ``lax.scan`` that module is the per-layer slice, and it fails:
+``AssertionError: shape=(16, 192) spec=('layers', 'cond', 'mlp')`` (``flax_util.update_sharding``:
+the sliced kernel keeps the stack's logical axes); a replacement made there would also be a traced
+copy that never reaches the stacked module. So the weights are quantized here, outside any trace,
+with ``qwix.quantize`` (absmax, channelwise over every axis but the contraction), and the layer
+computes with ``qwix.dot_general`` on ``qwix.QArray``s: qwix chooses the integer (or fp8) matmul
+with the scales applied to its output when both sides are quantized, and the dequantize-then-
+matmul path (which XLA fuses) for weights-only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import qwix
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """What one mode quantizes: the weights' type and the activations' (None: not quantized)."""
+    weight: Any
+    activation: Any | None
+
+    @property
+    def name(self) -> str:
+        return next(k for k, v in MODES.items() if v == self)
+
+
+MODES: dict[str, Scheme] = {
+    "int8": Scheme(jnp.int8, jnp.int8),
+    "fp8": Scheme(jnp.float8_e4m3fn, jnp.float8_e4m3fn),
+    "int8-weights": Scheme(jnp.int8, None),
+}
+DEFAULT_INCLUDE = ".*"   # every nnx.Linear of the model
+
+
+def check(mode: str | None, field: str = "quantize") -> None:
+    """Refuse an unknown mode (``None`` is no quantization) with a ValueError naming ``field``."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"{field}={mode!r}: choose from {', '.join(MODES)} (or none)")
+
+
+def matmul_type(mode: str | None) -> str | None:
+    """The type the matmuls run in for a mode: "int8", "fp8", or None (the compute dtype)."""
+    check(mode)
+    if mode is None or MODES[mode].activation is None:
+        return None
+    return "fp8" if MODES[mode].activation == jnp.float8_e4m3fn else "int8"
+
+
+class QuantizedLinear(nnx.Module):
+    """``nnx.Linear`` with a quantized kernel: ``kernel`` (..., in, out) in the weight type and
+    ``kernel_scale`` (..., 1, out) float32 (original ~= kernel * kernel_scale), ``bias`` as it was.
+    Computes ``x @ W + b`` with ``qwix.dot_general``; with an activation type, ``x`` is quantized
+    per token (one absmax scale per row) first. Output in ``dtype``."""
+
+    def __init__(self, kernel: nnx.Param, kernel_scale: nnx.Param, bias: nnx.Param | None, *, scheme: Scheme,
+                 dtype):
+        self.kernel, self.kernel_scale, self.bias = kernel, kernel_scale, bias
+        self.weight_type, self.activation_type, self.dtype = scheme.weight, scheme.activation, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = qwix.QArray(self.kernel[...], self.kernel_scale[...], qtype=self.weight_type)
+        x = x.astype(self.dtype)
+        if self.activation_type is not None:
+            x = qwix.quantize(x, self.activation_type, channelwise_axes=tuple(range(x.ndim - 1)))
+        y = qwix.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y.astype(self.dtype)
+
+
+def _scale_sharding(kernel_value):
+    """The scale's sharding: the kernel's, with the (size-1) contraction axis replicated."""
+    sharding = getattr(kernel_value, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding
+    spec = list(sharding.spec) + [None] * (kernel_value.ndim - len(sharding.spec))
+    spec[-2] = None
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _quantize_kernel(value, qtype):
+    """kernel (..., in, out) -> (qvalue, scale (..., 1, out) float32); abstract in, abstract out."""
+    axes = tuple(a for a in range(value.ndim) if a != value.ndim - 2)
+    scale_shape = value.shape[:-2] + (1, value.shape[-1])
+    if isinstance(value, jax.ShapeDtypeStruct):  # the planner's abstract models: shapes, dtypes, shardings
+        return (jax.ShapeDtypeStruct(value.shape, jnp.dtype(qtype), sharding=value.sharding),
+                jax.ShapeDtypeStruct(scale_shape, jnp.float32, sharding=_scale_sharding(value)))
+    q = jax.jit(lambda v: qwix.quantize(v.astype(jnp.float32), qtype, channelwise_axes=axes))(value)
+    return q.qvalue, q.scale
+
+
+def _quantized(lin: nnx.Linear, scheme: Scheme) -> QuantizedLinear:
+    qvalue, scale = _quantize_kernel(lin.kernel.get_value(), scheme.weight)
+    meta = dict(lin.kernel.get_metadata())
+    axes = meta.get("out_sharding")
+    scale_meta = dict(meta)
+    if axes is not None:
+        scale_meta["out_sharding"] = tuple(axes[:-2]) + (None, axes[-1])
+    return QuantizedLinear(nnx.Param(qvalue, **meta), nnx.Param(scale, **scale_meta), lin.bias, scheme=scheme,
+                           dtype=lin.dtype or jnp.float32)
+
+
+def quantize_model(model: nnx.Module, mode: str | None, *, include: str = DEFAULT_INCLUDE) -> nnx.Module:
+    """Replace every ``nnx.Linear`` of ``model`` whose path matches ``include`` (``re.fullmatch``)
+    by a ``QuantizedLinear`` of ``mode``, in place, and return ``model`` (a ``model`` that is itself
+    an ``nnx.Linear`` is returned quantized). ``mode`` None: unchanged.
+    Works on restored modules (the weights are quantized on their devices, keeping their
+    sharding) and on abstract ones (``jax.ShapeDtypeStruct`` leaves, as the planner builds them).
+    The original kernels are dropped (freed once nothing else holds them)."""
+    check(mode)
+    if mode is None:
+        return model
+    scheme = MODES[mode]
+    targets = [(path, m) for path, m in nnx.iter_modules(model)
+               if isinstance(m, nnx.Linear) and re.fullmatch(include, "/".join(map(str, path)))]
+    if not targets and not any(isinstance(m, QuantizedLinear) for _, m in nnx.iter_modules(model)):
+        raise ValueError(f"quantize={mode!r}: no nnx.Linear of {type(model).__name__} matches {include!r}")
+    for path, lin in targets:
+        if not path:  # the model is itself a Linear (or a stack of them): its quantized twin
+            return _quantized(lin, scheme)
+        parent = model
+        for p in path[:-1]:
+            parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+        setattr(parent, path[-1], _quantized(lin, scheme))
+    return model
+
+
+def quantized_mode(model: nnx.Module) -> str | None:
+    """The mode a model was quantized with (None: none of its layers is quantized)."""
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, QuantizedLinear):
+            return Scheme(m.weight_type, m.activation_type).name
+    return None
+
+
+def weight_bytes(model: nnx.Module) -> int:
+    """Bytes of every parameter of a (possibly abstract) model, quantized kernels and scales included."""
+    return sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize
+               for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
