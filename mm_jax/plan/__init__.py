@@ -45,7 +45,7 @@ def settings_of(workload: str, sample: SampleSettings | None, train: TrainSettin
         s = sample or SampleSettings()
         return {"frames": s.frames, "height": s.height, "width": s.width, "steps": s.steps, "scheduler": s.scheduler,
                 "cfg_batch": 2 if s.guidance > 1 else 1, "identity": s.identity, "vae_tiling": s.vae_tiling,
-                "dtype": s.dtype}
+                "dtype": s.dtype, "quantize": s.quantize}
     t = train or TrainSettings.defaults(workload.split("-")[1])
     d = dataclasses.asdict(t)
     d.pop("adapter_overrides")
@@ -77,6 +77,11 @@ def plan(target: str | Target, workload: str, *, mesh: str | None = None, mesh_d
     if not 0 < hbm_fraction <= 1:
         raise ValueError(f"hbm_fraction={hbm_fraction}: must lie in (0, 1]")
     models = models or Models.real()
+    from mm_jax.models import quantize
+
+    kind = quantize.matmul_type(sample.quantize if workload == "sample" and sample else None)
+    if kind:
+        t.quantized_peak(kind)  # a chip without that peak: refused before anything compiles
     todo = phases_for(workload, models, t.platform, sample, train, t.kind)
     if only:
         unknown = sorted(set(only) - {p.name for p in todo})

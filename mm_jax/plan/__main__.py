@@ -73,6 +73,9 @@ def build_parser():
                          "(also the CLIP states)")
     ap.add_argument("--trainable", default=None, choices=("adapter", "adapter,dit"),
                     help="train: what trains (default: adapter)")
+    ap.add_argument("--quantize", default=None, metavar="MODE",
+                    help="sample: the DiT's and T5's linear layers in int8 (TPU, A100/A800), fp8 (H100) or "
+                         "int8-weights; their 8-bit matmuls counted at the chip's int8/fp8 peak")
     ap.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
                     help="compute dtype (default: bfloat16, or the config's model.dtype)")
     ap.add_argument("--config", default=None, metavar="FILE[:PRESET]",
@@ -112,10 +115,16 @@ def _settings(args, workload: str, cfg):
                              "--batch applies to the train workloads")
         if cfg is not None:
             raise ValueError("--config applies to the train workloads")
+        from mm_jax.models import quantize
+
+        quantize.check(args.quantize, "--quantize")
         d = SampleSettings()
         return SampleSettings(frames=args.frames or d.frames, height=args.height or d.height,
                               width=args.width or d.width, steps=args.steps, scheduler=args.scheduler,
-                              identity=args.identity, vae_tiling=args.vae_tiling, dtype=args.dtype or d.dtype), None
+                              identity=args.identity, vae_tiling=args.vae_tiling, dtype=args.dtype or d.dtype,
+                              quantize=args.quantize), None
+    if args.quantize:
+        raise ValueError(f"--quantize {args.quantize}: quantized sampling only (the sample workload)")
     stage = workload.split("-")[1]
     t = TrainSettings.from_config(cfg) if cfg is not None else TrainSettings.defaults(stage)
     if t.stage != stage:

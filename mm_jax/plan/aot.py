@@ -39,6 +39,9 @@ body once, so for the models' scanned layers it reads low by about the layer cou
 * collectives: every all-reduce, all-gather, reduce-scatter, all-to-all and collective-permute
   (``-start`` forms included, ``-done`` not), times how often it runs; bytes = the op's result size
   per device.
+* ``quantized_flops``: the part of ``xla_flops`` in matmuls whose operands are 8-bit
+  (``quantized`` = "int8" for s8/u8, "fp8" for f8 types): ``--quantize`` runs them at the chip's
+  int8 / fp8 peak (``targets.Target.quantized_peak``).
 * ``uncounted``: what the numbers above miss: loops whose trip count could not be derived
   (counted once) and attention kernels with no mark (their FLOPs are not counted).
 """
@@ -59,6 +62,7 @@ from mm_jax.plan.targets import Target
 KERNEL_IMPLS = ("splash", "cudnn")   # attention implementations that are custom calls to XLA
 BACKWARD_FACTOR = 2.5                # a flash-attention backward costs ~2.5 forwards (dQ, dK, dV, recomputed P)
 MARK = "mm_attention__"
+EIGHT_BIT = ("s8", "u8", "f8e4m3fn", "f8e5m2")   # HLO element types of quantized matmul operands
 
 
 class MeshError(ValueError):
@@ -220,6 +224,8 @@ class Compiled:
     lower_seconds: float
     compile_seconds: float
     uncounted: list = dataclasses.field(default_factory=list)
+    quantized_flops: float = 0.0
+    quantized: str | None = None     # "int8" | "fp8": the type of those matmuls
 
     @property
     def peak_bytes(self) -> int:
@@ -252,6 +258,8 @@ def compile(fn, args: tuple, mesh) -> Compiled:
     mem = compiled.memory_analysis()
     module = hlo.Module(compiled.as_text())
     counts, unmarked = kernel_counts(module)
+    by_type = module.flops_by_type()
+    eight_bit = {t: f for t, f in by_type.items() if t in EIGHT_BIT}
     return Compiled(
         argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
         alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
@@ -259,7 +267,9 @@ def compile(fn, args: tuple, mesh) -> Compiled:
         xla_flops=module.flops(), kernel_flops=kernel_flops(counts),
         kernels={f"{c.impl} {d} B{c.b} S{c.s} T{c.t} N{c.n} Dh{c.dh} /{c.shards}": n for (c, d), n in counts.items()},
         collectives=module.collectives(), lower_seconds=t1 - t0, compile_seconds=t2 - t1,
-        uncounted=[f"loop {w}: trip count unknown, counted once" for w in module.unknown_loops] + unmarked)
+        uncounted=[f"loop {w}: trip count unknown, counted once" for w in module.unknown_loops] + unmarked,
+        quantized_flops=sum(eight_bit.values()),
+        quantized=("fp8" if any(t.startswith("f8") for t in eight_bit) else "int8") if eight_bit else None)
 
 
 def arg_bytes(tree: Any) -> int:

@@ -289,6 +289,23 @@ class Module:
             return 0.0
         return 2.0 * math.prod(ins.dims) * math.prod(lhs[d] for d in contract)
 
+    def operand_type(self, ins: Instr) -> str:
+        """The element type of an instruction's first operand ("bf16", "s8", "f8e4m3fn", ...; "" unknown)."""
+        src = self.instrs.get(ins.operands[0]) if ins.operands else None
+        s = shapes(src.type) if src is not None else []
+        return s[0][0] if s else ""
+
+    def flops_by_type(self) -> dict[str, float]:
+        """``flops()`` split by the element type of each matmul's left operand (8-bit types are
+        the quantized matmuls: "s8", "f8e4m3fn", ...)."""
+        out: dict[str, float] = {}
+        for ins, m in self.executed():
+            f = self.instr_flops(ins)
+            if f:
+                t = self.operand_type(ins)
+                out[t] = out.get(t, 0.0) + f * m
+        return out
+
     def instr_flops(self, ins: Instr) -> float:
         """FLOPs (2 per multiply-add) of one execution of a dot, a convolution, or a cuBLAS/cuDNN
         custom call standing for one; 0 for anything else."""

@@ -121,6 +121,7 @@ class SampleSettings:
     vae_tiling: bool = True
     text_length: int = 226
     dtype: str = "bfloat16"
+    quantize: str | None = None    # the DiT's and T5's linear layers: "int8" | "fp8" | "int8-weights" (models.quantize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,14 +204,23 @@ def check_sample(models: Models, s: SampleSettings) -> None:
                             scheduler=s.scheduler, guidance=s.guidance).validate(
         vae.spatial_compression, vae.temporal_compression_ratio, models.transformer.patch_size)
     frame_counts.check(s.frames, "frames", **frame_counts.from_vae_config(vae))
+    from mm_jax.models import quantize
+
+    quantize.check(s.quantize, "quantize")
 
 
 def sample_phases(models: Models, s: SampleSettings, platform: str, kind: str | None = None) -> list[Phase]:
     """text_encoder, denoise (x steps), vae_decode: what ``pipeline.generate`` runs for one video."""
     from mm_jax import checkpoint, identity, pipeline, text
     from mm_jax import schedulers as sch
+    from mm_jax.models import quantize
 
     check_sample(models, s)
+    q = s.quantize
+
+    def abstract(name, cfg, mesh):  # as the sampler holds it: restored, then its linear layers quantized
+        return quantize.quantize_model(checkpoint.abstract_model(name, cfg, mesh), q)
+
     impl = attention_for(platform, kind)
     cfg_on = s.guidance > 1.0
     n_text = 2 if cfg_on else 1
@@ -234,14 +244,14 @@ def sample_phases(models: Models, s: SampleSettings, platform: str, kind: str | 
         return replicated(mesh, (n_text, s.text_length), jnp.int32)
 
     def text_encoder(mesh):
-        return text.encode_ids, (checkpoint.abstract_model("text_encoder", t5_cfg, mesh), ids(mesh))
+        return text.encode_ids, (abstract("text_encoder", t5_cfg, mesh), ids(mesh))
 
     def denoise(mesh):
         from mm_jax.plan.aot import replicated
 
         t5 = checkpoint.abstract_model("text_encoder", t5_cfg, mesh)
         emb = _shape_on(mesh, text.encode_ids, t5, ids(mesh))
-        dit = checkpoint.abstract_model("transformer", dit_cfg, mesh)
+        dit = abstract("transformer", dit_cfg, mesh)
         args = [dit, replicated(mesh, latent_shape, dt), replicated(mesh, latent_shape, jnp.float32),
                 replicated(mesh, emb.shape, dt), jax.tree.map(lambda a: _sds(mesh, a), schedule),
                 _sds(mesh, guidance), replicated(mesh, key.shape, key.dtype), replicated(mesh, (), jnp.int32)]
@@ -269,9 +279,11 @@ def sample_phases(models: Models, s: SampleSettings, platform: str, kind: str | 
                                       replicated(mesh, latent_shape, jnp.float32))
 
     ident = "DiT + adapter" if s.identity else "DiT"
-    return [Phase("text_encoder", text_encoder, 1, f"T5 encoder, {n_text} x {s.text_length} tokens, {s.dtype}"),
-            Phase("denoise", denoise, s.steps, f"{ident}, CFG batch {n_text}, {s.scheduler}, {s.dtype}, "
-                                               f"attention {impl or 'default'}"),
+    dit_gb = quantize.weight_bytes(abstract("transformer", dit_cfg, None)) / 1e9
+    qn = f", linear layers {q}" if q else ""
+    return [Phase("text_encoder", text_encoder, 1, f"T5 encoder, {n_text} x {s.text_length} tokens, {s.dtype}{qn}"),
+            Phase("denoise", denoise, s.steps, f"{ident}, CFG batch {n_text}, {s.scheduler}, {s.dtype}{qn}, "
+                                               f"attention {impl or 'default'}; DiT weights {dit_gb:.2f} GB"),
             Phase("vae_decode", vae_decode, 1, f"VAE decode {latent_shape}, float32, "
                                                f"tiling {'on' if s.vae_tiling else 'off'}")]
 

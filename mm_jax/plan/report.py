@@ -5,13 +5,14 @@ JSON (other scripts read it; the names below are kept)::
     {"target", "workload", "mesh", "mesh_dcn", "slices", "settings", "models", "unit", "ideal_seconds_per_unit",
      "phases": [{"name", "argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "peak_bytes",
                  "hbm_bytes", "usable_bytes", "fits", "margin_bytes", "flops", "xla_flops",
-                 "kernel_flops", "ideal_seconds", "runs", "compile_seconds" (= "lower_seconds": trace +
+                 "kernel_flops", "quantized_flops", "quantized", "ideal_seconds", "runs", "compile_seconds" (= "lower_seconds": trace +
                  lower, + "xla_compile_seconds"), "collectives", "kernels", "uncounted", "error"}]}
 
 Phase names: ``text_encoder``, ``denoise``, ``vae_decode`` (workload ``sample``), ``train_step``
 (``train-image``, ``train-video``). Bytes and FLOPs are per device; ``fits`` is
 ``peak_bytes <= usable_bytes`` with ``usable_bytes = hbm_bytes * hbm_fraction``; ``ideal_seconds``
-is ``flops / peak bf16 FLOP/s`` of one run (the time at 100% MFU); ``runs`` is how often the phase
+is ``flops / peak bf16 FLOP/s`` of one run (the time at 100% MFU), the 8-bit matmuls of a quantized
+plan (``quantized_flops``) at the chip's int8 / fp8 peak instead; ``runs`` is how often the phase
 runs per video or training step; a phase that failed to compile has ``error`` and null numbers.
 """
 from __future__ import annotations
@@ -69,7 +70,12 @@ class Plan:
         return all(p.compiled is not None for p in self.phases)
 
     def ideal_seconds(self, p: PhaseResult) -> float | None:
-        return None if p.compiled is None else p.compiled.flops / self.target.peak_flops
+        """flops at the bf16 peak, the quantized matmuls' at the chip's int8 / fp8 peak."""
+        c = p.compiled
+        if c is None:
+            return None
+        fast = self.target.quantized_peak(c.quantized) if c.quantized else self.target.peak_flops
+        return (c.flops - c.quantized_flops) / self.target.peak_flops + c.quantized_flops / fast
 
     def ideal_seconds_per_unit(self) -> float | None:
         if not self.ok:
@@ -91,14 +97,16 @@ class Plan:
             if c is None:
                 d.update({k: None for k in ("argument_bytes", "temp_bytes", "output_bytes", "alias_bytes",
                                             "generated_code_bytes", "peak_bytes", "margin_bytes", "flops",
-                                            "xla_flops", "kernel_flops", "ideal_seconds", "compile_seconds",
+                                            "xla_flops", "kernel_flops", "quantized_flops", "quantized",
+                                            "ideal_seconds", "compile_seconds",
                                             "lower_seconds", "xla_compile_seconds", "collectives", "kernels",
                                             "uncounted")})
             else:
                 d.update(argument_bytes=c.argument_bytes, temp_bytes=c.temp_bytes, output_bytes=c.output_bytes,
                          alias_bytes=c.alias_bytes, generated_code_bytes=c.generated_code_bytes,
                          peak_bytes=c.peak_bytes, margin_bytes=self.usable_bytes - c.peak_bytes, flops=c.flops,
-                         xla_flops=c.xla_flops, kernel_flops=c.kernel_flops, ideal_seconds=self.ideal_seconds(p),
+                         xla_flops=c.xla_flops, kernel_flops=c.kernel_flops, quantized_flops=c.quantized_flops,
+                         quantized=c.quantized, ideal_seconds=self.ideal_seconds(p),
                          compile_seconds=c.lower_seconds + c.compile_seconds, lower_seconds=c.lower_seconds,
                          xla_compile_seconds=c.compile_seconds,
                          collectives=c.collectives, kernels=c.kernels, uncounted=c.uncounted)
@@ -147,6 +155,10 @@ class Plan:
                 if p.compiled.kernels:
                     lines.append("    attention kernels (calls per run): " + ", ".join(
                         f"{k} x{n}" for k, n in sorted(p.compiled.kernels.items())))
+                if p.compiled.quantized:
+                    lines.append(f"    quantized matmuls: {p.compiled.quantized_flops / 1e12:.3f} TFLOP "
+                                 f"({p.compiled.quantized}) at {self.target.quantized_peak(p.compiled.quantized) / 1e12:g}"
+                                 f" TOPS, the rest at {self.target.peak_flops / 1e12:g} TFLOP/s bf16")
                 for note in p.compiled.uncounted:
                     lines.append(f"    NOT COUNTED: {note}")
             else:

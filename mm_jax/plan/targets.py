@@ -17,6 +17,11 @@ the CUDA plugin). Figures, per chip / GPU:
   1,979 "with sparsity"; A100 80GB 312 TFLOP/s); the A800 is an A100 with NVLink cut to 400 GB/s,
   same compute and memory. Memory is the ``device_memory_size`` of the XLA target description
   shipped in ``gpu_specs/`` (from openxla/xla, see the files' headers).
+* Quantized matmul peaks (``quantized_peaks``, dense, per chip; ``--quantize``): TPU int8 TOPS from
+  the same Cloud TPU pages: v5e 394 (vs 197 bf16), v6e 1836 (vs 918), v5p 918 (vs 459); NVIDIA
+  datasheets, dense (half the "with sparsity" figure): H100 SXM fp8 1979 and int8 1979 TOPS
+  (vs 989 bf16), A100 / A800 80GB int8 624 TOPS (vs 312; no fp8 tensor cores). v2 and v4 list no
+  int8 rate above bf16: none here, and a quantized plan for them is refused.
 
 ``host_offload``: whether the compile-only devices expose a host memory space (``pinned_host``),
 which remat policies that offload activations need. libtpu's do; the CUDA plugin's compile-only
@@ -47,6 +52,15 @@ class Target:
     chip_config: str = "default"      # TPU: "megacore" joins a v4/v5p chip's two TensorCores
     gpu_spec: str = ""                # GPU: file in gpu_specs/
     hosts_bounds: tuple = (2, 2, 1)   # TPU: chips per host (a smaller slice gets its own shape)
+    quantized_peaks: tuple = ()       # (("int8", OP/s), ("fp8", OP/s)) per device: dense 8-bit matmul peaks
+
+    def quantized_peak(self, kind: str) -> float:
+        """The ``kind`` ("int8" | "fp8") matmul peak per device; ValueError when the chip has none."""
+        peaks = dict(self.quantized_peaks)
+        if kind not in peaks:
+            raise ValueError(f"target {self.name} ({self.chip}) has no {kind} matmul peak in the table; it has "
+                             f"{', '.join(peaks) or 'none'} (--quantize int8-weights quantizes the weights only)")
+        return peaks[kind]
 
     @property
     def is_gpu(self) -> bool:
@@ -63,14 +77,24 @@ KINDS = {"TPU v2": "TPU v2", "TPU v5e": "TPU v5 lite", "TPU v6e": "TPU v6 lite",
          "A800 SXM 80GB": "NVIDIA A800-SXM4-80GB"}
 
 
+# dense 8-bit matmul peaks per chip in TOPS (sources in the module docstring)
+QUANTIZED_TOPS = {"TPU v5e": {"int8": 394}, "TPU v6e": {"int8": 1836}, "TPU v5p": {"int8": 918},
+                  "H100 SXM 80GB": {"fp8": 1979, "int8": 1979}, "A100 SXM 80GB": {"int8": 624},
+                  "A800 SXM 80GB": {"int8": 624}}
+
+
+def _peaks(chip):
+    return tuple((k, v * 1e12) for k, v in QUANTIZED_TOPS.get(chip, {}).items())
+
+
 def _tpu(name, topology, devices, hbm_gib, tflops, chip, chip_config="default", hosts_bounds=(2, 2, 1)):
     return Target(name, "tpu", topology, devices, int(hbm_gib * GIB), tflops * 1e12, True, chip, KINDS[chip],
-                  chip_config, hosts_bounds=hosts_bounds)
+                  chip_config, hosts_bounds=hosts_bounds, quantized_peaks=_peaks(chip))
 
 
 def _gpu(name, devices, spec, mem_bytes, tflops, chip):
     return Target(name, "cuda", f"1x1x{devices}", devices, mem_bytes, tflops * 1e12, False, chip, KINDS[chip],
-                  gpu_spec=spec)
+                  gpu_spec=spec, quantized_peaks=_peaks(chip))
 
 
 H100_BYTES, A100_80_BYTES = 84942979072, 85100068864   # device_memory_size in gpu_specs/*.txtpb
