@@ -37,8 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 8, 4
 # the reference configs' settings (configs/common.py), which the tiny preset turns off for speed
 REAL = ("model.remat_policy=full", "model.dtype=bfloat16", "data.num_workers=2", "train.async_checkpointing=True")
+# compile_cache off: a second 2-process run reading the step from JAX's persistent cache failed here
+# (gloo context initialization timed out after 30 s), and the tests must not depend on ~/.cache
 SHORT = (f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", "train.log_every=2",
-         "train.global_batch_size=8")
+         "train.global_batch_size=8", "compile_cache=off")
 WALL: dict[str, float] = {}
 
 
