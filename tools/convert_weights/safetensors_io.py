@@ -1,20 +1,23 @@
-"""Read safetensors files tensor by tensor without torch and without loading whole shards.
+"""Read safetensors files tensor by tensor with ``safetensors.safe_open``, never a whole shard.
 
-A safetensors file is an 8-byte little-endian header length, a JSON header
-``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` and the raw data. We parse the header
-and read each tensor's own byte range on demand, so converting holds one tensor (or one save
-group) in memory at a time, never a whole shard.
+``read_folder`` lists every tensor of a component folder (name, file, dtype, shape) from the
+headers alone. ``TensorInfo.load`` then opens the tensor's shard memory-mapped
+(``safe_open(framework="numpy")``; bfloat16 comes back as ``ml_dtypes.bfloat16``, which is why
+``ml_dtypes`` is imported first), copies out that one tensor and closes the shard again: the
+mapping's pages leave the process with it, so converting holds one tensor (or one layer of a
+stack, ``mm_jax.checkpoint.Stacked``) at a time, whatever the shard's size.
 """
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
+import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16", which safe_open's numpy arrays use)
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
+# the safetensors dtypes we convert, and their numpy types
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -25,56 +28,43 @@ class CheckpointError(ValueError):
     """A source checkpoint that cannot be converted; the message names the file and tensor."""
 
 
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{path.name}: truncated shard or corrupt safetensors header ({e})")
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
     file: Path
-    dtype: str
+    dtype: str   # the safetensors dtype name, one of DTYPES
     shape: tuple[int, ...]
-    start: int   # absolute byte offset in the file
-    end: int
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(DTYPES[self.dtype])
 
     def load(self) -> np.ndarray:
-        """Read just this tensor's bytes from its file into a fresh array."""
-        dt = np.dtype(DTYPES[self.dtype])
-        count = int(np.prod(self.shape)) if self.shape else 1
-        if self.end - self.start != count * dt.itemsize:
-            raise CheckpointError(f"{self.file.name}: tensor {self.name!r} has {self.end - self.start} bytes, "
-                                  f"expected {count * dt.itemsize} for {self.dtype}{list(self.shape)}")
-        if count == 0:
-            return np.zeros(self.shape, dt)
-        arr = np.fromfile(self.file, dtype=dt, count=count, offset=self.start)
-        if arr.size != count:
-            raise CheckpointError(f"{self.file.name}: truncated shard while reading tensor {self.name!r}")
-        return arr.reshape(self.shape)
+        """This tensor's values, copied out of its memory-mapped shard (closed again on return)."""
+        try:
+            with safe_open(self.file, framework="numpy") as f:
+                return f.get_tensor(self.name)
+        except SafetensorError as e:
+            raise _unreadable(self.file, e) from None
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
+    """``{name: TensorInfo}`` of one safetensors file, read from its header (no tensor data)."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
-            raise CheckpointError(f"{path}: truncated safetensors file (header says {n} bytes, file has {size})")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    base = 8 + n
-    out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        if meta.get("dtype") not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {meta.get('dtype')!r}")
-        b, e = meta["data_offsets"]
-        if base + e > size:
-            raise CheckpointError(f"{path.name}: truncated shard: tensor {name!r} ends at byte {base + e} "
-                                  f"but the file has {size} bytes")
-        out[name] = TensorInfo(name, path, meta["dtype"], tuple(meta["shape"]), base + b, base + e)
+    try:
+        with safe_open(path, framework="numpy") as f:
+            specs = {name: f.get_slice(name) for name in f.keys()}
+            out = {name: TensorInfo(name, path, s.get_dtype(), tuple(s.get_shape())) for name, s in specs.items()}
+    except SafetensorError as e:
+        raise _unreadable(path, e) from None
+    for info in out.values():
+        if info.dtype not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {info.name!r} has unsupported dtype {info.dtype!r} "
+                                  f"(supported: {', '.join(DTYPES)})")
     return out
 
 
