@@ -8,7 +8,8 @@ Layout of a converted (or trained) checkpoint folder::
                                       per group: a top-level module, one numbered list entry, or
                                       one stacked parameter (the layers of a stack, e.g. all 42
                                       ``transformer_blocks/attn1/to_q/kernel``), so writing and
-                                      reading hold at most one group in host memory
+                                      reading hold at most one group in host memory (the
+                                      converter writes a large stack layer by layer: ``Stacked``)
 
 Format 2 stores stacks of identical layers (``components.ComponentSpec.stacks``) as one array
 with a leading layers axis, as the scanned networks hold them. Format 1 kept one group per
@@ -23,11 +24,14 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -115,11 +119,86 @@ def group_of(name: str, key: str) -> str:
     return parts[0] if len(parts) > 1 else "_root"
 
 
+@dataclass(frozen=True)
+class Stacked:
+    """A stacked parameter given layer by layer, for writers that stream from disk.
+
+    ``layer(i)`` returns layer ``i`` (an array of ``shape[1:]``, cast to ``dtype``). ``save_params``
+    writes a stack of more than ``STREAM_BYTES`` one layer at a time into chunks of one layer, so
+    neither the stack nor a copy of it is ever held; a smaller one is assembled first and written
+    like an array. Restored, both are the same ``shape`` array (the chunking is invisible)."""
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    layer: Callable[[int], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    @property
+    def size(self) -> int:  # Orbax refuses zero-size arrays by this
+        return int(np.prod(self.shape))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def checked_layer(self, i: int) -> np.ndarray:
+        arr = np.asarray(self.layer(i))
+        if arr.shape != tuple(self.shape[1:]):
+            raise ValueError(f"layer {i} of a stack of shape {list(self.shape)} has shape {list(arr.shape)}")
+        return arr.astype(self.dtype, copy=False)
+
+    def materialize(self) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        for i in range(self.shape[0]):
+            out[i] = self.checked_layer(i)
+        return out
+
+
+STREAM_BYTES = 64 * 2**20  # stacks larger than this are written layer by layer
+
+
+class _LayerByLayerHandler(ocp.type_handlers.NumpyHandler):
+    """Orbax's numpy writer, fed a ``Stacked`` one layer at a time.
+
+    Orbax opens the array's TensorStore with the chunking that ``save_params`` asks for (one layer
+    per chunk), so each ``write`` of a layer fills whole chunks and is encoded and stored before
+    the next layer is read. Overrides ``NumpyHandler._open_and_write`` (orbax-checkpoint 0.12),
+    the one place it writes a value; the rest (specs, metadata, OCDBT layout) is Orbax's own, so
+    the folder restores like any other."""
+
+    def __init__(self):
+        super().__init__(deepcopy_host_arrays=False)  # save_params waits for each write
+
+    async def _open_and_write(self, value, tspec, ts_context):
+        if not isinstance(value, Stacked):
+            return await super()._open_and_write(value, tspec, ts_context)
+        t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+        for i in range(value.shape[0]):
+            await t[i].write(value.checked_layer(i))
+
+
+def _host_checkpointer() -> ocp.Checkpointer:
+    """Orbax's pytree checkpointer for host values (numpy arrays and ``Stacked``), without the copy
+    of every numpy array that Orbax's default handler makes in case the caller changes it during
+    an asynchronous save (this one is synchronous); jax arrays keep Orbax's own handler."""
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
+        (Stacked, _LayerByLayerHandler()))
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+
+
 def save_params(folder: Path, name: str, flat: Mapping[str, Any], progress: bool = False) -> None:
     """Orbax-save a flat ``{key: array-or-callable}`` dict into ``folder/params``, one group at a time.
 
     A value may be a zero-argument callable producing the array, so a caller streaming from disk
-    materializes only the current group.
+    materializes only the current group; it may produce (or be) a ``Stacked``, which is written one
+    layer at a time. A group of host values (numpy arrays, ``Stacked``) is written synchronously
+    without copies: host memory holds the group's plain arrays, or one layer of a stack, and what
+    Orbax encodes of it. Groups holding jax arrays (a live module's, possibly spread over
+    processes) go through Orbax's ``StandardCheckpointer``.
     """
     groups: dict[str, list[str]] = {}
     for k in flat:
@@ -127,6 +206,7 @@ def save_params(folder: Path, name: str, flat: Mapping[str, Any], progress: bool
     root = _writable(folder) / "params"
     root.mkdir(parents=True, exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
+    host = None
     items = groups.items()
     if progress:
         from tqdm import tqdm
@@ -134,8 +214,16 @@ def save_params(folder: Path, name: str, flat: Mapping[str, Any], progress: bool
         items = tqdm(items, desc=f"writing {Path(folder).name}", unit="group")
     for g, keys in items:
         tree = {k: (flat[k]() if callable(flat[k]) else flat[k]) for k in keys}
-        ckptr.save(root / g, tree)
-        ckptr.wait_until_finished()
+        tree = {k: (v.materialize() if isinstance(v, Stacked) and v.nbytes <= STREAM_BYTES else v)
+                for k, v in tree.items()}
+        if all(isinstance(v, (np.ndarray, Stacked)) for v in tree.values()):
+            host = host or _host_checkpointer()
+            args = {k: ocp.SaveArgs(chunk_byte_size=v.nbytes // v.shape[0], shard_axes=(0,))
+                    if isinstance(v, Stacked) else ocp.SaveArgs() for k, v in tree.items()}
+            host.save(root / g, args=ocp.args.PyTreeSave(tree, save_args=args))
+        else:
+            ckptr.save(root / g, tree)
+            ckptr.wait_until_finished()
         del tree
 
 

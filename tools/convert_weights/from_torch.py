@@ -8,7 +8,9 @@
 (``config.json`` + ``*.safetensors``, sharded with an index or not). Every source is checked
 against the architecture its config describes before anything is written: missing, unexpected
 and wrongly shaped tensors are listed together. Tensors are read one at a time from memory-mapped
-shards. The output folder appears only once it is complete (written beside it, then renamed).
+shards and written as they are read (a stacked parameter layer by layer), so the host memory
+converting needs does not grow with the model. The output folder appears only once it is
+complete (written beside it, then renamed).
 """
 from __future__ import annotations
 
@@ -75,18 +77,24 @@ def plan_component(spec: components.ComponentSpec, folder: Path):
 
 
 def convert_component(spec, cfg, mapping, tensors, out_dir: Path, dtype: str) -> int:
+    """Write one component, tensor by tensor: a stacked parameter goes to the checkpoint writer as
+    a ``checkpoint.Stacked`` whose layers are read from the shards as they are written, so host
+    memory holds one layer (not the 42 of a stack, nor the component) at any time."""
     target = None if dtype == "source" else np.dtype(DTYPES["BF16"] if dtype == "bfloat16" else np.float32)
 
-    def load(m):
-        arr = m.to_ours(tensors[mp.resolve(spec.name, m.torch, tensors)].load())
-        return arr if target is None else arr.astype(target)
+    def source(m):
+        return tensors[mp.resolve(spec.name, m.torch, tensors)]
 
-    def reader(ms):  # materialized only while its group is written
-        def read():
-            if ms[0].index is None:
-                return np.asarray(load(ms[0]), order="C")  # keeps 0-d (CLIP logit_scale) 0-d
-            return np.ascontiguousarray(np.stack([load(m) for m in ms]))  # a stack: layers first
-        return read
+    def load(m):
+        arr = m.to_ours(source(m).load())
+        return arr if target is None else arr.astype(target, copy=False)
+
+    def reader(ms):  # read only while its group (or its layer) is written
+        if ms[0].index is None:
+            return lambda: np.asarray(load(ms[0]), order="C")  # keeps 0-d (CLIP logit_scale) 0-d
+        # a stack: layers first, in the dtype np.stack of the layers would give
+        stacked_dtype = target or np.result_type(*{source(m).np_dtype for m in ms})
+        return checkpoint.Stacked((len(ms), *ms[0].our_shape), stacked_dtype, lambda i: load(ms[i]))
 
     params = mp.by_parameter(mapping)
     flat = {ours: reader(ms) for ours, ms in params.items()}
