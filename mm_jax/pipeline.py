@@ -83,19 +83,22 @@ def check_checkpoint(ckpt_dir: str | Path, needed=REQUIRED_COMPONENTS) -> None:
 # -- text ------------------------------------------------------------------------------------
 
 def prompt_embeddings(ckpt_dir: str | Path, prompts: list[str], *, max_length: int = 226, mesh=None,
-                      dtype: str = "float32", on_host: bool = False) -> np.ndarray:
+                      dtype: str = "float32", on_host: bool = False, quantize: str | None = None) -> np.ndarray:
     """Load T5 from ``ckpt_dir``, embed ``prompts`` (``mm_jax.text.encode_prompts``) -> (B,
     max_length, d_model) host array (the whole batch on every process of a multi-process run),
     then free T5.
 
     ``on_host``: place and run T5 on the host CPU instead of ``mesh`` (T5-XXL is 9.5 GB in bf16;
-    on a 16 GB chip this keeps the accelerator for the DiT; ``python -m mm_jax.plan`` says when)."""
+    on a 16 GB chip this keeps the accelerator for the DiT; ``python -m mm_jax.plan`` says when).
+    ``quantize``: T5's linear layers in that mode (``mm_jax.models.quantize.MODES``) or None."""
     from mm_jax import text as text_lib
+    from mm_jax.models import quantize as quantize_lib
 
     tokenizer = text_lib.load_tokenizer(Path(ckpt_dir) / "tokenizer")
     if on_host:  # this process's own CPU (jax.devices("cpu")[0] belongs to process 0)
         mesh = parallel.make_mesh(devices=[jax.local_devices(backend="cpu")[0]])
     encoder = checkpoint.load_component(ckpt_dir, "text_encoder", mesh=mesh, dtype=dtype, param_dtype=dtype)
+    quantize_lib.quantize_model(encoder, quantize)
     with jax.set_mesh(mesh or parallel.make_mesh()):
         emb = to_host(text_lib.encode_prompts(encoder, tokenizer, prompts, max_length=max_length))
     del encoder
@@ -261,7 +264,7 @@ def iter_videos(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, dty
                 progress: bool | ProgressFn = True, videos_per_batch: int = 1, text_embeddings: np.ndarray | None = None,
                 model_fn: Callable = default_model_fn, transformer=None, vae=None, text_encoder_on_host: bool = False,
                 vae_tiling: bool | None = None, attention_parallelism: str | None = None,
-                decode_each_batch: bool = False):
+                decode_each_batch: bool = False, quantize: str | None = None):
     """Many videos with the models loaded once, yielded as each is decoded: ``(index into requests,
     frames (F, H, W, 3) float32 in [0, 1], final latents (1, f, h, w, C) float32)``.
 
@@ -282,12 +285,21 @@ def iter_videos(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, dty
     ``text_embeddings``: (2R or R, L, T) precomputed [negatives, positives] for all R requests.
     ``attention_parallelism``: "ulysses" / "ring" for a ``context`` mesh axis (None: the default).
     ``vae_tiling``: None decides by ``default_vae_tiling(mesh)``.
+    ``quantize``: the DiT's and T5's linear layers in that mode ("int8", "fp8", "int8-weights":
+    ``mm_jax.models.quantize``), attention in ``dtype``; a given ``transformer`` must already be
+    quantized in that mode (``quantize.quantize_model``: it is changed in place).
 
     On several processes every process makes the same call (the models run over the global
     ``mesh``) and gets every video's frames and latents (gathered: ``mm_jax.gather``)."""
+    from mm_jax.models import quantize as quantize_lib
+
     ckpt_dir = Path(ckpt_dir)
     if not requests:
         return
+    quantize_lib.check(quantize)
+    if transformer is not None and quantize_lib.quantized_mode(transformer) != quantize:
+        raise ValueError(f"quantize={quantize!r} but the given transformer is quantized as "
+                         f"{quantize_lib.quantized_mode(transformer)!r}: quantize it with quantize.quantize_model")
     check_requests(ckpt_dir, requests)
     first = requests[0].settings
     vae_cfg = checkpoint.load_config(ckpt_dir, "vae")
@@ -299,13 +311,15 @@ def iter_videos(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, dty
     if text_embeddings is None:
         prompts = [r.settings.negative_prompt for r in requests] * cfg_on + [r.settings.prompt for r in requests]
         text_embeddings = prompt_embeddings(ckpt_dir, prompts, max_length=first.max_sequence_length, mesh=mesh,
-                                            dtype=dtype, on_host=text_encoder_on_host)
+                                            dtype=dtype, on_host=text_encoder_on_host, quantize=quantize)
     n = len(requests)
     neg = np.asarray(text_embeddings[:n]) if cfg_on else None
     pos = np.asarray(text_embeddings[-n:])
     owns_dit = transformer is None
     dit = transformer or checkpoint.load_component(ckpt_dir, "transformer", mesh=mesh, dtype=dtype, param_dtype=dtype,
                                                    attention_parallelism=attention_parallelism)
+    if owns_dit:
+        quantize_lib.quantize_model(dit, quantize)
     tiling = default_vae_tiling(mesh) if vae_tiling is None else vae_tiling
 
     def place_vae():
@@ -367,7 +381,7 @@ def generate_batch(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, 
                    progress: bool | ProgressFn = True, videos_per_batch: int = 1, text_embeddings: np.ndarray | None = None,
                    model_fn: Callable = default_model_fn, transformer=None, vae=None, text_encoder_on_host: bool = False,
                    vae_tiling: bool | None = None, attention_parallelism: str | None = None,
-                   return_latents: bool = False):
+                   return_latents: bool = False, quantize: str | None = None):
     """``iter_videos`` collected (the DiT released before the VAE is placed): frames (F, H, W, 3)
     float32 in [0, 1] per request, in request order; ``return_latents``: also each video's final
     latents (1, f, h, w, C) float32, as ``(frames, latents)``. Every video is held in host memory:
@@ -375,7 +389,8 @@ def generate_batch(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, 
     out = dict((i, (f, z)) for i, f, z in iter_videos(
         ckpt_dir, requests, mesh=mesh, dtype=dtype, progress=progress, videos_per_batch=videos_per_batch,
         text_embeddings=text_embeddings, model_fn=model_fn, transformer=transformer, vae=vae,
-        text_encoder_on_host=text_encoder_on_host, vae_tiling=vae_tiling, attention_parallelism=attention_parallelism))
+        text_encoder_on_host=text_encoder_on_host, vae_tiling=vae_tiling, attention_parallelism=attention_parallelism,
+        quantize=quantize))
     frames = [out[i][0] for i in range(len(requests))]
     if return_latents:
         return frames, [out[i][1] for i in range(len(requests))]
@@ -405,7 +420,7 @@ def generate(ckpt_dir: str | Path, settings: SampleSettings, *, latents: np.ndar
              dtype: str = "float32", progress: bool | ProgressFn = True, text_embeddings: np.ndarray | None = None,
              model_fn: Callable = default_model_fn, transformer=None, vae=None,
              identity: Optional[Any] = None, text_encoder_on_host: bool = False,
-             vae_tiling: bool | None = None) -> np.ndarray:
+             vae_tiling: bool | None = None, quantize: str | None = None) -> np.ndarray:
     """Text (+ identity) to video: returns frames (F, H, W, 3) float32 in [0, 1]. On several
     processes every process makes the same call and gets the whole video.
 
@@ -413,22 +428,23 @@ def generate(ckpt_dir: str | Path, settings: SampleSettings, *, latents: np.ndar
     plain CogVideoX text-to-video. ``progress``: True for a tqdm bar, False for none, or a
     ``ProgressFn``. ``text_encoder_on_host``: run T5 on the host CPU. ``vae_tiling``: decode in
     overlapping spatial tiles (diffusers ``enable_tiling``), one tile's activations at a time;
-    None: ``default_vae_tiling``."""
+    None: ``default_vae_tiling``. ``quantize``: "int8" (TPU, A100/A800), "fp8" (H100) or
+    "int8-weights" (memory only): the DiT's and T5's linear layers quantized (``iter_videos``)."""
     return generate_batch(ckpt_dir, [Request(settings, identity, latents)], mesh=mesh, dtype=dtype, progress=progress,
                           text_embeddings=text_embeddings, model_fn=model_fn, transformer=transformer, vae=vae,
-                          text_encoder_on_host=text_encoder_on_host, vae_tiling=vae_tiling)[0]
+                          text_encoder_on_host=text_encoder_on_host, vae_tiling=vae_tiling, quantize=quantize)[0]
 
 
 def sample_identity(ckpt_dir: str | Path, settings: SampleSettings, reference, face_models: str | Path,
                     adapter_dir: str | Path, *, clip_dir: str | Path | None = None, mesh=None,
                     dtype: str | None = None, progress: bool | ProgressFn = True, text_encoder_on_host: bool = False,
-                    vae_tiling: bool | None = None) -> np.ndarray:
+                    vae_tiling: bool | None = None, quantize: str | None = None) -> np.ndarray:
     """One call from a reference photo to frames (F, H, W, 3) in [0, 1] (what the notebook uses).
 
     ``reference``: image path or RGB uint8 array. ``clip_dir``: the checkpoint folder with the
     ``image_encoder`` (default: the adapter's folder, else the backbone's). ``dtype`` defaults to
     bfloat16 on accelerators and float32 on CPU, as ``mm_jax.sample``; ``vae_tiling`` follows
-    ``default_vae_tiling`` (on for accelerators and meshes of several devices).
+    ``default_vae_tiling`` (on for accelerators and meshes of several devices); ``quantize`` as ``generate``.
     """
     mesh = mesh or parallel.make_mesh(parallel.sampling_mesh_shape(len(jax.devices()), parallel.device_memory_bytes(),
                                                                    rows=2 if settings.guidance > 1 else 1))
@@ -436,4 +452,4 @@ def sample_identity(ckpt_dir: str | Path, settings: SampleSettings, reference, f
     clip_dir = clip_dir or id_lib.component_dir("image_encoder", adapter_dir, ckpt_dir)
     ident = id_lib.compute(reference, face_models, clip_dir, adapter_dir, mesh=mesh)
     return generate(ckpt_dir, settings, mesh=mesh, dtype=dtype, progress=progress, identity=ident,
-                    text_encoder_on_host=text_encoder_on_host, vae_tiling=vae_tiling)
+                    text_encoder_on_host=text_encoder_on_host, vae_tiling=vae_tiling, quantize=quantize)

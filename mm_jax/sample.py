@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how a context axis > 1 joins the sequence (default: ulysses when the heads divide, else ring)")
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                     help="compute/param dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    ap.add_argument("--quantize", default=None, metavar="MODE",
+                    help="the DiT's and T5's linear layers quantized: int8 (TPU, A100/A800), fp8 (H100), or "
+                         "int8-weights (weights only: memory); attention stays in --dtype (default: none)")
     ap.add_argument("--fps", type=int, default=8)
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--offload-text-encoder", action="store_true",
@@ -233,12 +236,12 @@ def _many(args, lines, failed, faces, base, mesh, dtype) -> int:
     videos = pipeline.iter_videos(args.checkpoint, requests, mesh=mesh, dtype=dtype, progress=not args.quiet,
                                   videos_per_batch=per_batch, text_encoder_on_host=args.offload_text_encoder,
                                   vae_tiling=args.vae_tiling, attention_parallelism=args.attention_parallelism,
-                                  decode_each_batch=True)
+                                  decode_each_batch=True, quantize=args.quantize)
     for i, frames, _ in videos:
         n, r, out = lines[i][0], requests[i], lines[i][2]
         if main_process:
             meta = dict(dataclasses.asdict(r.settings), checkpoint=str(args.checkpoint), dtype=dtype,
-                        mesh=dict(mesh.shape), adapter=args.adapter,
+                        quantize=args.quantize, mesh=dict(mesh.shape), adapter=args.adapter,
                         reference=r.identity.source if r.identity is not None else None, line=n,
                         seconds=round(time.time() - t0, 2), compile=compile_cache.STATS.as_dict())
             video_io.write_frames(out, frames, fps=args.fps, metadata=meta)
@@ -286,6 +289,9 @@ def _check(args):
         height=args.height, width=args.width, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
         dynamic_cfg=args.dynamic_cfg, seed=args.seed)
     settings.validate()
+    from mm_jax.models import quantize
+
+    quantize.check(args.quantize, "--quantize")
     pipeline.check_checkpoint(args.checkpoint)
     latents = None
     if args.latents:
@@ -348,7 +354,7 @@ def main(argv=None) -> int:
         print(f"saved the identity embeddings to {args.save_id}", file=sys.stderr)
     settings = request.settings
     meta = dict(dataclasses.asdict(settings), checkpoint=str(args.checkpoint), dtype=dtype,
-                mesh=dict(mesh.shape), attention=scheme,
+                quantize=args.quantize, mesh=dict(mesh.shape), attention=scheme,
                 latents=args.latents, adapter=args.adapter, reference=(ident.source if ident is not None else None))
     if main_process:
         print("settings: " + json.dumps(meta), file=sys.stderr)
@@ -356,7 +362,7 @@ def main(argv=None) -> int:
     [(_, frames, final)] = pipeline.iter_videos(
         args.checkpoint, [pipeline.Request(settings, ident, request.latents)], mesh=mesh, dtype=dtype,
         progress=not args.quiet, text_encoder_on_host=args.offload_text_encoder, vae_tiling=args.vae_tiling,
-        attention_parallelism=args.attention_parallelism)
+        attention_parallelism=args.attention_parallelism, quantize=args.quantize)
     if not main_process:
         return exit_codes.OK
     if args.save_latents:
