@@ -123,7 +123,7 @@ def default_model_fn(dit, x, text_emb, t, extras=None):
 
 
 @functools.lru_cache(maxsize=None)
-def denoise_step_fn(kind: str, cfg_on: bool, model_fn: Callable = default_model_fn):
+def denoise_step_fn(kind: str, cfg_on: bool, model_fn: Callable = default_model_fn, platform: str | None = None):
     """The compiled denoising step, the function the sampler runs ``steps`` times and the planner
     (``python -m mm_jax.plan``) compiles for its targets:
 
@@ -136,7 +136,10 @@ def denoise_step_fn(kind: str, cfg_on: bool, model_fn: Callable = default_model_
     its batch); i: int32 step index (traced: one compile serves every step); extras: ``model_fn``'s
     pytree (the adapter and the identity tokens), or None. With CFG the batch [x, x] is split
     over the ``data`` mesh axis when it has one: the guidance combine is then the one collective.
+    ``platform``: where the sampler runs it; "cpu" compiles with ``layers.scan_compiler_options``
+    (XLA:CPU would otherwise hold the bf16 blocks a second time in f32; the planner passes none).
     """
+    from mm_jax.models import layers
 
     def step(dit, x, x0, text, schedule, guidance, key, i, extras):
         t = schedule.timesteps[i]
@@ -153,7 +156,8 @@ def denoise_step_fn(kind: str, cfg_on: bool, model_fn: Callable = default_model_
             x_new, x0 = sch.dpm_step(schedule, i, v, xf, x0, n1.reshape(x.shape), n2.reshape(x.shape))
         return x_new.astype(x.dtype), x0.astype(jnp.float32)
 
-    return jax.jit(step, donate_argnums=(1, 2))
+    options = layers.scan_compiler_options(platform) if platform else None
+    return jax.jit(step, donate_argnums=(1, 2), compiler_options=options)
 
 
 ProgressFn = Callable[[int, int], None]  # (steps done, steps in all), called on the host
@@ -173,7 +177,8 @@ def denoise(dit, latents, text_emb, settings: SampleSettings, scheduler_cfg: dic
     schedule = sch.make_schedule(cfg, settings.steps)
     cfg_on = settings.guidance > 1.0
     guidance = jnp.asarray(guidance_per_step(schedule, settings.guidance, settings.dynamic_cfg))
-    step = denoise_step_fn(settings.scheduler, cfg_on, model_fn)
+    platform = next(iter(jax.tree.leaves(dit)[0].devices())).platform
+    step = denoise_step_fn(settings.scheduler, cfg_on, model_fn, platform)
     seeds = [settings.seed] * latents.shape[0] if seeds is None else list(seeds)
     key = jnp.stack([jax.random.key(int(sd)) for sd in seeds])
     x, x0 = latents, jnp.zeros(latents.shape, jnp.float32)

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from pathlib import Path
@@ -52,11 +53,23 @@ def tokenize(tokenizer, prompts: str | list[str], max_length: int = 226) -> np.n
     return np.asarray(out.input_ids, np.int32)
 
 
-@jax.jit
-def encode_ids(encoder, ids: jax.Array) -> jax.Array:
+def _encode(encoder, ids: jax.Array) -> jax.Array:
     """The compiled T5 call on token ids (B, L) -> (B, L, d_model), no attention mask: what the
     sampler runs and the planner compiles as the ``text_encoder`` phase."""
     return encoder(ids)
+
+
+encode_ids = jax.jit(_encode)
+
+
+@functools.lru_cache(maxsize=None)
+def encode_ids_on(platform: str):
+    """``encode_ids`` for running on ``platform``: on CPU with ``layers.scan_compiler_options``,
+    which keep XLA from holding the bf16 weights a second time in f32."""
+    from mm_jax.models import layers
+
+    options = layers.scan_compiler_options(platform)
+    return jax.jit(_encode, compiler_options=options) if options else encode_ids
 
 
 def encode_prompts(encoder, tokenizer, prompts: list[str], max_length: int = 226):
@@ -67,7 +80,8 @@ def encode_prompts(encoder, tokenizer, prompts: list[str], max_length: int = 226
     where = jax.tree.leaves(nnx.state(encoder, nnx.Param))[0].sharding
     if isinstance(where, NamedSharding):
         where = NamedSharding(where.mesh, PartitionSpec())  # replicated over the encoder's mesh
-    return encode_ids(encoder, jax.device_put(ids, where))
+    platform = next(iter(where.device_set)).platform
+    return encode_ids_on(platform)(encoder, jax.device_put(ids, where))
 
 
 def has_class_word(caption: str, words: Sequence[str] = CLASS_WORDS) -> bool:
