@@ -71,3 +71,18 @@ def test_the_second_sample_run_takes_its_programs_from_the_cache(tmp_path):
     assert first["cache_misses"] >= 4 and first["cache_hits"] < first["cache_misses"], first
     assert second["cache_hits"] == second["programs"] == first["programs"] and second["cache_misses"] == 0, second
     assert second["compile_s"] < 0.1 * first["compile_s"], (first, second)
+
+
+def test_several_cpu_processes_compile_with_a_warning_instead_of_reading_the_cache(tmp_path):
+    """2 processes x 2 CPU devices (gloo): ``enable`` refuses the cache with a warning, because such
+    runs failed their first collective with executables read from it (a relaunched training run)."""
+    code = ("import warnings\nfrom mm_jax import compile_cache, distributed\ndistributed.initialize()\n"
+            "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n"
+            f"    got = compile_cache.enable({str(tmp_path / 'xla')!r})\n"
+            "print('enabled', got, 'warned', any('gloo' in str(x.message) for x in w))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NPROC")}
+    r = subprocess.run([sys.executable, "-m", "mm_jax.launch", "--processes", "2", "--devices-per-process", "2", "--",
+                        sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(line for line in r.stdout.splitlines() if "enabled" in line) == [
+        "[p0] enabled None warned True", "[p1] enabled None warned True"]
