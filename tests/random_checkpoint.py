@@ -121,7 +121,8 @@ def build_5b(dst: Path, layers: int | None = None, seed: int = 0) -> Path:
         tensors, cfg = manifest_component(name, layers)
         write_component(dst / name, tensors, cfg, stem, max_bytes, seed + i)
     (dst / "scheduler").mkdir(parents=True, exist_ok=True)
-    (dst / "scheduler" / "scheduler_config.json").write_text((MANIFESTS / "cogvideox5b_scheduler_config.json").read_text())
+    scheduler = (MANIFESTS / "cogvideox5b_scheduler_config.json").read_text()
+    (dst / "scheduler" / "scheduler_config.json").write_text(scheduler)
     with tempfile.TemporaryDirectory() as spm:
         train_tokenizer(Path(spm)).save_pretrained(str(dst / "tokenizer"))
     (dst / "model_index.json").write_text((MANIFESTS / "cogvideox5b_model_index.json").read_text())

@@ -127,12 +127,13 @@ def test_streamed_conversion_of_a_sharded_bf16_folder_is_bit_identical(sharded_b
     whole = convert(sharded_bf16, tmp_path / "whole")  # the tiny stacks are assembled, then written
     monkeypatch.setattr(checkpoint, "STREAM_BYTES", 0)
     streamed = convert(sharded_bf16, tmp_path / "streamed")  # every stack written layer by layer
-    meta = ocp.StandardCheckpointer().metadata(streamed / "transformer" / "params" / "transformer_blocks.attn1.to_q.kernel")
+    group = streamed / "transformer" / "params" / "transformer_blocks.attn1.to_q.kernel"
+    meta = ocp.StandardCheckpointer().metadata(group)
     stored = dict(getattr(meta, "item_metadata", meta))["transformer_blocks/attn1/to_q/kernel"]
     assert stored.storage.chunk_shape == (1, 32, 32)  # one chunk per layer: the streamed writer was used
     a, b = (checkpoint.load_component(d, "transformer", param_dtype="bfloat16") for d in (whole, streamed))
-    flat = lambda m: {checkpoint.flat_key(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
-    fa, fb = flat(a), flat(b)
+    fa, fb = ({checkpoint.flat_key(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+              for m in (a, b))
     assert fa.keys() == fb.keys()
     for k in fa:
         assert fa[k].dtype == fb[k].dtype == np.dtype("bfloat16") and fa[k].tobytes() == fb[k].tobytes(), k
