@@ -207,6 +207,30 @@ def test_worker_processes_give_the_same_rows_and_restore_the_same_state(built):
     b.close()
 
 
+def test_worker_processes_outlive_a_preemption_signal(built):
+    """SLURM's ``--signal=USR1`` reaches every process of the job: the data workers ignore it (and
+    SIGTERM), so the trainer can still load batches while it saves its preemption checkpoint."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    root, _, tok = built
+    ld = make_loader(_cfg(root / "out", num_workers=1), tokenizer=tok, global_batch_size=2, seed=3)
+    first = next(ld)
+    workers = [c for c in psutil.Process().children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
+    assert workers
+    for w in workers:
+        os.kill(w.pid, signal.SIGUSR1)
+        os.kill(w.pid, signal.SIGTERM)
+    time.sleep(1.0)
+    dead = [w.pid for w in workers if not w.is_running() or w.status() == psutil.STATUS_ZOMBIE]
+    assert not dead, dead
+    assert [next(ld)["class_index"].shape for _ in range(3)] == [first["class_index"].shape] * 3
+    ld.close()
+
+
 def test_a_worker_loader_leaves_no_shared_memory_for_the_resource_tracker(built):
     root, _, tok = built
     code = (f"from mm_jax.data.loader import make_loader\nfrom tests.test_data import _cfg\n"

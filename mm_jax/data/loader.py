@@ -424,6 +424,16 @@ def default_rows(global_batch_size: int, process_index: int, process_count: int)
     return process_index * per, (process_index + 1) * per
 
 
+def _ignore_preemption_signals(_worker_index: int, _worker_count: int) -> None:
+    """Grain worker processes ignore SIGTERM/SIGUSR1: a cluster's preemption notice (SLURM's
+    ``--signal=USR1@90`` reaches the whole process group) is the trainer's to handle, which saves a
+    checkpoint while the workers keep its batches coming; Grain stops its workers with SIGKILL."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def make_loader(data_cfg, *, tokenizer, global_batch_size: int, seed: int, process_index: int | None = None,
                 process_count: int | None = None, rows: tuple[int, int] | None = None) -> Loader:
     """The stage's loader (see the module docstring). ``tokenizer``: a tokenizer or its folder.
@@ -483,7 +493,8 @@ def make_loader(data_cfg, *, tokenizer, global_batch_size: int, seed: int, proce
             if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags
                 flags.FLAGS.mark_as_parsed()
             it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                                  per_worker_buffer_size=int(data_cfg.prefetch_buffer)))
+                                                                  per_worker_buffer_size=int(data_cfg.prefetch_buffer)),
+                                      worker_init_fn=_ignore_preemption_signals)
         return it_ds
 
     return Loader(build, first_batch=0, global_batch=g, rows=rows, num_records=n)
