@@ -14,7 +14,6 @@ the kill -9 tests. Every run's wall time is printed (``pytest -s``) and summed a
 """
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import subprocess
