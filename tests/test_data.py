@@ -231,6 +231,29 @@ def test_worker_processes_outlive_a_preemption_signal(built):
     ld.close()
 
 
+def test_worker_processes_die_with_a_killed_trainer(built):
+    """kill -9 of the process that owns the loader (a preempted host, the kill -9 test of the
+    multi-process training) does not leave its Grain workers running as orphans."""
+    import signal
+    import time
+
+    import psutil
+
+    root, _, tok = built
+    code = (f"import os, time\nfrom mm_jax.data.loader import make_loader\nfrom tests.test_data import _cfg\n"
+            f"loader = make_loader(_cfg({str(root / 'out')!r}, num_workers=2), tokenizer={str(root / 'tok')!r}, "
+            f"global_batch_size=2, seed=3)\nfor _ in range(3):\n    next(loader)\nprint('ready', flush=True)\n"
+            f"time.sleep(600)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    assert p.stdout.readline().strip() == "ready"
+    workers = [c for c in psutil.Process(p.pid).children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
+    assert len(workers) == 2
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    _, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive, [w.pid for w in alive]
+
+
 def test_a_worker_loader_leaves_no_shared_memory_for_the_resource_tracker(built):
     root, _, tok = built
     code = (f"from mm_jax.data.loader import make_loader\nfrom tests.test_data import _cfg\n"

@@ -427,11 +427,18 @@ def default_rows(global_batch_size: int, process_index: int, process_count: int)
 def _ignore_preemption_signals(_worker_index: int, _worker_count: int) -> None:
     """Grain worker processes ignore SIGTERM/SIGUSR1: a cluster's preemption notice (SLURM's
     ``--signal=USR1@90`` reaches the whole process group) is the trainer's to handle, which saves a
-    checkpoint while the workers keep its batches coming; Grain stops its workers with SIGKILL."""
+    checkpoint while the workers keep its batches coming; Grain stops its workers with SIGKILL.
+    On Linux they also get SIGKILL when the trainer dies (``PR_SET_PDEATHSIG``): after a kill -9 of
+    the trainer they were left running, orphaned, holding their memory."""
+    import ctypes
     import signal
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: orphans stay possible after a kill -9
+        pass
 
 
 def make_loader(data_cfg, *, tokenizer, global_batch_size: int, seed: int, process_index: int | None = None,
