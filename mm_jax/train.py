@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +44,40 @@ def setup_hook(name: str):
     return fn
 
 
+def run_setup(cfg, workdir, argv: list[str], setup_only: bool) -> None:
+    """Run the config's setup hook. With several processes, process 0 first builds what the hook
+    builds in a child process of its own (one JAX process on the CPU: the hook's Orbax writes of
+    host-local arrays are refused inside a multi-process run, and the parent holds the
+    accelerator), every process waits at a barrier, then each runs the hook, which finds its
+    assets built and only fills in their paths. A child's refusal is re-raised as a ValueError."""
+    import subprocess
+
+    import jax
+
+    hook = setup_hook(cfg.setup)
+    if setup_only or jax.process_count() == 1:
+        hook(cfg, workdir)
+        return
+    import orbax.checkpoint as ocp
+
+    failed = None
+    if jax.process_index() == 0:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+        env["JAX_PLATFORMS"] = "cpu"
+        child = subprocess.run([sys.executable, "-m", "mm_jax.train", *argv, "--setup-only"], env=env,
+                               stderr=subprocess.PIPE, text=True)
+        if child.returncode:
+            sys.stderr.write(child.stderr)
+            failed = f"setup={cfg.setup!r} failed in process 0 (exit {child.returncode})"
+    # every process passes the barrier, a failed setup too (its peers then refuse in their own hook)
+    ocp.multihost.sync_global_processes("mm_jax_train_setup", timeout=6 * 3600,
+                                        processes=set(range(jax.process_count())))
+    if failed:
+        raise ValueError(failed)
+    hook(cfg, workdir)
+
+
 def main(argv=None) -> int:
     from mm_jax import config as config_lib, distributed, exit_codes
 
@@ -53,9 +88,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", required=True, help="checkpoints, logs and outputs (a folder every process sees, "
                                                      "or a URL such as gs://bucket/run); re-use it to resume")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
+    ap.add_argument("--setup-only", action="store_true", help=argparse.SUPPRESS)  # run_setup's child
     args, rest = ap.parse_known_args(argv)
     overrides = config_lib.split_overrides(ap, rest)
-    distributed.initialize()  # before anything starts a JAX backend
+    if not args.setup_only:
+        distributed.initialize()  # before anything starts a JAX backend
     from mm_jax.training import loop
     from mm_jax.training.preemption import Preempted
 
@@ -64,7 +101,10 @@ def main(argv=None) -> int:
         cfg = config_lib.load(args.config, overrides)
         loop.check(cfg)  # before the setup hook writes anything
         if cfg.setup:  # a hook refuses its own bad input before it writes (the demo's does)
-            setup_hook(cfg.setup)(cfg, workdir if loop.is_url(workdir) else Path(workdir))
+            run_setup(cfg, workdir if loop.is_url(workdir) else Path(workdir),
+                      sys.argv[1:] if argv is None else list(argv), args.setup_only)
+        if args.setup_only:
+            return exit_codes.OK
     except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.REFUSED

@@ -291,3 +291,18 @@ def test_checkpoints_move_between_one_and_two_processes_on_other_meshes_float32_
         errs[run.name] = _max_rel_loss_err(dict(history), dict(_losses(ref.workdir)), range(resumed + 1, last + 1))
     print(f"\nfloat32 losses after a restore on another mesh and process count, max relative difference: {errs}")
     assert all(e <= 1e-5 for e in errs.values()), errs
+
+
+@pytest.mark.slow  # a 2-process run that builds the tiny assets: ~2 min on 2 cores
+def test_a_preset_with_a_setup_hook_builds_its_assets_once_and_trains_on_two_processes(tmp_path):
+    """The tiny/demo presets build their models and data in the workdir with the setup hook. On
+    several processes the hook's Orbax writes of host-local arrays were refused (exit 2, "Cannot
+    serialize host local jax.Array"); process 0 now builds them in a child process of its own and
+    the others wait for it."""
+    cmd = [sys.executable, "-m", "mm_jax.launch", "--processes", "2", "--devices-per-process", "2", "--",
+           sys.executable, "-m", "mm_jax.train", "--config", "configs/video.py:tiny", "--workdir", str(tmp_path / "w"),
+           "--no-progress", "--config.train.steps=2", "--config.compile_cache=off"]
+    r = subprocess.run(cmd, cwd=ROOT, env=fake_devices_env(1), capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [row["step"] for row in read_history(tmp_path / "w")] == [1, 2]
+    assert (tmp_path / "w" / "tiny_models" / "backbone").is_dir() and (tmp_path / "w" / "adapter").is_dir()
