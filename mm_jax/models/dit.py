@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from mm_jax import presets
 from mm_jax.models import attention_parallel
 from mm_jax.models import layers as L
 from mm_jax.models.block_runner import REMAT_POLICIES, run_blocks
@@ -40,38 +41,42 @@ from mm_jax.models.layers import attention, canonical_dtype, gelu_tanh, timestep
 from mm_jax.models.positional import rope_3d, sincos_3d
 from mm_jax.parallel import constrain
 
+_5B = presets.load("cogvideox5b_transformer")
+
+
 @dataclasses.dataclass(frozen=True)
 class DiTConfig(ConfigBase):
-    """Architecture (diffusers ``config.json`` field names) plus runtime choices."""
+    """Architecture (diffusers ``config.json`` field names) plus runtime choices. The architecture
+    defaults are the published CogVideoX-5B's, read from its preset (``mm_jax/presets``, their one home)."""
 
-    num_attention_heads: int = 48
-    attention_head_dim: int = 64
-    in_channels: int = 16
-    out_channels: Optional[int] = 16
-    num_layers: int = 42
-    patch_size: int = 2
-    patch_size_t: Optional[int] = None
-    text_embed_dim: int = 4096
-    time_embed_dim: int = 512
-    max_text_seq_length: int = 226
-    sample_width: int = 90
-    sample_height: int = 60
-    sample_frames: int = 49
-    temporal_compression_ratio: int = 4
-    norm_eps: float = 1e-5
-    norm_elementwise_affine: bool = True
-    flip_sin_to_cos: bool = True
-    freq_shift: int = 0
-    patch_bias: bool = True
-    attention_bias: bool = True
-    use_rotary_positional_embeddings: bool = True
-    use_learned_positional_embeddings: bool = False
-    spatial_interpolation_scale: float = 1.875
-    temporal_interpolation_scale: float = 1.0
-    activation_fn: str = "gelu-approximate"
-    timestep_activation_fn: str = "silu"
-    ofs_embed_dim: Optional[int] = None
-    dropout: float = 0.0
+    num_attention_heads: int = _5B["num_attention_heads"]
+    attention_head_dim: int = _5B["attention_head_dim"]
+    in_channels: int = _5B["in_channels"]
+    out_channels: Optional[int] = _5B["out_channels"]
+    num_layers: int = _5B["num_layers"]
+    patch_size: int = _5B["patch_size"]
+    patch_size_t: Optional[int] = _5B["patch_size_t"]
+    text_embed_dim: int = _5B["text_embed_dim"]
+    time_embed_dim: int = _5B["time_embed_dim"]
+    max_text_seq_length: int = _5B["max_text_seq_length"]
+    sample_width: int = _5B["sample_width"]
+    sample_height: int = _5B["sample_height"]
+    sample_frames: int = _5B["sample_frames"]
+    temporal_compression_ratio: int = _5B["temporal_compression_ratio"]
+    norm_eps: float = _5B["norm_eps"]
+    norm_elementwise_affine: bool = _5B["norm_elementwise_affine"]
+    flip_sin_to_cos: bool = _5B["flip_sin_to_cos"]
+    freq_shift: int = _5B["freq_shift"]
+    patch_bias: bool = _5B["patch_bias"]
+    attention_bias: bool = _5B["attention_bias"]
+    use_rotary_positional_embeddings: bool = _5B["use_rotary_positional_embeddings"]
+    use_learned_positional_embeddings: bool = _5B["use_learned_positional_embeddings"]
+    spatial_interpolation_scale: float = _5B["spatial_interpolation_scale"]
+    temporal_interpolation_scale: float = _5B["temporal_interpolation_scale"]
+    activation_fn: str = _5B["activation_fn"]
+    timestep_activation_fn: str = _5B["timestep_activation_fn"]
+    ofs_embed_dim: Optional[int] = _5B["ofs_embed_dim"]
+    dropout: float = _5B["dropout"]
     # runtime (not part of the checkpoint)
     dtype: str = "float32"
     param_dtype: str = "float32"
