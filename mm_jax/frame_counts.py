@@ -104,6 +104,17 @@ def check(frames: int, field: str = "frames", ratio: int | None = None, encode_b
                      f"valid: {describe(max(49, int(frames) + 8), **vae)}")
 
 
+def check_frames(stage: str, frames: int, temporal_ratio: int | None = None) -> None:
+    """A training stage and its frame count (``data.stage``, ``data.frames``): 1 for the image
+    stage, a count the VAE encodes and decodes exactly (``check``) for the video stage."""
+    if stage not in ("image", "video"):
+        raise ValueError(f"data.stage={stage!r}: must be 'image' or 'video'")
+    if stage == "image" and frames != 1:
+        raise ValueError(f"data.frames={frames}: the image stage trains on single frames (frames=1)")
+    if stage == "video":
+        check(frames, "data.frames", ratio=temporal_ratio)
+
+
 def from_vae_config(vae_cfg) -> dict:
     """The keyword arguments of ``check`` / ``is_valid`` for a ``VAEConfig``."""
     return dict(ratio=vae_cfg.temporal_compression_ratio, encode_batch=vae_cfg.encode_frame_batch,

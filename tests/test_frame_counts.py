@@ -73,7 +73,7 @@ def test_a_bad_count_is_refused_naming_the_field_and_listing_the_valid_ones(fram
 
 
 def test_sample_settings_and_the_loader_refuse_counts_that_do_not_round_trip():
-    from mm_jax.data.loader import check_frames
+    from mm_jax.frame_counts import check_frames
     from mm_jax.pipeline import SampleSettings
 
     for frames in (5, 13, 21):

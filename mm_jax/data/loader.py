@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from mm_jax.data.records import decode_record
+from mm_jax.frame_counts import check_frames
 
 
 def _stage_kinds(stage: str) -> tuple[str, ...]:
@@ -146,19 +147,6 @@ def open_records(path: str | Path, stage: str, data_format: str = "shards"):
     _, tfds_dir, splits = found
     source = TfdsRecords(tfds_dir, splits)
     return source, tuple(f"split {s} of {tfds_dir}" for s in splits), tuple(source.starts)
-
-
-def check_frames(stage: str, frames: int, temporal_ratio: int | None = None) -> None:
-    """The stage and its frame count: 1 for images, a count the VAE encodes and decodes exactly for
-    clips (``mm_jax.frame_counts``: 1, 9, 17, ..., 49, ...)."""
-    from mm_jax import frame_counts
-
-    if stage not in ("image", "video"):
-        raise ValueError(f"data.stage={stage!r}: must be 'image' or 'video'")
-    if stage == "image" and frames != 1:
-        raise ValueError(f"data.frames={frames}: the image stage trains on single frames (frames=1)")
-    if stage == "video":
-        frame_counts.check(frames, "data.frames", ratio=temporal_ratio)
 
 
 def precomputed_frames(frames: int, frame_stride: int) -> list[int]:

@@ -46,7 +46,8 @@ def precompute(out: str | Path, checkpoint_dir: str | Path, *, height: int, widt
 
     from mm_jax import checkpoint
     from mm_jax import text as text_lib
-    from mm_jax.data.loader import check_frames, precomputed_frames
+    from mm_jax.data.loader import precomputed_frames
+    from mm_jax.frame_counts import check_frames
 
     out = Path(out)
     check_frames("video" if frames > 1 else "image", frames)

@@ -22,16 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-def attention_for(platform: str, kind: str | None = None) -> str | None:
-    """The attention kernel the models' default picks on the real device
-    (``layers.default_attention_impl``): splash on TPU v4 and later, the chunked XLA attention on
-    TPU v2/v3 (Mosaic refuses splash there), cuDNN on NVIDIA GPUs."""
-    from mm_jax.models.platform import NO_PALLAS_TPUS
+from mm_jax import presets
+from mm_jax.models.layers import default_attention_impl
 
-    if platform == "tpu" and kind in NO_PALLAS_TPUS:
-        return "chunked"
-    return {"tpu": "splash", "cuda": "cudnn"}.get(platform)
-
+_RECIPE = presets.load("magic_mirror_training")  # the paper's stages, as configs/image.py and video.py read them
+_VIDEO = _RECIPE["stages"]["video"]
 
 @dataclasses.dataclass(frozen=True)
 class Models:
@@ -126,26 +121,29 @@ class SampleSettings:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    """One training step as ``mm_jax.training.loop.train`` runs it; the defaults are the README's
-    stages (``defaults``)."""
+    """One training step as ``mm_jax.training.loop.train`` runs it; the defaults are the paper's
+    video stage and ``defaults(stage)`` either stage, from ``mm_jax/presets/magic_mirror_training.json``
+    (the numbers the training configs read)."""
     stage: str = "video"
-    batch: int = 8
-    frames: int = 49
-    height: int = 480
-    width: int = 720
-    remat: str = "full"
+    batch: int = _VIDEO["global_batch_size"]
+    frames: int = _VIDEO["frames"]
+    height: int = _RECIPE["height"]
+    width: int = _RECIPE["width"]
+    remat: str = _RECIPE["remat_policy"]
     precomputed: str = "none"      # none | latents+text (data.precomputed) | all (+ CLIP states)
-    dtype: str = "bfloat16"
-    trainable: tuple = ("adapter",)
-    text_length: int = 226
-    optimizer: dict = dataclasses.field(default_factory=lambda: dict(
-        lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4, warmup_steps=500, grad_clip=1.0))
+    dtype: str = _RECIPE["dtype"]
+    trainable: tuple = tuple(_RECIPE["trainable"])
+    text_length: int = _RECIPE["max_text_length"]
+    optimizer: dict = dataclasses.field(default_factory=lambda: dict(_RECIPE["optimizer"]))
     adapter_overrides: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def defaults(cls, stage: str) -> "TrainSettings":
-        """Stage 1 (images): batch 64 of 1 frame at 480x720; stage 2 (video): batch 8 of 49 frames."""
-        return cls(stage="image", batch=64, frames=1) if stage == "image" else cls()
+        """The paper's stage: "image" (batch 64 of 1 frame) or "video" (batch 8 of 49 frames), at 480x720."""
+        if stage not in _RECIPE["stages"]:
+            raise ValueError(f"stage={stage!r}; choose from {', '.join(_RECIPE['stages'])}")
+        st = _RECIPE["stages"][stage]
+        return cls(stage=stage, batch=st["global_batch_size"], frames=st["frames"])
 
     @classmethod
     def from_config(cls, cfg) -> "TrainSettings":
@@ -221,7 +219,7 @@ def sample_phases(models: Models, s: SampleSettings, platform: str, kind: str | 
     def abstract(name, cfg, mesh):  # as the sampler holds it: restored, then its linear layers quantized
         return quantize.quantize_model(checkpoint.abstract_model(name, cfg, mesh), q)
 
-    impl = attention_for(platform, kind)
+    impl = default_attention_impl(platform, kind)
     cfg_on = s.guidance > 1.0
     n_text = 2 if cfg_on else 1
     dt = jnp.dtype(s.dtype)
@@ -290,7 +288,7 @@ def sample_phases(models: Models, s: SampleSettings, platform: str, kind: str | 
 
 def check_train(models: Models, s: TrainSettings) -> None:
     from mm_jax import pipeline
-    from mm_jax.data.loader import check_frames
+    from mm_jax.frame_counts import check_frames
     from mm_jax.models.block_runner import REMAT_POLICIES
 
     check_frames(s.stage, s.frames, models.vae.temporal_compression_ratio)
@@ -316,7 +314,7 @@ def train_phases(models: Models, s: TrainSettings, platform: str, kind: str | No
     from mm_jax.training.optim import make_optimizer
 
     check_train(models, s)
-    impl = attention_for(platform, kind)
+    impl = default_attention_impl(platform, kind)
     dt = s.dtype
     dit_cfg = _replace(models.transformer, dtype=dt, param_dtype=dt, remat_policy=s.remat, attention_impl=impl)
     vae_cfg = models.vae  # float32, as load_models restores it

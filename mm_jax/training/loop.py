@@ -252,7 +252,7 @@ def check(cfg) -> None:
     """The config checks that need neither data nor models (run before anything is written);
     a ValueError names the field, its value and what is allowed."""
     from mm_jax import parallel, pipeline
-    from mm_jax.data.loader import check_frames
+    from mm_jax.frame_counts import check_frames
     from mm_jax.training.step import TRAINABLE
 
     check_frames(cfg.data.stage, int(cfg.data.frames))
