@@ -1,6 +1,8 @@
 """Fields shared by ``configs/image.py`` and ``configs/video.py`` (each sets its stage's own
-resolution, frames, batch, steps and presets on top). Every number is a config field, and every
-field is read by the trainer (``tests/test_configs.py`` checks both).
+frames, batch, steps and presets on top). Every number is a config field, and every field is read
+by the trainer (``tests/test_configs.py`` checks both). The paper's numbers (resolution, optimizer,
+each stage's frames, batch and steps) come from ``mm_jax/presets/magic_mirror_training.json``,
+their one home, which the planner reads too.
 
 Config files import only from ``mm_jax`` (never the other way): the library takes the fields it
 needs as arguments and knows nothing of these files.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from mm_jax import presets
 from mm_jax.text import CLASS_WORDS
 
 PLACEHOLDER = ml_collections.config_dict.placeholder
@@ -20,6 +23,8 @@ DEMO_SETUP = "mm_jax.demo.assets:prepare"
 
 
 def common(stage: str) -> ml_collections.ConfigDict:
+    """The fields both stages share, with ``stage``'s frames, global batch and steps from the recipe."""
+    recipe = presets.load("magic_mirror_training")
     cfg = ml_collections.ConfigDict()
     cfg.stage = stage
     cfg.mesh = ""          # e.g. "data=2,fsdp=4,tensor=1"; empty: every device on fsdp (of a slice, with mesh_dcn)
@@ -31,8 +36,8 @@ def common(stage: str) -> ml_collections.ConfigDict:
     cfg.model = ml_collections.ConfigDict()
     cfg.model.checkpoint = ""       # converted CogVideoX folder ("tiny": built by the demo setup)
     cfg.model.adapter = ""          # folder with image_encoder (+ adapter to continue from); "tiny" likewise
-    cfg.model.dtype = "bfloat16"    # compute dtype; trainable params stay float32
-    cfg.model.remat_policy = "full"  # per DiT block: none | full | dots | dots_all
+    cfg.model.dtype = recipe["dtype"]                # compute dtype; trainable params stay float32
+    cfg.model.remat_policy = recipe["remat_policy"]  # per DiT block: none | full | dots | dots_all
     cfg.model.attention_impl = PLACEHOLDER(str)
 
     # sizes of a fresh adapter (mm_jax.models.id_adapter.AdapterConfig); None: the design's value
@@ -45,10 +50,10 @@ def common(stage: str) -> ml_collections.ConfigDict:
     cfg.data.path = ""              # built dataset folder ("synthetic": built by the demo setup)
     cfg.data.stage = cfg.get_ref("stage")  # one fact: the loader reads it from its own section
     cfg.data.format = "shards"      # "shards" (mm_jax.data.build) | "tfds" (mm_jax.data.prepare; also detected)
-    cfg.data.height, cfg.data.width = 480, 720
-    cfg.data.frames = 1
+    cfg.data.height, cfg.data.width = recipe["height"], recipe["width"]
+    cfg.data.frames = recipe["stages"][stage]["frames"]
     cfg.data.frame_stride = 1
-    cfg.data.max_text_length = 226
+    cfg.data.max_text_length = recipe["max_text_length"]
     cfg.data.drop_text, cfg.data.drop_id, cfg.data.drop_both = 0.05, 0.05, 0.05
     cfg.data.class_words = tuple(CLASS_WORDS)  # the one list (mm_jax.text)
     cfg.data.num_workers = 4
@@ -60,14 +65,13 @@ def common(stage: str) -> ml_collections.ConfigDict:
     # the synthetic set the demo setup generates (read only by mm_jax.demo.assets)
     cfg.data.synthetic = ml_collections.ConfigDict(dict(num_clips=24, num_images=0, frames=9, height=64, width=64))
 
-    cfg.optimizer = ml_collections.ConfigDict(dict(lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4,
-                                                   warmup_steps=500, grad_clip=1.0))
+    cfg.optimizer = ml_collections.ConfigDict(recipe["optimizer"])
 
     cfg.train = ml_collections.ConfigDict()
-    cfg.train.steps = 1000
-    cfg.train.global_batch_size = 8
+    cfg.train.steps = recipe["stages"][stage]["steps"]
+    cfg.train.global_batch_size = recipe["stages"][stage]["global_batch_size"]
     cfg.train.seed = 0
-    cfg.train.trainable = ("adapter",)  # the design; ("adapter", "dit") also trains the DiT (tiny demos)
+    cfg.train.trainable = tuple(recipe["trainable"])  # the design; ("adapter", "dit") also trains the DiT (tiny demos)
     cfg.train.face_loss_prob = 0.5     # share of samples with the face-weighted term
     cfg.train.face_loss_lambda = 1.0   # weight 1 + lambda * M_face
     cfg.train.checkpoint_every = 500

@@ -9,9 +9,6 @@ from configs.common import common, tiny
 
 def get_config(preset=None):
     cfg = common("image")
-    cfg.data.frames = 1
-    cfg.train.global_batch_size = 64
-    cfg.train.steps = 30_000
     cfg.train.checkpoint_every = 1000
     cfg.sample.every = 5000
     if preset in (None, "", "reference"):

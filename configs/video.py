@@ -10,9 +10,6 @@ from configs.common import common, tiny
 
 def get_config(preset=None):
     cfg = common("video")
-    cfg.data.frames = 49
-    cfg.train.global_batch_size = 8
-    cfg.train.steps = 5_000
     cfg.train.checkpoint_every = 500
     cfg.sample.every = 1000
     if preset in (None, "", "reference"):

@@ -2,6 +2,9 @@
 checks build abstractly. Each JSON file is the ``config.json`` of the public checkpoint folder.
 
     presets.load("cogvideox5b_transformer")  -> dict
+
+``magic_mirror_training`` is the paper's training recipe (stages, optimizer), the numbers the
+training configs and the planner share.
 """
 from __future__ import annotations
 
