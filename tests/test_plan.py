@@ -100,13 +100,12 @@ def test_tpu_v2_takes_the_chunked_attention_because_its_mosaic_refuses_splash():
     from jax.sharding import Mesh
 
     from mm_jax.models import layers
-    from mm_jax.plan.phases import attention_for
 
     for name, want in (("v2-8", "chunked"), ("v5e-8", "splash")):
         mesh = Mesh(np.array(targets.devices(targets.TARGETS[name])), ("data",))
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             assert layers.default_attention_impl() == want, name
-        assert attention_for("tpu", targets.TARGETS[name].kind) == want
+        assert layers.default_attention_impl("tpu", targets.TARGETS[name].kind) == want
 
 
 # -- meshes: the run's make_mesh, on the target's chips --------------------------------------

@@ -243,15 +243,16 @@ ATTENTION_IMPLS: dict[str, Callable] = {  # (q, k, v, key_mask, kv_lengths, scal
 }
 
 
-def default_attention_impl() -> str:
+def default_attention_impl(platform: str | None = None, kind: str | None = None) -> str:
     """"cudnn" on NVIDIA GPUs, "splash" on TPU when registered (v4 and later: v2/v3's Mosaic refuses
     it), "chunked" on CPU and TPU v2/v3 (exact, one query block at a time: the full score matrix of
-    the 5B's 17.8k tokens would not fit a v2 core's 8 GiB), else "xla", for the platform being
-    compiled for (``target_platform``, ``target_device_kind``)."""
-    backend = target_platform()
-    if backend == "gpu":
+    the 5B's 17.8k tokens would not fit a v2 core's 8 GiB), else "xla". ``platform`` ("cpu", "gpu"
+    or "cuda", "tpu") and ``kind`` (``device_kind``): the device compiled for; None: the current
+    mesh's (``target_platform``, ``target_device_kind``). The models and the planner both ask here."""
+    backend = platform or target_platform()
+    if backend in ("gpu", "cuda"):
         return "cudnn"
-    if backend == "tpu" and target_device_kind() in NO_PALLAS_TPUS:
+    if backend == "tpu" and (kind or target_device_kind()) in NO_PALLAS_TPUS:
         return "chunked"
     if backend == "tpu" and "splash" in ATTENTION_IMPLS:
         return "splash"
