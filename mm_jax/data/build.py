@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Iterator
 
 from mm_jax.data.captions import load_rules
-from mm_jax.data.example import ExampleMaker, ExampleOptions, Outcome, add_example_arguments
+from mm_jax.data.example import (
+    ExampleMaker,
+    ExampleOptions,
+    Outcome,
+    add_example_arguments,
+)
+from mm_jax.data.records import DEFAULT_REF_SIZE
 from mm_jax.data.sources import BuildError, item_key, list_items  # noqa: F401  (BuildError: part of this CLI's API)
 from mm_jax.text import CLASS_WORDS
 
@@ -91,7 +97,7 @@ def check_options(options: ExampleOptions, *, workers: int, shard_size: int) -> 
 
 def build_dataset(src: str | Path, out: str | Path, face_models: str | Path, *, workers: int = 0,
                   shard_size: int = 256, max_frames: int = 49, min_similarity: float = 0.5, det_size: int = 640,
-                  jpeg_quality: int = 95, class_words=CLASS_WORDS, caption_rules=(), progress: bool = True) -> dict:
+                  jpeg_quality: int = 95, ref_size: int = DEFAULT_REF_SIZE, class_words=CLASS_WORDS, caption_rules=(), progress: bool = True) -> dict:
     """Build (or resume building) the set; returns the summary (also written to ``out/summary.json``).
     ``caption_rules``: ``mm_jax.data.captions`` rules that repair captions without a class word."""
     from tqdm.auto import tqdm
@@ -99,7 +105,7 @@ def build_dataset(src: str | Path, out: str | Path, face_models: str | Path, *, 
     out = Path(out)
     options = ExampleOptions(face_models=str(face_models), max_frames=int(max_frames),
                              min_similarity=float(min_similarity), det_size=int(det_size),
-                             jpeg_quality=int(jpeg_quality), class_words=tuple(class_words),
+                             jpeg_quality=int(jpeg_quality), ref_size=int(ref_size), class_words=tuple(class_words),
                              caption_rules=tuple(caption_rules))
     check_options(options, workers=workers, shard_size=shard_size)
     global _MAKER
@@ -190,7 +196,7 @@ def main(argv=None) -> int:
                                  f"{args.max_text_length} --frame-stride {args.frame_stride}: must be positive")
         s = build_dataset(args.src, args.out, args.face_models, workers=args.workers, shard_size=args.shard_size,
                           max_frames=args.max_frames, min_similarity=args.min_similarity, det_size=args.det_size,
-                          jpeg_quality=args.jpeg_quality, caption_rules=load_rules(args.caption_rules))
+                          jpeg_quality=args.jpeg_quality, ref_size=args.ref_size, caption_rules=load_rules(args.caption_rules))
         if args.precompute:
             from mm_jax.data.precompute import precompute
 

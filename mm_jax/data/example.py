@@ -8,7 +8,8 @@ one are recorded as such) -> the target's ArcFace embedding (mean over its faces
 reference face: the item's ``ref`` image if given, else for a clip the face frame farthest from
 the middle frame [ours], for a lone image the image itself -> cosine filter (reference vs target,
 ``min_similarity``, 0.5 as magic_mirror_reference.md 5) -> the record (``mm_jax.data.records``),
-with the reference stored as its 224 CLIP-aligned crop + ArcFace embedding.
+with the reference stored as its CLIP-aligned crop (``ref_size`` px square: the image encoder's
+``image_size``) + ArcFace embedding.
 
 Skip reasons: bad_listing (a listing line or file that could not be read, ``sources.invalid_item``),
 no_class_word, unreadable, no_face, unreadable_ref, no_face_in_ref, low_similarity,
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mm_jax.data.captions import CaptionCheck, CaptionRule, fix_caption, rules_to_json
-from mm_jax.data.records import encode_record
+from mm_jax.data.records import DEFAULT_REF_SIZE, encode_record
 from mm_jax.data.sources import IMAGE_EXT, item_kind, source_name
 from mm_jax.text import CLASS_WORDS
 
@@ -40,6 +41,7 @@ class ExampleOptions:
     jpeg_quality: int = 95
     class_words: tuple[str, ...] = CLASS_WORDS
     caption_rules: tuple[CaptionRule, ...] = ()
+    ref_size: int = DEFAULT_REF_SIZE  # px of the stored reference crop: the image encoder's image_size
 
     def problems(self) -> list[str]:
         """The out-of-range settings, each as "--flag value: must be ..." (empty when all are valid);
@@ -49,14 +51,15 @@ class ExampleOptions:
                if not -1.0 <= self.min_similarity <= 1.0 else None,
                (f"--det-size {self.det_size}", "a positive multiple of 32") if self.det_size < 32
                or self.det_size % 32 else None,
-               (f"--jpeg-quality {self.jpeg_quality}", "in [1, 100]") if not 1 <= self.jpeg_quality <= 100 else None]
+               (f"--jpeg-quality {self.jpeg_quality}", "in [1, 100]") if not 1 <= self.jpeg_quality <= 100 else None,
+               (f"--ref-size {self.ref_size}", ">= 32 (the image encoder's image_size)") if self.ref_size < 32 else None]
         return [f"{flag}: must be {allowed}" for flag, allowed in (b for b in bad if b)]
 
     def settings(self) -> dict[str, Any]:
         """What decides the records' content, for summaries and dataset metadata."""
         return {"face_models": self.face_models, "max_frames": self.max_frames, "min_similarity": self.min_similarity,
                 "det_size": self.det_size, "jpeg_quality": self.jpeg_quality,
-                "caption_rules": rules_to_json(self.caption_rules)}
+                "caption_rules": rules_to_json(self.caption_rules), "ref_size": self.ref_size}
 
 
 def add_example_arguments(ap) -> None:
@@ -66,6 +69,9 @@ def add_example_arguments(ap) -> None:
     ap.add_argument("--min-similarity", type=float, default=d.min_similarity, help="ArcFace cosine reference vs target")
     ap.add_argument("--det-size", type=int, default=d.det_size, help="detector input size")
     ap.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
+    ap.add_argument("--ref-size", type=int, default=d.ref_size,
+                    help="reference face crop size: the image encoder's image_size (its config.json; 336 for a "
+                         "336-px tower)")
     ap.add_argument("--caption-rules", default="none",
                     help="rewrite captions without a class word: none, default ('a person' rules) or a JSON rules file")
 
@@ -217,7 +223,7 @@ class ExampleMaker:
         similarity = float(np.dot(ref_emb, target))
         if similarity < o.min_similarity:
             return Outcome("skip", check, reason="low_similarity")
-        ref_crop = fa.align(ref_bgr, ref_kps, 224)[..., ::-1]
+        ref_crop = fa.align(ref_bgr, ref_kps, o.ref_size)[..., ::-1]
         q = o.jpeg_quality
         record = {"kind": kind, "source": source_name(item), "caption": check.caption,
                   "height": int(frames.shape[1]), "width": int(frames.shape[2]), "frames": [_jpeg(f, q) for f in frames],

@@ -17,7 +17,8 @@ Batch (this process's rows, leading dim B = stop - start; G / process count by d
   face_mask (B, F, H, W) float32               1 inside the frame's face box
   input_ids (B, L) int32                      (or text_embeddings (B, L, T) when ``precomputed``)
   class_index (B,) int32                      first token of the class word, -1: caption dropped / none
-  e_id (B, 512) float32, ref_pixels (B, 224, 224, 3) float32 (CLIP-normalized), has_id (B,) bool
+  e_id (B, 512) float32, ref_pixels (B, S, S, 3) float32 (CLIP-normalized; S = ``ref_size``, the image
+                                              encoder's image_size), has_id (B,) bool
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from mm_jax.data.records import decode_record
+from mm_jax.data.records import DEFAULT_REF_SIZE, decode_record
 from mm_jax.frame_counts import check_frames
 
 
@@ -186,6 +187,7 @@ class ExampleTransform:
     null_text: np.ndarray | None
     source_names: tuple[str, ...]
     source_starts: tuple[int, ...]  # global index of each shard's first record
+    ref_size: int = DEFAULT_REF_SIZE  # the image encoder's image_size: ref_pixels are (ref_size, ref_size)
 
     def where(self, index: int) -> str:
         k = int(np.searchsorted(self.source_starts, index, side="right")) - 1
@@ -280,10 +282,15 @@ class ExampleTransform:
         from mm_jax.face import CLIP_MEAN, CLIP_STD
 
         ref = _decode_jpeg(r["ref_crop"])
-        if ref.shape[:2] != (224, 224):
+        size = self.ref_size
+        if ref.shape[:2] != (size, size):  # the same aligned crop at another scale (it scales with its size)
             import cv2
 
-            ref = cv2.resize(ref, (224, 224), interpolation=cv2.INTER_AREA)
+            if ref.shape[0] < size:
+                warnings.warn(f"{self.where(index)}: reference crop of {ref.shape[0]} px upsampled to the image "
+                              f"encoder's {size}; rebuild with --ref-size {size} for full detail", stacklevel=2)
+            ref = cv2.resize(ref, (size, size), interpolation=cv2.INTER_AREA if ref.shape[0] > size
+                             else cv2.INTER_CUBIC)
         out["ref_pixels"] = ((ref.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD).astype(np.float32)
         out["e_id"] = np.asarray(r["ref_embedding"], np.float32)
         out["has_id"] = np.bool_(not drop_id)
@@ -430,11 +437,14 @@ def _ignore_preemption_signals(_worker_index: int, _worker_count: int) -> None:
 
 
 def make_loader(data_cfg, *, tokenizer, global_batch_size: int, seed: int, process_index: int | None = None,
-                process_count: int | None = None, rows: tuple[int, int] | None = None) -> Loader:
+                process_count: int | None = None, rows: tuple[int, int] | None = None,
+                ref_size: int = DEFAULT_REF_SIZE) -> Loader:
     """The stage's loader (see the module docstring). ``tokenizer``: a tokenizer or its folder.
     ``rows``: (start, stop), the rows of each global batch this process loads (those its devices
     hold; processes whose devices replicate the batch pass the same rows); by default process p of
-    P (``process_index``/``process_count``, else JAX's) takes ``default_rows``."""
+    P (``process_index``/``process_count``, else JAX's) takes ``default_rows``. ``ref_size``: the
+    image encoder's ``image_size`` (the trainer passes its loaded encoder's); ``ref_pixels`` are
+    that size."""
     import grain
 
     check_frames(data_cfg.stage, int(data_cfg.frames))
@@ -468,7 +478,7 @@ def make_loader(data_cfg, *, tokenizer, global_batch_size: int, seed: int, proce
                                  int(data_cfg.frame_stride), int(data_cfg.max_text_length),
                                  (float(data_cfg.drop_text), float(data_cfg.drop_id), float(data_cfg.drop_both)),
                                  tuple(data_cfg.class_words), tokenizer, bool(data_cfg.precomputed), null_text,
-                                 names, starts)
+                                 names, starts, int(ref_size))
     # the global stream: position k holds record order[k]; its randomness depends on (seed, k) only
     stream = grain.MapDataset.range(n)
     if data_cfg.shuffle:

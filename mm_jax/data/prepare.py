@@ -30,6 +30,7 @@ from etils import epath
 
 from mm_jax.data.captions import load_rules
 from mm_jax.data.example import ExampleOptions, add_example_arguments
+from mm_jax.data.records import DEFAULT_REF_SIZE
 from mm_jax.data.sources import BuildError
 from mm_jax.text import CLASS_WORDS
 
@@ -124,14 +125,14 @@ class _Progress:
 
 def prepare(builder: str, src: str | Path, out: str | Path, face_models: str | Path, *, workers: int = 0,
             beam_pipeline_options: str = "", layout_options: dict | None = None, max_frames: int = 49,
-            min_similarity: float = 0.5, det_size: int = 640, jpeg_quality: int = 95, class_words=CLASS_WORDS,
+            min_similarity: float = 0.5, det_size: int = 640, jpeg_quality: int = 95, ref_size: int = DEFAULT_REF_SIZE, class_words=CLASS_WORDS,
             caption_rules=(), overwrite: bool = False, progress: bool = True) -> dict:
     """Build (or reuse) the dataset; returns ``summarize``'s summary."""
     if builder not in BUILDER_NAMES:
         raise BuildError(f"--builder {builder}: unknown; one of {', '.join(BUILDER_NAMES)}")
     options = ExampleOptions(face_models=str(face_models), max_frames=int(max_frames),
                              min_similarity=float(min_similarity), det_size=int(det_size),
-                             jpeg_quality=int(jpeg_quality), class_words=tuple(class_words),
+                             jpeg_quality=int(jpeg_quality), ref_size=int(ref_size), class_words=tuple(class_words),
                              caption_rules=tuple(caption_rules))
     bad = ([f"--workers {workers}: must be >= 0 (0 or 1: in-process)"] if workers < 0 else []) + options.problems()
     if bad:
@@ -226,7 +227,7 @@ def main(argv=None) -> int:
                     beam_pipeline_options=args.beam_pipeline_options,
                     layout_options={"captions": args.captions, "video_root": args.video_root},
                     max_frames=args.max_frames, min_similarity=args.min_similarity, det_size=args.det_size,
-                    jpeg_quality=args.jpeg_quality, caption_rules=load_rules(args.caption_rules),
+                    jpeg_quality=args.jpeg_quality, ref_size=args.ref_size, caption_rules=load_rules(args.caption_rules),
                     overwrite=args.overwrite, progress=not args.quiet)
     except (BuildError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

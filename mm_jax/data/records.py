@@ -6,7 +6,8 @@ the blob area. No pickle: a record can be read by anything that reads JSON and r
 
 Fields written by the builder: kind ("image" | "video"), source, caption, frames (list of JPEG
 bytes, RGB), height, width, boxes (F, 4) float32 x1 y1 x2 y2 (NaN where no face), kps (F, 5, 2),
-face_found (F,) bool, ref_crop (JPEG of the 224 CLIP-aligned reference face), ref_embedding (512,),
+face_found (F,) bool, ref_crop (JPEG of the CLIP-aligned reference
+face, ``--ref-size`` px: the image encoder's image_size), ref_embedding (512,),
 target_embedding (512,), ref_frame (int, -1 for an external reference), similarity (float);
 with ``--precompute``: latents (f, h, w, C), text_embedding (L, T).
 """
@@ -18,7 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from mm_jax import presets
+
 MAGIC = b"MMR1"
+# ref_crop's default size: the image encoder's input size, the published CLIP ViT-L/14 tower's
+# ``image_size`` (its preset); a 336-px tower (e.g. ConsisID's EVA-CLIP) builds with --ref-size 336
+DEFAULT_REF_SIZE = int(presets.load("clip_vit_l14_vision")["image_size"])
 
 
 class CorruptRecordError(ValueError):

@@ -400,7 +400,7 @@ def train(cfg, workdir: str | os.PathLike, *, progress: bool = True, return_stat
     ckpts = TrainCheckpoints(workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
                              every=cfg.train.checkpoint_every, async_save=cfg.train.async_checkpointing)
     loader = make_loader(cfg.data, tokenizer=models.tokenizer, global_batch_size=global_batch, seed=cfg.train.seed,
-                         rows=rows)
+                         rows=rows, ref_size=models.image_encoder.cfg.image_size)
     start = ckpts.latest_step() or 0
     params, opt_state = state.params, state.opt_state
     if start:
