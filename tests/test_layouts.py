@@ -27,7 +27,7 @@ def source(tmp_path_factory):
 
 def _items(name: str, src, **options) -> list[dict]:
     layout = LAYOUTS[name](**options)
-    return [it for u in layout.units(src) for it in layout.items(u)]
+    return [it for u in layout.units(src) for it in layout.media_items(u)]
 
 
 def _png(rgb: np.ndarray) -> bytes:

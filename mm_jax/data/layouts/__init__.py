@@ -3,7 +3,10 @@
 A layout lists its work in two steps, so that a cluster spreads the reading: ``units(src)`` runs
 where the build is launched and returns small JSON-able units (a file, a row range, a chunk of
 names); ``items(unit)`` runs on the workers and yields the items. ``kinds(units)`` names the
-splits ("image", "video") the items can fall in.
+splits ("image", "video") the items can fall in. Items are references: where the media sits inside
+a container (a parquet row, a tar member), ``container(item)`` names it and ``read(refs)`` adds
+the bytes, one container at a time, after the build has dropped duplicate items
+(``media_items(unit)`` does both steps outside Beam).
 
     manifest     the generic input: a folder of media + captions.jsonl / <name>.txt, or a JSONL
                  manifest {"path", "caption", "ref"}

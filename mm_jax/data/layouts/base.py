@@ -23,6 +23,7 @@ def first_column(columns, names: tuple[str, ...], what: str, where) -> str:
 class Layout:
     name = ""
     KINDS: tuple[str, ...] = ("image", "video")
+    READS_CONTAINERS = False  # True: items are references into containers (``container``, ``read``)
 
     def __init__(self, **options: Any):
         self.options = {k: v for k, v in options.items() if v is not None}
@@ -34,6 +35,26 @@ class Layout:
     def items(self, unit: dict) -> Iterator[dict]:
         """Abstract: every registered layout subclass expands a unit into items."""
         raise NotImplementedError
+
+    def container(self, item: dict) -> str | None:
+        """The container an item's media bytes are read from (``read``), or None when the item's
+        ``path`` is its own file, which the example maker reads. ``items`` yields references without
+        the bytes, so a build deduplicates them before any media is read."""
+        return None
+
+    def read(self, refs: list[dict]) -> Iterator[dict]:
+        """The items of ``refs`` (all of one ``container``) with their media bytes as ``data``,
+        the container opened once; a layout with containers overrides it."""
+        yield from refs
+
+    def media_items(self, unit: dict) -> Iterator[dict]:
+        """``items(unit)`` with their media bytes read (``read`` per container): the items as the
+        example maker takes them, outside a Beam pipeline (which deduplicates between the two steps)."""
+        groups: dict[str | None, list[dict]] = {}
+        for ref in self.items(unit):
+            groups.setdefault(self.container(ref), []).append(ref)
+        for c, refs in groups.items():
+            yield from refs if c is None else self.read(refs)
 
     def kinds(self, units: list[dict]) -> tuple[str, ...]:
         return self.KINDS

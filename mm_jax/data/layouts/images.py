@@ -27,6 +27,7 @@ class Manifest(Layout):
 class LaionFace(Layout):
     name = "laion_face"
     KINDS = ("image",)
+    READS_CONTAINERS = True
     IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image")
     CAPTION_COLUMNS = ("caption", "TEXT", "text")
     KEY_COLUMNS = ("key", "SAMPLE_ID", "id")
@@ -52,18 +53,47 @@ class LaionFace(Layout):
         return units
 
     def items(self, unit):
+        """References without the image bytes: a parquet row (row group, row, column) or a tar
+        member (offset, size); ``read`` fetches the bytes once they are deduplicated."""
         yield from self._parquet(unit) if "parquet" in unit else self._tar(unit["tar"])
+
+    def container(self, item):
+        if "row" in item:
+            return f"{item['path']}|{item['row_group']}"
+        return item["path"] if "offset" in item else None
+
+    def read(self, refs):
+        """The refs of one parquet row group or tar, with ``data``: only the image column of the
+        group is read, only the kept members of the tar."""
+        if "row" in refs[0]:
+            import pyarrow.parquet as pq
+
+            column = refs[0]["column"]
+            values = pq.ParquetFile(refs[0]["path"]).read_row_group(refs[0]["row_group"], columns=[column])
+            values = values.column(column)
+            for ref in refs:
+                data = values[ref["row"]].as_py()
+                if isinstance(data, dict):  # Hugging Face Image feature: {"bytes", "path"}
+                    data = data.get("bytes")
+                yield {**ref, "data": data or b""}
+            return
+        with open(refs[0]["path"], "rb") as f:
+            for ref in refs:
+                f.seek(ref["offset"])
+                yield {**ref, "data": f.read(ref["size"])}
 
     def _parquet(self, unit):
         import pyarrow.parquet as pq
 
         path = Path(unit["parquet"])
-        table = pq.ParquetFile(path).read_row_group(unit["row_group"])
-        cols = table.column_names
+        file = pq.ParquetFile(path)
+        cols = file.schema_arrow.names
         cap = first_column(cols, self.CAPTION_COLUMNS, "caption", path)
         img = next((c for c in self.IMAGE_COLUMNS if c in cols), None)
         key = next((c for c in self.KEY_COLUMNS if c in cols), None)
         paths = None if img else first_column(cols, ("path", "file", "filename"), "image bytes or path", path)
+        listed = [c for c in (cap, key, paths) if c]  # never the image column: the bytes are read later
+        table = file.read_row_group(unit["row_group"], columns=listed)
         for i, row in enumerate(table.to_pylist()):
             name = str(row[key]) if key else f"{unit['row_group']}-{i}"
             caption = row[cap] or ""
@@ -71,15 +101,13 @@ class LaionFace(Layout):
                 p = Path(row[paths])
                 yield {"path": str(p if p.is_absolute() else path.parent / p), "caption": caption, "ref": None}
                 continue
-            data = row[img]
-            if isinstance(data, dict):  # Hugging Face Image feature: {"bytes", "path"}
-                data = data.get("bytes")
             yield {"path": str(path), "member": f"{name}.{img if img != 'image' else 'jpg'}", "caption": caption,
-                   "ref": None, "data": data or b""}
+                   "ref": None, "row_group": unit["row_group"], "row": i, "column": img}
 
     @staticmethod
     def _tar(path: str):
-        """Webdataset: consecutive members sharing a key form one sample."""
+        """Webdataset: consecutive members sharing a key form one sample. Only the caption members
+        (.txt / .json) are read here; an image member is referenced by its offset and size."""
         import tarfile
 
         def sample(key, files):
@@ -90,10 +118,12 @@ class LaionFace(Layout):
                 n.endswith(".txt") for n in files) else ""
             if not caption and any(n.endswith(".json") for n in files):
                 caption = json.loads(files[next(n for n in files if n.endswith(".json"))]).get("caption") or ""
-            return {"path": path, "member": image, "caption": caption.strip(), "ref": None, "data": files[image]}
+            offset, size = files[image]
+            return {"path": path, "member": image, "caption": caption.strip(), "ref": None, "offset": offset,
+                    "size": size}
 
         key, files = None, {}
-        with tarfile.open(path) as tar:
+        with tarfile.open(path, "r:") as tar:  # uncompressed (webdataset's form): offsets are file offsets
             for m in tar:
                 if not m.isfile():
                     continue
@@ -104,7 +134,8 @@ class LaionFace(Layout):
                         yield s
                     files = {}
                 key = k
-                files[m.name] = tar.extractfile(m).read()
+                text = m.name.endswith((".txt", ".json"))
+                files[m.name] = tar.extractfile(m).read() if text else (m.offset_data, m.size)
         if files:
             s = sample(key, files)
             if s:

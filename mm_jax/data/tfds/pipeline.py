@@ -1,8 +1,11 @@
-"""The Beam pipeline of a build: units -> items -> (deduplicated, spread over workers) -> records.
+"""The Beam pipeline of a build: units -> item references -> deduplicated -> media read -> records.
 
-    units | ExpandUnit (layout.items on the workers) | GroupByKey on the item key (drops duplicates,
-    spreads the work) | MakeRecords (ExampleMaker: faces, reference, cosine filter; face models
-    loaded once per worker process in DoFn.setup) | Partition by kind -> one PCollection per split
+    units | ExpandUnit (layout.items on the workers: references, no media bytes) | GroupByKey on
+    the item key (drops duplicates, spreads the work; only references are shuffled) | for a
+    layout with containers (LAION-Face parquet rows / tar members): GroupByKey on the container
+    and ReadMedia (layout.read: the container opened once, only the kept items' bytes read) |
+    MakeRecords (ExampleMaker: faces, reference, cosine filter; face models loaded once per
+    worker process in DoFn.setup) | Partition by kind -> one PCollection per split
 
 Counters (Beam metrics, namespace "mm_jax"): records/<kind>, skipped/<reason> (an unexpected
 error counts as skipped/error), skipped/unreadable_file (a container or listing file that could
@@ -47,6 +50,47 @@ class ExpandUnit(beam.DoFn):
             _count("skipped/unreadable_file")
             where = next((str(v) for k, v in unit.items() if k in ("parquet", "tar", "csv", "json", "root")), "?")
             yield beam.pvalue.TaggedOutput(SKIPPED, {"path": where, "reason": f"unreadable_file: {type(e).__name__}: {e}"})
+
+
+def _has_bytes(v) -> bool:
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return True
+    if isinstance(v, dict):
+        return any(_has_bytes(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return any(_has_bytes(x) for x in v)
+    return False
+
+
+def check_reference(kv):
+    """The shuffle before the media is read carries references only: media bytes there are a bug
+    (a layout's ``items`` that read the media instead of referencing it)."""
+    if _has_bytes(kv[1]):
+        raise ValueError(f"{kv[0]}: an item reference holds bytes before deduplication; layouts yield references "
+                         f"and read media in Layout.read")
+    return kv
+
+
+class ReadMedia(beam.DoFn):
+    """(container, [(key, ref)]) -> (key, item with its media bytes), the container read once;
+    an unreadable container skips its items as unreadable_file."""
+
+    def __init__(self, layout):
+        self.layout = layout
+
+    def process(self, container_refs):
+        container, pairs = container_refs
+        pairs = sorted(pairs, key=lambda kv: kv[0])  # a stable order within the container
+        try:
+            items = list(self.layout.read([ref for _, ref in pairs]))
+        except Exception as e:
+            for _, ref in pairs:
+                _count("skipped/unreadable_file")
+                yield beam.pvalue.TaggedOutput(SKIPPED, {"path": source_name(ref),
+                                                         "reason": f"unreadable_file: {type(e).__name__}: {e}"})
+            return
+        for (key, _), item in zip(pairs, items):
+            yield key, item
 
 
 def first_of_key(kv):
@@ -99,15 +143,34 @@ def _loaded(maker: ExampleMaker) -> ExampleMaker:
     return maker
 
 
+def unique_items(pipeline, layout, units: list[dict]):
+    """-> (refs, items, skipped): ``refs`` the (key, reference) pairs that the deduplicating shuffle
+    takes (no media bytes: ``check_reference``), ``items`` the (key, item) pairs that survive it,
+    with their media read (``ReadMedia``) where the layout has containers, and the PCollections of
+    skipped entries."""
+    expanded = (pipeline | "Units" >> beam.Create(units) | "Reshuffle units" >> beam.Reshuffle()
+                | "Expand" >> beam.ParDo(ExpandUnit(layout)).with_outputs(SKIPPED, main="items"))
+    refs = expanded.items | "References only" >> beam.Map(check_reference)
+    unique = refs | "Deduplicate" >> beam.GroupByKey() | "First" >> beam.Map(first_of_key)
+    skipped = [expanded[SKIPPED]]
+    if layout.READS_CONTAINERS:
+        own, inside = unique | "Own file or container" >> beam.Partition(
+            lambda kv, n: int(layout.container(kv[1]) is not None), 2)
+        read = (inside | "By container" >> beam.Map(lambda kv: (layout.container(kv[1]), kv))
+                | "Group by container" >> beam.GroupByKey()
+                | "Read media" >> beam.ParDo(ReadMedia(layout)).with_outputs(SKIPPED, main="items"))
+        unique = (own, read.items) | "With media" >> beam.Flatten()
+        skipped.append(read[SKIPPED])
+    return refs, unique, skipped
+
+
 def build_splits(pipeline, layout, units: list[dict], kinds: tuple[str, ...], options: ExampleOptions,
                  skipped_path: str, progress_dir: str | None = None) -> dict:
     """The split PCollections {kind: (key, example)} for ``GeneratorBasedBuilder._split_generators``;
     also writes the skipped items to ``skipped_path``-*.jsonl."""
-    expanded = (pipeline | "Units" >> beam.Create(units) | "Reshuffle units" >> beam.Reshuffle()
-                | "Expand" >> beam.ParDo(ExpandUnit(layout)).with_outputs(SKIPPED, main="items"))
-    made = (expanded.items | "Deduplicate" >> beam.GroupByKey() | "First" >> beam.Map(first_of_key)
-            | "Make records" >> beam.ParDo(MakeRecords(options, progress_dir)).with_outputs(SKIPPED, main="made"))
-    ((expanded[SKIPPED], made[SKIPPED]) | "Skipped" >> beam.Flatten() | "To JSON" >> beam.Map(json.dumps)
+    _, unique, skipped = unique_items(pipeline, layout, units)
+    made = unique | "Make records" >> beam.ParDo(MakeRecords(options, progress_dir)).with_outputs(SKIPPED, main="made")
+    (tuple(skipped + [made[SKIPPED]]) | "Skipped" >> beam.Flatten() | "To JSON" >> beam.Map(json.dumps)
      | "Write skipped" >> beam.io.WriteToText(skipped_path, file_name_suffix=".jsonl"))
     parts = made.made | "By kind" >> beam.Partition(lambda kv, n: kinds.index(kv[0]), len(kinds))
     return {k: parts[i] | f"Examples {k}" >> beam.Map(lambda kv: kv[1]) for i, k in enumerate(kinds)}
