@@ -1,9 +1,9 @@
 """``python -m mm_jax.sample`` on 2 JAX processes x 4 CPU devices (``mm_jax.launch``) equals 1 process
 on 8 devices, on the same mesh (data=2 for the CFG pair, context=4 with the ring: the tiny DiT's 2
-heads do not divide over 4): plain text-to-video, identity with --ref/--save-id, and --prompts
-with a plain, a --ref and an --id line. Every process runs the SPMD work; process 0 alone writes.
+heads do not divide over 4): identity with --ref/--save-id, and --prompts with a plain (text-to-video),
+a --ref and an --id line. Every process runs the SPMD work; process 0 alone writes.
 
-The six runs are made once for the module (assets built once) and shared by the assertions.
+The four runs are made once for the module (assets built once) and shared by the assertions.
 """
 from __future__ import annotations
 
@@ -43,7 +43,6 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("mp_sample")
     backbone, adapter = assets.tiny_models(root)
     faces, ref = assets.standin_faces(root), assets.reference_face(root)
-    np.save(root / "latents.npy", np.random.default_rng(0).standard_normal((1, 3, 8, 8, 4)).astype(np.float32))
     common = ["--checkpoint", str(backbone), "--frames", "9", "--height", "64", "--width", "64", "--steps", "2",
               "--mesh", MESH, "--quiet"]
     ident = ["--adapter", str(adapter), "--face-models", str(faces)]
@@ -51,9 +50,7 @@ def runs(tmp_path_factory):
     for n in (1, 2):
         d = root / f"p{n}"
         d.mkdir()
-        err = {"plain": _sample(d, n, *common, "--prompt", PROMPT, "--latents", str(root / "latents.npy"),
-                                "--out", "plain.npy", "--save-latents", "plain_z.npy").stderr,
-               "ref": _sample(d, n, *common, *ident, "--prompt", PROMPT, "--ref", str(ref), "--seed", "7",
+        err = {"ref": _sample(d, n, *common, *ident, "--prompt", PROMPT, "--ref", str(ref), "--seed", "7",
                               "--out", "ref.npy", "--save-latents", "ref_z.npy", "--save-id", "ref.npz").stderr}
         lines = [{"prompt": PROMPT, "out": "many/plain.npy", "seed": 3},
                  {"prompt": PROMPT, "out": "many/ref.npy", "ref": str(ref), "seed": 4},
@@ -70,18 +67,7 @@ def _written_once_by_process_0(folder: Path, names: list[str], stderr: str) -> N
     assert "[p0] wrote" in stderr and "[p1] wrote" not in stderr and "[p1] settings" not in stderr
 
 
-@pytest.mark.slow  # six sample runs, two of them on 2 processes: about 3 minutes on 2 CPU cores
-def test_plain_sample_on_2_processes_equals_1_process(runs):
-    (d1, _), (d2, err2) = runs[1], runs[2]
-    z_err = max_rel_err(np.load(d2 / "plain_z.npy"), np.load(d1 / "plain_z.npy"))
-    f_err = float(np.max(np.abs(np.load(d2 / "plain.npy") - np.load(d1 / "plain.npy"))))
-    print(f"plain, 2 processes vs 1: final latents max rel err {z_err:.2e}, frames max abs err {f_err:.2e}")
-    assert np.load(d2 / "plain.npy").shape == (9, 64, 64, 3)
-    assert z_err <= 1e-5 and f_err <= 1e-5
-    assert "[p0] wrote plain.npy" in err2["plain"]
-
-
-@pytest.mark.slow
+@pytest.mark.slow  # four sample runs, two of them on 2 processes: about 2 minutes on 2 CPU cores
 def test_identity_sample_and_its_saved_embeddings_on_2_processes_equal_1_process(runs):
     (d1, _), (d2, err2) = runs[1], runs[2]
     with np.load(d1 / "ref.npz") as a, np.load(d2 / "ref.npz") as b:
@@ -92,11 +78,9 @@ def test_identity_sample_and_its_saved_embeddings_on_2_processes_equal_1_process
     f_err = float(np.max(np.abs(np.load(d2 / "ref.npy") - np.load(d1 / "ref.npy"))))
     print(f"identity, 2 processes vs 1: final latents max rel err {z_err:.2e}, frames max abs err {f_err:.2e}")
     assert z_err <= 1e-5 and f_err <= 1e-5
-    assert np.max(np.abs(np.load(d2 / "ref.npy") - np.load(d2 / "plain.npy"))) > 1e-3  # the identity reached it
     assert "[p0] saved the identity embeddings to ref.npz" in err2["ref"]
     assert "[p1] saved" not in err2["ref"]
-    _written_once_by_process_0(d2, ["plain.npy", "plain_z.npy", "ref.npy", "ref_z.npy", "ref.npz"],
-                               err2["plain"] + err2["ref"])
+    _written_once_by_process_0(d2, ["ref.npy", "ref_z.npy", "ref.npz"], err2["ref"])
 
 
 @pytest.mark.slow
