@@ -30,45 +30,9 @@ from mm_jax import checkpoint, parallel
 from mm_jax import identity as id_lib
 from mm_jax import schedulers as sch
 from mm_jax.gather import to_host
+from mm_jax.sample_settings import SampleSettings  # noqa: F401  (callers take it from here too)
 
 REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleSettings:
-    """What to generate. Sizes are in pixels/frames; defaults are CogVideoX-5B's."""
-    prompt: str
-    negative_prompt: str = ""
-    frames: int = 49
-    height: int = 480
-    width: int = 720
-    steps: int = 50
-    guidance: float = 6.0
-    scheduler: str = "ddim"
-    dynamic_cfg: bool = False
-    seed: int = 0
-    max_sequence_length: int = 226
-
-    def validate(self, spatial: int = 8, temporal: int = 4, patch: int = 2, decode_frame_batch: int | None = None) -> None:
-        """Refuse settings the models cannot honour exactly; ``frames`` must be a count the VAE
-        decodes back exactly (``mm_jax.frame_counts``: 1, 9, 17, ..., 49, ... for CogVideoX)."""
-        from mm_jax import frame_counts
-
-        frame_counts.check(self.frames, "frames", ratio=temporal, decode_batch=decode_frame_batch)
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if v <= 0 or v % (spatial * patch):
-                raise ValueError(f"{name}={v}: must be a positive multiple of {spatial * patch}")
-        if self.steps < 1:
-            raise ValueError(f"steps={self.steps}: must be >= 1")
-        if self.scheduler not in ("ddim", "dpm"):
-            raise ValueError(f"scheduler={self.scheduler!r}: choose 'ddim' or 'dpm'")
-        if not self.prompt:
-            raise ValueError("prompt is empty")
-
-    def latent_shape(self, channels: int, spatial: int = 8, temporal: int = 4) -> tuple[int, ...]:
-        """(1, F, H, W, C) of the initial noise."""
-        return (1, (self.frames - 1) // temporal + 1, self.height // spatial, self.width // spatial, channels)
 
 
 def check_checkpoint(ckpt_dir: str | Path, needed=REQUIRED_COMPONENTS) -> None:

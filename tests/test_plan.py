@@ -49,7 +49,7 @@ def tiny_models(layers: int = 2) -> planner.Models:
     return planner.Models(dit, vae, t5, clip, SCHEDULER, adapter, "tiny")
 
 
-SAMPLE = planner.SampleSettings(frames=9, height=64, width=64, steps=4, text_length=16)
+SAMPLE = planner.SampleSettings(frames=9, height=64, width=64, steps=4, max_sequence_length=16)
 MESHES = [("v5e-1", None), ("v5e-4", "fsdp=2,tensor=2")]
 
 
@@ -185,7 +185,7 @@ def test_text_encoder_on_two_slices_holds_the_one_slice_parameter_shards_per_dev
     parameters are split as in one slice and replicated across the slices, so each device's
     argument bytes are its fsdp x tensor shard plus the token ids, as on one slice."""
     p = planner.plan("v5e-4", "sample", mesh="fsdp=2,tensor=2", mesh_dcn="data=2", models=tiny_models(),
-                     only=("text_encoder",), sample=dataclasses.replace(SAMPLE, text_length=128, dtype="float32"))
+                     only=("text_encoder",), sample=dataclasses.replace(SAMPLE, max_sequence_length=128, dtype="float32"))
     c = p.phases[0].compiled
     assert c is not None, p.phases[0].error
     assert (p.mesh, p.mesh_dcn, p.slices) == ("data=2,fsdp=2,context=1,tensor=2", "data=2", 2)
@@ -204,7 +204,7 @@ def test_text_encoder_on_two_slices_holds_the_one_slice_parameter_shards_per_dev
 @pytest.mark.parametrize("target,mesh", MESHES)
 def test_text_encoder_argument_bytes_equal_the_sharded_t5_parameters_plus_the_token_ids(target, mesh):
     p = planner.plan(target, "sample", mesh=mesh, models=tiny_models(), only=("text_encoder",),
-                     sample=dataclasses.replace(SAMPLE, text_length=128, dtype="float32"))
+                     sample=dataclasses.replace(SAMPLE, max_sequence_length=128, dtype="float32"))
     c = p.phases[0].compiled
     assert c is not None, p.phases[0].error
     m = aot.make_mesh(targets.get(target), mesh)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mm_jax import presets
+from mm_jax import presets, sample_settings
 from mm_jax.models.layers import default_attention_impl
 
 _RECIPE = presets.load("magic_mirror_training")  # the paper's stages, as configs/image.py and video.py read them
@@ -104,17 +104,13 @@ class Models:
 
 
 @dataclasses.dataclass(frozen=True)
-class SampleSettings:
-    """One video as ``mm_jax.pipeline.sample_identity`` makes it on an accelerator (bf16, VAE tiled)."""
-    frames: int = 49
-    height: int = 480
-    width: int = 720
-    steps: int = 50
-    scheduler: str = "ddim"
-    guidance: float = 6.0          # > 1: CFG as one batch of 2
+class SampleSettings(sample_settings.SampleSettings):
+    """One video as ``mm_jax.pipeline.sample_identity`` makes it on an accelerator: the pipeline's
+    settings (sizes, steps, scheduler, guidance > 1 for CFG as one batch of 2; no prompt needed)
+    and how the sampler runs them."""
+    prompt: str = "(planned)"
     identity: bool = True          # the adapter's face tokens and CAN in the DiT (Magic Mirror)
     vae_tiling: bool = True
-    text_length: int = 226
     dtype: str = "bfloat16"
     quantize: str | None = None    # the DiT's and T5's linear layers: "int8" | "fp8" | "int8-weights" (models.quantize)
 
@@ -195,15 +191,12 @@ def _adapter_cfg(models: Models, dit_cfg, dtype: str, param_dtype: str, impl, ov
 
 def check_sample(models: Models, s: SampleSettings) -> None:
     """The sampler's own checks of the sizes (frames the VAE decodes exactly, multiples of 16, ...)."""
-    from mm_jax import frame_counts, pipeline
-
-    vae = models.vae
-    pipeline.SampleSettings(prompt="plan", frames=s.frames, height=s.height, width=s.width, steps=s.steps,
-                            scheduler=s.scheduler, guidance=s.guidance).validate(
-        vae.spatial_compression, vae.temporal_compression_ratio, models.transformer.patch_size)
-    frame_counts.check(s.frames, "frames", **frame_counts.from_vae_config(vae))
+    from mm_jax import frame_counts
     from mm_jax.models import quantize
 
+    vae = models.vae
+    s.check_sizes(vae.spatial_compression, vae.temporal_compression_ratio, models.transformer.patch_size)
+    frame_counts.check(s.frames, "frames", **frame_counts.from_vae_config(vae))
     quantize.check(s.quantize, "quantize")
 
 
@@ -227,8 +220,7 @@ def sample_phases(models: Models, s: SampleSettings, platform: str, kind: str | 
     dit_cfg = _replace(models.transformer, dtype=s.dtype, param_dtype=s.dtype, attention_impl=impl,
                        remat_policy="none")
     vae_cfg = _replace(models.vae, use_tiling=s.vae_tiling)
-    latent_shape = pipeline.SampleSettings(prompt="plan", frames=s.frames, height=s.height, width=s.width).latent_shape(
-        dit_cfg.in_channels, vae_cfg.spatial_compression, vae_cfg.temporal_compression_ratio)
+    latent_shape = s.latent_shape(dit_cfg.in_channels, vae_cfg.spatial_compression, vae_cfg.temporal_compression_ratio)
 
     # host-side constants of the loop, made here (outside the target's mesh) as the sampler makes them
     schedule = jax.tree.map(np.asarray, sch.make_schedule(
@@ -239,7 +231,7 @@ def sample_phases(models: Models, s: SampleSettings, platform: str, kind: str | 
     def ids(mesh):
         from mm_jax.plan.aot import replicated
 
-        return replicated(mesh, (n_text, s.text_length), jnp.int32)
+        return replicated(mesh, (n_text, s.max_sequence_length), jnp.int32)
 
     def text_encoder(mesh):
         return text.encode_ids, (abstract("text_encoder", t5_cfg, mesh), ids(mesh))
@@ -287,13 +279,12 @@ def sample_phases(models: Models, s: SampleSettings, platform: str, kind: str | 
 
 
 def check_train(models: Models, s: TrainSettings) -> None:
-    from mm_jax import pipeline
     from mm_jax.frame_counts import check_frames
     from mm_jax.models.block_runner import REMAT_POLICIES
 
     check_frames(s.stage, s.frames, models.vae.temporal_compression_ratio)
-    pipeline.SampleSettings(prompt="plan", frames=1, height=s.height, width=s.width).validate(
-        models.vae.spatial_compression, models.vae.temporal_compression_ratio, models.transformer.patch_size)
+    sample_settings.check_video(None, s.height, s.width, spatial=models.vae.spatial_compression,
+                                patch=models.transformer.patch_size)
     if s.batch < 1:
         raise ValueError(f"batch={s.batch}: must be >= 1")
     if s.precomputed not in PRECOMPUTED:
@@ -307,7 +298,7 @@ def train_phases(models: Models, s: TrainSettings, platform: str, kind: str | No
     ``put_batch`` shards it, the frozen encoders the step runs (those ``precomputed`` does not replace)."""
     import ml_collections
 
-    from mm_jax import checkpoint, pipeline
+    from mm_jax import checkpoint
     from mm_jax import schedulers as sch
     from mm_jax.training import step as step_lib
     from mm_jax.training.models import TrainModels
@@ -343,8 +334,8 @@ def train_phases(models: Models, s: TrainSettings, platform: str, kind: str | No
 
     def _batch(mesh, clip, dit):
         b, size = s.batch, clip_cfg.image_size
-        lat = pipeline.SampleSettings(prompt="plan", frames=s.frames, height=s.height, width=s.width).latent_shape(
-            dit_cfg.in_channels, vae_cfg.spatial_compression, vae_cfg.temporal_compression_ratio)
+        lat = sample_settings.latent_shape(s.frames, s.height, s.width, dit_cfg.in_channels,
+                                           vae_cfg.spatial_compression, vae_cfg.temporal_compression_ratio)
         f32 = jnp.float32
         shapes = {"face_mask": ((b, s.frames, s.height, s.width), f32), "class_index": ((b,), jnp.int32),
                   "e_id": ((b, ad_cfg.id_dim), f32), "has_id": ((b,), jnp.bool_)}

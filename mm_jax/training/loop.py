@@ -251,8 +251,9 @@ def _generate(cfg, models, params, aux, ident):
 def check(cfg) -> None:
     """The config checks that need neither data nor models (run before anything is written);
     a ValueError names the field, its value and what is allowed."""
-    from mm_jax import parallel, pipeline
+    from mm_jax import parallel
     from mm_jax.frame_counts import check_frames
+    from mm_jax.sample_settings import check_video
     from mm_jax.training.step import TRAINABLE
 
     check_frames(cfg.data.stage, int(cfg.data.frames))
@@ -281,10 +282,11 @@ def check(cfg) -> None:
     if cfg.sample.enabled:
         s = cfg.sample
         try:
-            pipeline.SampleSettings(prompt=s.prompt, frames=s.frames, height=s.height, width=s.width, steps=s.steps,
-                                    guidance=s.guidance, seed=s.seed).validate()
+            check_video(s.frames, s.height, s.width, s.steps)
         except ValueError as e:
             raise ValueError(f"sample.{e}") from None
+        if not s.prompt:
+            raise ValueError("sample.prompt is empty")
         if s.every < 0:
             raise ValueError(f"sample.every={s.every}: must be >= 0 (0: only after the last step)")
 
