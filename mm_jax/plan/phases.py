@@ -271,7 +271,7 @@ def sample_phases(models: Models, s: SampleSettings, platform: str, kind: str | 
     ident = "DiT + adapter" if s.identity else "DiT"
     dit_gb = quantize.weight_bytes(abstract("transformer", dit_cfg, None)) / 1e9
     qn = f", linear layers {q}" if q else ""
-    return [Phase("text_encoder", text_encoder, 1, f"T5 encoder, {n_text} x {s.text_length} tokens, {s.dtype}{qn}"),
+    return [Phase("text_encoder", text_encoder, 1, f"T5 encoder, {n_text} x {s.max_sequence_length} tokens, {s.dtype}{qn}"),
             Phase("denoise", denoise, s.steps, f"{ident}, CFG batch {n_text}, {s.scheduler}, {s.dtype}{qn}, "
                                                f"attention {impl or 'default'}; DiT weights {dit_gb:.2f} GB"),
             Phase("vae_decode", vae_decode, 1, f"VAE decode {latent_shape}, float32, "
