@@ -5,7 +5,11 @@ Models annotate parameters (``nnx.with_partitioning(init, ("embed", "mlp"))``, t
 *logical* names. ``LOGICAL_RULES`` below maps
 those names to the physical mesh axes, once, for the whole project. A logical dimension that does
 not divide evenly over its mesh axes is replicated instead, so every configuration (tiny test
-models included) runs on every mesh.
+models included) runs on every mesh; each such case is warned about once (``logical_to_spec``).
+
+Other modules ask about a mesh through the functions below, named for the question
+(``batch_shards``, ``context_size``, ``heads_shards``, ...), never by an axis name;
+``current_mesh`` is the one reader of the mesh in context.
 """
 from __future__ import annotations
 
@@ -74,7 +78,7 @@ def unsplit_batch_note(batch: int, mesh_shape: Mapping[str, int]) -> str | None:
     or None when it is. Such a batch is replicated (every device computes all of it): it runs, but
     its work does not shrink with the device count (stage 2's batch of 8 on v5p-32: fsdp=16 plans
     75.75 GiB and 16.4 s ideal per step per chip, fsdp=8,tensor=2 13.23 GiB and 1.49 s)."""
-    shards = _mesh_axes_size(mesh_shape, LOGICAL_RULES["batch"])
+    shards = batch_shards(mesh_shape)
     if shards <= 1 or batch % shards == 0:
         return None
     return (f"global batch {batch} does not split over the {shards} batch shards (data x fsdp): every device "
@@ -237,12 +241,90 @@ def _mesh_axes_size(mesh_shape: Mapping[str, int], axes: Any) -> int:
     return math.prod(mesh_shape.get(a, 1) for a in axes)
 
 
+# -- questions about a mesh (the only reads of axis names outside the rules) -----------------------
+
+def current_mesh():
+    """The mesh in context (``jax.set_mesh``, ``use_abstract_mesh``) as an ``AbstractMesh``, None
+    when none is set: the one place the project reads it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+def mesh_shape(mesh: Any = None) -> dict[str, int]:
+    """``mesh``'s (default: the current mesh's) axis sizes; {} without a mesh."""
+    mesh = current_mesh() if mesh is None else mesh
+    return {} if mesh is None else dict(mesh.shape)
+
+
+def _shape_of(mesh: Any) -> Mapping[str, int]:
+    return mesh if isinstance(mesh, Mapping) else mesh_shape(mesh)
+
+
+def device_count(mesh: Any = None) -> int:
+    """Devices of ``mesh`` (default: the current mesh; a mapping of axis sizes too); 1 without one."""
+    return math.prod(_shape_of(mesh).values())
+
+
+def batch_shards(mesh: Any = None) -> int:
+    """How many ways the batch is split (the mesh axes of ``LOGICAL_RULES["batch"]``: data x fsdp)."""
+    return _mesh_axes_size(_shape_of(mesh), LOGICAL_RULES["batch"])
+
+
+def data_replicas(mesh: Any = None) -> int:
+    """Devices that each hold whole parameter copies and run their own rows (the ``data`` axis):
+    how many independent CFG pairs the sampler runs side by side."""
+    return _shape_of(mesh).get("data", 1)
+
+
+def context_axis() -> str:
+    """The mesh axis a sequence splits over (``LOGICAL_RULES["seq"]``), for collectives inside ``shard_map``."""
+    return LOGICAL_RULES["seq"]
+
+
+def context_size(mesh: Any = None) -> int:
+    """Devices the sequence splits over (the ``seq`` rule's axis) on ``mesh`` (default: current); 1 without one."""
+    return _mesh_axes_size(_shape_of(mesh), LOGICAL_RULES["seq"])
+
+
+def heads_shards(heads: int, mesh: Any = None) -> int:
+    """How many ways ``heads`` attention heads are split on ``mesh`` (default: current): the
+    ``act_heads`` rule's axes, 1 when they do not divide ``heads`` (replicated, with a warning)."""
+    spec = logical_to_spec(("act_heads",), (heads,), _shape_of(mesh), what="attention heads")
+    return spec_shards(spec[0], mesh)
+
+
+def spec_shards(entry: Any, mesh: Any = None) -> int:
+    """How many pieces one ``PartitionSpec`` entry (None, an axis or a tuple of axes) cuts its dimension into."""
+    return _mesh_axes_size(_shape_of(mesh), entry)
+
+
+def every_device_spec(mesh: Any = None) -> P:
+    """A ``PartitionSpec`` that splits a leading dimension over every device of ``mesh`` (default: current)."""
+    return P(tuple(_shape_of(mesh)))
+
+
+_REPLICATED_WARNED: set = set()  # (logical name, size, mesh axes and sizes) already warned about
+
+
+def _warn_replicated(what: str | None, name: str, size: int, axes: tuple, mesh_shape: Mapping[str, int]) -> None:
+    sizes = ",".join(f"{a}={mesh_shape[a]}" for a in axes)
+    key = (name, size, sizes)
+    if key in _REPLICATED_WARNED:
+        return
+    _REPLICATED_WARNED.add(key)
+    warnings.warn(f"{what or 'an array'}: logical axis {name!r} of size {size} does not divide over mesh axes "
+                  f"{sizes} ({_mesh_axes_size(mesh_shape, axes)} shards): replicated on them instead (every device "
+                  f"holds and computes all of it); warned once per axis, size and mesh", stacklevel=3)
+
+
 def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int] | None = None,
-                    mesh_shape: Mapping[str, int] | None = None) -> P:
+                    mesh_shape: Mapping[str, int] | None = None, *, what: str | None = None) -> P:
     """Map logical axis names to a ``PartitionSpec`` through ``LOGICAL_RULES``.
 
-    With ``shape`` and ``mesh_shape`` given, a dimension that does not divide evenly over its mesh
-    axes, or whose mesh axes are already used by an earlier dimension, is replicated.
+    With ``shape`` and ``mesh_shape`` given, a dimension whose mesh axes are already used by an
+    earlier dimension is replicated on them, and one that does not divide evenly over its mesh
+    axes is replicated with a warning (once per logical axis, size and mesh axes; ``what`` names the
+    array in it), so every config runs on every mesh and says where it could not split.
     """
     if logical is None:
         return P()
@@ -257,6 +339,7 @@ def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int] |
             if mesh_shape is not None:
                 tup = tuple(a for a in tup if a in mesh_shape and a not in used)
                 if shape is not None and shape[i] % max(_mesh_axes_size(mesh_shape, tup), 1):
+                    _warn_replicated(what, name, int(shape[i]), tup, mesh_shape)
                     tup = ()
             used.update(tup)
             axes = None if not tup else (tup[0] if len(tup) == 1 else tup)
@@ -264,25 +347,20 @@ def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int] |
     return P(*out)
 
 
-def _current_mesh_shape() -> dict[str, int] | None:
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-        return None
-    return dict(mesh.shape)
-
-
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """``with_sharding_constraint`` by logical names; a no-op when no mesh is set."""
-    mesh_shape = _current_mesh_shape()
-    if mesh_shape is None or math.prod(mesh_shape.values()) == 1:
+    shape = mesh_shape()
+    if device_count(shape) == 1:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, x.shape, mesh_shape))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, x.shape, shape,
+                                                               what=f"activation {tuple(logical)}"))
 
 
-def variable_spec(var: Any, mesh: Mesh) -> P:
+def variable_spec(var: Any, mesh: Mesh, name: str | None = None) -> P:
     """The mesh ``PartitionSpec`` of one NNX variable (abstract or concrete): its logical names
     (``nnx.get_partition_spec``, i.e. the ``out_sharding`` metadata; the older ``logical_axes``
-    key is read too) mapped through ``LOGICAL_RULES``, dimensions that do not divide replicated."""
+    key is read too) mapped through ``LOGICAL_RULES``, dimensions that do not divide replicated
+    (with a warning naming the parameter ``name``)."""
     from flax import nnx
 
     meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
@@ -290,17 +368,21 @@ def variable_spec(var: Any, mesh: Mesh) -> P:
     shape = var.get_value().shape if hasattr(var, "get_value") else var.shape
     if logical is not None and len(logical) != len(shape):
         raise ValueError(f"logical axes {logical} do not match a parameter of shape {shape}")
-    return logical_to_spec(logical, shape, dict(mesh.shape))
+    return logical_to_spec(logical, shape, dict(mesh.shape), what=f"parameter {name or ''} {tuple(shape)}")
+
+
+def _path(p) -> str:
+    return "/".join(map(str, p))
 
 
 def state_shardings(state: Any, mesh: Mesh) -> Any:
     """``nnx.get_named_sharding`` with the project's rules: a pytree of ``NamedSharding`` matching an
     ``nnx.State`` (from ``nnx.state`` or ``nnx.eval_shape``). Unlike nnx's own, a dimension its mesh
-    axes do not divide is replicated instead of failing, so any config runs on any mesh."""
+    axes do not divide is replicated instead of failing (with a warning), so any config runs on any mesh."""
     from flax import nnx
 
     flat = nnx.to_flat_state(state)
-    return nnx.from_flat_state([(p, NamedSharding(mesh, variable_spec(v, mesh))) for p, v in flat])
+    return nnx.from_flat_state([(p, NamedSharding(mesh, variable_spec(v, mesh, _path(p)))) for p, v in flat])
 
 
 def shard_module(module: Any, mesh: Mesh) -> Any:
@@ -309,7 +391,8 @@ def shard_module(module: Any, mesh: Mesh) -> Any:
 
     state = nnx.state(module)
     flat = nnx.to_flat_state(state)
-    placed = [(p, jax.device_put(v.get_value(), NamedSharding(mesh, variable_spec(v, mesh)))) for p, v in flat]
+    placed = [(p, jax.device_put(v.get_value(), NamedSharding(mesh, variable_spec(v, mesh, _path(p)))))
+              for p, v in flat]
     for (p, var), (_, value) in zip(flat, placed):
         var.set_value(value)
     nnx.update(module, nnx.from_flat_state(flat))

@@ -368,14 +368,12 @@ def generate_batch(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, 
 
 def attention_scheme(ckpt_dir: str | Path, mesh, requested: str | None = None) -> str | None:
     """How the DiT's self-attention joins the sequence on ``mesh``: "ulysses", "ring", or None
-    when the ``context`` axis is 1 (the heads per tensor shard decide, ``attention_parallel.choose``)."""
+    without a context axis: ``attention_parallel.scheme``, the function the attention itself runs by
+    (the heads per tensor shard decide, all of them where the tensor axis does not divide them)."""
     from mm_jax.models import attention_parallel
 
-    context = mesh.shape.get("context", 1)
-    if context == 1:
-        return None
     heads = checkpoint.load_config(ckpt_dir, "transformer").num_attention_heads
-    return attention_parallel.choose(heads // mesh.shape.get("tensor", 1), context, requested)
+    return attention_parallel.scheme(heads, mesh, requested)
 
 
 def default_vae_tiling(mesh) -> bool:

@@ -223,10 +223,10 @@ def _check_lines(args, base, mesh):
 def _many(args, lines, failed, faces, base, mesh, dtype) -> int:
     """``--prompts``' work, after ``_check_lines``: every good line becomes a video, written (by
     process 0) as soon as its batch is decoded; an error here propagates, the videos written stay."""
-    from mm_jax import compile_cache, distributed, exit_codes, pipeline, video_io
+    from mm_jax import compile_cache, distributed, exit_codes, parallel, pipeline, video_io
 
     main_process = distributed.is_main()
-    per_batch = args.videos_per_batch or max(1, mesh.shape["data"] // (2 if base.guidance > 1 else 1))
+    per_batch = args.videos_per_batch or max(1, parallel.data_replicas(mesh) // (2 if base.guidance > 1 else 1))
     if main_process:
         print(f"{len(lines)} video(s), {len(failed)} line(s) skipped; mesh {dict(mesh.shape)}, {per_batch} per batch",
               file=sys.stderr)

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,34 @@ def test_a_batch_the_batch_axes_cannot_split_is_named_with_a_mesh_that_can():
     assert note.startswith("global batch 8 does not split over the 16 batch shards (data x fsdp)")
     assert note.endswith("(e.g. fsdp=8,tensor=2)")
     assert "(e.g. fsdp=2,tensor=4)" in parallel.unsplit_batch_note(2, {"data": 2, "fsdp": 4})
+
+
+def test_a_dimension_that_does_not_divide_is_replicated_with_one_warning_naming_it(monkeypatch):
+    """48 heads over tensor=5: the dimension is replicated and the warning names the array, the
+    logical axis, its size and the mesh axis, once per case (a second array of that case is silent)."""
+    monkeypatch.setattr(parallel, "_REPLICATED_WARNED", set())
+    mesh_shape = {"data": 1, "fsdp": 1, "context": 1, "tensor": 5}
+    with pytest.warns(UserWarning, match=r"parameter attn/to_q \(3072, 48\): logical axis 'heads' of size 48 does not "
+                                         r"divide over mesh axes tensor=5 \(5 shards\): replicated"):
+        assert parallel.logical_to_spec(("embed", "heads"), (3072, 48), mesh_shape,
+                                        what="parameter attn/to_q (3072, 48)") == P("fsdp", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert parallel.logical_to_spec(("embed", "heads"), (64, 48), mesh_shape) == P("fsdp", None)
+        assert parallel.logical_to_spec(("embed", "heads"), (64, 40), mesh_shape) == P("fsdp", "tensor")
+
+
+def test_the_attention_scheme_counts_the_heads_the_rules_actually_split():
+    """attention_parallel.scheme (what runs, and what pipeline.attention_scheme reports): 5 heads do
+    not split over tensor=2, so each device holds all 5 and Ulysses (5 % 2) cannot run: ring; the
+    old count (5 // 2 = 2 heads per shard) named Ulysses."""
+    from mm_jax.models import attention_parallel as ap
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert ap.scheme(5, {"data": 2, "context": 2, "tensor": 2}) == "ring"
+    assert ap.scheme(48, {"context": 2, "tensor": 2}) == "ulysses"
+    assert ap.scheme(6, {"context": 4, "tensor": 2}) == "ring"
+    assert ap.scheme(48, {"fsdp": 8}) is None
+    assert (parallel.batch_shards({"data": 2, "fsdp": 4}), parallel.context_size({"context": 4}),
+            parallel.heads_shards(48, {"tensor": 4}), parallel.data_replicas({"data": 2, "fsdp": 4})) == (8, 4, 4, 2)

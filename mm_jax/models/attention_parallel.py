@@ -1,5 +1,5 @@
 """Attention over a device mesh: batch and heads split as the logical rules say, and the sequence
-split over the ``context`` mesh axis (context parallelism).
+split over the ``context`` mesh axis (context parallelism). Mesh axes are named only in ``mm_jax.parallel``.
 
 Under a mesh, ``layers.attention`` calls ``sharded_attention``, which runs the backend's kernel
 per shard inside ``shard_map`` (a Pallas kernel is not partitioned automatically; cuDNN and XLA
@@ -23,29 +23,18 @@ tail and masked identity tokens (a suffix) stay hidden under every scheme.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-CONTEXT = "context"
+from mm_jax import parallel
+
 PARALLELISMS = ("ulysses", "ring")
 _NEG = -1e30  # a finite "minus infinity": a fully masked block must not make exp(-inf - -inf) = NaN
 RING_SCORE_BYTES = 256 * 2 ** 20  # float32 scores of one ring query chunk (``ring_query_chunk``)
 RING_QUERY_CHUNK: int | None = None  # a fixed chunk instead (tests: chunks that do not divide the block)
-
-
-def mesh_shape() -> dict[str, int]:
-    """The current (abstract) mesh's axis sizes; {} when none is set."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return {} if mesh is None or mesh.empty else dict(mesh.shape)
-
-
-def context_size() -> int:
-    """Devices on the ``context`` axis of the current mesh (1 without one)."""
-    return mesh_shape().get(CONTEXT, 1)
 
 
 def choose(local_heads: int, context: int, requested: str | None = None) -> str:
@@ -60,9 +49,21 @@ def choose(local_heads: int, context: int, requested: str | None = None) -> str:
     return "ulysses" if local_heads % context == 0 else "ring"
 
 
-def ulysses(kernel: Callable, q, k, v, kv_lengths, *, axis: str = CONTEXT):
+def scheme(heads: int, mesh=None, requested: str | None = None) -> str | None:
+    """The scheme self-attention of ``heads`` heads runs with on ``mesh`` (default: the current
+    one): None without a context axis, else ``choose`` over the heads each tensor shard holds, as
+    ``parallel.heads_shards`` splits them (all of them where the heads do not divide). What
+    ``sharded_attention`` runs and ``pipeline.attention_scheme`` reports, from one function."""
+    context = parallel.context_size(mesh)
+    if context == 1:
+        return None
+    return choose(heads // parallel.heads_shards(heads, mesh), context, requested)
+
+
+def ulysses(kernel: Callable, q, k, v, kv_lengths, *, axis: str | None = None):
     """Inside ``shard_map``: q/k/v (b, S/c, n, Dh) sequence shards -> (b, S/c, n, Dh), the kernel
     ``kernel(q, k, v, kv_lengths)`` run over the full sequence on n/c heads."""
+    axis = axis or parallel.context_axis()
     # q, k and v travel as one array: one all-to-all per call instead of three independent ones
     # (fewer collective launches; XLA:CPU's in-process collectives could also deadlock when the
     # three ran concurrently on a busy 2-core host)
@@ -81,12 +82,13 @@ def ring_query_chunk(b: int, s: int, n: int, budget: int | None = None) -> int:
     return -(-s // chunks)  # the same number of chunks, balanced: the last one pads the fewest rows
 
 
-def ring(q, k, v, kv_lengths, scale: float, *, axis: str = CONTEXT, size: int, q_chunk: int | None = None):
+def ring(q, k, v, kv_lengths, scale: float, *, axis: str | None = None, size: int, q_chunk: int | None = None):
     """Inside ``shard_map``: exact attention of the local query block over every key/value block,
     which travel once around the ring. q/k/v (b, s, n, Dh) with s = S/c -> (b, s, n, Dh). The query
     block is processed ``q_chunk`` rows at a time within each step (``ring_query_chunk``), so the
     float32 scores never exceed one chunk's; the online softmax makes the result independent of it."""
     b, s, n, dh = q.shape
+    axis = axis or parallel.context_axis()
     me = jax.lax.axis_index(axis)
     q_chunk = q_chunk or RING_QUERY_CHUNK
     qc = ring_query_chunk(b, s, n) if q_chunk is None else max(1, min(s, q_chunk))
@@ -127,33 +129,30 @@ def ring(q, k, v, kv_lengths, scale: float, *, axis: str = CONTEXT, size: int, q
 
 def specs(shape: tuple[int, ...]) -> tuple[P, P]:
     """(q/k/v spec, kv_lengths spec) on the current mesh for a (B, S, N, Dh) array, by the rules."""
-    from mm_jax import parallel
-
-    qs = parallel.logical_to_spec(("batch", "seq", "act_heads", None), shape, mesh_shape())
+    qs = parallel.logical_to_spec(("batch", "seq", "act_heads", None), shape, parallel.mesh_shape(),
+                                  what=f"attention q/k/v {tuple(shape)}")
     return qs, P(qs[0])
 
 
 def sharded_attention(kernel: Callable, q, k, v, kv_lengths, scale: float | None, *,
                       parallelism: str | None = None):
     """``kernel(q, k, v, kv_lengths)`` (one device's attention) over the current mesh: q (B, S, N,
-    Dh), k/v (B, T, N, Dh) -> (B, S, N, Dh), with the sequence joined over ``context`` when it is
-    split (self-attention only; cross-attention keeps its sequence whole)."""
-    shape = mesh_shape()
+    Dh), k/v (B, T, N, Dh) -> (B, S, N, Dh), with the sequence joined over the context axis when it
+    is split (self-attention only; cross-attention keeps its sequence whole). A self-attention
+    sequence that does not divide the context axis (CLIP's 257 tokens) runs whole on every device
+    of it, with ``logical_to_spec``'s warning; the DiT pads its sequence so that it always splits."""
     qs, ls = specs(q.shape)
     if q.shape[1] != k.shape[1]:  # cross-attention (the perceivers): short, the sequence stays whole
         qs = P(qs[0], None, *qs[2:])
-    c = shape.get(CONTEXT, 1) if qs[1] is not None else 1
-    if c > 1 and q.shape[1] % c:
-        raise ValueError(f"sequence of {q.shape[1]} tokens does not split over context={c}: pad it to a multiple")
+    c = parallel.spec_shards(qs[1])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     lengths = jnp.full(q.shape[:1], k.shape[1], jnp.int32) if kv_lengths is None else kv_lengths.astype(jnp.int32)
-    tensor = math.prod(shape[a] for a in ((qs[2],) if isinstance(qs[2], str) else (qs[2] or ())))
-    scheme = choose(q.shape[2] // tensor, c, parallelism) if c > 1 else None
+    how = scheme(q.shape[2], None, parallelism) if c > 1 else None
 
     def local(q, k, v, lengths):
-        if scheme == "ulysses":
+        if how == "ulysses":
             return ulysses(kernel, q, k, v, lengths)
-        if scheme == "ring":
+        if how == "ring":
             return ring(q, k, v, lengths, scale, size=c)
         return kernel(q, k, v, lengths)
 

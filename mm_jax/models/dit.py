@@ -32,8 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from mm_jax import presets
-from mm_jax.models import attention_parallel
+from mm_jax import parallel, presets
 from mm_jax.models import layers as L
 from mm_jax.models.block_runner import REMAT_POLICIES, run_blocks
 from mm_jax.models.config_base import ConfigBase
@@ -373,7 +372,7 @@ class CogVideoXTransformer3D(nnx.Module):
             extra = extra_tokens.astype(x.dtype)
             cond = conditioning(temb)
         L_, N, E = c.shape[1], x.shape[1], 0 if extra is None else extra.shape[1]
-        context = attention_parallel.context_size()
+        context = parallel.context_size()
         pad = (-(L_ + N + E)) % context  # the joint sequence splits evenly over the context axis
         if extra is not None and extra_valid is not None:
             kv_lengths = (L_ + N + jnp.where(extra_valid, E, 0)).astype(jnp.int32)

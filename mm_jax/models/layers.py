@@ -24,13 +24,17 @@ Stacks (``stack``): N identical layers are one module whose parameters carry a l
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+import warnings
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mm_jax import parallel
 from mm_jax.models.platform import NO_PALLAS_TPUS, target_device_kind, target_platform  # noqa: F401  (also used as layers.target_platform)
 
 DType = jnp.dtype
@@ -243,6 +247,24 @@ ATTENTION_IMPLS: dict[str, Callable] = {  # (q, k, v, key_mask, kv_lengths, scal
 }
 
 
+# An observer of the kernel calls (the planner's ``aot.counting_kernels``): while set, ``attention``
+# runs ``wrap(name, kernel)`` in place of ``ATTENTION_IMPLS[name]``. Context-local: set only through
+# ``wrapping_attention_kernels``, so the registry itself is never changed.
+_KERNEL_WRAPPER: contextvars.ContextVar[Callable[[str, Callable], Callable] | None] = contextvars.ContextVar(
+    "mm_jax_attention_kernel_wrapper", default=None)
+
+
+@contextlib.contextmanager
+def wrapping_attention_kernels(wrap: Callable[[str, Callable], Callable]):
+    """While active (in this thread or task), ``attention`` calls ``wrap(name, kernel)(q, k, v,
+    key_mask, kv_lengths, scale)`` instead of the kernel ``ATTENTION_IMPLS[name]``."""
+    token = _KERNEL_WRAPPER.set(wrap)
+    try:
+        yield
+    finally:
+        _KERNEL_WRAPPER.reset(token)
+
+
 def default_attention_impl(platform: str | None = None, kind: str | None = None) -> str:
     """"cudnn" on NVIDIA GPUs, "splash" on TPU when registered (v4 and later: v2/v3's Mosaic refuses
     it), "chunked" on CPU and TPU v2/v3 (exact, one query block at a time: the full score matrix of
@@ -261,6 +283,19 @@ def default_attention_impl(platform: str | None = None, kind: str | None = None)
     return "xla"
 
 
+_CUDNN_WARNED: set = set()  # q dtypes already warned about
+
+
+def _warn_cudnn_fallback(dtype) -> None:
+    """cuDNN's fused attention takes bf16/fp16 only: say once per dtype that another kernel runs."""
+    if str(dtype) in _CUDNN_WARNED:
+        return
+    _CUDNN_WARNED.add(str(dtype))
+    warnings.warn(f"attention: cuDNN takes bfloat16/float16 only, so {dtype} queries run XLA's dense attention "
+                  f"instead (the full score matrix in memory; a bfloat16 model runs cuDNN)",
+                  stacklevel=3)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array | None = None,
               kv_lengths: jax.Array | None = None, scale: float | None = None, bias: jax.Array | None = None,
               implementation: str | None = None, parallelism: str | None = None) -> jax.Array:
@@ -271,7 +306,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array |
     (not on cuDNN). ``scale`` defaults to 1/sqrt(Dh). ``bias``: an additive (B or 1, N, S, T) logit
     bias (T5's relative positions; short sequences, so it always takes the "xla" path).
     ``implementation``: a key of ``ATTENTION_IMPLS`` or None for the backend default. cuDNN needs
-    bf16/fp16 inputs; fp32 falls back to "xla".
+    bf16/fp16 inputs; fp32 falls back to "xla" with a warning.
 
     Under a multi-device mesh (and without a general ``key_mask``) the kernel runs per shard in
     ``shard_map`` (``attention_parallel``): batch and heads split by the logical rules, and a
@@ -285,13 +320,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array |
                                             implementation="xla")
     impl = implementation or default_attention_impl()
     if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+        _warn_cudnn_fallback(q.dtype)
         impl = "xla"
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {impl!r} is not available; choose from {sorted(ATTENTION_IMPLS)}")
     kernel = ATTENTION_IMPLS[impl]
+    wrap = _KERNEL_WRAPPER.get()
+    if wrap is not None:
+        kernel = wrap(impl, kernel)
     from mm_jax.models import attention_parallel as ap
 
-    if key_mask is None and math.prod(ap.mesh_shape().values() or [1]) > 1:
+    if key_mask is None and parallel.device_count() > 1:
         return ap.sharded_attention(lambda q, k, v, n: kernel(q, k, v, None, n, scale), q, k, v, kv_lengths, scale,
                                     parallelism=parallelism)
     return kernel(q, k, v, key_mask, kv_lengths, scale)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import jax
 
+from mm_jax import parallel
+
 
 def target_platform(mesh=None) -> str:
     """The platform the code is being compiled for: the current mesh's devices' (a TPU topology
     compiled from a CPU host says "tpu" here while ``jax.default_backend()`` says "cpu"), else the
     default backend."""
-    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    mesh = parallel.current_mesh() if mesh is None else mesh
     device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
     return getattr(device, "platform", None) or jax.default_backend()
 
@@ -16,7 +18,7 @@ def target_platform(mesh=None) -> str:
 def target_device_kind(mesh=None) -> str:
     """The device kind compiled for ("TPU v5 lite", "NVIDIA H100 80GB HBM3", ...): the current mesh's
     devices', else the default backend's first device's."""
-    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    mesh = parallel.current_mesh() if mesh is None else mesh
     device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
     return getattr(device, "device_kind", None) or jax.devices()[0].device_kind
 

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from mm_jax import parallel
 from mm_jax.models.config_base import ConfigBase
 from mm_jax.models.layers import canonical_dtype
 from mm_jax.models.vae_layers import Cache, CausalConv3d, DownBlock3D, MidBlock3D, SpatialNorm3D, UpBlock3D, group_norm
@@ -186,8 +187,7 @@ def run_in_frame_batches(net: nnx.Module, x: jax.Array, batch: int) -> jax.Array
 
 def mesh_devices() -> int:
     """The number of devices of the mesh in context (``jax.set_mesh``); 1 without one."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh is None or mesh.empty else mesh.size
+    return parallel.device_count()
 
 
 def map_tiles(net: nnx.Module, fn, crops: jax.Array, spread: bool = False) -> jax.Array:
@@ -203,7 +203,7 @@ def map_tiles(net: nnx.Module, fn, crops: jax.Array, spread: bool = False) -> ja
     pad = -n % devices
     crops = jnp.concatenate([crops, jnp.repeat(crops[-1:], pad, axis=0)]) if pad else crops
     graphdef, state = nnx.split(net)
-    tiles = P(tuple(jax.sharding.get_abstract_mesh().axis_names))
+    tiles = parallel.every_device_spec()
 
     def local(state, crops):
         return jax.lax.map(lambda c: fn(nnx.merge(graphdef, state), c), crops)

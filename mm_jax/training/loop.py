@@ -389,7 +389,7 @@ def train(cfg, workdir: str | os.PathLike, *, progress: bool = True, return_stat
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(cfg.to_json(indent=2))
     global_batch = int(cfg.train.global_batch_size)
-    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    n_batch_shards = parallel.batch_shards(mesh)
     unsplit = parallel.unsplit_batch_note(global_batch, dict(mesh.shape))
     if unsplit and main_process:
         warnings.warn(unsplit, stacklevel=2)
