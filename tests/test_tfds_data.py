@@ -16,7 +16,7 @@ import pytest
 
 from mm_jax import config
 from mm_jax.data.build import build_dataset
-from mm_jax.data.loader import find_tfds_dir, make_loader
+from mm_jax.data.loader import _decode_jpeg, find_tfds_dir, make_loader
 from mm_jax.data.prepare import main as prepare_main, pipeline_args, prepare
 from mm_jax.data.records import decode_record
 from mm_jax.demo.synthetic import make_demo_source
@@ -55,14 +55,20 @@ def _shard_records(folder: Path) -> list[dict]:
     return out
 
 
-def _tfds_records(data_dir: Path, split: str) -> list[bytes]:
+def _tfds_records(data_dir: Path, split: str) -> list[dict]:
+    """The split's examples as record fields (typed features decoded, ``features.from_features``)."""
     import tensorflow_datasets as tfds
 
+    from mm_jax.data.tfds.features import from_features
+
     ds = tfds.builder_from_directory(str(find_tfds_dir(data_dir))).as_data_source(split=split)
-    return [ds[i]["record"] for i in range(len(ds))]
+    return [from_features(ds[i]) for i in range(len(ds))]
 
 
 def _equal(a, b) -> bool:
+    """A TFDS field ``a`` equals the record's ``b``; TFDS decodes the JPEGs, the record holds their bytes."""
+    if isinstance(b, bytes) and isinstance(a, np.ndarray):
+        return np.array_equal(a, _decode_jpeg(b))
     if isinstance(a, np.ndarray):
         return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
     if isinstance(a, list):
@@ -72,7 +78,7 @@ def _equal(a, b) -> bool:
 
 def test_beam_records_equal_todays_builder_field_for_field(built):
     root, _, shards, s, _ = built
-    ours = {r["source"]: r for r in (decode_record(x) for k in ("image", "video") for x in _tfds_records(root / "tfds", k))}
+    ours = {r["source"]: r for k in ("image", "video") for r in _tfds_records(root / "tfds", k)}
     ref = {r["source"]: r for r in _shard_records(root / "shards")}
     assert len(ref) == shards["records"] == 6 and set(ours) == set(ref)
     for source, r in ref.items():
@@ -81,6 +87,23 @@ def test_beam_records_equal_todays_builder_field_for_field(built):
             assert _equal(ours[source][field], value), (source, field)
     assert s["records"] == {"image": 2, "video": 4}
     assert {k: v["files"] for k, v in s["skipped"].items()} == {k: v["files"] for k, v in shards["skipped"].items()}
+
+
+def test_the_dataset_has_typed_features_that_tfds_decodes_without_tensorflow(built):
+    import importlib.util
+
+    import tensorflow_datasets as tfds
+
+    root = built[0]
+    b = tfds.builder_from_directory(str(find_tfds_dir(root / "tfds")))
+    f = b.info.features
+    assert isinstance(f["frames"], tfds.features.Sequence) and isinstance(f["frames"].feature, tfds.features.Image)
+    assert isinstance(f["ref_crop"], tfds.features.Image) and isinstance(f["caption"], tfds.features.Text)
+    assert f["boxes"].shape == (None, 4) and f["ref_embedding"].shape == (512,)
+    x = b.as_data_source(split="video")[0]
+    assert importlib.util.find_spec("tensorflow") is None
+    assert len(x["frames"]) == len(x["boxes"]) == 9 and x["frames"][0].shape == (64, 64, 3)
+    assert x["ref_crop"].shape == (224, 224, 3) and x["ref_crop"].dtype == np.uint8 and b"a " in x["caption"]
 
 
 def test_a_corrupt_file_is_skipped_and_counted_with_its_reason_and_nothing_else_is_lost(built):
@@ -112,15 +135,18 @@ def _cfg(path, stage="video", **over):
 
 @pytest.fixture(scope="module")
 def same_order_shards(built, tmp_path_factory):
-    """The TFDS records rewritten as a shard folder in the TFDS order: the same records, the other path."""
+    """The shard builder's records in the TFDS order: the same records, the other path."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
+    from mm_jax.data.records import encode_record
+
     root = built[0]
+    by_source = {r["source"]: r for r in _shard_records(root / "shards")}
     folder = tmp_path_factory.mktemp("same_order")
     for kind in ("image", "video"):
         w = ArrayRecordWriter(str(folder / f"{kind}-00000.array_record"), "group_size:1")
         for r in _tfds_records(root / "tfds", kind):
-            w.write(r)
+            w.write(encode_record(by_source[r["source"]]))
         w.close()
     return folder
 
@@ -216,8 +242,8 @@ def test_killing_a_build_and_rerunning_gives_a_complete_duplicate_free_dataset(b
                            timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert not list(out.glob("mm_faces_manifest/incomplete.*"))
-    sources = [decode_record(x)["source"] for k in ("image", "video") for x in _tfds_records(out, k)]
-    expected = [decode_record(x)["source"] for k in ("image", "video") for x in _tfds_records(root / "tfds", k)]
+    sources = [r["source"] for k in ("image", "video") for r in _tfds_records(out, k)]
+    expected = [r["source"] for k in ("image", "video") for r in _tfds_records(root / "tfds", k)]
     assert len(sources) == len(set(sources)) and sorted(sources) == sorted(expected)
 
 

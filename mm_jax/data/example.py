@@ -81,8 +81,13 @@ class Outcome:
     status: str                # "ok" | "skip"
     caption: CaptionCheck      # the caption check (counted by the builders)
     kind: str | None = None    # "image" | "video" when ok
-    record: bytes | None = None
+    example: dict | None = None  # the record's fields (``mm_jax.data.records``) when ok
     reason: str | None = None  # when skipped
+
+    @property
+    def record(self) -> bytes | None:
+        """The example as an MMR1 record (``records.encode_record``), as the shard builder writes it."""
+        return None if self.example is None else encode_record(self.example)
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -230,4 +235,4 @@ class ExampleMaker:
                   "boxes": boxes, "kps": kps, "face_found": found, "ref_crop": _jpeg(ref_crop, q),
                   "ref_embedding": ref_emb.astype(np.float32), "target_embedding": target, "ref_frame": ref_frame,
                   "similarity": similarity}
-        return Outcome("ok", check, kind=kind, record=encode_record(record))
+        return Outcome("ok", check, kind=kind, example=record)

@@ -78,8 +78,10 @@ def import_tfds():
 
 
 class TfdsRecords:
-    """Record bytes by global index over the stage's TFDS splits (``tfds.data_source``, split after
-    split); pickles as (folder, splits), so Grain worker processes reopen it."""
+    """Records by global index over the stage's TFDS splits (``tfds.data_source``, split after
+    split): the typed features as a record dict (``mm_jax.data.tfds.features.from_features``), or
+    the MMR1 bytes of a dataset of the earlier single ``record`` feature (version 1.0.0). Pickles
+    as (folder, splits), so Grain worker processes reopen it."""
 
     def __init__(self, folder: str | Path, splits: tuple[str, ...]):
         tfds = import_tfds()
@@ -94,8 +96,11 @@ class TfdsRecords:
         return sum(self.sizes)
 
     def __getitem__(self, index: int) -> bytes:
+        from mm_jax.data.tfds.features import from_features
+
         k = int(np.searchsorted(self.starts, index, side="right")) - 1
-        return self._sources[k][index - self.starts[k]]["record"]
+        example = self._sources[k][index - self.starts[k]]
+        return example["record"] if "record" in example else from_features(example)
 
     def __getstate__(self):
         return {"folder": self.folder, "splits": self.splits}
@@ -156,9 +161,12 @@ def precomputed_frames(frames: int, frame_stride: int) -> list[int]:
     return list(range(0, (frames - 1) * frame_stride + 1, frame_stride))
 
 
-def _decode_jpeg(b: bytes) -> np.ndarray:
+def _decode_jpeg(b) -> np.ndarray:
+    """JPEG bytes -> RGB uint8; an array (a frame TFDS decoded already) passes as it is."""
     import cv2
 
+    if isinstance(b, np.ndarray):
+        return b
     img = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError("undecodable JPEG")
@@ -220,8 +228,8 @@ class ExampleTransform:
                              f"the loader masks frames {picks}; {rebuild}")
 
     def __call__(self, item, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        index, data = item
-        r = decode_record(data, self.where(index))
+        index, data = item  # MMR1 bytes (shards) or the record's fields (typed TFDS features)
+        r = data if isinstance(data, dict) else decode_record(data, self.where(index))
         n = len(r["frames"])
         span = (self.frames - 1) * self.frame_stride + 1
         found = np.asarray(r["face_found"], bool)

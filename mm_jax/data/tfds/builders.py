@@ -1,11 +1,10 @@
 """TFDS builders: one per source layout (``mm_jax.data.layouts``), all writing the same examples.
 
 Splits: ``image`` (still images) and ``video`` (clips), whichever the source has; the image stage
-trains on both (one face frame of a clip), the video stage on ``video``. Example features:
-
-    record   bytes  the training record, ``mm_jax.data.records`` format MMR1 (what the loaders decode)
-    source   text   the source file (+ container entry / span)
-    caption  text   the caption trained on (after any rewrite)
+trains on both (one face frame of a clip), the video stage on ``video``. Example features: typed,
+one per record field (``mm_jax.data.tfds.features``: the frames and the reference face as JPEG
+images, boxes, landmarks and embeddings as tensors, source and caption as text), so the usual TFDS
+tools can inspect a dataset.
 
 The build settings, the counters (records, skips by reason, caption checks) and the record format
 go into the dataset's ``metadata.json``. Build with ``python -m mm_jax.data.prepare``; the builders
@@ -13,22 +12,23 @@ read local files only, nothing is downloaded.
 """
 from __future__ import annotations
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from mm_jax.data import layouts
 from mm_jax.data.example import ExampleOptions
 from mm_jax.data.records import MAGIC
 from mm_jax.data.sources import BuildError
+from mm_jax.data.tfds.features import features
 
-RECORD_FORMAT = MAGIC.decode()
+RECORD_FORMAT = f"{MAGIC.decode()} fields as typed TFDS features (mm_jax.data.tfds.features)"
 
 
 class RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the builders: ``LAYOUT`` lists the items; Beam makes the records."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Records in mm_jax.data.records format MMR1 (JSON header + raw blobs)."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": "Records in mm_jax.data.records format MMR1 (JSON header + raw blobs).",
+                     "2.0.0": "Typed features, one per record field (mm_jax.data.tfds.features)."}
     LAYOUT: type[layouts.Layout] = layouts.Layout
 
     def __init__(self, *, src: str | None = None, options: ExampleOptions | None = None,
@@ -40,8 +40,7 @@ class RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self, description=f"Magic Mirror training records from a {self.LAYOUT.name} source.",
-            features=tfds.features.FeaturesDict({"record": tfds.features.Tensor(shape=(), dtype=np.object_),
-                                                 "source": tfds.features.Text(), "caption": tfds.features.Text()}),
+            features=features(),
             metadata=tfds.core.MetadataDict())
 
     def _split_generators(self, dl_manager, pipeline):

@@ -26,6 +26,7 @@ from apache_beam.utils.shared import Shared
 
 from mm_jax.data.example import ExampleMaker, ExampleOptions
 from mm_jax.data.sources import item_key, source_name
+from mm_jax.data.tfds.features import to_features
 
 NAMESPACE = "mm_jax"
 SKIPPED = "skipped"
@@ -132,7 +133,7 @@ class MakeRecords(beam.DoFn):
             self._progress.write(b".")
         if o.status == "ok":
             _count(f"records/{o.kind}")
-            yield o.kind, (key, {"record": o.record, "source": source_name(item), "caption": o.caption.caption})
+            yield o.kind, (key, to_features(o.example))
         else:
             _count("skipped/" + (o.reason if not o.reason.startswith("error") else "error"))
             yield beam.pvalue.TaggedOutput(SKIPPED, {"path": source_name(item), "reason": o.reason})
