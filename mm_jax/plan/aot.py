@@ -1,13 +1,20 @@
 """Ahead-of-time compilation for a target without its hardware, and what the compiled program says.
 
     mesh = aot.make_mesh(target, "fsdp=2,tensor=2")
-    with aot.counting_kernels() as kernels:
-        result = aot.compile(jitted_fn, args, mesh, kernels)
+    with aot.counting_kernels():
+        result = aot.compile(jitted_fn, args, mesh, cache_dir=None)   # a Compiled
 
 ``compile`` traces, lowers and compiles ``jitted_fn`` on ``args`` (``jax.ShapeDtypeStruct``s with
 their shardings, modules with such leaves) for the mesh's compile-only devices and returns the
 per-device memory plan, XLA's operation count, the attention-kernel FLOPs XLA cannot see, the
 collectives of the compiled HLO, and the seconds it took.
+
+``cache_dir``: the planner's compile cache (``mm_jax.plan.cache``): what a compile says (the memory
+plan and the optimized HLO text) stored under a key of the lowered program, the compiler options,
+the devices and the compiler's version; a later identical compile reads it back
+(``Compiled.cache_hit``) instead of compiling. JAX's own persistent cache cannot do this here:
+jax 0.10.2 writes executables compiled for compile-only devices but cannot read them back
+("PjRtCompiler must be constructed with a Client to call DeserializeLoadedExecutable").
 
 What each number is (all but the bytes read from the optimized, SPMD-partitioned HLO with
 ``mm_jax.plan.hlo``, where every instruction counts as often as its computation runs per step: a
@@ -51,7 +58,6 @@ import contextlib
 import dataclasses
 import math
 import time
-from typing import Any
 
 import jax
 import numpy as np
@@ -143,19 +149,22 @@ class KernelCall:
 
 @contextlib.contextmanager
 def counting_kernels():
-    """While active, the custom-call attention kernels of ``mm_jax.models.layers.ATTENTION_IMPLS``
-    run inside a ``jax.jit`` named after the call's shapes (``KernelCall.name``): the same kernel
-    and the same compiled program (XLA inlines the call), but the name stays in the ``op_name``
-    metadata of the kernel's custom calls in the optimized HLO (the call, its recomputation under
-    remat, its transpose under autodiff), which ``kernel_counts`` reads. Counting the compiled
-    program, not the traced jaxpr, matters: under ``scan`` and autodiff the jaxpr keeps copies of
-    the forward call that XLA removes as dead code. Yields nothing; restores the registry on exit."""
+    """While active, the custom-call attention kernels (``KERNEL_IMPLS``) that
+    ``mm_jax.models.layers.attention`` calls run inside a ``jax.jit`` named after the call's shapes
+    (``KernelCall.name``), through ``layers.wrapping_attention_kernels`` (context-local; the
+    registry ``layers.ATTENTION_IMPLS`` is not changed): the same kernel and the same compiled
+    program (XLA inlines the call), but the name stays in the ``op_name`` metadata of the kernel's
+    custom calls in the optimized HLO (the call, its recomputation under remat, its transpose
+    under autodiff), which ``kernel_counts`` reads. Counting the compiled program, not the traced
+    jaxpr, matters: under ``scan`` and autodiff the jaxpr keeps copies of the forward call that
+    XLA removes as dead code. Yields nothing."""
     from mm_jax import parallel
     from mm_jax.models import layers
 
-    saved = {k: layers.ATTENTION_IMPLS[k] for k in KERNEL_IMPLS if k in layers.ATTENTION_IMPLS}
-
     def wrap(impl, real):
+        if impl not in KERNEL_IMPLS:
+            return real
+
         def call(q, k, v, key_mask, kv_lengths, scale):
             mesh = jax.sharding.get_abstract_mesh()
             shards = 1
@@ -174,12 +183,8 @@ def counting_kernels():
             return jax.jit(fn)(q, k, v, key_mask, kv_lengths)
         return call
 
-    try:
-        for k, real in saved.items():
-            layers.ATTENTION_IMPLS[k] = wrap(k, real)
+    with layers.wrapping_attention_kernels(wrap):
         yield
-    finally:
-        layers.ATTENTION_IMPLS.update(saved)
 
 
 def kernel_counts(module: hlo.Module) -> tuple[dict[tuple[KernelCall, str], int], list[str]]:
@@ -226,6 +231,7 @@ class Compiled:
     uncounted: list = dataclasses.field(default_factory=list)
     quantized_flops: float = 0.0
     quantized: str | None = None     # "int8" | "fp8": the type of those matmuls
+    cache_hit: bool | None = None    # read from the planner's compile cache (None: no cache)
 
     @property
     def peak_bytes(self) -> int:
@@ -245,37 +251,42 @@ def compiler_options(mesh) -> dict:
     return {"xla_gpu_enable_triton_gemm": False} if platform in ("gpu", "cuda") else {}
 
 
-def compile(fn, args: tuple, mesh) -> Compiled:
+def compile(fn, args: tuple, mesh, cache_dir: str | None = None) -> Compiled:
     """Trace, lower and compile the jitted ``fn`` on abstract ``args`` under ``mesh`` (the mesh is
     also set while tracing, so the model's sharding constraints and kernels see the target).
-    Call inside ``counting_kernels()`` to get ``kernel_flops``."""
+    Call inside ``counting_kernels()`` to get ``kernel_flops``. ``cache_dir``: read what an
+    identical earlier compile said from the planner's compile cache there (``cache.py``), else
+    compile and store it; None: always compile, store nothing."""
+    from mm_jax.plan import cache
+
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         lowered = fn.trace(*args).lower()
         t1 = time.perf_counter()
-        compiled = lowered.compile(compiler_options=compiler_options(mesh))
+        options = compiler_options(mesh)
+        k = cache.key(lowered, mesh, options) if cache_dir else None
+        stored = cache.load(cache_dir, k) if k else None
+        if stored is None:
+            compiled = lowered.compile(compiler_options=options)
+            mem, text = compiled.memory_analysis(), compiled.as_text()
+            if k:
+                cache.save(cache_dir, k, mem, text, time.perf_counter() - t1)
+            mem = {f: int(getattr(mem, f)) for f in cache.MEMORY_FIELDS}
+        else:
+            mem, text, _ = stored
     t2 = time.perf_counter()
-    mem = compiled.memory_analysis()
-    module = hlo.Module(compiled.as_text())
+    module = hlo.Module(text)
     counts, unmarked = kernel_counts(module)
     by_type = module.flops_by_type()
     eight_bit = {t: f for t, f in by_type.items() if t in EIGHT_BIT}
     return Compiled(
-        argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
-        alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-        generated_code_bytes=int(mem.generated_code_size_in_bytes),
+        argument_bytes=mem["argument_size_in_bytes"], output_bytes=mem["output_size_in_bytes"],
+        alias_bytes=mem["alias_size_in_bytes"], temp_bytes=mem["temp_size_in_bytes"],
+        generated_code_bytes=mem["generated_code_size_in_bytes"],
         xla_flops=module.flops(), kernel_flops=kernel_flops(counts),
         kernels={f"{c.impl} {d} B{c.b} S{c.s} T{c.t} N{c.n} Dh{c.dh} /{c.shards}": n for (c, d), n in counts.items()},
         collectives=module.collectives(), lower_seconds=t1 - t0, compile_seconds=t2 - t1,
         uncounted=[f"loop {w}: trip count unknown, counted once" for w in module.unknown_loops] + unmarked,
         quantized_flops=sum(eight_bit.values()),
-        quantized=("fp8" if any(t.startswith("f8") for t in eight_bit) else "int8") if eight_bit else None)
-
-
-def arg_bytes(tree: Any) -> int:
-    """Per-device bytes of abstract arguments, from each leaf's shape, dtype and sharding."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-        total += math.prod(shape) * np.dtype(x.dtype).itemsize
-    return total
+        quantized=("fp8" if any(t.startswith("f8") for t in eight_bit) else "int8") if eight_bit else None,
+        cache_hit=stored is not None if k else None)
