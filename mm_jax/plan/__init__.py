@@ -57,7 +57,7 @@ def plan(target: str | Target, workload: str, *, mesh: str | None = None, mesh_d
          models: Models | None = None,
          sample: SampleSettings | None = None, train: TrainSettings | None = None,
          hbm_fraction: float = DEFAULT_HBM_FRACTION, only: tuple[str, ...] | None = None,
-         devices: list | None = None, log=None) -> Plan:
+         devices: list | None = None, log=None, compile_cache: str | None = None) -> Plan:
     """Compile every phase of ``workload`` (or the ``only`` ones) for ``target`` on ``mesh``
     ("data=..,fsdp=..,context=..,tensor=.."; default: the sampler's mesh for ``sample``, every
     device on fsdp for training). ``mesh_dcn`` ("data=2"): plan a multi-slice run, that many
@@ -67,7 +67,9 @@ def plan(target: str | Target, workload: str, *, mesh: str | None = None, mesh_d
     compile-only ones. Bad input (target, mesh, sizes, a missing compiler plugin) raises a
     ValueError naming it before anything compiles; a phase that fails to compile is reported in
     its ``PhaseResult.error``, the others still compile. ``log(text)`` hears of each phase as it
-    compiles (a 5B phase takes minutes)."""
+    compiles (a 5B phase takes minutes). ``compile_cache``: a folder for the planner's compile
+    cache (``mm_jax.plan.cache``): a phase compiled before with the same program, devices and
+    compiler is read from it (``Compiled.cache_hit``); None: compile every phase."""
     import os
 
     from mm_jax import parallel
@@ -100,14 +102,15 @@ def plan(target: str | Target, workload: str, *, mesh: str | None = None, mesh_d
                 log(f"{t.name} {workload}: compiling {ph.name} ({what})")
             try:
                 fn, args = ph.build(m)
-                results.append(PhaseResult(ph.name, ph.runs, what, aot.compile(fn, args, m)))
+                results.append(PhaseResult(ph.name, ph.runs, what, aot.compile(fn, args, m, compile_cache)))
             except Exception as e:  # noqa: BLE001 - a phase's compile error is a result, reported by name
                 if os.environ.get("MM_JAX_PLAN_RAISE"):  # debugging: the whole traceback
                     raise
                 results.append(PhaseResult(ph.name, ph.runs, what, error=f"{type(e).__name__}: {e}"))
             if log:
                 c = results[-1].compiled
-                log(f"  {ph.name}: " + (f"peak {c.peak_bytes / 2 ** 30:.2f} GiB/device, compiled in "
+                how = "read from the compile cache" if c and c.cache_hit else "compiled"
+                log(f"  {ph.name}: " + (f"peak {c.peak_bytes / 2 ** 30:.2f} GiB/device, {how} in "
                                         f"{c.lower_seconds + c.compile_seconds:.0f} s" if c else "failed"))
     return Plan(t, workload, aot.mesh_spec(m), settings_of(workload, sample, train), models.source, results,
-                hbm_fraction, mesh_dcn=aot.dcn_spec(mesh_dcn))
+                hbm_fraction, mesh_dcn=aot.dcn_spec(mesh_dcn), compile_cache=compile_cache)

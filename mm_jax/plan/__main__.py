@@ -98,6 +98,11 @@ def build_parser():
                     help="share of HBM a phase may use to count as fitting (GPU: JAX preallocates 0.75 unless "
                          "XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise)")
     ap.add_argument("--json", default=None, metavar="FILE", help="write the plan (a list of plans with --table)")
+    ap.add_argument("--compile-cache", default=None, metavar="DIR",
+                    help="the planner's compile cache: a phase compiled before (same program, devices, compiler) "
+                         "is read from DIR/plan instead of compiled (default: $MM_JAX_COMPILE_CACHE or "
+                         "~/.cache/mm_jax/xla; 'off' disables). JAX's own cache cannot read back programs "
+                         "compiled for devices that are not attached, so the planner keeps what it reads off them")
     ap.add_argument("--table", nargs="?", const="README.md", default=None, metavar="README",
                     help="run the README's matrix (sampling on v5e-1, v6e-1, v5e-8, h100x1, a800-80x8; both "
                          "training stages on v5p-8, v5p-32, a800-80x8, h100x8), or every given --target x "
@@ -176,7 +181,7 @@ def _plans(args, cfg, models, progress: bool):
             only = tuple(mine) if mine else only
         try:
             yield plan(t, w, mesh=row_mesh or args.mesh, mesh_dcn=args.mesh_dcn, models=models, sample=sample,
-                       train=train, hbm_fraction=args.hbm_fraction, only=only,
+                       train=train, hbm_fraction=args.hbm_fraction, only=only, compile_cache=args.compile_cache,
                        log=None if progress else (lambda text: print(text, file=sys.stderr, flush=True)))
         except ValueError as e:
             if not args.table:
@@ -192,6 +197,7 @@ def main(argv=None) -> int:
     ap = build_parser()
     args, rest = ap.parse_known_args(argv)
     overrides = config_lib.split_overrides(ap, rest)
+    from mm_jax import compile_cache
     from mm_jax.plan import Models, WORKLOADS, aot, report, targets
 
     if args.list_targets:
@@ -210,6 +216,7 @@ def main(argv=None) -> int:
             if w not in WORKLOADS:
                 raise ValueError(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
         args.mesh_dcn = aot.dcn_spec(args.mesh_dcn)  # checked here: a bad spec exits 2 before anything compiles
+        args.compile_cache = compile_cache.resolve(args.compile_cache)
         cfg = config_lib.load(args.config, overrides) if args.config else None
         models = Models.from_checkpoint(args.checkpoint, args.adapter) if args.checkpoint else Models.real()
         if args.dit:

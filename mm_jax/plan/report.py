@@ -14,6 +14,9 @@ Phase names: ``text_encoder``, ``denoise``, ``vae_decode`` (workload ``sample``)
 is ``flops / peak bf16 FLOP/s`` of one run (the time at 100% MFU), the 8-bit matmuls of a quantized
 plan (``quantized_flops``) at the chip's int8 / fp8 peak instead; ``runs`` is how often the phase
 runs per video or training step; a phase that failed to compile has ``error`` and null numbers.
+``cache_hit``: the phase's compiled program was read from the planner's compile cache (then
+``xla_compile_seconds`` is the read), false: compiled, null: no cache (``compile_cache``: its
+folder, or null).
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ class Plan:
     phases: list[PhaseResult]
     hbm_fraction: float = DEFAULT_HBM_FRACTION
     mesh_dcn: str = ""      # the mesh's axes across slices ("data=2"); "" for one slice
+    compile_cache: str | None = None   # the planner's compile cache folder, None: off
 
     @property
     def target_name(self) -> str:
@@ -99,8 +103,8 @@ class Plan:
                                             "generated_code_bytes", "peak_bytes", "margin_bytes", "flops",
                                             "xla_flops", "kernel_flops", "quantized_flops", "quantized",
                                             "ideal_seconds", "compile_seconds",
-                                            "lower_seconds", "xla_compile_seconds", "collectives", "kernels",
-                                            "uncounted")})
+                                            "lower_seconds", "xla_compile_seconds", "cache_hit", "collectives",
+                                            "kernels", "uncounted")})
             else:
                 d.update(argument_bytes=c.argument_bytes, temp_bytes=c.temp_bytes, output_bytes=c.output_bytes,
                          alias_bytes=c.alias_bytes, generated_code_bytes=c.generated_code_bytes,
@@ -108,7 +112,7 @@ class Plan:
                          xla_flops=c.xla_flops, kernel_flops=c.kernel_flops, quantized_flops=c.quantized_flops,
                          quantized=c.quantized, ideal_seconds=self.ideal_seconds(p),
                          compile_seconds=c.lower_seconds + c.compile_seconds, lower_seconds=c.lower_seconds,
-                         xla_compile_seconds=c.compile_seconds,
+                         xla_compile_seconds=c.compile_seconds, cache_hit=c.cache_hit,
                          collectives=c.collectives, kernels=c.kernels, uncounted=c.uncounted)
             phases.append(d)
         t = self.target
@@ -116,7 +120,8 @@ class Plan:
                 "slices": self.slices, "settings": self.settings,
                 "models": self.models, "device": {"chip": t.chip, "devices": t.devices, "hbm_bytes": t.hbm_bytes,
                                                   "peak_flops": t.peak_flops, "hbm_fraction": self.hbm_fraction},
-                "unit": self.unit, "ideal_seconds_per_unit": self.ideal_seconds_per_unit(), "phases": phases}
+                "unit": self.unit, "ideal_seconds_per_unit": self.ideal_seconds_per_unit(), "phases": phases,
+                "compile_cache": self.compile_cache}
 
     # -- text ---------------------------------------------------------------------------------
     def text(self) -> str:
@@ -130,7 +135,7 @@ class Plan:
                  f"  per device; usable HBM = {self.hbm_fraction:.0%} of {t.hbm_bytes / GIB:.2f} = "
                  f"{self.usable_bytes / GIB:.2f} GiB; peak = args + out + temp - aliased (donated)", ""]
         head = (f"  {'phase':13s} {'args':>7s} {'temp':>7s} {'out':>7s} {'peak':>7s}  {'fits (margin)':18s} "
-                f"{'TFLOP/dev = XLA + kernels':>27s} {'ideal s':>9s} {'runs':>5s} {'compile s':>9s}")
+                f"{'TFLOP/dev = XLA + kernels':>27s} {'ideal s':>9s} {'runs':>5s} {'compile s':>9s} {'cache':>5s}")
         lines += [head, "  " + "-" * (len(head) - 2)]
         for p in self.phases:
             c = p.compiled
@@ -143,8 +148,9 @@ class Plan:
             fl = f"{c.flops / 1e12:.3f} = {c.xla_flops / 1e12:.3f} + {c.kernel_flops / 1e12:.3f}"
             lines.append(f"  {p.name:13s} {g(c.argument_bytes)} {g(c.temp_bytes)} {g(c.output_bytes)} "
                          f"{g(c.peak_bytes)}  {fit:18s} {fl:>27s} {self.ideal_seconds(p):9.4f} {p.runs:5d} "
-                         f"{c.lower_seconds + c.compile_seconds:9.1f}")
-        lines.append("  (GiB per device; compile s = trace + lower + XLA compile on this host)")
+                         f"{c.lower_seconds + c.compile_seconds:9.1f} {_cache_word(c.cache_hit):>5s}")
+        lines.append("  (GiB per device; compile s = trace + lower + XLA compile on this host, or the read of a "
+                     "cache hit; cache: " + (f"{self.compile_cache}/plan)" if self.compile_cache else "off)"))
         lines.append("")
         for p in self.phases:
             lines.append(f"  {p.name}: {p.what}")
@@ -170,6 +176,10 @@ class Plan:
             lines += ["", f"  ideal time per {self.unit} at 100% of peak (the MFU ceiling): {terms} = {total:.2f} s; "
                           f"at 40% MFU {total / 0.4:.2f} s"]
         return "\n".join(lines)
+
+
+def _cache_word(hit: bool | None) -> str:
+    return "-" if hit is None else "hit" if hit else "miss"
 
 
 def _first_line(msg: str | None) -> str:
