@@ -47,17 +47,19 @@ def check_checkpoint(ckpt_dir: str | Path, needed=REQUIRED_COMPONENTS) -> None:
 # -- text ------------------------------------------------------------------------------------
 
 def prompt_embeddings(ckpt_dir: str | Path, prompts: list[str], *, max_length: int = 226, mesh=None,
-                      dtype: str = "float32", on_host: bool = False, quantize: str | None = None) -> np.ndarray:
+                      dtype: str | None = None, on_host: bool = False, quantize: str | None = None) -> np.ndarray:
     """Load T5 from ``ckpt_dir``, embed ``prompts`` (``mm_jax.text.encode_prompts``) -> (B,
     max_length, d_model) host array (the whole batch on every process of a multi-process run),
     then free T5.
 
     ``on_host``: place and run T5 on the host CPU instead of ``mesh`` (T5-XXL is 9.5 GB in bf16;
     on a 16 GB chip this keeps the accelerator for the DiT; ``python -m mm_jax.plan`` says when).
-    ``quantize``: T5's linear layers in that mode (``mm_jax.models.quantize.MODES``) or None."""
+    ``quantize``: T5's linear layers in that mode (``mm_jax.models.quantize.MODES``) or None.
+    ``dtype``: T5's; None: ``default_dtype()`` (bfloat16 on accelerators, float32 on CPU)."""
     from mm_jax import text as text_lib
     from mm_jax.models import quantize as quantize_lib
 
+    dtype = dtype or default_dtype()
     tokenizer = text_lib.load_tokenizer(Path(ckpt_dir) / "tokenizer")
     if on_host:  # this process's own CPU (jax.devices("cpu")[0] belongs to process 0)
         mesh = parallel.make_mesh(devices=[jax.local_devices(backend="cpu")[0]])
@@ -229,7 +231,7 @@ def check_requests(ckpt_dir: str | Path, requests: list[Request]) -> None:
                              "(1, (frames-1)/4+1, height/8, width/8, latent channels)")
 
 
-def iter_videos(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, dtype: str = "float32",
+def iter_videos(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, dtype: str | None = None,
                 progress: bool | ProgressFn = True, videos_per_batch: int = 1, text_embeddings: np.ndarray | None = None,
                 model_fn: Callable = default_model_fn, transformer=None, vae=None, text_encoder_on_host: bool = False,
                 vae_tiling: bool | None = None, attention_parallelism: str | None = None,
@@ -254,6 +256,9 @@ def iter_videos(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, dty
     ``text_embeddings``: (2R or R, L, T) precomputed [negatives, positives] for all R requests.
     ``attention_parallelism``: "ulysses" / "ring" for a ``context`` mesh axis (None: the default).
     ``vae_tiling``: None decides by ``default_vae_tiling(mesh)``.
+    ``dtype``: the compute and parameter dtype of T5, the DiT and the adapter (the VAE runs in
+    float32); None: ``default_dtype()``, bfloat16 on accelerators and float32 on CPU ("float32" on
+    a GPU needs ~22 GB for the 5B's weights alone and runs attention without cuDNN).
     ``quantize``: the DiT's and T5's linear layers in that mode ("int8", "fp8", "int8-weights":
     ``mm_jax.models.quantize``), attention in ``dtype``; a given ``transformer`` must already be
     quantized in that mode (``quantize.quantize_model``: it is changed in place).
@@ -265,6 +270,7 @@ def iter_videos(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, dty
     ckpt_dir = Path(ckpt_dir)
     if not requests:
         return
+    dtype = dtype or default_dtype()
     quantize_lib.check(quantize)
     if transformer is not None and quantize_lib.quantized_mode(transformer) != quantize:
         raise ValueError(f"quantize={quantize!r} but the given transformer is quantized as "
@@ -346,7 +352,7 @@ def iter_videos(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, dty
         yield decoded(i, latents_out.pop(i), vae_now)
 
 
-def generate_batch(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, dtype: str = "float32",
+def generate_batch(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, dtype: str | None = None,
                    progress: bool | ProgressFn = True, videos_per_batch: int = 1, text_embeddings: np.ndarray | None = None,
                    model_fn: Callable = default_model_fn, transformer=None, vae=None, text_encoder_on_host: bool = False,
                    vae_tiling: bool | None = None, attention_parallelism: str | None = None,
@@ -376,6 +382,13 @@ def attention_scheme(ckpt_dir: str | Path, mesh, requested: str | None = None) -
     return attention_parallel.scheme(heads, mesh, requested)
 
 
+def default_dtype() -> str:
+    """The compute dtype when none is given: bfloat16 on accelerators (the 5B's weights alone are
+    22 GB in float32, beyond a 16 GB chip and most of an 80 GB one once activations are added),
+    float32 on CPU (exact; bfloat16 matmuls are slow there)."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 def default_vae_tiling(mesh) -> bool:
     """Tiled decode by default on accelerators (memory: one tile's activations at a time) and on
     meshes of several devices (the tiles are decoded in parallel over all of them); off on one CPU
@@ -384,7 +397,7 @@ def default_vae_tiling(mesh) -> bool:
 
 
 def generate(ckpt_dir: str | Path, settings: SampleSettings, *, latents: np.ndarray | None = None, mesh=None,
-             dtype: str = "float32", progress: bool | ProgressFn = True, text_embeddings: np.ndarray | None = None,
+             dtype: str | None = None, progress: bool | ProgressFn = True, text_embeddings: np.ndarray | None = None,
              model_fn: Callable = default_model_fn, transformer=None, vae=None,
              identity: Optional[Any] = None, text_encoder_on_host: bool = False,
              vae_tiling: bool | None = None, quantize: str | None = None) -> np.ndarray:
@@ -393,7 +406,8 @@ def generate(ckpt_dir: str | Path, settings: SampleSettings, *, latents: np.ndar
 
     ``identity``: an ``mm_jax.identity.Identity`` (reference embeddings + adapter folder); None is
     plain CogVideoX text-to-video. ``progress``: True for a tqdm bar, False for none, or a
-    ``ProgressFn``. ``text_encoder_on_host``: run T5 on the host CPU. ``vae_tiling``: decode in
+    ``ProgressFn``. ``dtype``: None is ``default_dtype()`` (bfloat16 on accelerators, float32 on
+    CPU; ``iter_videos``). ``text_encoder_on_host``: run T5 on the host CPU. ``vae_tiling``: decode in
     overlapping spatial tiles (diffusers ``enable_tiling``), one tile's activations at a time;
     None: ``default_vae_tiling``. ``quantize``: "int8" (TPU, A100/A800), "fp8" (H100) or
     "int8-weights" (memory only): the DiT's and T5's linear layers quantized (``iter_videos``)."""
@@ -410,12 +424,12 @@ def sample_identity(ckpt_dir: str | Path, settings: SampleSettings, reference, f
 
     ``reference``: image path or RGB uint8 array. ``clip_dir``: the checkpoint folder with the
     ``image_encoder`` (default: the adapter's folder, else the backbone's). ``dtype`` defaults to
-    bfloat16 on accelerators and float32 on CPU, as ``mm_jax.sample``; ``vae_tiling`` follows
+    ``default_dtype()``, as ``mm_jax.sample``; ``vae_tiling`` follows
     ``default_vae_tiling`` (on for accelerators and meshes of several devices); ``quantize`` as ``generate``.
     """
     mesh = mesh or parallel.make_mesh(parallel.sampling_mesh_shape(len(jax.devices()), parallel.device_memory_bytes(),
                                                                    rows=2 if settings.guidance > 1 else 1))
-    dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    dtype = dtype or default_dtype()
     clip_dir = clip_dir or id_lib.component_dir("image_encoder", adapter_dir, ckpt_dir)
     ident = id_lib.compute(reference, face_models, clip_dir, adapter_dir, mesh=mesh)
     return generate(ckpt_dir, settings, mesh=mesh, dtype=dtype, progress=progress, identity=ident,

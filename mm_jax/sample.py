@@ -306,7 +306,7 @@ def _check(args):
     if not shape and not args.mesh_dcn:
         shape = parallel.sampling_mesh_shape(len(jax.devices()), parallel.device_memory_bytes(), rows)
     mesh = parallel.make_mesh(shape, dcn=args.mesh_dcn)
-    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    dtype = args.dtype or pipeline.default_dtype()
     scheme = pipeline.attention_scheme(args.checkpoint, mesh, args.attention_parallelism)
     checked, faces = (None, None), None
     if (args.ref or args.id) and not args.prompts:

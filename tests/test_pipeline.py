@@ -111,3 +111,21 @@ def test_cli_names_a_missing_component(tiny, tmp_path, capsys):
     shutil.rmtree(broken / "vae")
     assert sample.main(["--checkpoint", str(broken), "--prompt", PROMPT, "--out", str(tmp_path / "v.mp4")]) == 2
     assert "lacks component(s) ['vae']" in capsys.readouterr().err
+
+
+def test_library_sampling_computes_in_bfloat16_on_accelerators_unless_told(monkeypatch):
+    """generate, generate_batch, iter_videos and prompt_embeddings default to dtype None, which is
+    default_dtype(): bfloat16 on a GPU or TPU (float32 would hold the 5B's 22 GB of weights and run
+    attention without cuDNN), float32 on CPU."""
+    import inspect
+
+    import jax
+
+    from mm_jax import pipeline
+
+    for fn in (pipeline.generate, pipeline.generate_batch, pipeline.iter_videos, pipeline.prompt_embeddings,
+               pipeline.sample_identity):
+        assert inspect.signature(fn).parameters["dtype"].default is None, fn.__name__
+    for backend, want in (("gpu", "bfloat16"), ("tpu", "bfloat16"), ("cpu", "float32")):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert pipeline.default_dtype() == want
