@@ -1,7 +1,7 @@
 """The phases the planner compiles: each is (the library's own jitted function, abstract arguments).
 
     sample:       text_encoder  ``mm_jax.text.encode_ids(t5, ids)``                     once per video
-                  denoise       ``mm_jax.pipeline.denoise_step_fn(kind, cfg, model_fn)``  ``steps`` per video
+                  denoise       ``mm_jax.denoising.denoise_step_fn(kind, cfg, model_fn)`` ``steps`` per video
                                 (``identity.identity_model_fn`` + the adapter's extras, or the plain DiT)
                   vae_decode    ``mm_jax.pipeline.decode_fn()(vae, latents)``            once per video
     train-image / train-video:
@@ -202,7 +202,7 @@ def check_sample(models: Models, s: SampleSettings) -> None:
 
 def sample_phases(models: Models, s: SampleSettings, platform: str, kind: str | None = None) -> list[Phase]:
     """text_encoder, denoise (x steps), vae_decode: what ``pipeline.generate`` runs for one video."""
-    from mm_jax import checkpoint, identity, pipeline, text
+    from mm_jax import checkpoint, denoising, identity, pipeline, text
     from mm_jax import schedulers as sch
     from mm_jax.models import quantize
 
@@ -225,7 +225,7 @@ def sample_phases(models: Models, s: SampleSettings, platform: str, kind: str | 
     # host-side constants of the loop, made here (outside the target's mesh) as the sampler makes them
     schedule = jax.tree.map(np.asarray, sch.make_schedule(
         sch.SchedulerConfig.from_dict(models.scheduler, kind=s.scheduler), s.steps))
-    guidance = pipeline.guidance_per_step(schedule, s.guidance, False)
+    guidance = denoising.guidance_per_step(schedule, s.guidance, False)
     key = jax.eval_shape(lambda: jax.random.key(0))
 
     def ids(mesh):
@@ -245,7 +245,7 @@ def sample_phases(models: Models, s: SampleSettings, platform: str, kind: str | 
         args = [dit, replicated(mesh, latent_shape, dt), replicated(mesh, latent_shape, jnp.float32),
                 replicated(mesh, emb.shape, dt), jax.tree.map(lambda a: _sds(mesh, a), schedule),
                 _sds(mesh, guidance), replicated(mesh, key.shape, key.dtype), replicated(mesh, (), jnp.int32)]
-        model_fn, extras = pipeline.default_model_fn, None
+        model_fn, extras = denoising.default_model_fn, None
         if s.identity:
             ad_cfg = _adapter_cfg(models, dit_cfg, s.dtype, s.dtype, impl)
             adapter = checkpoint.abstract_model("adapter", ad_cfg, mesh)
@@ -259,7 +259,7 @@ def sample_phases(models: Models, s: SampleSettings, platform: str, kind: str | 
                       replicated(mesh, (n_text,) + x_face.shape[1:], x_face.dtype),
                       replicated(mesh, (n_text,), jnp.bool_) if cfg_on else None)
             model_fn = identity.identity_model_fn
-        step = pipeline.denoise_step_fn(s.scheduler, cfg_on, model_fn)
+        step = denoising.denoise_step_fn(s.scheduler, cfg_on, model_fn)
         return step, tuple(args) + (extras,)
 
     def vae_decode(mesh):
