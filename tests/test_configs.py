@@ -100,13 +100,13 @@ def test_tiny_and_demo_presets_build_their_assets_through_the_demo_setup_hook():
 # which code reads each section: a field counts as read when its name is accessed there as an
 # attribute (cfg.x), a subscript (cfg["x"]) or a .get("x") / .pop("x")
 READERS = {
-    "": ["mm_jax/training/loop.py", "mm_jax/train.py"],
-    "model": ["mm_jax/training/models.py", "mm_jax/training/loop.py"],
-    "data": ["mm_jax/data/loader.py", "mm_jax/training/loop.py"],
+    "": ["mm_jax/training/loop.py", "mm_jax/training/export.py", "mm_jax/train.py"],
+    "model": ["mm_jax/training/models.py", "mm_jax/training/loop.py", "mm_jax/training/export.py"],
+    "data": ["mm_jax/data/loader.py", "mm_jax/training/loop.py", "mm_jax/training/export.py"],
     "data.synthetic": ["mm_jax/demo/assets.py"],
     "optimizer": ["mm_jax/training/optim.py", "mm_jax/training/loop.py"],
     "train": ["mm_jax/training/loop.py", "mm_jax/training/step.py"],
-    "sample": ["mm_jax/training/loop.py"],
+    "sample": ["mm_jax/training/loop.py", "mm_jax/training/export.py"],
 }
 
 

@@ -100,7 +100,7 @@ def test_the_cycle_finder_finds_a_planted_cycle_and_nothing_else():
 def test_function_level_and_relative_imports_are_seen(tmp_path):
     f = PACKAGE / "frame_counts.py"  # imports VAEConfig from the VAE inside a function
     assert any(m == "mm_jax.models.vae" for m, _ in _imports(f))
-    assert "mm_jax.checkpoint" in _graph()["mm_jax.training.loop"]
+    assert "mm_jax.checkpoint" in _graph()["mm_jax.training.export"]
 
 
 def test_the_mm_jax_import_graph_has_no_cycles():

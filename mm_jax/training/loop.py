@@ -1,6 +1,8 @@
-"""The training loop and what it writes: ``train(cfg, workdir)`` runs (or resumes) a run; ``export``
-writes the trained adapter folder, ``sample_video`` a video from it, ``init_from`` starts stage 2
-from stage 1. The CLI (``mm_jax.train``) parses the config and calls ``train``.
+"""The training loop: ``train(cfg, workdir)`` runs (or resumes) a run, ``check(cfg)`` refuses a bad
+config before any work. What it writes of the trained adapter (``export``, ``sample_video``,
+``init_from``) is in ``mm_jax.training.export``, the workdir's shared-folder check and atomic
+writes in ``mm_jax.training.workdir`` (both importable from here too). The CLI (``mm_jax.train``)
+parses the config and calls ``train``.
 
 Stage 1 (``configs/image.py``) pre-trains on images, stage 2 (``configs/video.py``) fine-tunes on
 clips starting from stage 1 (``init_from``). Re-running with the same workdir resumes from its
@@ -26,226 +28,21 @@ import collections
 import json
 import math
 import os
-import secrets
-import shutil
-import sys
-import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import jax
-from etils import epath
+
+from mm_jax.training.export import export, init_from, sample_video  # noqa: F401  (public here too)
+from mm_jax.training.workdir import Refused, check_shared_workdir, is_url, workdir_path  # noqa: F401
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the latest checkpoint is the last good one."""
 
 
-class Refused(ValueError):
-    """The run's input was refused before any work started (nothing written but, for a workdir
-    check, its marker): the train CLI exits ``exit_codes.REFUSED``."""
-
-
-def workdir_path(workdir: str | os.PathLike) -> epath.Path:
-    """A URL (``gs://bucket/run``) as it is, a local folder made absolute."""
-    text = os.fspath(workdir)
-    return epath.Path(text) if "://" in text else epath.Path(os.path.abspath(text))
-
-
-def is_url(path) -> bool:
-    return "://" in os.fspath(path)
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def check_shared_workdir(workdir: epath.Path) -> None:
-    """Several processes on a local path: process 0 writes a marker with a random token, and every
-    other process must read it there (each host writing its own part of a checkpoint to its own
-    disk would leave no complete checkpoint anywhere). ``Refused`` names the processes that do not
-    see it. URLs and single processes pass."""
-    if jax.process_count() == 1 or is_url(workdir):
-        return
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    token = secrets.token_hex(16).encode() if jax.process_index() == 0 else b"0" * 32
-    token = bytes(multihost_utils.broadcast_one_to_all(np.frombuffer(token, np.uint8)).astype(np.uint8))
-    marker = workdir / f".shared-check-{token.decode()}"
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        marker.write_bytes(token)
-    _barrier("mm_jax_workdir_marker_written")
-    try:
-        sees = marker.exists() and marker.read_bytes() == token
-    except OSError:
-        sees = False
-    seen = multihost_utils.process_allgather(np.asarray([sees]))
-    _barrier("mm_jax_workdir_marker_read")
-    if jax.process_index() == 0:
-        marker.unlink(missing_ok=True)
-    blind = [k for k, ok in enumerate(np.asarray(seen).reshape(-1)) if not ok]
-    if blind:
-        raise Refused(f"--workdir {workdir} is not shared between processes: process(es) {blind} do not see "
-                      f"{marker.name}, which process 0 wrote there; give every host the same folder (a shared "
-                      f"file system) or a URL such as gs://bucket/run")
-
-
 def _meta(cfg, step: int, data_state, loss: float) -> dict:
     return {"step": step, "seed": int(cfg.train.seed), "stage": cfg.stage, "loss": loss, "data_state": data_state}
-
-
-def init_from(path: str, state) -> dict:
-    """Stage-2 start: adapter params from a stage-1 workdir (its latest checkpoint) or an exported
-    adapter folder. Optimizer state and step start fresh."""
-    from flax import nnx
-
-    from mm_jax import checkpoint
-    from mm_jax.training.checkpoints import TrainCheckpoints
-
-    p = workdir_path(path)
-    if (p / "checkpoints").is_dir():
-        prev = TrainCheckpoints(p / "checkpoints", keep=1, every=1, async_save=False)
-        step = prev.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"init_from={path}: the workdir has no checkpoint yet")
-        params = prev.restore_params(step, state.params)
-        prev.close()
-        return params
-    if (p / "adapter" / "config.json").exists():
-        adapter = checkpoint.load_component(p, "adapter", param_dtype="float32")
-        pure = nnx.to_pure_dict(nnx.state(adapter, nnx.Param))
-        shapes = jax.tree.map(lambda a, b: a.shape == b.shape, pure, state.params)
-        if not all(jax.tree.leaves(shapes)):
-            raise ValueError(f"init_from={path}: the adapter's shapes differ from this run's adapter config")
-        return jax.device_put(pure, state.param_shardings)
-    raise FileNotFoundError(f"init_from={path}: neither a training workdir (checkpoints/) nor an adapter folder")
-
-
-def _trained_modules(params, aux) -> dict:
-    """{name: module} with the trained params as they are: global arrays, sharded over the mesh
-    (no host copy; every process holds the same handles)."""
-    from mm_jax.training.step import merge_params
-
-    graphdefs, templates, rest, _ = aux
-    return {k: merge_params(graphdefs[k], templates[k], rest[k], v) for k, v in params.items()}
-
-
-def _copytree(src, dst) -> None:
-    """Copy a folder between local paths and URLs (epath)."""
-    src, dst = epath.Path(src), epath.Path(dst)
-    if not is_url(src) and not is_url(dst):
-        shutil.copytree(src, dst)
-        return
-    for root, _, files in src.walk():
-        target = dst / os.path.relpath(os.fspath(root), os.fspath(src))
-        target.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            (root / f).copy(target / f)
-
-
-def _write_atomically(out: epath.Path, fill, name: str) -> epath.Path:
-    """Written aside (``<out>.tmp``) by every process (``fill(tmp)``), then renamed into place once,
-    by process 0, after all of them finished (barriers): never half-written."""
-    tmp = out.parent / (out.name + ".tmp")
-    if jax.process_index() == 0 and tmp.exists():
-        tmp.rmtree()
-    _barrier(f"mm_jax_{name}_aside")
-    fill(tmp)
-    _barrier(f"mm_jax_{name}_written")
-    if jax.process_index() == 0:
-        if out.exists():
-            out.rmtree()
-        tmp.rename(out)
-    _barrier(f"mm_jax_{name}_renamed")
-    return out
-
-
-def export(workdir, models, params, aux) -> epath.Path:
-    """Write ``<workdir>/adapter`` (image_encoder + trained adapter), the folder ``mm_jax.sample
-    --adapter`` takes; when the DiT trains too, also ``<workdir>/backbone`` (the backbone with the
-    trained transformer). Each is written aside and renamed into place: never half-written.
-
-    Every process calls it (SPMD). The trained params stay global arrays: every process takes part
-    in Orbax's save of them, and Orbax writes each process's shards and coordinates the processes,
-    so no host ever holds a whole trained DiT (a gather to process 0 would put the 5B DiT's float32
-    master copy, 20 GB, in one host's memory). Process 0 alone copies the frozen folders, writes
-    the index and renames the folder into place."""
-    from mm_jax import checkpoint
-
-    workdir = epath.Path(workdir)
-    trained = _trained_modules(params, aux)
-    main = jax.process_index() == 0
-
-    def adapter_folder(tmp):
-        if main:
-            _copytree(epath.Path(models.adapter_dir) / "image_encoder", tmp / "image_encoder")
-        checkpoint.save_module(tmp, "adapter", trained["adapter"])
-        if main:
-            checkpoint.write_index(tmp, ["image_encoder", "adapter"])
-
-    def backbone_folder(tmp):
-        names = checkpoint.read_index(models.backbone_dir)
-        if main:
-            for name in names:
-                if name != "transformer":
-                    _copytree(epath.Path(models.backbone_dir) / name, tmp / name)
-        checkpoint.save_module(tmp, "transformer", trained["dit"])
-        if main:
-            checkpoint.write_index(tmp, names)
-
-    if "dit" in trained:
-        _write_atomically(workdir / "backbone", backbone_folder, "backbone")
-    return _write_atomically(workdir / "adapter", adapter_folder, "adapter")
-
-
-def sample_video(cfg, workdir, step: int, models, params, aux) -> epath.Path | None:
-    """Sample the fixed reference + prompt with the exported adapter -> ``samples/step_XXXXXX.mp4``.
-    Every process calls it (the denoising steps run over the global mesh); process 0 writes the video."""
-    from mm_jax import identity, video_io
-
-    if not cfg.sample.ref or not cfg.data.face_models:
-        if jax.process_index() == 0:
-            print("sample skipped: sample.ref and data.face_models are needed", file=sys.stderr)
-        return None
-    workdir = epath.Path(workdir)
-    with tempfile.TemporaryDirectory() as local:
-        adapter_dir = workdir / "adapter"
-        if is_url(adapter_dir):  # the face and adapter loaders read local folders: the trained adapter comes down
-            _copytree(adapter_dir / "adapter", Path(local) / "adapter")
-            ident = identity.compute(cfg.sample.ref, cfg.data.face_models, models.adapter_dir, local)
-        else:
-            ident = identity.compute(cfg.sample.ref, cfg.data.face_models, adapter_dir, adapter_dir)
-        frames = _generate(cfg, models, params, aux, ident)
-    out = workdir / "samples" / f"step_{step:06d}.mp4"
-    if jax.process_index() == 0:
-        meta = {"step": step, "prompt": cfg.sample.prompt, "ref": cfg.sample.ref}
-        if is_url(out):  # the video encoder writes local files: encode aside, then copy up
-            with tempfile.TemporaryDirectory() as d:
-                video_io.write_frames(Path(d) / out.name, frames, fps=8, metadata=meta)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                for f in Path(d).iterdir():  # the video and its .json sidecar
-                    epath.Path(f).copy(out.parent / f.name, overwrite=True)
-        else:
-            video_io.write_frames(Path(out), frames, fps=8, metadata=meta)
-    return out
-
-
-def _generate(cfg, models, params, aux, ident):
-    from mm_jax import pipeline
-
-    settings = pipeline.SampleSettings(prompt=cfg.sample.prompt, frames=cfg.sample.frames,
-                                       height=cfg.sample.height, width=cfg.sample.width, steps=cfg.sample.steps,
-                                       guidance=cfg.sample.guidance, seed=cfg.sample.seed,
-                                       max_sequence_length=cfg.data.max_text_length)
-    dit = _trained_modules(params, aux).get("dit", models.dit)
-    return pipeline.generate(models.backbone_dir, settings, dtype=cfg.model.dtype, progress=False,
-                             identity=ident, vae=models.vae, transformer=dit)
 
 
 def check(cfg) -> None:
