@@ -1,6 +1,8 @@
-"""mm_jax.plan's reading of compiled HLO: collectives per execution with their result bytes (the
-async TPU and GPU forms included), loop bodies counted per iteration with the trip count derived
-from the loop, the attention kernels' calls, and XLA FLOPs of scanned loops on real targets."""
+"""mm_jax.plan's reading of compiled HLO (its HloModuleProto; HLO text through XLA's parser):
+collectives per execution with their result bytes (the async TPU and GPU forms included), loop
+bodies counted per iteration with the trip count derived from the loop, a conditional counted
+once, by its most expensive branch, the attention kernels' calls, and XLA FLOPs of scanned
+loops on real targets."""
 from __future__ import annotations
 
 import jax
@@ -13,20 +15,40 @@ pytestmark = pytest.mark.skipif(not targets.libtpu_installed(), reason="libtpu m
 
 HLO = """HloModule m
 
-%body (p: (s32[], bf16[8,128])) -> (s32[], bf16[8,128]) {
-  %ag = (bf16[4,128]{1,0}, bf16[8,128]{1,0}) all-gather-start(bf16[4,128]{1,0} %x), dimensions={0}
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %s = f32[] add(%x, %y)
+}
+
+%body (p: (s32[], bf16[4,128], f32[16])) -> (s32[], bf16[4,128], f32[16]) {
+  %p = (s32[], bf16[4,128]{1,0}, f32[16]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = bf16[4,128]{1,0} get-tuple-element(%p), index=1
+  %y = f32[16]{0} get-tuple-element(%p), index=2
+  %ag = (bf16[4,128]{1,0}, bf16[8,128]{1,0}) all-gather-start(%x), dimensions={0}, replica_groups={{0,1}}
   %agd = bf16[8,128]{1,0} all-gather-done(%ag)
-  %ar = f32[16]{0} all-reduce(f32[16]{0} %y), to_apply=%add
+  %ar = f32[16]{0} all-reduce(%y), replica_groups={{0,1}}, to_apply=%add
+  ROOT %t = (s32[], bf16[4,128]{1,0}, f32[16]{0}) tuple(%i, %x, %ar)
 }
 
-%cond (p: (s32[], bf16[8,128])) -> pred[] {
-  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+%cond (p: (s32[], bf16[4,128], f32[16])) -> pred[] {
+  %p = (s32[], bf16[4,128]{1,0}, f32[16]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(1000)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
 }
 
-ENTRY %main (a: bf16[8,128]) -> bf16[8,128] {
-  %w = (s32[], bf16[8,128]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"42"}}
-  %rs = f32[2,64]{1,0} reduce-scatter(f32[4,64]{1,0} %z), dimensions={0}, to_apply=%add
-  ROOT %cp = bf16[8,128]{1,0} collective-permute(bf16[8,128]{1,0} %a), source_target_pairs={{0,1}}
+ENTRY %main (a: bf16[4,128], y: f32[16], z: f32[4,64], c: bf16[8,128]) -> bf16[8,128] {
+  %a = bf16[4,128]{1,0} parameter(0)
+  %y = f32[16]{0} parameter(1)
+  %z = f32[4,64]{1,0} parameter(2)
+  %c = bf16[8,128]{1,0} parameter(3)
+  %zero = s32[] constant(0)
+  %t = (s32[], bf16[4,128]{1,0}, f32[16]{0}) tuple(%zero, %a, %y)
+  %w = (s32[], bf16[4,128]{1,0}, f32[16]{0}) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"42"}}
+  %rs = f32[2,64]{1,0} reduce-scatter(%z), dimensions={0}, replica_groups={{0,1}}, to_apply=%add
+  ROOT %cp = bf16[8,128]{1,0} collective-permute(%c), source_target_pairs={{0,1}}
 }
 """
 
@@ -53,7 +75,7 @@ ENTRY %main (p: bf16[2,1,1024,8,64]) -> bf16[2,1,1024,8,64] {
 
 
 # XLA:TPU's form: no known_trip_count on the loop (derived: i = 0; i < 5; i += 1, the compare
-# fused), dots written as convolutions, a splash kernel's custom call printed over three lines
+# fused), dots written as convolutions, splash kernels' custom calls named in their op_name
 HLO_TPU = """HloModule t
 
 %fused_conv (param_0: f32[8,256], param_1: bf16[256,256]) -> f32[8,256] {
@@ -71,10 +93,8 @@ HLO_TPU = """HloModule t
   %gte.1 = f32[8,256]{1,0:T(8,128)} get-tuple-element(%arg), index=1
   %gte.2 = bf16[256,256]{1,0:T(8,128)(2,1)} get-tuple-element(%arg), index=2
   %fusion.1 = f32[8,256]{1,0:T(8,128)} fusion(%gte.1, %gte.2), kind=kOutput, calls=%fused_conv
-  %splash_mha_fwd.1 = (f32[2,128,128]{2,1,0}, bf16[2,2,128,128]{3,2,1,0}) custom-call(%gte.1), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
-"xprof_metadata":"{\\"block_q\\": 128}"
-}}, metadata={op_name="jit(f)/while/body/jit(mm_attention__splash__2_68_68_2_128__1)/splash_mha_fwd/pallas_call"}
-  %ag = f32[16,256]{1,0} all-gather(%fusion.1), dimensions={0}
+  %splash_mha_fwd.1 = (f32[2,128,128]{2,1,0}, bf16[2,2,128,128]{3,2,1,0}) custom-call(%gte.1), custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/while/body/jit(mm_attention__splash__2_68_68_2_128__1)/splash_mha_fwd/pallas_call"}
+  %ag = f32[16,256]{1,0} all-gather(%fusion.1), dimensions={0}, replica_groups={{0,1}}
   ROOT %tuple.1 = (s32[]{:T(128)}, f32[8,256]{1,0:T(8,128)}, bf16[256,256]{1,0:T(8,128)(2,1)}) tuple(%add.2, %fusion.1, %gte.2)
 }
 
@@ -116,7 +136,7 @@ def test_hlo_counts_loop_bodies_per_iteration_with_the_trip_count_derived_from_t
     # over 4x4 (10 of 12 window positions per axis land on the image): 3 in x 2 out x 100
     assert m.flops() == 5 * 2 * 8 * 256 * 256 + 2 * 8 * 16 * 256 + 2 * 3 * 2 * 100
     assert m.collectives() == {"all-gather": {"count": 5, "bytes": 5 * 16 * 256 * 4}}
-    # the instruction after the three-line custom call is read; a backward's dq and dkv are one call
+    # a backward's dq and dkv kernels are one call
     assert m.kernel_calls(aot.MARK) == {("mm_attention__splash__2_68_68_2_128__1", "forward"): 5,
                                         ("mm_attention__splash__2_68_68_2_128__1", "backward"): 1}
 
@@ -145,3 +165,31 @@ def test_xla_flops_count_every_iteration_of_a_scanned_loop(target):
     scanned, unrolled = _scan_and_unrolled(target)
     want = 4 * 2 * 8 * 256 * 256
     assert abs(scanned - unrolled) <= 0.01 * unrolled and abs(unrolled - want) <= 0.01 * want, (scanned, unrolled)
+
+
+def test_a_conditional_counts_its_most_expensive_branch_once_not_every_branch():
+    """lax.cond between one (8, 256) @ (256, 256) matmul and two, compiled for v5e-1: XLA keeps the
+    conditional (the predicate is an argument) and one run executes one branch, so the count is
+    the two-matmul branch's FLOPs, not the three matmuls of both branches."""
+    mesh = aot.make_mesh(targets.get("v5e-1"))
+
+    def f(p, x, a, b, c):
+        return jax.lax.cond(p, lambda x: x @ a, lambda x: (x @ b) @ c, x)
+
+    w = aot.replicated(mesh, (256, 256), jnp.float32)
+    args = (aot.replicated(mesh, (), jnp.bool_), aot.replicated(mesh, (8, 256), jnp.float32), w, w, w)
+    with jax.set_mesh(mesh):
+        m = hlo.Module.of(jax.jit(f).trace(*args).lower().compile())
+    one = 2 * 8 * 256 * 256
+    assert [i.op for i, _ in m.executed() if i.op == "conditional"] == ["conditional"]
+    assert m.flops() == 2 * one
+    assert len(m.conditionals) == 1 and "the most FLOPs of 2 branches" in m.conditionals[0], m.conditionals
+
+
+def test_counting_kernels_leaves_the_attention_registry_alone():
+    from mm_jax.models import layers
+
+    before = dict(layers.ATTENTION_IMPLS)
+    with aot.counting_kernels():
+        assert layers.ATTENTION_IMPLS == before
+    assert layers.ATTENTION_IMPLS == before

@@ -1,10 +1,16 @@
-"""XLA's optimized (SPMD-partitioned, per-device) HLO text, read for what the planner counts.
+"""XLA's optimized (SPMD-partitioned, per-device) HLO module, read for what the planner counts.
 
-    m = hlo.Module(compiled.as_text())
+    m = hlo.Module.of(compiled)   # a jax.stages.Compiled; hlo.Module(text) for HLO text
     m.mult          # {computation: executions per run of the entry computation}
     m.flops()       # dot and convolution FLOPs, loops counted per iteration
     m.collectives()
-    m.kernel_calls()
+    m.kernel_calls(mark)
+
+The module is read from its ``HloModuleProto`` (``mm_jax.plan.hlo_proto``: XLA's serialization,
+whose field numbers do not change between versions), not by parsing its text, whose syntax does.
+Nothing more structured gives what is counted here: jaxlib 0.10.2's Python ``HloInstruction`` has
+a name, an opcode and operands but no shape, called computations or dimension numbers, and
+``cost_analysis()`` counts a loop body once (below).
 
 XLA's own ``cost_analysis()`` visits a while loop's body once, whatever its trip count, so a model
 whose layers run under ``lax.scan`` reads low by about its layer count. Here every computation
@@ -13,134 +19,69 @@ carries how often it runs: a while body runs its trip count (XLA:GPU writes it i
 compares an induction variable of the loop tuple with a constant, the initial tuple sets it to a
 constant, the body adds a constant), fused and called computations run as often as the
 instruction calling them, nested loops multiply. A loop whose trip count cannot be derived counts
-once and is listed in ``Module.unknown_loops``.
+once and is listed in ``Module.unknown_loops``. A ``conditional`` runs one of its branches: the
+one a constant predicate or index selects, else the one with the most FLOPs (the first of equals;
+an upper bound), listed in ``Module.conditionals``; its other branches count zero times.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-               "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1}
-SHAPE = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([0-9,]*)\]")
+from mm_jax.plan.hlo_proto import Instr, nbytes, read
+
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 KERNEL_TARGETS = re.compile(r"^(tpu_custom_call|__cudnn\$fmha.*)$")  # splash (Mosaic) and cuDNN attention
-
-_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*")
-_CALLS = re.compile(r"\b(body|condition|to_apply|calls|branch_computations|called_computations)="
-                    r"(\{[^}]*\}|%?[\w.\-]+)")
 _PASS = ("copy", "bitcast", "convert", "reshape")  # ops that carry a scalar's value unchanged
 
 
-def shapes(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
-    """[(dtype, dims)] of the arrays in an HLO type (one, or a tuple's elements in order)."""
-    return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in SHAPE.findall(type_text)]
-
-
-def shape_bytes(type_text: str) -> int:
-    return sum(DTYPE_BYTES[dt] * math.prod(dims) for dt, dims in shapes(type_text))
-
-
-def _balanced(text: str, i: int) -> int:
-    """Index just past the parenthesis group opening at text[i] == "("."""
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "(":
-            depth += 1
-        elif text[j] == ")":
-            depth -= 1
-            if depth == 0:
-                return j + 1
-    return len(text)
-
-
-@dataclasses.dataclass
-class Instr:
-    name: str
-    type: str          # "f32[8,256]{1,0}" or a tuple "(s32[], f32[8,256]{1,0})"
-    op: str
-    args: str          # the text between the op's parentheses
-    attrs: str         # the rest: attributes, metadata, backend_config
-    root: bool
-
-    @property
-    def operands(self) -> list[str]:
-        return re.findall(r"%([\w.\-]+)", self.args)
-
-    def attr(self, key: str) -> str | None:
-        m = re.search(r"\b" + re.escape(key) + r"=(\{[^}]*\}|[^\s,]+)", self.attrs)
-        return m.group(1) if m else None
-
-    @property
-    def op_name(self) -> str:
-        m = re.search(r'op_name="([^"]*)"', self.attrs)
-        return m.group(1) if m else ""
-
-    @property
-    def dims(self) -> tuple[int, ...]:
-        """The (first) result array's dimensions."""
-        s = shapes(self.type)
-        return s[0][1] if s else ()
-
-
-def _parse_instr(text: str) -> Instr | None:
-    m = _INSTR.match(text)
-    if not m:
-        return None
-    i = m.end()
-    if text[i:i + 1] == "(":
-        j = _balanced(text, i)
-    else:
-        j = i + len(re.match(r"\S*", text[i:]).group(0))
-    typ = text[i:j]
-    op = re.match(r"\s*([\w\-]+)\(", text[j:])
-    if not op:
-        return None
-    k = j + op.end() - 1
-    end = _balanced(text, k)
-    return Instr(m.group(2), typ, op.group(1), text[k + 1:end - 1], text[end:], bool(m.group(1)))
+def _find(tree, key: str):
+    """The first value of ``key`` anywhere in a JSON tree, or None."""
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        tree = list(tree.values())
+    if isinstance(tree, list):
+        for v in tree:
+            found = _find(v, key)
+            if found is not None:
+                return found
+    return None
 
 
 class Module:
-    def __init__(self, text: str):
-        self.comps: dict[str, list[Instr]] = {}
-        self.entry = ""
-        cur, buf = None, []
+    """The computations of one HLO module: ``Module(serialized HloModuleProto bytes or HLO text)``."""
 
-        def flush():
-            if cur is not None and buf:
-                ins = _parse_instr("\n".join(buf))
-                if ins:
-                    self.comps[cur].append(ins)
-            buf.clear()
-
-        for line in text.splitlines():
-            m = _COMP.match(line)
-            if m and not line.startswith((" ", "}")):
-                flush()
-                cur = m.group(1)
-                self.comps[cur] = []
-                if line.startswith("ENTRY"):
-                    self.entry = cur
-            elif cur is None:
-                continue
-            elif line.strip() == "}" and line.startswith("}"):
-                flush()
-                cur = None
-            elif _INSTR.match(line) and line.startswith(" "):
-                flush()
-                buf.append(line)
-            elif buf:  # an instruction printed over several lines (a custom call's kernel metadata)
-                buf.append(line)
-        flush()
+    def __init__(self, source: bytes | str):
+        self.comps, self.entry = read(source)
         self.instrs = {i.name: i for c in self.comps.values() for i in c}
         self.unknown_loops: list[str] = []
+        self.conditionals: list[str] = []
         self._trips: dict[str, int | None] = {}
+        self._branches: dict[str, str] = {}
+        self._comp_flops: dict[str, float] = {}
         self.mult = self._multiplicities()
 
+    @classmethod
+    def of(cls, compiled) -> "Module":
+        """The module of a ``jax.stages.Compiled`` (one program: SPMD partitioning gives every
+        device the same one)."""
+        modules = compiled.runtime_executable().hlo_modules()
+        if len(modules) != 1:
+            raise ValueError(f"the compiled program has {len(modules)} HLO modules; the planner reads exactly one")
+        return cls(modules[0].as_serialized_hlo_module_proto())
+
     # -- how often each computation runs -------------------------------------------------------
+
+    def _callees(self, ins: Instr) -> list[tuple[str, int]]:
+        """(computation, runs per execution of ``ins``) of what ``ins`` calls."""
+        if ins.op == "while":
+            trip = self.trip_count(ins)
+            body, cond = ins.called
+            return [(cond, 1), (body, 1 if trip is None else trip)]
+        if ins.op == "conditional":
+            return [(self.branch(ins), 1)]
+        return [(c, 1) for c in ins.called]
 
     def _multiplicities(self) -> dict[str, int]:
         mult: dict[str, int] = {}
@@ -150,10 +91,8 @@ class Module:
                 return
             mult[name] = mult.get(name, 0) + m
             for ins in self.comps[name]:
-                trip = self.trip_count(ins) if ins.op == "while" else None
-                for kind, target in _CALLS.findall(ins.attrs):
-                    for callee in re.findall(r"%?([\w.\-]+)", target):
-                        visit(callee, m * (trip if (trip is not None and kind == "body") else 1), depth + 1)
+                for callee, k in self._callees(ins):
+                    visit(callee, m * k, depth + 1)
 
         if self.entry:
             visit(self.entry, 1)
@@ -163,41 +102,64 @@ class Module:
         """Iterations of a while loop: XLA's ``known_trip_count``, else derived from the loop."""
         if w.name in self._trips:
             return self._trips[w.name]
-        m = re.search(r'"known_trip_count":\{"n":"(\d+)"', w.attrs)
-        n = int(m.group(1)) if m else self._derive_trip_count(w)
+        known = (w.backend_config.get("known_trip_count") or {}).get("n")
+        n = int(known) if known is not None else self._derive_trip_count(w)
         if n is None:
             self.unknown_loops.append(f"{w.name} ({w.op_name})")
         self._trips[w.name] = n
         return n
 
+    def branch(self, cond: Instr) -> str:
+        """The computation a ``conditional`` runs: the branch its constant predicate (true: the
+        first, false: the second) or index (out of range: the last) selects, else the branch with
+        the most FLOPs, the first of equals."""
+        if cond.name not in self._branches:
+            branches = cond.called
+            v = self._value(cond.operands[0]) if cond.operands else None
+            if v is not None and v[0] == "const":
+                if cond.operands[0].dtype == "pred":
+                    pick, why = branches[0 if v[1] else 1], "constant predicate"
+                else:
+                    pick, why = branches[v[1] if 0 <= v[1] < len(branches) else -1], "constant index"
+            else:
+                costs = [self.computation_flops(b) for b in branches]
+                pick, why = branches[costs.index(max(costs))], f"the most FLOPs of {len(branches)} branches"
+            self._branches[cond.name] = pick
+            self.conditionals.append(f"{cond.name} ({cond.op_name}): runs {pick}, {why}")
+        return self._branches[cond.name]
+
+    def computation_flops(self, name: str, depth: int = 0) -> float:
+        """FLOPs of one run of a computation, with what it calls (loops per iteration)."""
+        if name not in self._comp_flops:
+            if depth > 64:
+                return 0.0
+            self._comp_flops[name] = sum(self.instr_flops(ins) + sum(
+                k * self.computation_flops(c, depth + 1) for c, k in self._callees(ins))
+                for ins in self.comps.get(name, []))
+        return self._comp_flops[name]
+
     def _root(self, comp: str) -> Instr | None:
         return next((i for i in self.comps.get(comp, []) if i.root), None)
 
-    def _value(self, name: str, params=None, depth: int = 0):
+    def _value(self, ins: Instr | None, params=None, depth: int = 0):
         """A scalar as ("const", c) or ("iv", tuple_index, offset): a constant, or an element of the
         loop tuple (parameter 0 of the loop's computations) plus a constant; None if neither.
         ``params(index, depth)``: the values of a fused computation's parameters."""
-        ins = self.instrs.get(name)
         if ins is None or depth > 32:
             return None
         if ins.op == "constant":
-            try:
-                return ("const", int(ins.args.strip()))
-            except ValueError:
-                return None
+            c = ins.constant()
+            return None if c is None else ("const", c)
         if ins.op == "parameter":
-            idx = int(ins.args.strip() or 0)
-            if params is not None:  # a fused computation's parameter: the fusion's operand
-                return params(idx, depth)
-            return None
+            # a fused computation's parameter: the fusion's operand
+            return params(ins.proto.parameter_number, depth) if params is not None else None
         if ins.op in _PASS:
             return self._value(ins.operands[0], params, depth + 1)
         if ins.op == "get-tuple-element":
-            idx = int(ins.attr("index"))
-            src = self.instrs.get(ins.operands[0])
-            if src is not None and src.op == "parameter" and params is None:
+            idx, src = ins.proto.tuple_index, ins.operands[0]
+            if src.op == "parameter" and params is None:
                 return ("iv", idx, 0)
-            if src is not None and src.op == "tuple":
+            if src.op == "tuple":
                 return self._value(src.operands[idx], params, depth + 1)
             return None
         if ins.op in ("add", "subtract"):
@@ -219,13 +181,12 @@ class Module:
 
     def _inside(self, fusion: Instr, params):
         """(root, params) of a fusion's computation: its parameters read the fusion's operands."""
-        root = self._root((fusion.attr("calls") or "").lstrip("%"))
+        root = self._root(fusion.called[0]) if fusion.called else None
         ops = fusion.operands
-        return (root.name, lambda i, d: self._value(ops[i], params, d + 1)) if root else None
+        return (root, lambda i, d: self._value(ops[i], params, d + 1)) if root else None
 
-    def _compare(self, name: str, params=None, depth: int = 0):
+    def _compare(self, ins: Instr | None, params=None, depth: int = 0):
         """(tuple_index, direction, bound) of ``iv <direction> bound`` from a compare, possibly fused."""
-        ins = self.instrs.get(name)
         if ins is None or depth > 8:
             return None
         if ins.op == "fusion":
@@ -234,7 +195,7 @@ class Module:
         if ins.op != "compare":
             return None
         a, b = (self._value(o, params) for o in ins.operands[:2])
-        d = ins.attr("direction")
+        d = ins.proto.comparison_direction
         if a and b and a[0] == "const" and b[0] == "iv":
             a, b, d = b, a, {"LT": "GT", "GT": "LT", "LE": "GE", "GE": "LE"}.get(d, d)
         if not (a and b and a[0] == "iv" and b[0] == "const"):
@@ -242,18 +203,17 @@ class Module:
         return a[1], d, b[1] - a[2]
 
     def _derive_trip_count(self, w: Instr) -> int | None:
-        cond = self._root((w.attr("condition") or "").lstrip("%"))
-        body = self._root((w.attr("body") or "").lstrip("%"))
+        body, cond = (self._root(c) for c in w.called)
         if cond is None or body is None or body.op != "tuple" or not w.operands:
             return None
-        test = self._compare(cond.name)
+        test = self._compare(cond)
         if test is None:
             return None
         k, direction, bound = test
-        src = self.instrs.get(w.operands[0])
-        while src is not None and src.op in _PASS:
-            src = self.instrs.get(src.operands[0])
-        init = self._value(src.operands[k]) if src is not None and src.op == "tuple" else None
+        src = w.operands[0]
+        while src.op in _PASS:
+            src = src.operands[0]
+        init = self._value(src.operands[k]) if src.op == "tuple" else None
         step = self._value(body.operands[k]) if k < len(body.operands) else None
         if not (init and init[0] == "const" and step and step[0] == "iv" and step[1] == k and step[2] != 0):
             return None
@@ -278,22 +238,18 @@ class Module:
 
     # -- what the planner counts ---------------------------------------------------------------
 
-    def _dims_of(self, name: str) -> tuple[int, ...]:
-        ins = self.instrs.get(name)
-        return ins.dims if ins else ()
-
-    def _matmul_flops(self, ins: Instr, contracting: str) -> float:
-        lhs = self._dims_of(ins.operands[0]) if ins.operands else ()
-        contract = [int(d) for d in re.findall(r"\d+", contracting)]
+    @staticmethod
+    def _matmul_flops(ins: Instr, contracting) -> float:
+        lhs = ins.operands[0].dims if ins.operands else ()
+        contract = [int(d) for d in contracting]
         if any(d >= len(lhs) for d in contract):
             return 0.0
         return 2.0 * math.prod(ins.dims) * math.prod(lhs[d] for d in contract)
 
-    def operand_type(self, ins: Instr) -> str:
+    @staticmethod
+    def operand_type(ins: Instr) -> str:
         """The element type of an instruction's first operand ("bf16", "s8", "f8e4m3fn", ...; "" unknown)."""
-        src = self.instrs.get(ins.operands[0]) if ins.operands else None
-        s = shapes(src.type) if src is not None else []
-        return s[0][0] if s else ""
+        return ins.operands[0].dtype if ins.operands else ""
 
     def flops_by_type(self) -> dict[str, float]:
         """``flops()`` split by the element type of each matmul's left operand (8-bit types are
@@ -310,22 +266,20 @@ class Module:
         """FLOPs (2 per multiply-add) of one execution of a dot, a convolution, or a cuBLAS/cuDNN
         custom call standing for one; 0 for anything else."""
         if ins.op == "dot":
-            return self._matmul_flops(ins, ins.attr("lhs_contracting_dims") or "")
+            return self._matmul_flops(ins, ins.proto.dot_dimension_numbers.lhs_contracting_dimensions)
+        dims = [o.dims for o in ins.operands[:2]]
         if ins.op == "convolution":
-            return self._conv_flops(ins, self._dims_of(ins.operands[0]), self._dims_of(ins.operands[1]), ins.dims)
+            return self._conv_flops(ins, *dims, ins.dims) if len(dims) == 2 else 0.0
         if ins.op == "custom-call":
-            target = ins.attr("custom_call_target") or ""
-            target = target.strip('"')
+            target = ins.proto.custom_call_target
             if target.startswith("__cublas$"):
-                m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.attrs)
-                return self._matmul_flops(ins, m.group(1) if m else "")
-            if target.startswith("__cudnn$conv"):
-                ops = [self._dims_of(o) for o in ins.operands[:2]]
+                return self._matmul_flops(ins, _find(ins.backend_config, "lhs_contracting_dimensions") or [])
+            if target.startswith("__cudnn$conv") and len(dims) == 2:
                 if "BackwardInput" in target:      # (d_out, filter) -> d_in
-                    return self._conv_flops(ins, ins.dims, ops[1], ops[0])
+                    return self._conv_flops(ins, ins.dims, dims[1], dims[0])
                 if "BackwardFilter" in target:     # (in, d_out) -> d_filter
-                    return self._conv_flops(ins, ops[0], ins.dims, ops[1])
-                return self._conv_flops(ins, ops[0], ops[1], ins.dims)
+                    return self._conv_flops(ins, dims[0], ins.dims, dims[1])
+                return self._conv_flops(ins, dims[0], dims[1], ins.dims)
         return 0.0
 
     @staticmethod
@@ -333,26 +287,17 @@ class Module:
         """XLA's count (HloCostAnalysis::HandleConvolution): per output feature and batch, the
         input features of a group times the window positions that land on input (not on padding
         or between dilated inputs)."""
-        labels = ins.attr("dim_labels") or ""
-        m = re.match(r"(\w+)_(\w+)->(\w+)", labels)
-        if not m or not lhs or not rhs or not out:
+        dn = ins.proto.convolution_dimension_numbers
+        if not lhs or not rhs or not out:
             return 0.0
-        li, ri, oi = m.groups()
-        window = ins.attr("window") or "{}"
-        fields = dict(re.findall(r"(\w+)=([\w\-]+)", window.strip("{}")))
-        nsp = len([c for c in li if c.isdigit()])
-
-        def per_dim(key, default, n=nsp):
-            if key not in fields:
-                return [default] * n
-            return [tuple(int(x) for x in v.split("_")) if "_" in v else int(v) for v in fields[key].split("x")]
-
-        stride, pad = per_dim("stride", 1), per_dim("pad", (0, 0))
-        lhs_dil, rhs_dil = per_dim("lhs_dilate", 1), per_dim("rhs_dilate", 1)
+        window = ins.proto.window.dimensions
         valid = 1
-        for d in range(nsp):
-            k_lim, o_lim, i_lim = rhs[ri.index(str(d))], out[oi.index(str(d))], lhs[li.index(str(d))]
-            st, lo, rd, ld = stride[d], pad[d][0], rhs_dil[d], lhs_dil[d]
+        for d in range(len(dn.input_spatial_dimensions)):
+            k_lim = rhs[dn.kernel_spatial_dimensions[d]]
+            o_lim, i_lim = out[dn.output_spatial_dimensions[d]], lhs[dn.input_spatial_dimensions[d]]
+            w = window[d] if d < len(window) else None
+            st, lo = (w.stride or 1, w.padding_low) if w else (1, 0)
+            rd, ld = (w.window_dilation or 1, w.base_dilation or 1) if w else (1, 1)
             count = 0
             for k in range(k_lim):
                 if ld == 1:  # outputs o with 0 <= o*st - lo + k*rd < i_lim, in closed form
@@ -365,9 +310,10 @@ class Module:
                     if u % ld == 0 and 0 <= u // ld < i_lim:
                         count += 1
             valid *= count
-        fgc = int(ins.attr("feature_group_count") or 1)
-        bgc = int(ins.attr("batch_group_count") or 1)
-        fma = (lhs[li.index("f")] // fgc) * out[oi.index("f")] * (lhs[li.index("b")] // bgc) * valid
+        fgc = ins.proto.feature_group_count or 1
+        bgc = ins.proto.batch_group_count or 1
+        fma = (lhs[dn.input_feature_dimension] // fgc) * out[dn.output_feature_dimension] * (
+            lhs[dn.input_batch_dimension] // bgc) * valid
         return 2.0 * fma
 
     def flops(self) -> float:
@@ -383,21 +329,18 @@ class Module:
             kind = ins.op[:-len("-start")] if ins.op.endswith("-start") else ins.op
             if kind not in COLLECTIVES:
                 continue
-            if ins.op.endswith("-start") and ins.type.startswith("(") and kind in (
-                    "all-gather", "collective-permute", "all-to-all"):
+            parts = ins.leaves
+            if ins.op.endswith("-start") and ins.is_tuple and kind in ("all-gather", "collective-permute",
+                                                                       "all-to-all"):
                 # async form: (operands..., results..., [context]) -> the results are the second half
                 # once the context is dropped: XLA:TPU's collective-permute-start ends in two u32[]
                 # scalars, which halving would otherwise take for the results (8 bytes a transfer)
-                parts = shapes(ins.type)
                 while len(parts) > 2 and parts[-1][1] == () and parts[-1][0] in ("u32", "s32"):
                     parts = parts[:-1]
                 parts = parts[len(parts) // 2:] if len(parts) >= 2 else parts
-                nbytes = sum(DTYPE_BYTES[dt] * math.prod(dims) for dt, dims in parts)
-            else:
-                nbytes = shape_bytes(ins.type)
             d = out.setdefault(kind, {"count": 0, "bytes": 0})
             d["count"] += m
-            d["bytes"] += m * nbytes
+            d["bytes"] += m * nbytes(parts)
         return out
 
     def kernel_calls(self, mark: str) -> dict[tuple[str, str], int]:
@@ -411,7 +354,7 @@ class Module:
         for ins, m in self.executed():
             if ins.op != "custom-call":
                 continue
-            target = (ins.attr("custom_call_target") or "").strip('"')
+            target = ins.proto.custom_call_target
             if not KERNEL_TARGETS.match(target):
                 continue
             op_name = ins.op_name
@@ -423,4 +366,3 @@ class Module:
             key = (found.group(0) if found else f"unmarked {target} {ins.name}", "backward" if backward else "forward")
             out[key] = out.get(key, 0) + m
         return out
-
