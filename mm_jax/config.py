@@ -9,6 +9,21 @@ the ``--config`` flag with the override syntax in its help.
 
 A config folder that is a package (``configs/__init__.py``) is importable while its files load, so
 they can share ``configs/common.py`` wherever the command runs from.
+
+Why not ``config_flags.DEFINE_config_file`` directly (tried with ml_collections' config_flags on
+this repo's configs): it loads the file by path without its package on ``sys.path``, so
+``configs/video.py`` (``from configs.common import ...``) fails with "No module named 'configs'"
+when the command runs outside the repository root; it registers the ``--config.a.b`` override
+flags from ``sys_argv`` at definition time, so with argparse owning the command line (``--help``
+with defaults, the CLIs' other flags) an override given to the parsed flags alone is "Unknown
+command line flag 'config.train.steps'"; an unknown preset comes back as IllegalFlagValueError
+with a traceback inside its message and a missing file as "OSError: Configuration is not
+available because of an earlier failure to load", where the CLIs refuse with one line naming the
+file, the preset or the field and exit 2 before any work (``tests/test_cli_errors.py``); and absl's
+global ``FLAGS`` cannot define ``config`` twice in one process (tests call the CLIs' ``main``
+repeatedly). So this module loads the file itself (``get_config``) and leaves only the typed
+parsing of overrides to ``config_flags`` (``DEFINE_config_dict`` on a private ``FlagValues`` per
+call, with the overrides as its ``sys_argv``).
 """
 from __future__ import annotations
 
