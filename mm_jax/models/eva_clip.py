@@ -10,6 +10,8 @@ SwiGLU ``w3(ffn_ln(silu(w1 x) * w2 x))`` -> residual. Every LayerNorm has eps 1e
 ConsisID also takes the residual stream *entering* blocks 4, 8, 12, 16 and 20 (class token
 included, before the block's norm): ``pixels (B, H, W, 3) -> ((B, embed_dim), (5, B, 1+P, width))``.
 The blocks are one stack (``blocks``, a leading ``layers`` axis) run under ``lax.scan``.
+``preprocess`` is ConsisID's input transform (torchvision's antialiased bicubic resize to 336 and
+OpenAI CLIP's mean/std), in numpy. Weights: ``tools/convert_weights/eva_clip.py``.
 """
 from __future__ import annotations
 
@@ -84,25 +86,6 @@ def _param(shape, axes, rngs: nnx.Rngs, cfg: EVAVisionConfig, init=nnx.initializ
     return nnx.Param(L.partitioned(init, *axes)(rngs.params(), shape, canonical_dtype(cfg.param_dtype)))
 
 
-def rope_tables(cfg: EVAVisionConfig) -> tuple[np.ndarray, np.ndarray]:
-    """``VisionRotaryEmbeddingFast(head_width // 2, pt_hw_seq_len, grid)``'s ``freqs_cos``/``freqs_sin``,
-    ``(grid * grid, head_width)`` float32, row-major over the patch grid.
-
-    A patch at (row i, column j) has position ``i / grid * pt_hw_seq_len`` (and the same for j), so
-    the 24x24 grid spans the 16x16 positions of pre-training. Channels ``[0, head_width/2)`` rotate
-    by the row position, the rest by the column; each frequency ``theta^(-2k/(head_width/2))`` is
-    repeated for an adjacent (interleaved) pair. Computed in float32 as the reference does."""
-    dim = cfg.head_width // 2
-    freqs = np.float32(1.0) / (np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32)[: dim // 2]
-                                                               / np.float32(dim)))
-    t = np.arange(cfg.grid, dtype=np.float32) / np.float32(cfg.grid) * np.float32(cfg.pt_hw_seq_len)
-    f = np.repeat(np.outer(t, freqs).astype(np.float32), 2, axis=-1)  # (grid, dim): pairs interleaved
-    rows = np.broadcast_to(f[:, None, :], (cfg.grid, cfg.grid, dim))
-    cols = np.broadcast_to(f[None, :, :], (cfg.grid, cfg.grid, dim))
-    angles = np.concatenate([rows, cols], axis=-1).reshape(cfg.grid * cfg.grid, 2 * dim)
-    return np.cos(angles), np.sin(angles)
-
-
 def _aa_cubic(x: np.ndarray) -> np.ndarray:
     """The Keys cubic with a = -0.5 (PIL's and torch's antialiased bicubic; plain torch bicubic uses -0.75)."""
     a, x = np.float32(-0.5), np.abs(x)
@@ -151,7 +134,7 @@ def resize_short_side(images: np.ndarray, size: int) -> np.ndarray:
     return x.transpose(0, 2, 3, 1).astype(np.float32)
 
 
-def preprocess(faces: np.ndarray, image_size: int = 336) -> np.ndarray:
+def preprocess(faces: np.ndarray, image_size: int = EVAVisionConfig.image_size) -> np.ndarray:
     """ConsisID's EVA input (``consisid_utils.process_face_embeddings``): the grey face on white,
     float RGB in [0, 1] ``(B, H, W, 3)`` -> short side resized to ``image_size`` (antialiased bicubic)
     and normalised with OpenAI CLIP's mean/std -> ``(B, image_size, image_size, 3)`` float32."""
@@ -163,6 +146,25 @@ def preprocess(faces: np.ndarray, image_size: int = 336) -> np.ndarray:
         raise ValueError(f"faces of size {faces.shape[1:3]} resize to {x.shape[1:3]}; the EVA tower takes a square "
                          f"{image_size}x{image_size} input (ConsisID feeds the square 512x512 aligned crop)")
     return ((x - CLIP_MEAN) / CLIP_STD).astype(np.float32)
+
+
+def rope_tables(cfg: EVAVisionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``VisionRotaryEmbeddingFast(head_width // 2, pt_hw_seq_len, grid)``'s ``freqs_cos``/``freqs_sin``,
+    ``(grid * grid, head_width)`` float32, row-major over the patch grid.
+
+    A patch at (row i, column j) has position ``i / grid * pt_hw_seq_len`` (and the same for j), so
+    the 24x24 grid spans the 16x16 positions of pre-training. Channels ``[0, head_width/2)`` rotate
+    by the row position, the rest by the column; each frequency ``theta^(-2k/(head_width/2))`` is
+    repeated for an adjacent (interleaved) pair. Computed in float32 as the reference does."""
+    dim = cfg.head_width // 2
+    freqs = np.float32(1.0) / (np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32)[: dim // 2]
+                                                               / np.float32(dim)))
+    t = np.arange(cfg.grid, dtype=np.float32) / np.float32(cfg.grid) * np.float32(cfg.pt_hw_seq_len)
+    f = np.repeat(np.outer(t, freqs).astype(np.float32), 2, axis=-1)  # (grid, dim): pairs interleaved
+    rows = np.broadcast_to(f[:, None, :], (cfg.grid, cfg.grid, dim))
+    cols = np.broadcast_to(f[None, :, :], (cfg.grid, cfg.grid, dim))
+    angles = np.concatenate([rows, cols], axis=-1).reshape(cfg.grid * cfg.grid, 2 * dim)
+    return np.cos(angles), np.sin(angles)
 
 
 def rotate_pairs(x: jax.Array) -> jax.Array:
