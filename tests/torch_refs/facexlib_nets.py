@@ -74,13 +74,25 @@ def retinaface_ref(image_bgr: np.ndarray, seed: int = 0):
 
 
 def bisenet_ref(x, seed: int = 0):
-    """facexlib ``BiSeNet(19)``, random weights calibrated on the (1, 3, H, W) input ``x``."""
+    """facexlib ``BiSeNet(19)``, random weights calibrated on the (1, 3, H, W) input ``x``, its
+    main output's classes centred on ``x``."""
     import torch
     from facexlib.parsing.bisenet import BiSeNet
 
     torch.manual_seed(seed)
     ref = BiSeNet(num_class=19)
-    _calibrate_batchnorm(ref, x, seed + 1)
+    # the attention and global-context BatchNorms see 1x1 maps: their statistics need a batch
+    _calibrate_batchnorm(ref, torch.cat([x, x.flip(-1), x.flip(-2), 0.5 * x]), seed + 1)
+    # ReLU features have a large common mean, so one class would win nearly every pixel: remove
+    # that mean from each class row of the main classifier, so the argmax mixes labels
+    feats = []
+    hook = ref.conv_out.conv.register_forward_hook(lambda m, i, o: feats.append(o))
+    with torch.no_grad():
+        ref(x)
+        hook.remove()
+        mu = feats[0].mean((0, 2, 3))
+        w = ref.conv_out.conv_out.weight[:, :, 0, 0]
+        w -= (w @ mu)[:, None] * mu[None] / (mu @ mu)
     return ref
 
 

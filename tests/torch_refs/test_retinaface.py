@@ -6,6 +6,8 @@ import pytest
 from tests.conftest import max_rel_err
 from tests.torch_refs import facexlib_nets as nets
 
+pytestmark = pytest.mark.slow  # ~40 s of CPU: a full-size ResNet-50 in torch and in JAX
+
 SIZE = (160, 112)  # (W, H) of the downscaled t1.jpg: small enough for CPU CI, six real faces
 THRESHOLD = 0.9
 
