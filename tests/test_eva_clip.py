@@ -91,3 +91,39 @@ def test_preprocess_refuses_non_square_faces_and_uint8():
         preprocess(np.zeros((1, 512, 600, 3), np.float32))
     with pytest.raises(ValueError, match="float RGB"):
         preprocess(np.zeros((1, 512, 512, 3), np.uint8))
+
+
+SHARDED = """
+import jax, numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from mm_jax import parallel
+from mm_jax.models.eva_clip import EVAVisionConfig, EVAVisionTower
+# width 32: at 48 or 64 XLA:CPU's reshard bug (tests/test_parallel.py) gives O(1) errors in plain JAX too
+cfg = EVAVisionConfig(image_size=56, patch_size=14, width=32, layers=3, head_width=16, mlp_hidden=64, embed_dim=16,
+                      hidden_state_blocks=(1, 2))
+m = EVAVisionTower(cfg, rngs=nnx.Rngs(0))
+x = np.random.default_rng(0).standard_normal((4, 56, 56, 3)).astype(np.float32)
+fwd = nnx.jit(lambda m, x: m(x))
+want = [np.asarray(a) for a in fwd(m, x)]
+mesh = parallel.make_mesh("data=2,fsdp=2,tensor=2")
+m = parallel.shard_module(m, mesh)
+assert m.blocks.mlp.w1.kernel.get_value().sharding.spec == P(None, "fsdp", "tensor")
+with jax.set_mesh(mesh):
+    got = [np.asarray(a) for a in fwd(m, jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp")))))]
+print("rel_err", max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(got, want)))
+"""
+
+
+@pytest.mark.slow  # a subprocess on 8 fake devices: ~40 s on 2 busy cores
+def test_tower_on_a_2x2x2_mesh_equals_one_device():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import fake_devices_env
+
+    r = subprocess.run([sys.executable, "-c", SHARDED], env=fake_devices_env(8), cwd=Path(__file__).parents[1],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert float(r.stdout.split("rel_err")[1]) <= 1e-5, r.stdout
