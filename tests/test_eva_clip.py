@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from mm_jax.models.eva_clip import EVAVisionConfig, preprocess
 from tools.convert_weights import eva_clip as ec
@@ -127,3 +128,21 @@ def test_tower_on_a_2x2x2_mesh_equals_one_device():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert float(r.stdout.split("rel_err")[1]) <= 1e-5, r.stdout
+
+
+def test_converted_tower_round_trips_through_a_checkpoint_folder(tmp_path, monkeypatch):
+    from mm_jax import checkpoint, components
+    from mm_jax.models.eva_clip import EVAVisionTower
+
+    # the registry entry mm_jax.components is to hold for ConsisID's face encoder
+    monkeypatch.setitem(components.COMPONENTS, "eva_clip", components.ComponentSpec(
+        "eva_clip", EVAVisionConfig, EVAVisionTower, ("EVAVisionTransformer",), stacks=("blocks",)))
+    cfg, params = ec.convert_state_dict(_state_dict(), TINY)
+    ec.save(tmp_path, cfg, params)
+    checkpoint.write_index(tmp_path, ["eva_clip"])
+    back = checkpoint.load_component(tmp_path, "eva_clip")
+    assert back.cfg == cfg
+    got = {checkpoint.flat_key(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(back, nnx.Param))}
+    assert got.keys() == params.keys()
+    for k in params:
+        np.testing.assert_array_equal(got[k], params[k], err_msg=k)

@@ -51,6 +51,7 @@ class EVAVisionConfig(ConfigBase):
     RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers")
     TAG = {"architectures": ["EVAVisionTransformer"]}
     STRICT = True
+    IGNORED = ("architectures",)
 
     def validate(self) -> None:
         if self.image_size % self.patch_size:

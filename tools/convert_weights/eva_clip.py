@@ -153,3 +153,10 @@ def to_module(cfg: EVAVisionConfig, params: dict) -> EVAVisionTower:
     for path, var in flat:
         var.set_value(jnp.asarray(params[checkpoint.flat_key(path)], var.get_value().dtype))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def save(ckpt_dir: str | Path, cfg: EVAVisionConfig, params: dict, name: str = COMPONENT) -> None:
+    """Write the tower as component ``name`` of an mm_jax checkpoint folder (config.json + params, the
+    ``blocks`` stack as one group). Loading it back (``checkpoint.load_component``) needs ``name``
+    registered in ``mm_jax.components`` with ``stacks=("blocks",)``."""
+    checkpoint.save_component(ckpt_dir, name, cfg, params)
