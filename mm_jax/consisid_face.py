@@ -90,14 +90,18 @@ def decode_detections(loc: np.ndarray, conf: np.ndarray, landmarks: np.ndarray, 
     return np.concatenate((dets[keep], points[keep]), axis=1)
 
 
+# Full float32 convolutions on every backend: the landmarks feed a warp that is exact to the pixel,
+# and TPU's default one-pass bfloat16 convolutions would move them.
 @nnx.jit
 def _detect(model: rf.RetinaFace, x: jax.Array):
-    return model(x)
+    with jax.default_matmul_precision("highest"):
+        return model(x)
 
 
 @nnx.jit
 def _parse(model, x: jax.Array) -> jax.Array:
-    return model(x)[0].argmax(-1)
+    with jax.default_matmul_precision("highest"):
+        return model(x)[0].argmax(-1)
 
 
 def detect_faces(model: rf.RetinaFace, image_bgr: np.ndarray, conf_threshold: float = CONF_THRESHOLD,

@@ -63,3 +63,17 @@ def test_retinaface_converter_strips_dataparallel_prefix():
     assert fx.load_state_dict(ours, "retinaface", {"module." + k: v for k, v in sd.items()}) == len(sd)
     np.testing.assert_array_equal(np.asarray(ours.fpn.output1.conv.kernel.get_value()),
                                   sd["fpn.output1.0.weight"].transpose(2, 3, 1, 0))
+
+
+def test_converter_cli_reads_pth_files_and_refuses_unknown_names(tmp_path, capsys):
+    import torch
+
+    path = tmp_path / "parsing_bisenet.pth"
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in _facexlib_state_dict("bisenet").items()}, path)
+    assert fx.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "OK:" in out and "-> bisenet (13,300,416 params)" in out
+    other = tmp_path / "other.pth"
+    other.write_bytes(path.read_bytes())
+    assert fx.main([str(other)]) == 2
+    assert "expected files named detection_Resnet50_Final.pth or parsing_bisenet.pth" in capsys.readouterr().err
