@@ -148,7 +148,7 @@ def test_plan_counts_the_quantized_linear_layers_at_the_int8_peak():
     """The tiny DiT's step for v5e-1, bf16 vs int8: the same FLOPs; in the int8 plan every XLA
     matmul but the patch convolution (kept in bf16) has int8 operands and counts at 394 TOPS,
     the splash attention at the 197 TFLOP/s bf16 peak."""
-    from tests.test_plan import C_LAT, D, PATCH, _plan
+    from tests.tiny_plan import C_LAT, D, PATCH, plan_tiny as _plan
 
     bf, q = _plan("v5e-1", identity=False), _plan("v5e-1", identity=False, quantize="int8")
     cb, cq = bf.phases[0].compiled, q.phases[0].compiled
