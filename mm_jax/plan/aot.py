@@ -166,16 +166,16 @@ def counting_kernels():
             return real
 
         def call(q, k, v, key_mask, kv_lengths, scale):
-            mesh = jax.sharding.get_abstract_mesh()
+            mesh = parallel.current_mesh()
             shards = 1
-            if mesh is not None and not mesh.empty:
+            if mesh is not None:
                 # inside shard_map (attention_parallel) q is already one device's shard: its
                 # manual axes split nothing further
                 manual = set(getattr(mesh, "manual_axes", ()) or ())
-                spec = parallel.logical_to_spec(("batch", "seq", "act_heads", None), q.shape, dict(mesh.shape))
-                for axes in spec:
-                    for a in ((axes,) if isinstance(axes, str) else (axes or ())):
-                        shards *= 1 if a in manual else dict(mesh.shape)[a]
+                sizes = parallel.mesh_shape(mesh)
+                auto = {a: n for a, n in sizes.items() if a not in manual}
+                for entry in parallel.logical_to_spec(("batch", "seq", "act_heads", None), q.shape, sizes):
+                    shards *= parallel.spec_shards(entry, auto)
             b, s, n, dh = q.shape
             kc = KernelCall(impl, b, s, k.shape[1], n, dh, shards)
             fn = lambda q, k, v, key_mask, kv_lengths: real(q, k, v, key_mask, kv_lengths, scale)  # noqa: E731
