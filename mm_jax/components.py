@@ -1,7 +1,7 @@
 """The registry of checkpoint components: what each one's config and network are.
 
 A component is one network of a pipeline folder (``transformer``, ``vae``, ``text_encoder``,
-``image_encoder``, ``adapter``, ``clip``). The converter and the checkpoint loader both look components up
+``image_encoder``, ``adapter``, ``clip``, ``eva_clip``). The converter and the checkpoint loader both look components up
 here, so adding a network means adding one ``ComponentSpec``. The classes are referenced directly
 (no "module:Class" strings), so a renamed class fails at import, not at first use; the models
 import nothing from here, so there is no cycle.
@@ -14,6 +14,7 @@ from typing import Any
 from mm_jax.models.clip import CLIPConfig, CLIPModel
 from mm_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionTower
 from mm_jax.models.dit import CogVideoXTransformer3D, DiTConfig
+from mm_jax.models.eva_clip import EVAVisionConfig, EVAVisionTower
 from mm_jax.models.id_adapter import AdapterConfig, MagicMirrorAdapter
 from mm_jax.models.t5 import T5Config, T5Encoder
 from mm_jax.models.vae import AutoencoderKLCogVideoX, VAEConfig
@@ -51,6 +52,9 @@ COMPONENTS: dict[str, ComponentSpec] = {
     # folder converts to image_encoder unless this one is asked for (--components clip)
     "clip": ComponentSpec("clip", CLIPConfig, CLIPModel,
                           stacks=("text_model/encoder/layers", "vision_model/encoder/layers")),
+    # ConsisID's face-feature tower (EVA02-CLIP-L-14-336, face_encoder/EVA02_CLIP_L_336_psz14_s6B.pt)
+    "eva_clip": ComponentSpec("eva_clip", EVAVisionConfig, EVAVisionTower, ("EVAVisionTransformer",),
+                              stacks=("blocks",)),
 }
 
 # components of a pipeline folder that are copied verbatim (no weights to convert)
