@@ -29,6 +29,7 @@ from mm_jax.data.example import (
     Outcome,
     add_example_arguments,
 )
+from mm_jax.data.precompute import add_precompute_arguments, precompute_settings
 from mm_jax.data.records import DEFAULT_REF_SIZE
 from mm_jax.data.sources import BuildError, item_key, list_items  # noqa: F401  (BuildError: part of this CLI's API)
 from mm_jax.text import CLASS_WORDS
@@ -174,34 +175,19 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes (0: in-process)")
     ap.add_argument("--shard-size", type=int, default=256, help="records per ArrayRecord shard")
     add_example_arguments(ap)
-    pre = ap.add_argument_group("precompute (training then skips the VAE and T5: data.precomputed=True)")
-    pre.add_argument("--precompute", action="store_true", help="also store VAE latents and T5 text embeddings")
-    pre.add_argument("--checkpoint", help="converted CogVideoX folder (VAE, T5, tokenizer)")
-    pre.add_argument("--height", type=int, default=480)
-    pre.add_argument("--width", type=int, default=720)
-    pre.add_argument("--frames", type=int, default=49, help="1 for the image stage; clips: a count the VAE decodes "
-                                                            "exactly (python -m mm_jax.sample --help lists them)")
-    pre.add_argument("--frame-stride", type=int, default=1, help="encode frames 0, s, 2s, ... (data.frame_stride)")
-    pre.add_argument("--max-text-length", type=int, default=226)
+    add_precompute_arguments(ap)
     args = ap.parse_args(argv)
-    if args.precompute and not args.checkpoint:
-        ap.error("--precompute needs --checkpoint")
     try:
-        if args.precompute:  # checked before the build writes anything
-            from mm_jax import frame_counts
-
-            frame_counts.check(args.frames, "--frames")
-            if min(args.height, args.width, args.max_text_length, args.frame_stride) < 1:
-                raise BuildError(f"--height {args.height} --width {args.width} --max-text-length "
-                                 f"{args.max_text_length} --frame-stride {args.frame_stride}: must be positive")
+        pre = precompute_settings(ap, args)  # checked before the build writes anything
         s = build_dataset(args.src, args.out, args.face_models, workers=args.workers, shard_size=args.shard_size,
                           max_frames=args.max_frames, min_similarity=args.min_similarity, det_size=args.det_size,
-                          jpeg_quality=args.jpeg_quality, ref_size=args.ref_size, caption_rules=load_rules(args.caption_rules))
-        if args.precompute:
+                          jpeg_quality=args.jpeg_quality, ref_size=args.ref_size,
+                          caption_rules=load_rules(args.caption_rules))
+        if pre is not None:
             from mm_jax.data.precompute import precompute
 
-            s = precompute(args.out, args.checkpoint, height=args.height, width=args.width, frames=args.frames,
-                           frame_stride=args.frame_stride, max_text_length=args.max_text_length)
+            s = precompute(args.out, pre.checkpoint, height=pre.height, width=pre.width, frames=pre.frames,
+                           frame_stride=pre.frame_stride, max_text_length=pre.max_text_length)
     except (BuildError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -477,8 +477,9 @@ def make_loader(data_cfg, *, tokenizer, global_batch_size: int, seed: int, proce
         raise ValueError(f"data.path={data_cfg.path}: {n} records x data.num_epochs={epochs} is less than one "
                          f"global batch of {g}")
     null_text = None
-    if data_cfg.precomputed:
-        null_path = Path(data_cfg.path) / "null_text.npy"
+    if data_cfg.precomputed:  # beside the shards, or in the TFDS dataset's folder
+        found = locate_records(data_cfg.path, data_cfg.stage, data_cfg.get("format", "shards"))
+        null_path = (Path(data_cfg.path) if found[0] == "shards" else Path(found[1])) / "null_text.npy"
         if not null_path.exists():
             raise FileNotFoundError(f"data.precomputed=True but {null_path} is missing: build with --precompute")
         null_text = np.load(null_path)

@@ -30,6 +30,7 @@ from etils import epath
 
 from mm_jax.data.captions import load_rules
 from mm_jax.data.example import ExampleOptions, add_example_arguments
+from mm_jax.data.precompute import add_precompute_arguments, precompute_settings
 from mm_jax.data.records import DEFAULT_REF_SIZE
 from mm_jax.data.sources import BuildError
 from mm_jax.text import CLASS_WORDS
@@ -126,8 +127,9 @@ class _Progress:
 def prepare(builder: str, src: str | Path, out: str | Path, face_models: str | Path, *, workers: int = 0,
             beam_pipeline_options: str = "", layout_options: dict | None = None, max_frames: int = 49,
             min_similarity: float = 0.5, det_size: int = 640, jpeg_quality: int = 95, ref_size: int = DEFAULT_REF_SIZE, class_words=CLASS_WORDS,
-            caption_rules=(), overwrite: bool = False, progress: bool = True) -> dict:
-    """Build (or reuse) the dataset; returns ``summarize``'s summary."""
+            caption_rules=(), overwrite: bool = False, progress: bool = True, precompute=None) -> dict:
+    """Build (or reuse) the dataset; returns ``summarize``'s summary. ``precompute``: the
+    ``precompute.PrecomputeSettings`` of a build that also stores latents and text embeddings."""
     if builder not in BUILDER_NAMES:
         raise BuildError(f"--builder {builder}: unknown; one of {', '.join(BUILDER_NAMES)}")
     options = ExampleOptions(face_models=str(face_models), max_frames=int(max_frames),
@@ -142,6 +144,7 @@ def prepare(builder: str, src: str | Path, out: str | Path, face_models: str | P
         from apache_beam.options.pipeline_options import PipelineOptions
 
         from mm_jax.data.tfds import BUILDERS
+        from mm_jax.data.tfds.builders import build_settings
     except ImportError as e:
         raise BuildError(f"python -m mm_jax.data.prepare needs tensorflow-datasets and apache-beam ({e}): "
                          f"pip install -e '.[tfds]'") from None
@@ -159,19 +162,21 @@ def prepare(builder: str, src: str | Path, out: str | Path, face_models: str | P
             raise BuildError(f"--src {src}: no such file or folder")
     progress_dir = tempfile.mkdtemp(prefix="mm_prepare_") if local else None
     try:
-        b = BUILDERS[builder](data_dir=str(out), file_format="array_record", src=str(src), options=options,
-                              layout_options=layout_options, progress_dir=progress_dir)
+        def make():
+            return BUILDERS[builder](data_dir=str(out), file_format="array_record", src=str(src), options=options,
+                                     layout_options=layout_options, progress_dir=progress_dir, precompute=precompute)
+
+        b = make()
         remove_incomplete(b)
         if b.is_prepared():
             settings = json.loads((epath.Path(b.data_path) / "metadata.json").read_text()).get("settings")
-            if not overwrite and settings == options.settings():
+            if not overwrite and settings == build_settings(options, precompute):
                 return summarize(b)
             if not overwrite:
                 raise BuildError(f"--out {out}: {b.data_path} was built with other settings ({settings}); pass "
                                  f"--overwrite to rebuild it or choose another --out")
             epath.Path(b.data_path).rmtree()
-            b = BUILDERS[builder](data_dir=str(out), file_format="array_record", src=str(src), options=options,
-                                  layout_options=layout_options, progress_dir=progress_dir)
+            b = make()
         config = tfds.download.DownloadConfig(beam_options=PipelineOptions(args), manual_dir=str(src))
         with _Progress(Path(progress_dir), None, progress and local) if local else _NoProgress():
             try:
@@ -219,16 +224,18 @@ def main(argv=None) -> int:
     ap.add_argument("--video-root", help="mm_clips_csv, mm_opens2v: folder of the clips (default: beside the CSV / "
                                          "<src>/videos)")
     add_example_arguments(ap)
+    add_precompute_arguments(ap)
     ap.add_argument("--overwrite", action="store_true", help="rebuild a complete dataset")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     try:
+        pre = precompute_settings(ap, args)  # checked before anything is written
         s = prepare(args.builder, args.src, args.out, args.face_models, workers=args.workers,
                     beam_pipeline_options=args.beam_pipeline_options,
                     layout_options={"captions": args.captions, "video_root": args.video_root},
                     max_frames=args.max_frames, min_similarity=args.min_similarity, det_size=args.det_size,
                     jpeg_quality=args.jpeg_quality, ref_size=args.ref_size, caption_rules=load_rules(args.caption_rules),
-                    overwrite=args.overwrite, progress=not args.quiet)
+                    overwrite=args.overwrite, progress=not args.quiet, precompute=pre)
     except (BuildError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,12 @@ from mm_jax.data.tfds.features import features
 RECORD_FORMAT = f"{MAGIC.decode()} fields as typed TFDS features (mm_jax.data.tfds.features)"
 
 
+def build_settings(options: ExampleOptions, precompute=None) -> dict:
+    """What decides a dataset's content (its metadata's ``settings``): a rebuild with other
+    settings is refused unless asked for."""
+    return {**options.settings(), "precompute": None if precompute is None else precompute.record_settings()}
+
+
 class RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the builders: ``LAYOUT`` lists the items; Beam makes the records."""
 
@@ -32,15 +38,16 @@ class RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     LAYOUT: type[layouts.Layout] = layouts.Layout
 
     def __init__(self, *, src: str | None = None, options: ExampleOptions | None = None,
-                 layout_options: dict | None = None, progress_dir: str | None = None, **kwargs):
-        self._src, self._options = src, options
+                 layout_options: dict | None = None, progress_dir: str | None = None, precompute=None,
+                 **kwargs):
+        self._src, self._options, self._precompute = src, options, precompute
         self._layout_options, self._progress_dir = dict(layout_options or {}), progress_dir
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self, description=f"Magic Mirror training records from a {self.LAYOUT.name} source.",
-            features=features(),
+            features=features(precomputed=self._precompute is not None),
             metadata=tfds.core.MetadataDict())
 
     def _split_generators(self, dl_manager, pipeline):
@@ -51,6 +58,8 @@ class RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         layout = self.LAYOUT(**self._layout_options)
         units = layout.units(self._src)
         kinds = layout.kinds(units)
+        if self._precompute is not None:  # a precomputing build writes the stage's kinds only
+            kinds = tuple(k for k in kinds if k in self._precompute.kinds())
         if not units or not kinds:
             raise BuildError(f"--src {self._src}: nothing to build ({layout.name} layout)")
         total = layout.count(units) if self._progress_dir else None
@@ -58,9 +67,10 @@ class RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             with open(f"{self._progress_dir}.total", "w") as f:
                 f.write(str(total))
         self.info.metadata.update({"record_format": RECORD_FORMAT, "layout": layout.name, "src": str(self._src),
-                                   "layout_options": self._layout_options, "settings": self._options.settings()})
+                                   "layout_options": self._layout_options,
+                                   "settings": build_settings(self._options, self._precompute)})
         return build_splits(pipeline, layout, units, kinds, self._options, str(self.data_path / "skipped"),
-                            self._progress_dir)
+                            self._progress_dir, self._precompute, str(self.data_path / "null_text.npy"))
 
     def _generate_examples(self):
         raise NotImplementedError("the splits are Beam PCollections made in _split_generators")

@@ -25,12 +25,13 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
 
 from mm_jax.data.example import ExampleMaker, ExampleOptions
-from mm_jax.data.sources import item_key, source_name
+from mm_jax.data.sources import item_key, item_kind, source_name
 from mm_jax.data.tfds.features import to_features
 
 NAMESPACE = "mm_jax"
 SKIPPED = "skipped"
 _MAKERS = Shared()  # one ExampleMaker (and so one set of face models) per worker process
+_ENCODERS = Shared()  # one set of frozen encoders (VAE, T5) per worker process, with --precompute
 
 
 def _count(name: str, n: int = 1) -> None:
@@ -133,10 +134,49 @@ class MakeRecords(beam.DoFn):
             self._progress.write(b".")
         if o.status == "ok":
             _count(f"records/{o.kind}")
-            yield o.kind, (key, to_features(o.example))
+            yield o.kind, (key, o.example)
         else:
             _count("skipped/" + (o.reason if not o.reason.startswith("error") else "error"))
             yield beam.pvalue.TaggedOutput(SKIPPED, {"path": source_name(item), "reason": o.reason})
+
+
+class Precompute(beam.DoFn):
+    """(kind, (key, record)) -> the same with the frozen encoders' outputs (``precompute.Encoders``,
+    loaded once per worker process), the step ``--precompute`` adds after the records are made."""
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def setup(self):
+        from mm_jax.data.precompute import Encoders
+
+        tag = hashlib.sha1(repr(self.settings).encode()).hexdigest()
+        self._encoders = _ENCODERS.acquire(lambda: Encoders(self.settings), tag=tag)
+
+    def process(self, kind_record):
+        kind, (key, record) = kind_record
+        yield kind, (key, self._encoders(record))
+
+
+class WriteNullText(beam.DoFn):
+    """path -> ``null_text.npy`` there: the empty prompt's T5 embedding (caption dropout)."""
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def process(self, path: str):
+        import io
+
+        import numpy as np
+        from etils import epath
+
+        from mm_jax.data.precompute import Encoders
+
+        tag = hashlib.sha1(repr(self.settings).encode()).hexdigest()
+        buf = io.BytesIO()
+        np.save(buf, _ENCODERS.acquire(lambda: Encoders(self.settings), tag=tag).null_text())
+        epath.Path(path).write_bytes(buf.getvalue())
+        yield path
 
 
 def _loaded(maker: ExampleMaker) -> ExampleMaker:
@@ -166,12 +206,31 @@ def unique_items(pipeline, layout, units: list[dict]):
 
 
 def build_splits(pipeline, layout, units: list[dict], kinds: tuple[str, ...], options: ExampleOptions,
-                 skipped_path: str, progress_dir: str | None = None) -> dict:
+                 skipped_path: str, progress_dir: str | None = None, precompute=None,
+                 null_text_path: str | None = None) -> dict:
     """The split PCollections {kind: (key, example)} for ``GeneratorBasedBuilder._split_generators``;
-    also writes the skipped items to ``skipped_path``-*.jsonl."""
+    also writes the skipped items to ``skipped_path``-*.jsonl. ``precompute``: the
+    ``PrecomputeSettings`` of a precomputing build (records of its kinds only; the null text
+    embedding goes to ``null_text_path``)."""
     _, unique, skipped = unique_items(pipeline, layout, units)
+    if precompute is not None:
+        unique, other = unique | "Kinds built" >> beam.Partition(
+            lambda kv, n: int(item_kind(kv[1]) not in kinds), 2)
+        skipped.append(other | "Other kinds" >> beam.Map(_other_kind))
+        (pipeline | "Null text path" >> beam.Create([null_text_path])
+         | "Null text" >> beam.ParDo(WriteNullText(precompute)))
     made = unique | "Make records" >> beam.ParDo(MakeRecords(options, progress_dir)).with_outputs(SKIPPED, main="made")
+    records = made.made
+    if precompute is not None:
+        records = records | "Precompute" >> beam.ParDo(Precompute(precompute))
     (tuple(skipped + [made[SKIPPED]]) | "Skipped" >> beam.Flatten() | "To JSON" >> beam.Map(json.dumps)
      | "Write skipped" >> beam.io.WriteToText(skipped_path, file_name_suffix=".jsonl"))
-    parts = made.made | "By kind" >> beam.Partition(lambda kv, n: kinds.index(kv[0]), len(kinds))
-    return {k: parts[i] | f"Examples {k}" >> beam.Map(lambda kv: kv[1]) for i, k in enumerate(kinds)}
+    parts = records | "By kind" >> beam.Partition(lambda kv, n: kinds.index(kv[0]), len(kinds))
+    return {k: parts[i] | f"Examples {k}" >> beam.Map(lambda kv: (kv[1][0], to_features(kv[1][1])))
+            for i, k in enumerate(kinds)}
+
+
+def _other_kind(key_item) -> dict:
+    """An item of a kind the precomputing build does not write (image items for a clip precompute)."""
+    _count("skipped/other_kind")
+    return {"path": source_name(key_item[1]), "reason": "other_kind"}
