@@ -1,5 +1,7 @@
 """ConsisID face preprocessing pieces that need no torch: the numpy NMS keeps what torchvision's
 kernel keeps, the priors are facexlib's layout, and the facexlib converter is strict."""
+import functools
+
 import numpy as np
 import pytest
 
@@ -29,6 +31,7 @@ def test_priors_follow_facexlibs_level_row_column_size_order():
     np.testing.assert_allclose(p[-1], [144 / 160, 112 / 112, 512 / 160, 512 / 112])
 
 
+@functools.lru_cache(maxsize=None)
 def _facexlib_state_dict(name):
     """Our module's tensors under facexlib's keys and layouts (what the converter must accept)."""
     from flax import nnx
@@ -39,7 +42,7 @@ def _facexlib_state_dict(name):
 
 
 def test_bisenet_converter_names_every_missing_unexpected_and_misshapen_key():
-    sd = _facexlib_state_dict("bisenet")
+    sd = dict(_facexlib_state_dict("bisenet"))
     assert "cp.resnet.layer2.0.downsample.1.running_var" in sd and "ffm.convblk.conv.weight" in sd
     full = dict(sd, **{"cp.resnet.bn1.num_batches_tracked": np.array(3)})
     assert fx.load_state_dict(fx.build("bisenet", seed=1), "bisenet", full) == len(sd)
@@ -56,7 +59,7 @@ def test_bisenet_converter_names_every_missing_unexpected_and_misshapen_key():
 
 
 def test_retinaface_converter_strips_dataparallel_prefix():
-    sd = _facexlib_state_dict("retinaface")
+    sd = dict(_facexlib_state_dict("retinaface"))
     assert {"body.layer1.0.downsample.0.weight", "fpn.output1.0.weight", "ssh3.conv7x7_3.1.running_mean",
             "LandmarkHead.2.conv1x1.bias"} <= sd.keys()
     ours = fx.build("retinaface", seed=1)
