@@ -79,6 +79,7 @@ def common(stage: str) -> ml_collections.ConfigDict:
     cfg.train.async_checkpointing = True
     cfg.train.log_every = 10  # steps between metric fetches (each step's loss is still logged and checked)
     cfg.train.device_prefetch = 2  # batches placed on the devices ahead of the step that takes them
+    cfg.train.profile_steps = 3  # with --profile DIR: steps traced, from the one after the run's first
 
     cfg.sample = ml_collections.ConfigDict()
     cfg.sample.every = 0               # steps between sample videos; 0: only after the last step

@@ -93,7 +93,8 @@ def denoise(dit, latents, text_emb, settings: SampleSettings, scheduler_cfg: dic
     x, x0 = latents, jnp.zeros(latents.shape, jnp.float32)
     n = settings.steps
     for i in range(n):
-        x, x0 = step(dit, x, x0, text_emb, schedule, guidance, key, jnp.int32(i), extras)
+        with jax.profiler.StepTraceAnnotation("denoise", step_num=i):  # a profile's step (mm_jax.profiling)
+            x, x0 = step(dit, x, x0, text_emb, schedule, guidance, key, jnp.int32(i), extras)
         if progress is not None:
             jax.block_until_ready(x)
             progress(i + 1, n)

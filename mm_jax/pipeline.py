@@ -69,7 +69,7 @@ def prompt_embeddings(ckpt_dir: str | Path, prompts: list[str], *, max_length: i
         mesh = parallel.make_mesh(devices=[jax.local_devices(backend="cpu")[0]])
     encoder = checkpoint.load_component(ckpt_dir, "text_encoder", mesh=mesh, dtype=dtype, param_dtype=dtype)
     quantize_lib.quantize_model(encoder, quantize)
-    with jax.set_mesh(mesh or parallel.make_mesh()):
+    with jax.set_mesh(mesh or parallel.make_mesh()), jax.profiler.TraceAnnotation("text_encoder"):  # a profile's span
         emb = to_host(text_lib.encode_prompts(encoder, tokenizer, prompts, max_length=max_length))
     del encoder
     gc.collect()
@@ -208,7 +208,7 @@ def iter_videos(ckpt_dir: str | Path, requests: list[Request], *, mesh=None, dty
         return vae or checkpoint.load_component(ckpt_dir, "vae", mesh=mesh, use_tiling=tiling)
 
     def decoded(i, z, vae_module):
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), jax.profiler.TraceAnnotation("vae_decode"):  # a profile's span (mm_jax.profiling)
             video = decode_fn()(vae_module, jnp.asarray(z, jnp.float32))
         return i, np.clip(to_host(video)[0].astype(np.float32) / 2 + 0.5, 0.0, 1.0), to_host(z).astype(np.float32)
 

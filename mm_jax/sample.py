@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "int8-weights (weights only: memory); attention stays in --dtype (default: none)")
     ap.add_argument("--fps", type=int, default=8)
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--profile", metavar="DIR", help="write a profiler trace of the generation to DIR/process_K "
+                                                     "(mm_jax.profiling)")
     ap.add_argument("--offload-text-encoder", action="store_true",
                     help="run T5 on the host CPU, not the accelerator (python -m mm_jax.plan says when: its text_encoder phase does not fit)")
     ap.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
@@ -325,7 +327,7 @@ def main(argv=None) -> int:
     """The CLI; exit codes from ``mm_jax.exit_codes``: 2 (REFUSED) only for input refused before any
     work, with nothing written; an error during the work propagates (traceback, exit 1)."""
     args = build_parser().parse_args(argv)
-    from mm_jax import compile_cache, distributed, exit_codes
+    from mm_jax import compile_cache, distributed, exit_codes, profiling
 
     try:
         distributed.initialize()  # first: before anything starts a JAX backend
@@ -336,6 +338,7 @@ def main(argv=None) -> int:
         return _info(args)
     try:
         compile_cache.enable(compile_cache.resolve(args.compile_cache))
+        profiling.check_dir(args.profile)
         request, mesh, dtype, scheme, checked, faces = _check(args)
         if args.prompts:
             lines, failed, faces = _check_lines(args, request.settings, mesh)
@@ -359,10 +362,11 @@ def main(argv=None) -> int:
     if main_process:
         print("settings: " + json.dumps(meta), file=sys.stderr)
     t0 = time.time()
-    [(_, frames, final)] = pipeline.iter_videos(
-        args.checkpoint, [pipeline.Request(settings, ident, request.latents)], mesh=mesh, dtype=dtype,
-        progress=not args.quiet, text_encoder_on_host=args.offload_text_encoder, vae_tiling=args.vae_tiling,
-        attention_parallelism=args.attention_parallelism, quantize=args.quantize)
+    with profiling.trace(args.profile):  # the frames come back to the host inside: the trace holds all the work
+        [(_, frames, final)] = pipeline.iter_videos(
+            args.checkpoint, [pipeline.Request(settings, ident, request.latents)], mesh=mesh, dtype=dtype,
+            progress=not args.quiet, text_encoder_on_host=args.offload_text_encoder, vae_tiling=args.vae_tiling,
+            attention_parallelism=args.attention_parallelism, quantize=args.quantize)
     if not main_process:
         return exit_codes.OK
     if args.save_latents:

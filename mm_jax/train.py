@@ -79,7 +79,7 @@ def run_setup(cfg, workdir, argv: list[str], setup_only: bool) -> None:
 
 
 def main(argv=None) -> int:
-    from mm_jax import config as config_lib, distributed, exit_codes
+    from mm_jax import config as config_lib, distributed, exit_codes, profiling
 
     ap = argparse.ArgumentParser(prog="python -m mm_jax.train", description=__doc__.split("\n\n")[0],
                                  epilog="Overrides: --config.<field>=<value>, e.g. --config.train.steps=100 "
@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", required=True, help="checkpoints, logs and outputs (a folder every process sees, "
                                                      "or a URL such as gs://bucket/run); re-use it to resume")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
+    ap.add_argument("--profile", metavar="DIR", help="write a profiler trace of train.profile_steps steps to "
+                                                     "DIR/process_K (mm_jax.profiling)")
     ap.add_argument("--setup-only", action="store_true", help=argparse.SUPPRESS)  # run_setup's child
     args, rest = ap.parse_known_args(argv)
     overrides = config_lib.split_overrides(ap, rest)
@@ -100,6 +102,7 @@ def main(argv=None) -> int:
     try:  # input checked before any work: refused with one line
         cfg = config_lib.load(args.config, overrides)
         loop.check(cfg)  # before the setup hook writes anything
+        profiling.check_dir(args.profile)
         if cfg.setup:  # a hook refuses its own bad input before it writes (the demo's does)
             run_setup(cfg, workdir if loop.is_url(workdir) else Path(workdir),
                       sys.argv[1:] if argv is None else list(argv), args.setup_only)
@@ -109,7 +112,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.REFUSED
     try:
-        summary = loop.train(cfg, workdir, progress=not args.no_progress)
+        summary = loop.train(cfg, workdir, progress=not args.no_progress, profile=args.profile)
     except loop.Refused as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.REFUSED

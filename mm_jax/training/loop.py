@@ -59,7 +59,7 @@ def check(cfg) -> None:
         raise ValueError(f"train.steps={t.steps}: must be >= 0")
     if t.global_batch_size < 1:
         raise ValueError(f"train.global_batch_size={t.global_batch_size}: must be >= 1")
-    for name in ("checkpoint_every", "keep_checkpoints", "log_every", "device_prefetch"):
+    for name in ("checkpoint_every", "keep_checkpoints", "log_every", "device_prefetch", "profile_steps"):
         if t[name] < 1:
             raise ValueError(f"train.{name}={t[name]}: must be >= 1")
     if "adapter" not in t.trainable or set(t.trainable) - set(TRAINABLE):
@@ -151,15 +151,17 @@ class MetricWindow:
         return step_s
 
 
-def train(cfg, workdir: str | os.PathLike, *, progress: bool = True, return_state: bool = False):
+def train(cfg, workdir: str | os.PathLike, *, progress: bool = True, return_state: bool = False,
+          profile: str | os.PathLike | None = None):
     """Run (or resume) training; returns a summary dict (first/last loss, steps, timings), and
     with ``return_state`` also the final trainable params and the frozen states (for tests).
+    ``profile``: a folder for a trace of ``train.profile_steps`` steps (``mm_jax.profiling``).
 
     Everything checkable before work (the config, the data's presence, the model folders, the mesh,
     a shared workdir) raises ``Refused`` before anything is written; a failure after that propagates as it is."""
     from tqdm.auto import tqdm
 
-    from mm_jax import compile_cache, distributed, parallel
+    from mm_jax import compile_cache, distributed, parallel, profiling
     from mm_jax.data.loader import locate_records, make_loader
     from mm_jax.training.checkpoints import TrainCheckpoints
     from mm_jax.training.logs import MetricLog
@@ -237,12 +239,14 @@ def train(cfg, workdir: str | os.PathLike, *, progress: bool = True, return_stat
     prefetch = DevicePrefetch(loader, lambda b: put_batch(b, mesh, global_batch), depth=cfg.train.device_prefetch,
                               limit=max(cfg.train.steps - start, 0))
     compile_s, data_wait, timed_s, timed_steps = None, 0.0, 0.0, 0
+    traced = profiling.StepWindow(profile, start + 1 if cfg.train.steps - start > 1 else start, cfg.train.profile_steps)
     try:
         with Preemption() as preemption:
             for step in range(start, cfg.train.steps):
                 batch, data_state, data_s = prefetch.pop()
-                with jax.set_mesh(mesh):
+                with jax.set_mesh(mesh), traced.step(step):
                     params, opt_state, metrics = step_fn(params, opt_state, frozen, batch, step)
+                traced.after(step, metrics)
                 del batch
                 prefetch.fill()  # the next batches load while this step runs
                 done = step + 1
@@ -279,6 +283,7 @@ def train(cfg, workdir: str | os.PathLike, *, progress: bool = True, return_stat
         if cfg.train.steps > start:
             export(workdir, models, params, aux)
     finally:
+        traced.close()
         bar.close()
         log.close()
         ckpts.close()
