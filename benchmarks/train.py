@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import dit_forward_flops
+from benchmarks.common import dit_forward_flops, load_average, machine_report, side_report
 from mm_jax import parallel, schedulers as sch
 from mm_jax.models.dit import CogVideoXTransformer3D, DiTConfig
 from mm_jax.models.id_adapter import AdapterConfig, MagicMirrorAdapter
@@ -78,13 +78,14 @@ def batch(dcfg, acfg, lat, b, seed=0):
                 class_index=np.full((b,), CLASS_INDEX, np.int32), has_id=np.ones((b,), bool))
 
 
-def step_times(fn, repeat: int, sync=lambda x: x) -> list[float]:
-    """Seconds of each of ``repeat`` calls (warm up first)."""
-    out = []
+def step_times(fn, repeat: int, sync=lambda x: x) -> dict[str, list[float]]:
+    """Wall and process-CPU seconds of each of ``repeat`` calls (warm up first)."""
+    out = {"wall": [], "cpu": []}
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         sync(fn())
-        out.append(time.perf_counter() - t0)
+        out["wall"].append(time.perf_counter() - t0)
+        out["cpu"].append(time.process_time() - c0)
     return out
 
 
@@ -216,18 +217,18 @@ def side(name: str, repeat: int) -> None:
     dcfg, acfg, lat, b = configs(False)
     if name == "ours":
         times, compile_s = ours(dcfg, acfg, lat, b, repeat)
-        extra = {"compile_s": compile_s, "devices": len(jax.devices())}
+        extra = {"compile_s": round(compile_s, 1)}
     else:
-        import torch
-
-        times, extra = reference(dcfg, acfg, lat, b, repeat), {"threads": torch.get_num_threads()}
-    print("RESULT " + json.dumps(dict(times=times, **extra)))
+        times, extra = reference(dcfg, acfg, lat, b, repeat), {}
+    print("RESULT " + json.dumps(dict(times=times, **extra, **side_report(name))))
 
 
 def compare_on_cpu(rounds: int, repeat: int) -> None:
+    print(machine_report(sys.argv))
     results = {"ours": [], "torch": []}
+    cpu = {"ours": [], "torch": []}
     info = {}
-    load = [os.getloadavg()[0]]
+    load = [load_average()]
     for r in range(rounds):
         for name in (("ours", "torch") if r % 2 == 0 else ("torch", "ours")):
             out = subprocess.run([sys.executable, __file__, "--side", name, "--repeat", str(repeat)], text=True,
@@ -236,19 +237,23 @@ def compare_on_cpu(rounds: int, repeat: int) -> None:
             if line is None:
                 raise RuntimeError(f"{name} side failed:\n{out.stderr[-3000:]}")
             res = json.loads(line[len("RESULT "):])
-            results[name] += res.pop("times")
+            times = res.pop("times")
+            results[name] += times["wall"]
+            cpu[name] += times["cpu"]
             info[name] = res
-        load.append(os.getloadavg()[0])
+        load.append(load_average())
     dcfg, acfg, lat, b = configs(False)
     print(f"step: DiT {dcfg.num_layers}x{dcfg.inner_dim}, adapter in {len(acfg.adapter_layers)} blocks, "
           f"latents {lat}, batch {b}, fp32, {os.cpu_count()} CPUs; {rounds} rounds x {repeat} steps per side, "
           f"each side in its own process; 1-min load average {' -> '.join(f'{x:.2f}' for x in load)}")
     for name in ("ours", "torch"):
         t = results[name]
-        print(f"  {name:6s} min {min(t) * 1e3:7.1f} ms  median {statistics.median(t) * 1e3:7.1f} ms/step  {info[name]}")
+        print(f"  {name:6s} min {min(t) * 1e3:7.1f} ms  median {statistics.median(t) * 1e3:7.1f} ms/step  "
+              f"CPU min {min(cpu[name]) * 1e3:7.1f} ms  {info[name]}")
     mins = min(results["ours"]) / min(results["torch"])
     meds = statistics.median(results["ours"]) / statistics.median(results["torch"])
-    print(f"  ratio ours/torch: {mins:.2f} (min), {meds:.2f} (median)")
+    print(f"  ratio ours/torch: {mins:.2f} (min), {meds:.2f} (median), "
+          f"{min(cpu['ours']) / min(cpu['torch']):.2f} (CPU min)")
 
 
 def main():
@@ -273,7 +278,7 @@ def main():
     else:
         dcfg, acfg, lat, b = configs(True)
         times, compile_s = ours(dcfg, acfg, lat, b, args.repeat)
-        t_ours = statistics.median(times)
+        t_ours = statistics.median(times["wall"])
         print(f"step: DiT {dcfg.num_layers}x{dcfg.inner_dim}, adapter in {len(acfg.adapter_layers)} blocks, "
               f"latents {lat}, batch {b}, backend {jax.default_backend()}")
         print(f"  ours   {t_ours * 1e3:9.1f} ms/step (compile {compile_s:.1f} s)")
