@@ -15,7 +15,7 @@ MANIFESTS = ROOT / "tests" / "data" / "manifests"  # key/shape lists + configs o
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # With the cuda12 extra installed on a machine without a driver, the CUDA plugin's start-up check
 # fails (cuInit 303) and the plugin is dropped; skipping the check keeps it for compiling GPU
-# targets (tests/test_plan.py). It changes nothing where the extra is absent.
+# targets (tests/test_plan_*.py). It changes nothing where the extra is absent.
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 # The CLIs turn on the persistent compilation cache by default (mm_jax.compile_cache); the tests run
 # without it unless a test names a folder, so no test reads programs another one compiled.
