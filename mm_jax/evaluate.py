@@ -16,6 +16,10 @@ local insightface pack) over every frame, and reports per video and averaged ove
 * clip_text_alignment (with ``--clip DIR`` and prompts): mean over frames of
   100 * max(cos(CLIP image embedding, CLIP text embedding of the prompt), 0).
 
+``--protocol consisid|opens2v|magicmirror`` computes a peer's published metrics instead, as its
+evaluation script does (``mm_jax/metrics/protocols.py``; metrics whose model is not ported yet are
+null with the reason), and ``--compare published`` prints the published rows beside the means.
+
 Exact definitions: ``mm_jax/metrics/face_metrics.py`` and ``mm_jax/metrics/text_alignment.py``.
 Metrics not computed (no ``--clip``; dynamic degree, which needs a RAFT flow model no package
 provides) are reported as null with the reason. Bad input (unpaired files, a reference without a
@@ -27,6 +31,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+from mm_jax.metrics.protocols import NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plots", help="folder for one per-frame ID-similarity PNG per video (<name>.png)")
     ap.add_argument("--clip", help="mm_jax checkpoint with the 'clip' component (a whole CLIPModel converted with "
                                    "--components clip): adds clip_text_alignment for videos with a prompt")
+    ap.add_argument("--protocol", default="ours", choices=NAMES,
+                    help="whose metrics: ours, or a peer's published protocol (mm_jax/metrics/protocols.py)")
+    ap.add_argument("--compare", choices=("published",),
+                    help="print the published rows of the protocol's paper beside your means (not with 'ours')")
     ap.add_argument("--batch-size", type=int, default=32, help="frames per recognizer batch")
     ap.add_argument("--det-thresh", type=float, default=0.5, help="face detector score threshold")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -66,6 +76,14 @@ def _pairs(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.protocol != "ours":
+        from mm_jax.metrics import protocol_eval
+
+        return protocol_eval.run(args, _pairs)
+    if args.compare:
+        print("error: --compare published needs a peer protocol (--protocol consisid|opens2v|magicmirror); "
+              "no paper publishes numbers for 'ours'", file=sys.stderr)
+        return 2
     from mm_jax import compile_cache
     from mm_jax.face import FaceAnalyzer
     from mm_jax.metrics import face_metrics, report, video_eval

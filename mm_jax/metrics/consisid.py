@@ -1,0 +1,98 @@
+"""ConsisID's evaluation arithmetic (PKU-YuanGroup/ConsisID ``eval/get_facesim_fid.py`` and
+``eval/get_clipscore.py``), on our face front end (``mm_jax.face``) and CLIP (``text_alignment``).
+
+FaceSim-Arc of a video against a reference photo:
+
+1. frames ``np.linspace(0, N - 1, 16, dtype=int)`` (repeats read again);
+2. per image (BGR, as insightface sees it): detect at 320x320 (threshold 0.5); take the face with
+   the largest box area (the last of equal areas, as a stable ascending sort's ``[-1]``); if there
+   is none, pad the image by ``int(0.25 h)`` rows top and bottom and ``int(0.25 w)`` columns left and
+   right with grey (128, 128, 128) and detect again; the embedding is the ArcFace embedding of the
+   face in the image it was found in (padded or not); still none: the frame is skipped;
+3. per frame ``max(cos(e_ref, e_frame), 0)``; the video's score is the mean over the frames with a
+   face, 0 when no chosen frame has one. The reference uses the same rule (no face: an error).
+
+CLIPScore of a video and its prompt: frames ``int(i * N / 16)``, i < 16, fed to CLIP as the BGR
+arrays OpenCV decodes (their script passes them to ``CLIPProcessor`` unconverted), the prompt
+tokenized to at most 77 tokens; score = mean over frames of ``logits_per_image`` =
+``exp(logit_scale) * cos(E_img, E_txt)`` (= 100 cos for openai/clip-vit-base-patch32), not clamped.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mm_jax.face import FaceAnalyzer, NoFaceError, read_image
+from mm_jax.metrics.protocols import FrameRule, frame_indices
+
+PAD_SCALE = 1.25
+PAD_GREY = (128, 128, 128)
+FACESIM_FRAMES = FrameRule("linspace", 16)
+CLIPSCORE_FRAMES = FrameRule("strided", 16)
+
+
+def pad_grey(img_bgr: np.ndarray, scale: float = PAD_SCALE) -> np.ndarray:
+    """The image with ``int(h * (scale - 1))`` grey rows above and below and ``int(w * (scale - 1))``
+    grey columns left and right."""
+    import cv2
+
+    h, w = img_bgr.shape[:2]
+    dy, dx = int(h * (scale - 1.0)), int(w * (scale - 1.0))
+    return cv2.copyMakeBorder(img_bgr, dy, dy, dx, dx, cv2.BORDER_CONSTANT, value=PAD_GREY)
+
+
+def _largest_embedding(analyzer: FaceAnalyzer, img_bgr: np.ndarray) -> np.ndarray | None:
+    dets, kps = analyzer.detect(img_bgr)
+    if len(dets) == 0:
+        return None
+    area = (dets[:, 2] - dets[:, 0]) * (dets[:, 3] - dets[:, 1])
+    i = int(np.argsort(area, kind="stable")[-1])
+    return analyzer.embed_crops([analyzer.align(img_bgr, kps[i], analyzer.models.rec_size)])[0]
+
+
+def face_embedding(analyzer: FaceAnalyzer, image) -> tuple[np.ndarray | None, bool]:
+    """(ArcFace embedding of the largest face or None, whether it took the grey-pad retry) of an
+    image (path or RGB uint8 array)."""
+    img = read_image(image)
+    emb = _largest_embedding(analyzer, img)
+    if emb is not None:
+        return emb, False
+    emb = _largest_embedding(analyzer, pad_grey(img))
+    return emb, emb is not None
+
+
+def reference_embedding(analyzer: FaceAnalyzer, path) -> np.ndarray:
+    emb, _ = face_embedding(analyzer, path)
+    if emb is None:
+        raise NoFaceError(f"no face found in {path}, even padded 25% with grey (ConsisID's rule)")
+    return emb
+
+
+def facesim_arc(frames: np.ndarray, ref_emb: np.ndarray, analyzer: FaceAnalyzer) -> dict:
+    """FaceSim-Arc of (N, H, W, 3) RGB uint8 frames: the score, the frame indices read, and per read
+    frame the clamped cosine (None: skipped, no face) and whether the pad retry found the face."""
+    idx = frame_indices(FACESIM_FRAMES, len(frames))
+    per_frame, padded = [], []
+    ref = np.asarray(ref_emb, np.float64)
+    for i in idx:
+        emb, pad = face_embedding(analyzer, frames[i])
+        padded.append(pad)
+        if emb is None:
+            per_frame.append(None)
+            continue
+        e = np.asarray(emb, np.float64)
+        per_frame.append(max(0.0, float(e @ ref / max(np.linalg.norm(e) * np.linalg.norm(ref), 1e-8))))
+    scored = [s for s in per_frame if s is not None]
+    return {"facesim_arc": float(np.mean(scored)) if scored else 0.0,
+            "facesim_arc_frames": [int(i) for i in idx], "facesim_arc_faces": len(scored),
+            "per_frame": {"facesim_arc": per_frame, "facesim_arc_padded": padded}}
+
+
+def clipscore(frames: np.ndarray, prompt: str, scorer) -> dict:
+    """ConsisID's CLIPScore of (N, H, W, 3) RGB uint8 frames with ``scorer`` a
+    ``text_alignment.TextAlignment`` (its CLIP and tokenizer); the frames go in as BGR."""
+    idx = frame_indices(CLIPSCORE_FRAMES, len(frames))
+    bgr = np.ascontiguousarray(np.asarray(frames)[idx][..., ::-1])
+    cos = scorer.image_embeddings(bgr) @ scorer.text_embedding(prompt)
+    logits = float(np.exp(np.asarray(scorer.model.logit_scale.value, np.float64))) * cos
+    return {"clipscore": float(logits.mean()), "clipscore_frames": [int(i) for i in idx],
+            "per_frame": {"clipscore": logits.tolist()}}

@@ -1,0 +1,144 @@
+"""Run a named protocol (``mm_jax/metrics/protocols.py``) over paired videos: the per-video rows, the
+means over videos, the not-computed metrics with their reasons, and the JSON report in the form of
+``--protocol ours`` (``videos``, ``mean``, ``absent``, ``definitions``, ``settings``) plus
+``protocol`` and ``not_computed``."""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from mm_jax.metrics.protocols import Protocol
+
+NO_PROMPT = "not computed for this video: it has no prompt (--prompts or the manifest's prompt)"
+BUFFALO_L = ("det_10g.onnx", "w600k_r50.onnx")
+
+
+def check_args(proto: Protocol, args) -> None:
+    """Refusals before any work: a model path the protocol needs, a setting it fixes."""
+    if proto.needs_clip and not args.clip:
+        raise ValueError(f"--protocol {proto.name} needs --clip DIR: openai/clip-vit-base-patch32 converted with "
+                         "python -m tools.convert_weights.from_torch --src clip-vit-base-patch32 --dst DIR "
+                         "--components clip (its clipscore uses CLIP ViT-B/32)")
+    if args.det_thresh != proto.det_thresh:
+        raise ValueError(f"--det-thresh {args.det_thresh}: --protocol {proto.name} fixes it at {proto.det_thresh} "
+                         "(the reference script's)")
+    pack = Path(args.face_models)
+    if pack.is_dir() and not all(any(pack.rglob(f)) for f in BUFFALO_L):
+        warnings.warn(f"--face-models {pack}: no {' and '.join(BUFFALO_L)}; --protocol {proto.name}'s reference "
+                      f"uses insightface's {proto.face_pack} pack, so the numbers may not compare", stacklevel=2)
+
+
+def _consisid_row(frames, ref_emb, prompt, analyzer, scorer) -> dict:
+    from mm_jax.metrics import consisid
+
+    row = consisid.facesim_arc(frames, ref_emb, analyzer)
+    if scorer is not None and prompt:
+        cs = consisid.clipscore(frames, prompt, scorer)
+        row["per_frame"].update(cs.pop("per_frame"))
+        row.update(cs)
+    else:
+        row["clipscore"] = None
+        row["absent"] = {"clipscore": NO_PROMPT}
+    return row
+
+
+def _magicmirror_row(frames, ref, analyzer, batch_size) -> dict:
+    from mm_jax.metrics.video_eval import evaluate_video
+
+    m = evaluate_video(frames, ref, analyzer, batch_size)
+    keep = ("fm_ref", "fm_ref_frames", "fm_inter", "fm_inter_pairs", "face_fraction", "frames_without_face")
+    return {k: m[k] for k in keep} | {"per_frame": {"found": m["per_frame"]["found"],
+                                                    "fm_ref": m["per_frame"]["fm_ref"]}}
+
+
+def evaluate(proto: Protocol, pairs, analyzer, scorer=None, batch_size: int = 32, progress: bool = True) -> list[dict]:
+    """One row per pair with the protocol's metrics (null where not computed)."""
+    from tqdm import tqdm
+
+    from mm_jax.face import NoFaceError
+    from mm_jax.metrics import consisid
+    from mm_jax.metrics.video_eval import analyze_references, load_frames
+
+    if proto.name == "consisid":
+        refs = {}
+        for p in pairs:
+            if p.ref not in refs:
+                try:
+                    refs[p.ref] = consisid.reference_embedding(analyzer, p.ref)
+                except NoFaceError as e:
+                    raise ValueError(f"reference {p.ref}: {e}") from None
+    elif proto.name == "magicmirror":
+        refs = analyze_references(pairs, analyzer)
+    rows = []
+    for p in tqdm(pairs, unit="video", desc=f"evaluate ({proto.name})", disable=not progress):
+        frames = load_frames(p.video)
+        row = {"name": p.name, "video": str(p.video), "ref": str(p.ref), "prompt": p.prompt, "frames": len(frames)}
+        if proto.name == "consisid":
+            row |= _consisid_row(frames, refs[p.ref], p.prompt, analyzer, scorer)
+        elif proto.name == "magicmirror":
+            row |= _magicmirror_row(frames, refs[p.ref], analyzer, batch_size)
+        row |= {m: None for m in proto.not_computed}
+        rows.append(row)
+    return rows
+
+
+def format_table(proto: Protocol, rows: list[dict], mean: dict) -> str:
+    cols = proto.metrics
+    head = "name".ljust(24) + "".join(c.rjust(16) for c in cols)
+    cell = lambda v: ("-" if v is None else f"{v:.4f}").rjust(16)
+    lines = [head, "-" * len(head)]
+    lines += [r["name"][:24].ljust(24) + "".join(cell(r.get(c)) for c in cols) for r in rows]
+    lines += ["-" * len(head), f"mean ({mean['videos']})".ljust(24) + "".join(cell(mean.get(c)) for c in cols)]
+    return "\n".join(lines)
+
+
+def run(args, pairs_fn) -> int:
+    """``python -m mm_jax.evaluate --protocol NAME ...`` for NAME other than ``ours``."""
+    from mm_jax import compile_cache
+    from mm_jax.face import FaceAnalyzer
+    from mm_jax.metrics import face_metrics, protocols, published, report
+
+    t0 = time.time()
+    try:
+        proto = protocols.get(args.protocol)
+        if args.compare:
+            published.table(proto.name)
+        check_args(proto, args)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+        compile_cache.enable(compile_cache.resolve(args.compile_cache))
+        pairs = pairs_fn(args)
+        analyzer = FaceAnalyzer(args.face_models, det_size=proto.det_size, det_thresh=proto.det_thresh)
+        scorer = None
+        if proto.needs_clip:
+            from mm_jax.metrics.text_alignment import TextAlignment
+
+            scorer = TextAlignment(args.clip, batch_size=args.batch_size)
+            if (scorer.model.cfg.vision.patch_size, scorer.size) != (32, 224):
+                warnings.warn(f"--clip {args.clip}: ViT patch {scorer.model.cfg.vision.patch_size} at {scorer.size} px; "
+                              f"{proto.name}'s published clipscore uses ViT-B/32 at 224", stacklevel=1)
+        rows = evaluate(proto, pairs, analyzer, scorer, args.batch_size, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    mean = face_metrics.mean_over_videos(rows, proto.metrics)
+    settings = {k: getattr(args, k) for k in ("videos", "refs", "manifest", "prompts", "face_models", "clip",
+                                              "batch_size")}
+    settings["seconds"] = round(time.time() - t0, 2)
+    rep = report.build_report(rows, mean, dict(proto.not_computed), protocols.__doc__, settings)
+    rep |= {"protocol": proto.describe(), "not_computed": dict(proto.not_computed)}
+    print(format_table(proto, rows, mean))
+    if args.compare:
+        rep["compare"] = {"source": published.table(proto.name)["source"],
+                          "rows": published.compare_rows(proto.name, mean)}
+        print(published.format_compare(proto.name, mean))
+    for k, why in proto.not_computed.items():
+        print(f"{k}: null, {why}", file=sys.stderr)
+    for k, why in proto.reimplemented.items():
+        print(f"{k}: {why}", file=sys.stderr)
+    report.write_json(Path(args.out), rep)
+    print(f"wrote {args.out} in {settings['seconds']} s", file=sys.stderr)
+    return 0
+

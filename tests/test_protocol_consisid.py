@@ -1,0 +1,186 @@
+"""``--protocol consisid`` equals ConsisID's evaluation scripts on the same inputs.
+
+The reference below is a re-statement of the arithmetic of PKU-YuanGroup/ConsisID
+``eval/get_facesim_fid.py`` (FaceSim-Arc: 16 linspace frames, insightface ``FaceAnalysis`` at 320,
+largest face by a sorted()[-1], 25% grey-pad retry, cos clamped at 0, faceless frames skipped, 0 for
+a video without a face) and ``eval/get_clipscore.py`` (16 frames int(i*N/16), BGR arrays into
+transformers' ``CLIPProcessor``, mean ``logits_per_image``), run with insightface itself and
+transformers' CLIPModel on the stand-in face pack and a tiny random ViT-B/32-shaped CLIP."""
+import json
+
+import cv2
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+from mm_jax import evaluate
+from mm_jax.demo.standin_faces import face_image, make_pack
+from tests.conftest import max_rel_err, randomize_torch_params
+from tests.test_clip_alignment import _tokenizer
+from tools.convert_weights.from_torch import convert
+
+FACE, FACE2, PAD_ONLY = (95, 160), (95, 200), (108, 148)  # PAD_ONLY: found at 320 only after the grey pad
+PROMPT = "a man waves"
+
+
+def _frame(kind, seed):
+    if kind == "dark":
+        return (np.random.default_rng(seed).random((240, 320, 3)) * 40).astype(np.uint8)
+    if kind == "two":
+        img = face_image(at=FACE, seed=seed)
+        img[FACE2[0] - 2:FACE2[0] + 3, FACE2[1] - 2:FACE2[1] + 3] = 255
+        return img
+    return face_image(at=PAD_ONLY if kind == "pad" else FACE, seed=seed)
+
+
+# 20 frames: linspace(0, 19, 16) skips 4, 9, 14, 18
+MIX = ["face", "face", "dark", "face", "face", "pad", "pad", "face", "two", "face", "face", "dark", "face", "face",
+       "face", "face", "pad", "face", "face", "face"]
+VIDEOS = {"mix": MIX, "noface": ["dark"] * 3, "short": ["face", "pad", "two", "face", "dark"]}
+
+
+def _insightface_app(root):
+    from insightface.app import FaceAnalysis
+
+    app = FaceAnalysis(name="buffalo_l", root=str(root), providers=["CPUExecutionProvider"])
+    app.prepare(ctx_id=-1, det_size=(320, 320))
+    return app
+
+
+def _consisid_facesim_arc(app, frame_files, ref_file):
+    """Their arithmetic: (frame indices, per-frame clamped cos or None, score)."""
+    def embed(rgb):
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        faces = app.get(bgr)
+        if not faces:
+            h, w = bgr.shape[:2]
+            faces = app.get(cv2.copyMakeBorder(bgr, int(h * 0.25), int(h * 0.25), int(w * 0.25), int(w * 0.25),
+                                               cv2.BORDER_CONSTANT, value=(128, 128, 128)))
+            if not faces:
+                return None
+        return sorted(faces, key=lambda f: (f["bbox"][2] - f["bbox"][0]) * (f["bbox"][3] - f["bbox"][1]))[-1]["embedding"]
+
+    ref = embed(cv2.cvtColor(cv2.imread(str(ref_file)), cv2.COLOR_BGR2RGB))
+    idx = np.linspace(0, len(frame_files) - 1, 16, dtype=int)
+    per = []
+    for i in idx:
+        e = embed(cv2.cvtColor(cv2.imread(str(frame_files[i])), cv2.COLOR_BGR2RGB))
+        per.append(None if e is None else
+                   max(0.0, torch.nn.functional.cosine_similarity(torch.tensor(ref), torch.tensor(e), dim=-1).item()))
+    scores = [s for s in per if s is not None]
+    return idx.tolist(), per, (float(np.mean(scores)) if scores else 0.0)
+
+
+def _consisid_clipscore(model, processor, frame_files, prompt):
+    """Their arithmetic: (frame indices, mean logits_per_image) with BGR frames as OpenCV reads them."""
+    n = len(frame_files)
+    idx = [int(i * n / 16) for i in range(16)]
+    frames = [cv2.imread(str(frame_files[i])) for i in idx]
+    inputs = processor(text=prompt, images=frames, return_tensors="pt", padding=True, truncation=True)
+    with torch.no_grad():
+        return idx, model(**inputs).logits_per_image.mean().item()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One CLI run over three videos, and everything the references need."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    root = tmp_path_factory.mktemp("consisid")
+    pack = make_pack(root / "models" / "buffalo_l")
+    files = {}
+    for name, kinds in VIDEOS.items():
+        (root / "videos" / name).mkdir(parents=True)
+        files[name] = [root / "videos" / name / f"{i:03d}.png" for i in range(len(kinds))]
+        for i, (k, f) in enumerate(zip(kinds, files[name])):
+            iio.imwrite(f, _frame(k, seed=i + 1))
+        (root / "refs").mkdir(exist_ok=True)
+        iio.imwrite(root / "refs" / f"{name}.png", face_image(at=FACE, seed=0))
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=16, eos_token_id=2),
+                     vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, image_size=64, patch_size=32), projection_dim=24)
+    model = CLIPModel(cfg).eval()
+    randomize_torch_params(model, 0)
+    model.save_pretrained(root / "hf")
+    tok = _tokenizer()
+    tok.save_pretrained(root / "hf")
+    ckpt = convert(root / "hf", root / "ckpt", ["clip"])
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"id": n, "prompt": PROMPT}) + "\n" for n in VIDEOS))
+    rc = evaluate.main(["--protocol", "consisid", "--videos", str(root / "videos"), "--refs", str(root / "refs"),
+                        "--face-models", str(pack), "--clip", str(ckpt), "--prompts", str(root / "prompts.jsonl"),
+                        "--out", str(root / "r.json"), "--quiet", "--compare", "published"])
+    rep = json.loads((root / "r.json").read_text())
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 64},
+                                                                 crop_size={"height": 64, "width": 64}), tokenizer=tok)
+    return dict(rc=rc, rep=rep, files=files, root=root, app=_insightface_app(root), model=model, processor=processor)
+
+
+def test_facesim_arc_equals_consisids_arithmetic_on_insightface(run):
+    by_name = {v["name"]: v for v in run["rep"]["videos"]}
+    assert run["rc"] == 0
+    for name in VIDEOS:
+        idx, per, score = _consisid_facesim_arc(run["app"], run["files"][name], run["root"] / "refs" / f"{name}.png")
+        v = by_name[name]
+        assert v["facesim_arc_frames"] == idx
+        assert [s is None for s in v["per_frame"]["facesim_arc"]] == [s is None for s in per]
+        assert v["facesim_arc_faces"] == sum(s is not None for s in per)
+        got = [s for s in v["per_frame"]["facesim_arc"] if s is not None]
+        assert np.max(np.abs(np.subtract(got, [s for s in per if s is not None])), initial=0.0) <= 1e-5
+        assert abs(v["facesim_arc"] - score) <= 1e-5
+    mix = by_name["mix"]
+    assert mix["facesim_arc_frames"] == [0, 1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13, 15, 16, 17, 19]
+    assert sum(mix["per_frame"]["facesim_arc_padded"]) == 3  # frames 5, 6, 16 only found after the pad
+    assert mix["facesim_arc_faces"] == 14  # 16 read, frames 2 and 11 have no face
+
+
+def test_a_video_without_a_face_scores_zero_and_short_videos_repeat_frames(run):
+    by_name = {v["name"]: v for v in run["rep"]["videos"]}
+    assert by_name["noface"]["facesim_arc"] == 0.0 and by_name["noface"]["facesim_arc_faces"] == 0
+    assert by_name["noface"]["per_frame"]["facesim_arc"] == [None] * 16
+    short = by_name["short"]
+    assert short["facesim_arc_frames"] == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 4]  # linspace(0, 4, 16)
+    assert short["facesim_arc_faces"] == 15  # every read but the one of frame 4 (dark); repeats count
+    per = short["per_frame"]["facesim_arc"]
+    assert per[:4] == [per[0]] * 4 and per[15] is None
+    assert short["facesim_arc"] == pytest.approx(np.mean([s for s in per if s is not None]), abs=1e-12)
+    mean = run["rep"]["mean"]
+    assert mean["facesim_arc"] == pytest.approx(np.mean([v["facesim_arc"] for v in by_name.values()]), abs=1e-12)
+
+
+def test_clipscore_equals_consisids_script_with_transformers_clip(run):
+    by_name = {v["name"]: v for v in run["rep"]["videos"]}
+    for name in VIDEOS:
+        idx, score = _consisid_clipscore(run["model"], run["processor"], run["files"][name], PROMPT)
+        assert by_name[name]["clipscore_frames"] == idx
+        assert abs(by_name[name]["clipscore"] - score) <= 1e-5 * max(1.0, abs(score))
+    assert by_name["mix"]["clipscore_frames"] == [0, 1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13, 15, 16, 17, 18]
+    assert by_name["short"]["clipscore_frames"] == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]  # int(i * 5 / 16)
+
+
+def test_b32_image_features_of_bgr_frames_equal_transformers(run):
+    from mm_jax.metrics.text_alignment import TextAlignment
+
+    scorer = TextAlignment(run["root"] / "ckpt", batch_size=4)
+    frames = [cv2.imread(str(f)) for f in run["files"]["mix"][:4]]  # BGR, as their script feeds them
+    px = run["processor"](images=frames, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        want = run["model"].get_image_features(pixel_values=px)
+    want = getattr(want, "pooler_output", want).numpy()
+    want = want / np.linalg.norm(want, axis=-1, keepdims=True)
+    assert scorer.model.cfg.vision.patch_size == 32
+    assert max_rel_err(scorer.image_embeddings(np.stack(frames)), want) <= 1e-5
+
+
+def test_the_report_names_the_protocol_and_what_is_not_computed(run):
+    rep = run["rep"]
+    assert rep["protocol"]["name"] == "consisid" and "ConsisID" in rep["protocol"]["compares_with"]
+    assert set(rep["not_computed"]) == {"facesim_cur", "face_fid"} and all(rep["not_computed"].values())
+    assert rep["absent"] == rep["not_computed"]
+    assert all(v["facesim_cur"] is None and v["face_fid"] is None for v in rep["videos"])
+    assert rep["mean"]["facesim_cur"] is None and rep["mean"]["videos_counted"]["facesim_arc"] == 3
+    yours = rep["compare"]["rows"][-1]
+    assert yours["model"] == "yours" and yours["facesim_arc"] == rep["mean"]["facesim_arc"]
+    assert [r["model"] for r in rep["compare"]["rows"][:-1]] == ["ConsisID", "ID-Animator"]
