@@ -6,9 +6,10 @@ import pytest
 
 from mm_jax import config
 from mm_jax.data.build import build_dataset
-from mm_jax.data.loader import find_tfds_dir, make_loader
+from mm_jax.data.loader import make_loader
 from mm_jax.data.precompute import PrecomputeSettings, precompute
 from mm_jax.data.prepare import prepare
+from mm_jax.data.record_sources import find_tfds_dir
 from mm_jax.data.records import decode_record
 from mm_jax.demo.assets import standin_faces
 from mm_jax.demo.synthetic import make_demo_source

@@ -7,8 +7,9 @@ import pytest
 
 from mm_jax import config
 from mm_jax.data.build import build_dataset
-from mm_jax.data.loader import _decode_jpeg, make_loader
+from mm_jax.data.loader import make_loader
 from mm_jax.data.records import DEFAULT_REF_SIZE, decode_record
+from mm_jax.data.transform import decode_jpeg
 from mm_jax.demo.assets import standin_faces
 from mm_jax.demo.synthetic import make_demo_source
 from mm_jax.demo.tiny_checkpoint import build_tokenizer
@@ -49,12 +50,12 @@ def test_a_336_encoder_gets_336_crops_of_the_same_face_region(two_sizes):
 
     root, _ = two_sizes
     small, large = _records(root / f"out{DEFAULT_REF_SIZE}"), _records(root / "out336")
-    assert all(_decode_jpeg(r["ref_crop"]).shape == (336, 336, 3) for r in large)
-    assert all(_decode_jpeg(r["ref_crop"]).shape == (224, 224, 3) for r in small)
+    assert all(decode_jpeg(r["ref_crop"]).shape == (336, 336, 3) for r in large)
+    assert all(decode_jpeg(r["ref_crop"]).shape == (224, 224, 3) for r in small)
     # the aligned crop scales with its size: the 336 crop shrunk to 224 is the 224 crop (JPEG + resampling apart)
     for a, b in zip(small, large):
-        down = cv2.resize(_decode_jpeg(b["ref_crop"]), (224, 224), interpolation=cv2.INTER_AREA).astype(np.float32)
-        assert np.abs(down - _decode_jpeg(a["ref_crop"]).astype(np.float32)).mean() < 4.0
+        down = cv2.resize(decode_jpeg(b["ref_crop"]), (224, 224), interpolation=cv2.INTER_AREA).astype(np.float32)
+        assert np.abs(down - decode_jpeg(a["ref_crop"]).astype(np.float32)).mean() < 4.0
 
 
 def test_the_loader_gives_ref_pixels_of_the_encoders_size_and_warns_on_upsampling(two_sizes):

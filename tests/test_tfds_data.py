@@ -16,12 +16,15 @@ import pytest
 
 from mm_jax import config
 from mm_jax.data.build import build_dataset
-from mm_jax.data.loader import _decode_jpeg, find_tfds_dir, make_loader
-from mm_jax.data.prepare import main as prepare_main, pipeline_args, prepare
+from mm_jax.data.loader import make_loader
+from mm_jax.data.prepare import main as prepare_main
+from mm_jax.data.prepare import pipeline_args, prepare
+from mm_jax.data.record_sources import find_tfds_dir
 from mm_jax.data.records import decode_record
+from mm_jax.data.transform import decode_jpeg
+from mm_jax.demo.assets import standin_faces, synthetic_dataset
 from mm_jax.demo.synthetic import make_demo_source
 from mm_jax.demo.tiny_checkpoint import build_tokenizer
-from mm_jax.demo.assets import standin_faces, synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +71,7 @@ def _tfds_records(data_dir: Path, split: str) -> list[dict]:
 def _equal(a, b) -> bool:
     """A TFDS field ``a`` equals the record's ``b``; TFDS decodes the JPEGs, the record holds their bytes."""
     if isinstance(b, bytes) and isinstance(a, np.ndarray):
-        return np.array_equal(a, _decode_jpeg(b))
+        return np.array_equal(a, decode_jpeg(b))
     if isinstance(a, np.ndarray):
         return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
     if isinstance(a, list):

@@ -1,6 +1,6 @@
 """Precompute the frozen encoders' outputs into a built set, so training skips the VAE and T5.
 
-For each record: ``frames`` frames from frame 0 at ``frame_stride`` (``loader.precomputed_frames``:
+For each record: ``frames`` frames from frame 0 at ``frame_stride`` (``transform.precomputed_frames``:
 the frames whose face boxes the loader's precomputed path masks), resized and centre-cropped to
 (height, width) exactly as the loader does, through the VAE encoder -> the posterior's mean and
 std (both x scaling_factor; the training step draws the sample, as encoding at step time would),
@@ -28,14 +28,14 @@ from mm_jax.data.records import decode_record, encode_record
 def _frames(r: dict, height: int, width: int, picks: list[int]) -> np.ndarray:
     import cv2
 
-    from mm_jax.data.loader import _cover_crop, _decode_jpeg
+    from mm_jax.data.transform import cover_crop, decode_jpeg
 
     if len(r["frames"]) <= picks[-1]:
         raise ValueError(f"{r.get('source')}: {len(r['frames'])} frames; precomputing frames {picks[0]}..{picks[-1]} "
                          f"({len(picks)} at stride {picks[1] - picks[0] if len(picks) > 1 else 1}) needs "
                          f"{picks[-1] + 1}: lower --frames or --frame-stride, or rebuild with longer clips")
-    _, rh, rw, top, left = _cover_crop(r["height"], r["width"], height, width)
-    video = np.stack([cv2.resize(_decode_jpeg(r["frames"][i]), (rw, rh), interpolation=cv2.INTER_AREA)
+    _, rh, rw, top, left = cover_crop(r["height"], r["width"], height, width)
+    video = np.stack([cv2.resize(decode_jpeg(r["frames"][i]), (rw, rh), interpolation=cv2.INTER_AREA)
                       [top:top + height, left:left + width] for i in picks])
     return video.astype(np.float32) / 127.5 - 1.0
 
@@ -65,7 +65,7 @@ class PrecomputeSettings:
 
     def record_settings(self) -> dict:
         """The ``precomputed`` dict each record carries (the loader compares it with its config)."""
-        from mm_jax.data.loader import precomputed_frames
+        from mm_jax.data.transform import precomputed_frames
 
         return {"height": self.height, "width": self.width, "frames": self.frames, "frame_stride": self.frame_stride,
                 "frame_indices": precomputed_frames(self.frames, self.frame_stride),
@@ -143,7 +143,10 @@ class Encoders:
 def precompute(out: str | Path, checkpoint_dir: str | Path, *, height: int, width: int, frames: int,
                frame_stride: int = 1, max_text_length: int = 226, progress: bool = True) -> dict:
     """Add ``latents``, ``latents_std`` and ``text_embedding`` to every record of the shard folder ``out``."""
-    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+    from array_record.python.array_record_module import (
+        ArrayRecordReader,
+        ArrayRecordWriter,
+    )
     from tqdm.auto import tqdm
 
     out = Path(out)
