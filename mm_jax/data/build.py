@@ -11,6 +11,11 @@ Per example (``mm_jax.data.example.ExampleMaker``, shared with the TFDS builders
 face per frame, the target's ArcFace embedding and a reference face (the manifest's ``ref``, else a
 frame of the target); pairs below ``--min-similarity`` are dropped and counted, and so are captions
 without a class word (``--caption-rules`` can rewrite them first, ``mm_jax.data.captions``).
+``--precompute`` then adds the frozen encoders' outputs (``mm_jax.data.precompute.Encoders``, the
+same step the TFDS builders run on Beam).
+
+Why two front ends on one core: on one machine this one is faster for small sets and resumes item
+by item (``done.jsonl``); ``prepare`` scales out on Beam and restarts a killed build from scratch.
 """
 from __future__ import annotations
 

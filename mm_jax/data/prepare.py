@@ -9,6 +9,10 @@ manifest), mm_laion_face, mm_sfhq, mm_clips_csv (OpenVid / Panda), mm_consisid, 
 dataset lands in ``<out>/<builder>/1.0.0/`` as ArrayRecord splits ``image`` and ``video``; train on
 it with ``data.path=<out>`` (``mm_jax.data.loader`` reads it through ``tfds.data_source``).
 
+The records are the shard builder's (``mm_jax.data.build``): the same ``ExampleMaker`` makes them,
+and with ``--precompute --checkpoint DIR`` the same ``precompute.Encoders`` adds the VAE latents
+and T5 embeddings (a Beam step; the dataset then holds only the kinds of that stage).
+
 A build is written to an ``incomplete.*`` folder and renamed when it completes, so readers never
 see part of a split. A killed build restarts from scratch on the next run (its stale folder is
 removed first); a complete one is reused (no-op) unless its settings differ (error) or
