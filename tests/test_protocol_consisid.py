@@ -184,3 +184,18 @@ def test_the_report_names_the_protocol_and_what_is_not_computed(run):
     yours = rep["compare"]["rows"][-1]
     assert yours["model"] == "yours" and yours["facesim_arc"] == rep["mean"]["facesim_arc"]
     assert [r["model"] for r in rep["compare"]["rows"][:-1]] == ["ConsisID", "ID-Animator"]
+
+
+def test_facesim_arc_clamps_negative_cosines_and_skips_faceless_frames(monkeypatch):
+    from mm_jax.metrics import consisid
+
+    embs = {0: np.array([1.0, 0.0]), 1: np.array([-0.6, 0.8]), 2: None, 3: np.array([0.6, 0.8])}
+    monkeypatch.setattr(consisid, "face_embedding", lambda an, frame: (embs[int(frame[0, 0, 0])], False))
+    frames = np.arange(4, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    out = consisid.facesim_arc(frames, np.array([2.0, 0.0]), analyzer=None)
+    # linspace(0, 3, 16, dtype=int) reads frames 0, 1, 2 five times each and frame 3 once
+    assert out["facesim_arc_frames"] == [0] * 5 + [1] * 5 + [2] * 5 + [3]
+    per = out["per_frame"]["facesim_arc"]
+    assert per[:10] == pytest.approx([1.0] * 5 + [0.0] * 5) and per[10:15] == [None] * 5  # -0.6 clamped to 0
+    assert per[15] == pytest.approx(0.6)
+    assert out["facesim_arc"] == pytest.approx(5.6 / 11, abs=1e-12) and out["facesim_arc_faces"] == 11
