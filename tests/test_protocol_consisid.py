@@ -48,8 +48,9 @@ def _insightface_app(root):
     return app
 
 
-def _consisid_facesim_arc(app, frame_files, ref_file):
-    """Their arithmetic: (frame indices, per-frame clamped cos or None, score)."""
+def _consisid_facesim_arc(app, frame_files, ref_file, num_frames=16):
+    """Their arithmetic: (frame indices, per-frame clamped cos or None, score); OpenS2V-Eval's
+    get_facesim.py is the same with 32 frames (its arc zero check tests the list: zeros stay)."""
     def embed(rgb):
         bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
         faces = app.get(bgr)
@@ -62,7 +63,7 @@ def _consisid_facesim_arc(app, frame_files, ref_file):
         return sorted(faces, key=lambda f: (f["bbox"][2] - f["bbox"][0]) * (f["bbox"][3] - f["bbox"][1]))[-1]["embedding"]
 
     ref = embed(cv2.cvtColor(cv2.imread(str(ref_file)), cv2.COLOR_BGR2RGB))
-    idx = np.linspace(0, len(frame_files) - 1, 16, dtype=int)
+    idx = np.linspace(0, len(frame_files) - 1, num_frames, dtype=int)
     per = []
     for i in idx:
         e = embed(cv2.cvtColor(cv2.imread(str(frame_files[i])), cv2.COLOR_BGR2RGB))
@@ -134,6 +135,20 @@ def test_facesim_arc_equals_consisids_arithmetic_on_insightface(run):
     assert mix["facesim_arc_frames"] == [0, 1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13, 15, 16, 17, 19]
     assert sum(mix["per_frame"]["facesim_arc_padded"]) == 3  # frames 5, 6, 16 only found after the pad
     assert mix["facesim_arc_faces"] == 14  # 16 read, frames 2 and 11 have no face
+
+
+def test_opens2v_facesim_arc_reads_32_linspace_frames_as_its_script(run):
+    root = run["root"]
+    rc = evaluate.main(["--protocol", "opens2v", "--videos", str(root / "videos"), "--refs", str(root / "refs"),
+                        "--face-models", str(root / "models" / "buffalo_l"), "--out", str(root / "o.json"), "--quiet"])
+    by_name = {v["name"]: v for v in json.loads((root / "o.json").read_text())["videos"]}
+    assert rc == 0
+    for name in VIDEOS:
+        idx, per, score = _consisid_facesim_arc(run["app"], run["files"][name], root / "refs" / f"{name}.png", 32)
+        v = by_name[name]
+        assert v["facesim_arc_frames"] == idx and len(idx) == 32
+        assert [s is None for s in v["per_frame"]["facesim_arc"]] == [s is None for s in per]
+        assert abs(v["facesim_arc"] - score) <= 1e-5 and v["facesim_cur"] is None
 
 
 def test_a_video_without_a_face_scores_zero_and_short_videos_repeat_frames(run):

@@ -67,10 +67,13 @@ def reference_embedding(analyzer: FaceAnalyzer, path) -> np.ndarray:
     return emb
 
 
-def facesim_arc(frames: np.ndarray, ref_emb: np.ndarray, analyzer: FaceAnalyzer) -> dict:
+def facesim_arc(frames: np.ndarray, ref_emb: np.ndarray, analyzer: FaceAnalyzer,
+                rule: FrameRule = FACESIM_FRAMES) -> dict:
     """FaceSim-Arc of (N, H, W, 3) RGB uint8 frames: the score, the frame indices read, and per read
-    frame the clamped cosine (None: skipped, no face) and whether the pad retry found the face."""
-    idx = frame_indices(FACESIM_FRAMES, len(frames))
+    frame the clamped cosine (None: skipped, no face) and whether the pad retry found the face.
+    ``rule``: ConsisID's 16 linspace frames; OpenS2V-Eval's ``get_facesim.py`` reads 32 and is
+    otherwise the same (its zero check, ``arc_scores != 0.0``, tests the list, so zeros stay)."""
+    idx = frame_indices(rule, len(frames))
     per_frame, padded = [], []
     ref = np.asarray(ref_emb, np.float64)
     for i in idx:

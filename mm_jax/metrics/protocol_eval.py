@@ -61,7 +61,7 @@ def evaluate(proto: Protocol, pairs, analyzer, scorer=None, batch_size: int = 32
     from mm_jax.metrics import consisid
     from mm_jax.metrics.video_eval import analyze_references, load_frames
 
-    if proto.name == "consisid":
+    if proto.name in ("consisid", "opens2v"):
         refs = {}
         for p in pairs:
             if p.ref not in refs:
@@ -77,6 +77,8 @@ def evaluate(proto: Protocol, pairs, analyzer, scorer=None, batch_size: int = 32
         row = {"name": p.name, "video": str(p.video), "ref": str(p.ref), "prompt": p.prompt, "frames": len(frames)}
         if proto.name == "consisid":
             row |= _consisid_row(frames, refs[p.ref], p.prompt, analyzer, scorer)
+        elif proto.name == "opens2v":
+            row |= consisid.facesim_arc(frames, refs[p.ref], analyzer, proto.frames["facesim_arc"])
         elif proto.name == "magicmirror":
             row |= _magicmirror_row(frames, refs[p.ref], analyzer, batch_size)
         row |= {m: None for m in proto.not_computed}

@@ -80,14 +80,18 @@ PROTOCOLS = {
         name="opens2v",
         compares_with="OpenS2V-Eval (arXiv 2505.20292) Human-Domain leaderboard",
         reference_code="PKU-YuanGroup/OpenS2V-Nexus eval/get_facesim.py",
-        metrics=("facesim_cur", "gmescore", "nexusscore", "naturalscore"),
-        frames={"facesim_cur": FrameRule("linspace", 32)},
+        metrics=("facesim_cur", "facesim_arc", "gmescore", "nexusscore", "naturalscore"),
+        frames={"facesim_cur": FrameRule("linspace", 32), "facesim_arc": FrameRule("linspace", 32)},
         not_computed={"facesim_cur": CURRICULARFACE,
                       "gmescore": "needs GME-Qwen2-VL-7B, a 7B multimodal model with no port here",
                       "nexusscore": "needs YOLO-World + CLIP + GME-Qwen2-VL-7B, no port here",
                       "naturalscore": "needs the GPT-4o API (a hosted service; nothing is sent off this machine)"},
         det_size=320,
-        notes="facesim_cur over 32 decord linspace frames, zero scores dropped from the mean; published as percent."),
+        notes="The face rule of consisid (buffalo_l at 320, largest face, grey-pad retry, clamp, faceless frames "
+              "skipped, 0 without a face) over 32 decord linspace frames. facesim_cur (published, in percent) "
+              "drops zero scores from the mean; facesim_arc keeps them (the script's zero check tests the list, "
+              "`arc_scores != 0.0`); not published on the leaderboard. A reference without a face is an error "
+              "here (exit 2); the script skips that video."),
     "magicmirror": Protocol(
         name="magicmirror",
         compares_with="Magic Mirror (arXiv 2501.03931v2) Table 1",
