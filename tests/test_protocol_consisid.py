@@ -205,7 +205,8 @@ def test_facesim_arc_clamps_negative_cosines_and_skips_faceless_frames(monkeypat
     from mm_jax.metrics import consisid
 
     embs = {0: np.array([1.0, 0.0]), 1: np.array([-0.6, 0.8]), 2: None, 3: np.array([0.6, 0.8])}
-    monkeypatch.setattr(consisid, "face_embedding", lambda an, frame: (embs[int(frame[0, 0, 0])], False))
+    hit = lambda e: None if e is None else consisid.FaceHit(e, np.zeros((5, 2)), False)
+    monkeypatch.setattr(consisid, "face_embedding", lambda an, frame: hit(embs[int(frame[0, 0, 0])]))
     frames = np.arange(4, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
     out = consisid.facesim_arc(frames, np.array([2.0, 0.0]), analyzer=None)
     # linspace(0, 3, 16, dtype=int) reads frames 0, 1, 2 five times each and frame 3 once
@@ -214,3 +215,17 @@ def test_facesim_arc_clamps_negative_cosines_and_skips_faceless_frames(monkeypat
     assert per[:10] == pytest.approx([1.0] * 5 + [0.0] * 5) and per[10:15] == [None] * 5  # -0.6 clamped to 0
     assert per[15] == pytest.approx(0.6)
     assert out["facesim_arc"] == pytest.approx(5.6 / 11, abs=1e-12) and out["facesim_arc_faces"] == 11
+
+
+def test_a_face_found_after_the_pad_has_its_landmarks_in_the_original_pixels(run):
+    from mm_jax.face import FaceAnalyzer
+    from mm_jax.metrics import consisid
+
+    an = FaceAnalyzer(run["root"] / "models" / "buffalo_l", det_size=320)
+    hit = consisid.face_embedding(an, _frame("pad", seed=1))
+    assert hit.padded and np.abs(hit.kps.mean(axis=0) - [PAD_ONLY[1], PAD_ONLY[0]]).max() < 6  # not +(80, 60)
+    bgr = _frame("pad", seed=1)[..., ::-1].copy()  # their process_image: kps of the padded find - (left, top)
+    faces = run["app"].get(cv2.copyMakeBorder(bgr, 60, 60, 80, 80, cv2.BORDER_CONSTANT, value=(128, 128, 128)))
+    np.testing.assert_allclose(hit.kps, faces[-1]["kps"] - np.array([80, 60]), atol=1e-4)
+    direct = consisid.face_embedding(an, _frame("face", seed=1))
+    assert not direct.padded and np.abs(direct.kps.mean(axis=0) - [FACE[1], FACE[0]]).max() < 6

@@ -19,6 +19,8 @@ tokenized to at most 77 tokens; score = mean over frames of ``logits_per_image``
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from mm_jax.face import FaceAnalyzer, NoFaceError, read_image
@@ -40,31 +42,43 @@ def pad_grey(img_bgr: np.ndarray, scale: float = PAD_SCALE) -> np.ndarray:
     return cv2.copyMakeBorder(img_bgr, dy, dy, dx, dx, cv2.BORDER_CONSTANT, value=PAD_GREY)
 
 
-def _largest_embedding(analyzer: FaceAnalyzer, img_bgr: np.ndarray) -> np.ndarray | None:
+@dataclasses.dataclass
+class FaceHit:
+    embedding: np.ndarray     # (D,) ArcFace embedding of the face, in the image it was found in
+    kps: np.ndarray           # (5, 2) its landmarks in the ORIGINAL image's pixels (the pad subtracted)
+    padded: bool              # found only after the grey pad
+
+
+def _largest(analyzer: FaceAnalyzer, img_bgr: np.ndarray):
     dets, kps = analyzer.detect(img_bgr)
     if len(dets) == 0:
         return None
     area = (dets[:, 2] - dets[:, 0]) * (dets[:, 3] - dets[:, 1])
     i = int(np.argsort(area, kind="stable")[-1])
-    return analyzer.embed_crops([analyzer.align(img_bgr, kps[i], analyzer.models.rec_size)])[0]
+    return analyzer.embed_crops([analyzer.align(img_bgr, kps[i], analyzer.models.rec_size)])[0], kps[i]
 
 
-def face_embedding(analyzer: FaceAnalyzer, image) -> tuple[np.ndarray | None, bool]:
-    """(ArcFace embedding of the largest face or None, whether it took the grey-pad retry) of an
-    image (path or RGB uint8 array)."""
+def face_embedding(analyzer: FaceAnalyzer, image) -> FaceHit | None:
+    """The largest face of an image (path or RGB uint8 array) by ConsisID's rule, or None. The
+    landmarks come back in the original image's pixels, as their ``process_image`` returns them for
+    the 224 crop that FaceSim-Cur and the face FID read (``norm_crop`` of the UNPADDED image)."""
     img = read_image(image)
-    emb = _largest_embedding(analyzer, img)
-    if emb is not None:
-        return emb, False
-    emb = _largest_embedding(analyzer, pad_grey(img))
-    return emb, emb is not None
+    hit = _largest(analyzer, img)
+    if hit is not None:
+        return FaceHit(hit[0], hit[1], False)
+    hit = _largest(analyzer, pad_grey(img))
+    if hit is None:
+        return None
+    h, w = img.shape[:2]
+    shift = np.array([int(w * (PAD_SCALE - 1.0)), int(h * (PAD_SCALE - 1.0))], np.float32)  # (left, top)
+    return FaceHit(hit[0], hit[1] - shift, True)
 
 
 def reference_embedding(analyzer: FaceAnalyzer, path) -> np.ndarray:
-    emb, _ = face_embedding(analyzer, path)
-    if emb is None:
+    hit = face_embedding(analyzer, path)
+    if hit is None:
         raise NoFaceError(f"no face found in {path}, even padded 25% with grey (ConsisID's rule)")
-    return emb
+    return hit.embedding
 
 
 def facesim_arc(frames: np.ndarray, ref_emb: np.ndarray, analyzer: FaceAnalyzer,
@@ -77,12 +91,12 @@ def facesim_arc(frames: np.ndarray, ref_emb: np.ndarray, analyzer: FaceAnalyzer,
     per_frame, padded = [], []
     ref = np.asarray(ref_emb, np.float64)
     for i in idx:
-        emb, pad = face_embedding(analyzer, frames[i])
-        padded.append(pad)
-        if emb is None:
+        hit = face_embedding(analyzer, frames[i])
+        padded.append(hit is not None and hit.padded)
+        if hit is None:
             per_frame.append(None)
             continue
-        e = np.asarray(emb, np.float64)
+        e = np.asarray(hit.embedding, np.float64)
         per_frame.append(max(0.0, float(e @ ref / max(np.linalg.norm(e) * np.linalg.norm(ref), 1e-8))))
     scored = [s for s in per_frame if s is not None]
     return {"facesim_arc": float(np.mean(scored)) if scored else 0.0,
