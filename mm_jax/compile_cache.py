@@ -12,6 +12,11 @@ or size: the small ones add up on a Colab restart too), in:
 Several processes on CPU (``python -m mm_jax.launch``) run without it, with a warning: their gloo
 collectives failed to start with executables read from the cache (``enable``).
 
+The planner (``python -m mm_jax.plan``) compiles for devices that are not attached, whose
+executables JAX writes to this cache but cannot read back (jax 0.10.2: "PjRtCompiler must be
+constructed with a Client to call DeserializeLoadedExecutable"); it keeps what it reads off its
+programs in ``<folder>/plan`` instead (``mm_jax.plan.cache``) and does not turn this cache on.
+
 ``CompileStats`` counts what this process compiled and what it read from the cache, from JAX's own
 monitoring events, so a CLI can say "3 programs, 3 from the cache, 0.4 s" and a test can check it.
 """
