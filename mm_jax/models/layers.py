@@ -128,7 +128,12 @@ def scan(body: Callable, carry, stacked: nnx.Module, xs=None, *, remat_policy=No
 # of temporaries for 1.68 GiB of weights, so the 5B T5 and DiT do not fit a 24 GB host). Without
 # the motion the convert fuses into the slice and each step converts its own layer (0.74 GiB).
 # The CPU programs of scanned networks are jitted with these options (``scan_compiler_options``).
-CPU_SCAN_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+# The second turns off jaxlib 0.10.2's default YNNPACK fusion of dots, so XLA:CPU runs them with
+# its Eigen kernels: on this repo's 2-core AVX-512 Xeon a fp32 (4516 x 3072) @ (3072 x 12288)
+# matmul does 145 instead of 110 GFLOP per CPU-second (MKL in torch: 157), and one 5B-width DiT
+# block's forward (benchmarks/dit.py --layers 1) takes 14.4 instead of 17.3 CPU-seconds.
+CPU_SCAN_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion",
+                             "xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def scan_compiler_options(platform: str | None = None) -> dict[str, str] | None:
