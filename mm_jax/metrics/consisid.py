@@ -74,24 +74,41 @@ def face_embedding(analyzer: FaceAnalyzer, image) -> FaceHit | None:
     return FaceHit(hit[0], hit[1] - shift, True)
 
 
-def reference_embedding(analyzer: FaceAnalyzer, path) -> np.ndarray:
+def reference_hit(analyzer: FaceAnalyzer, path) -> FaceHit:
     hit = face_embedding(analyzer, path)
     if hit is None:
         raise NoFaceError(f"no face found in {path}, even padded 25% with grey (ConsisID's rule)")
-    return hit.embedding
+    return hit
+
+
+def reference_embedding(analyzer: FaceAnalyzer, path) -> np.ndarray:
+    return reference_hit(analyzer, path).embedding
+
+
+def aligned_face(image, hit: FaceHit, size: int = 224) -> np.ndarray:
+    """Their ``process_image`` crop: ``norm_crop(image_bgr, kps, size)`` of the UNPADDED image, then
+    BGR -> RGB; (size, size, 3) RGB uint8 (what FaceSim-Cur and the face FID read)."""
+    return np.ascontiguousarray(FaceAnalyzer.align(read_image(image), hit.kps, size)[..., ::-1])
+
+
+def frame_hits(frames: np.ndarray, analyzer: FaceAnalyzer, rule: FrameRule = FACESIM_FRAMES):
+    """``(indices, hits)``: the frames ``rule`` reads and each one's ``face_embedding`` (None: no face);
+    every repeat is detected again, as their loop does."""
+    idx = frame_indices(rule, len(frames))
+    return idx, [face_embedding(analyzer, frames[i]) for i in idx]
 
 
 def facesim_arc(frames: np.ndarray, ref_emb: np.ndarray, analyzer: FaceAnalyzer,
-                rule: FrameRule = FACESIM_FRAMES) -> dict:
+                rule: FrameRule = FACESIM_FRAMES, hits=None) -> dict:
     """FaceSim-Arc of (N, H, W, 3) RGB uint8 frames: the score, the frame indices read, and per read
     frame the clamped cosine (None: skipped, no face) and whether the pad retry found the face.
     ``rule``: ConsisID's 16 linspace frames; OpenS2V-Eval's ``get_facesim.py`` reads 32 and is
-    otherwise the same (its zero check, ``arc_scores != 0.0``, tests the list, so zeros stay)."""
-    idx = frame_indices(rule, len(frames))
+    otherwise the same (its zero check, ``arc_scores != 0.0``, tests the list, so zeros stay).
+    ``hits``: ``frame_hits(frames, analyzer, rule)`` when already computed (shared with FaceSim-Cur)."""
+    idx, hits = hits if hits is not None else frame_hits(frames, analyzer, rule)
     per_frame, padded = [], []
     ref = np.asarray(ref_emb, np.float64)
-    for i in idx:
-        hit = face_embedding(analyzer, frames[i])
+    for hit in hits:
         padded.append(hit is not None and hit.padded)
         if hit is None:
             per_frame.append(None)
