@@ -29,7 +29,8 @@ from jax.sharding import PartitionSpec as P
 from mm_jax import parallel
 from mm_jax.models.config_base import ConfigBase
 from mm_jax.models.layers import canonical_dtype
-from mm_jax.models.vae_layers import Cache, CausalConv3d, DownBlock3D, MidBlock3D, SpatialNorm3D, UpBlock3D, group_norm
+from mm_jax.models.vae_layers import (Cache, CausalConv3d, DownBlock3D, MidBlock3D, SpatialNorm3D, UpBlock3D, group_norm,
+                                     valid_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +125,9 @@ class Encoder3D(nnx.Module):
 
 class Decoder3D(nnx.Module):
     """(B, F, h, w, latent) -> (B, T, 8h, 8w, 3) for one latent frame batch; every norm is
-    conditioned on that batch of latents."""
+    conditioned on that batch of latents. ``valid``: None, or the traced (h, w) of the latents that
+    are real at the top left of a zero-padded z: the outputs there are those of the unpadded z
+    (``vae_layers.valid_mask``), the rest is to be cropped."""
 
     def __init__(self, cfg: VAEConfig, *, rngs):
         kw = dict(_layer_kw(cfg), rngs=rngs)
@@ -140,14 +143,16 @@ class Decoder3D(nnx.Module):
         self.norm_out = SpatialNorm3D(ch[-1], zc, cfg.norm_num_groups, **kw)
         self.conv_out = CausalConv3d(ch[-1], cfg.out_channels, 3, **kw)
 
-    def __call__(self, z, cache: Cache = None):
+    def __call__(self, z, cache: Cache = None, valid=None):
         cache = cache or {}
         new = {}
         h, new["conv_in"] = self.conv_in(z, cache.get("conv_in"))
-        h, new["mid_block"] = self.mid_block(h, z, cache.get("mid_block"))
+        h, new["mid_block"] = self.mid_block(h, z, cache.get("mid_block"), valid)
         for i, blk in enumerate(self.up_blocks):
-            h, new[f"up_block_{i}"] = blk(h, z, cache.get(f"up_block_{i}"))
-        h = jax.nn.silu(self.norm_out(h, z))
+            h, new[f"up_block_{i}"] = blk(h, z, cache.get(f"up_block_{i}"), valid)
+        h = jax.nn.silu(self.norm_out(h, z, valid))
+        if valid is not None:
+            h = jnp.where(valid_mask(h, z, valid), h, jnp.zeros((), h.dtype))
         h, new["conv_out"] = self.conv_out(h, cache.get("conv_out"))
         return h, new
 
@@ -161,12 +166,12 @@ def frame_batches(num_frames: int, batch: int) -> list[tuple[int, int]]:
     return [(0 if i == 0 else batch * i + r, min(batch * (i + 1) + r, num_frames)) for i in range(n)]
 
 
-def run_in_frame_batches(net: nnx.Module, x: jax.Array, batch: int) -> jax.Array:
-    """Apply a cached ``net(x, cache) -> (y, cache)`` over frame batches of x (B, T, ...): the first
-    batch alone, the equal-size rest under ``lax.scan``."""
+def run_in_frame_batches(net: nnx.Module, x: jax.Array, batch: int, **kw) -> jax.Array:
+    """Apply a cached ``net(x, cache, **kw) -> (y, cache)`` over frame batches of x (B, T, ...): the
+    first batch alone, the equal-size rest under ``lax.scan``."""
     spans = frame_batches(x.shape[1], batch)
     s0, e0 = spans[0]
-    y0, cache = net(x[:, s0:e0], None)
+    y0, cache = net(x[:, s0:e0], None, **kw)
     if len(spans) == 1:
         return y0
     rest = x[:, e0:]
@@ -175,7 +180,7 @@ def run_in_frame_batches(net: nnx.Module, x: jax.Array, batch: int) -> jax.Array
     graphdef, state = nnx.split(net)
 
     def body(c, xb):
-        y, c = nnx.merge(graphdef, state)(xb, c)
+        y, c = nnx.merge(graphdef, state)(xb, c, **kw)
         return c, y
 
     _, ys = jax.lax.scan(body, cache, rest)
@@ -190,18 +195,19 @@ def mesh_devices() -> int:
     return parallel.device_count()
 
 
-def map_tiles(net: nnx.Module, fn, crops: jax.Array, spread: bool = False) -> jax.Array:
+def map_tiles(net: nnx.Module, fn, crops, spread: bool = False) -> jax.Array:
     """``fn(net, crop)`` for each of the stacked ``crops`` (n, ...) -> (n, ...), one after another
-    under ``lax.map``. With ``spread`` and a mesh of several devices in context, the crops are
+    under ``lax.map`` (``crops`` may be a pytree of such stacks, ``crop`` then its slice). With ``spread`` and a mesh of several devices in context, the crops are
     split over all of its devices instead (every mesh axis on the leading axis, under
     ``shard_map``), each device mapping over its own; n is padded up to a multiple of the device
     count by repeating the last crop, whose outputs are dropped. ``net``'s parameters go in
     replicated (gathered where the mesh shards them)."""
-    n, devices = crops.shape[0], mesh_devices() if spread else 1
+    n, devices = jax.tree.leaves(crops)[0].shape[0], mesh_devices() if spread else 1
     if devices == 1:
-        return jax.lax.map(lambda c: fn(net, c), crops) if n > 1 else fn(net, crops[0])[None]
+        return jax.lax.map(lambda c: fn(net, c), crops) if n > 1 else fn(net, jax.tree.map(lambda a: a[0], crops))[None]
     pad = -n % devices
-    crops = jnp.concatenate([crops, jnp.repeat(crops[-1:], pad, axis=0)]) if pad else crops
+    if pad:
+        crops = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), crops)
     graphdef, state = nnx.split(net)
     tiles = parallel.every_device_spec()
 
@@ -290,8 +296,8 @@ class AutoencoderKLCogVideoX(nnx.Module):
     def _encode_moments(self, x):
         return run_in_frame_batches(self.encoder, x, self.cfg.encode_frame_batch)
 
-    def _decode_frames(self, z):
-        return run_in_frame_batches(self.decoder, z, self.cfg.decode_frame_batch)
+    def _decode_frames(self, z, valid=None):
+        return run_in_frame_batches(self.decoder, z, self.cfg.decode_frame_batch, valid=valid)
 
     def encode(self, x: jax.Array) -> DiagonalGaussian:
         """x (B, T, H, W, in_channels) in [-1, 1] -> posterior."""
@@ -310,30 +316,47 @@ class AutoencoderKLCogVideoX(nnx.Module):
 
     def decode(self, z: jax.Array) -> jax.Array:
         """z (B, F, h, w, latent_channels) -> video (B, T, 8h, 8w, out_channels), not clipped. Tiled,
-        under a mesh of several devices, each tile shape's tiles are decoded in parallel over all of
-        them (``map_tiles``)."""
-        cfg = self.cfg
-        th, tw, lh, lw = self._tiles()
+        every tile goes through one decoder body of one shape (edge tiles zero-padded to it, their
+        padding masked out: ``Decoder3D``'s ``valid``), and under a mesh of several devices the
+        tiles are decoded in parallel over all of them (``map_tiles``)."""
+        stride, (lh, lw), blend, out_tile = self.decode_tiles()
         h, w = z.shape[2:4]
-        stride = (int(lh * (1 - cfg.tile_overlap_factor_height)), int(lw * (1 - cfg.tile_overlap_factor_width)))
-        blend = (int(th * cfg.tile_overlap_factor_height), int(tw * cfg.tile_overlap_factor_width))
-        if cfg.use_tiling and (h > lh or w > lw) and _tiles_align(stride, (lh, lw), blend, (th, tw), "decode"):
-            return self._tiled(z, type(self)._decode_frames, stride, (lh, lw), blend, (th, tw), spread=True)
+        if self.cfg.use_tiling and (h > lh or w > lw) and _tiles_align(stride, (lh, lw), blend, out_tile, "decode"):
+            return self._tiled(z, type(self)._decode_frames, stride, (lh, lw), blend, out_tile, spread=True,
+                               padded=True)
         return self._decode_frames(z)
 
-    def _tiled(self, x, fn, stride, tile, blend, out_tile, spread: bool = False):
+    def decode_tiles(self):
+        """The reference's tiled-decode geometry: latent stride, latent tile, pixel blend, pixel tile."""
+        cfg = self.cfg
+        th, tw, lh, lw = self._tiles()
+        stride = (int(lh * (1 - cfg.tile_overlap_factor_height)), int(lw * (1 - cfg.tile_overlap_factor_width)))
+        blend = (int(th * cfg.tile_overlap_factor_height), int(tw * cfg.tile_overlap_factor_width))
+        return stride, (lh, lw), blend, (th, tw)
+
+    def _tiled(self, x, fn, stride, tile, blend, out_tile, spread: bool = False, padded: bool = False):
         """Overlapping tiles through ``fn(self, tile)``, blended with the tile above then the tile to
         the left (both already blended, as the reference mutates them in place), cropped and joined.
         ``spread``: the tiles of each shape are split over the devices of the mesh in context
-        (``map_tiles``)."""
+        (``map_tiles``). ``padded``: every tile has one shape, the edge tiles zero-padded at the
+        bottom/right, and goes through ``fn(self, tile, valid)`` with its real (h, w), whose
+        outputs beyond ``valid`` times the scale are dropped."""
         h, w = x.shape[2:4]
         starts = [(i, j) for i in range(0, h, stride[0]) for j in range(0, w, stride[1])]
         # tiles of one shape go through one compiled body, one after another under lax.map (on each
-        # device): compile time is per distinct shape (at most 4) and memory holds one tile's
-        # activations at a time
+        # device): compile time is per distinct shape (one when padded, else at most 4) and memory
+        # holds one tile's activations at a time
         groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for i, j in starts:
-            groups.setdefault((min(tile[0], h - i), min(tile[1], w - j)), []).append((i, j))
+        real = {(i, j): (min(tile[0], h - i), min(tile[1], w - j)) for i, j in starts}
+        if padded:
+            full = (min(tile[0], h), min(tile[1], w))
+            groups[full] = starts
+            ph, pw = max(i + full[0] for i, _ in starts) - h, max(j + full[1] for _, j in starts) - w
+            x = jnp.pad(x, [(0, 0), (0, 0), (0, ph), (0, pw)] + [(0, 0)] * (x.ndim - 4))
+            scale = (out_tile[0] // tile[0], out_tile[1] // tile[1])
+        else:
+            for ij in starts:
+                groups.setdefault(real[ij], []).append(ij)
         net, spread = self, spread and mesh_devices() > 1  # one device: exactly the serial path
         if spread:  # parameters the mesh shards are gathered once, for every group
             graphdef, state = nnx.split(self)
@@ -345,8 +368,14 @@ class AutoencoderKLCogVideoX(nnx.Module):
                 # one group after the other: without the barrier XLA may run the groups together and
                 # hold all their buffers (tiny VAE, v5e-4 fsdp=2,tensor=2: 228 MB temporaries, 115 with it)
                 crops, _ = jax.lax.optimization_barrier((crops, outs))
-            outs = map_tiles(net, fn, crops, spread)
-            done.update({ij: outs[k] for k, ij in enumerate(members)})
+            if padded:
+                valid = jnp.asarray([real[ij] for ij in members], jnp.int32)
+                outs = map_tiles(net, lambda n, cv: fn(n, *cv), (crops, valid), spread)
+                done.update({ij: outs[k][:, :, :real[ij][0] * scale[0], :real[ij][1] * scale[1]]
+                             for k, ij in enumerate(members)})
+            else:
+                outs = map_tiles(net, fn, crops, spread)
+                done.update({ij: outs[k] for k, ij in enumerate(members)})
         rows = [[done[(i, j)] for j in range(0, w, stride[1])] for i in range(0, h, stride[0])]
         limit = (out_tile[0] - blend[0], out_tile[1] - blend[1])
         out_rows = []

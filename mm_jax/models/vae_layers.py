@@ -6,6 +6,12 @@ config; these layers take what they need (widths, groups, eps, dtypes), not the 
 Every ``__call__`` that holds a temporal conv takes ``cache`` and returns ``(out, new_cache)``;
 the cache is a dict pytree mirroring the module tree (None for a fresh first batch).
 
+The decoder's layers also take ``valid`` (None, or the traced (height, width) of the latents that
+are real, at the top left of a zero-padded tile): every GroupNorm then takes its statistics over
+the valid region only and every spatial conv sees zeros outside it, so the valid region's outputs
+are those of the unpadded tile (``valid_mask``). One tile shape then serves every tile of a tiled
+decode (``vae.py``).
+
 Parameters live in Flax's layers: ``nnx.Conv`` (kernel ``(*k, in, out)``, bias) and
 ``nnx.GroupNorm`` (``scale``/``bias``; statistics over (T, H, W, C/G) of the input, two-pass
 variance in float32), both exact against the hand-written versions they replace. What stays
@@ -93,6 +99,21 @@ class CausalConv3d(nnx.Module):
         return y, new_cache
 
 
+def valid_mask(x, zq, valid):
+    """(1, 1, H, W, 1) bool: the positions of x (B, T, H, W, C) inside the valid (h, w) latents of
+    zq (B, F, h', w', C'), scaled by x's resolution over zq's; None when ``valid`` is None."""
+    if valid is None:
+        return None
+    sh, sw = x.shape[2] // zq.shape[2], x.shape[3] // zq.shape[3]
+    rows = jnp.arange(x.shape[2]) < valid[0] * sh
+    cols = jnp.arange(x.shape[3]) < valid[1] * sw
+    return (rows[:, None] & cols[None, :])[None, None, :, :, None]
+
+
+def _zero_outside(x, mask):
+    return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
+
+
 def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
     """torch 'nearest' (legacy): src = floor(dst * in / out)."""
     scale = np.float32(n_in) / np.float32(n_out)
@@ -129,12 +150,14 @@ class SpatialNorm3D(nnx.Module):
             return jnp.concatenate([nearest_resize(zq[:, :1], (1, h, w)), nearest_resize(zq[:, 1:], (t - 1, h, w))], 1)
         return nearest_resize(zq, (t, h, w))
 
-    def __call__(self, f, zq):
+    def __call__(self, f, zq, valid=None):
         t, h, w = f.shape[1:4]
         # the 1x1x1 convs commute with nearest resizing (both act per position), so they run at the
         # latent resolution and the resized maps fuse into the product instead of being materialized
         y, b = self.conv_y(zq)[0], self.conv_b(zq)[0]
-        return self.norm_layer(f) * self._resize(y, t, h, w) + self._resize(b, t, h, w)
+        mask = valid_mask(f, zq, valid)
+        norm = self.norm_layer(f) if mask is None else self.norm_layer(f, mask=jnp.broadcast_to(mask, f.shape))
+        return norm * self._resize(y, t, h, w) + self._resize(b, t, h, w)
 
 
 class ResnetBlock3D(nnx.Module):
@@ -156,14 +179,15 @@ class ResnetBlock3D(nnx.Module):
         self.conv_shortcut = conv(cin, cout, (1, 1, 1), **kw) if cin != cout else None
         self.spatial = zq_channels is not None
 
-    def _norm(self, norm, x, zq):
-        return norm(x, zq) if self.spatial else norm(x)
+    def _norm(self, norm, x, zq, valid):
+        return norm(x, zq, valid) if self.spatial else norm(x)
 
-    def __call__(self, x, zq=None, cache: Cache = None):
+    def __call__(self, x, zq=None, cache: Cache = None, valid=None):
         cache = cache or {}
-        h = jax.nn.silu(self._norm(self.norm1, x, zq))
+        mask = valid_mask(x, zq, valid)
+        h = _zero_outside(jax.nn.silu(self._norm(self.norm1, x, zq, valid)), mask)
         h, c1 = self.conv1(h, cache.get("conv1"))
-        h = jax.nn.silu(self._norm(self.norm2, h, zq))
+        h = _zero_outside(jax.nn.silu(self._norm(self.norm2, h, zq, valid)), mask)
         h, c2 = self.conv2(h, cache.get("conv2"))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
@@ -211,12 +235,12 @@ class Upsample3D(nnx.Module):
         return self.conv(x)
 
 
-def _resnets(resnets, x, zq, cache: Cache):
+def _resnets(resnets, x, zq, cache: Cache, valid=None):
     """Run a list of ResnetBlock3D, threading each one's cache entry ``resnet_i``."""
     cache = cache or {}
     new = {}
     for i, r in enumerate(resnets):
-        x, new[f"resnet_{i}"] = r(x, zq, cache.get(f"resnet_{i}"))
+        x, new[f"resnet_{i}"] = r(x, zq, cache.get(f"resnet_{i}"), valid)
     return x, new
 
 
@@ -249,10 +273,10 @@ class UpBlock3D(nnx.Module):
                                                zq_channels=zq_channels, **kw) for i in range(num_layers)])
         self.upsamplers = nnx.List([Upsample3D(cout, compress_time, **kw)] if add_up else [])
 
-    def __call__(self, x, zq, cache: Cache = None):
-        x, new = _resnets(self.resnets, x, zq, cache)
+    def __call__(self, x, zq, cache: Cache = None, valid=None):
+        x, new = _resnets(self.resnets, x, zq, cache, valid)
         for u in self.upsamplers:
-            x = u(x)
+            x = u(_zero_outside(x, valid_mask(x, zq, valid)))  # its 3x3 conv sees zeros outside
         return x, new
 
 
@@ -263,5 +287,5 @@ class MidBlock3D(nnx.Module):
         self.resnets = nnx.List([ResnetBlock3D(channels, channels, groups=groups, eps=eps, zq_channels=zq_channels,
                                                dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(2)])
 
-    def __call__(self, x, zq=None, cache: Cache = None):
-        return _resnets(self.resnets, x, zq, cache)
+    def __call__(self, x, zq=None, cache: Cache = None, valid=None):
+        return _resnets(self.resnets, x, zq, cache, valid)
