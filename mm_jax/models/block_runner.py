@@ -63,17 +63,19 @@ def segments(num_layers: int, adapter_layers=()) -> list[Segment]:
     return out
 
 
-def run_blocks(blocks, h, temb, tokens, *, kv_lengths=None, cond=None, adapter_layers=(),
-               remat_policy: str = "none", scan_layers: bool = True):
+def run_blocks(blocks, h, temb, tokens, *, kv_lengths=None, cond=None, adapter_layers=(), after=None,
+               after_params=None, remat_policy: str = "none", scan_layers: bool = True):
     """The stacked blocks over the joint sequence h (B, S, D) -> (B, S, D). ``cond`` holds one
     entry per block of ``adapter_layers``; ``kv_lengths`` (B,) are the adapter blocks' key lengths
     (the plain blocks see [text, video] only). Without ``cond`` every block is plain.
+    ``after(h, tokens, params)`` runs after each block of ``adapter_layers`` with its entry of
+    ``after_params`` (stacked like ``cond``); without ``cond`` and ``after`` no block is special.
 
     The types live in ``dit.py`` (which imports this module): ``blocks`` is the stacked
     ``CogVideoXBlock``, ``tokens`` a ``Tokens``, ``cond`` a ``BlockConditioning``."""
     n = L.stack_size(blocks)
     b = h.shape[0]
-    if cond is None:
+    if cond is None and after is None:
         adapter_layers = ()
     plain_lengths = None
     if tokens.extra or tokens.pad:
@@ -87,10 +89,13 @@ def run_blocks(blocks, h, temb, tokens, *, kv_lengths=None, cond=None, adapter_l
     def plain(h, blk, _):
         return blk(h, temb, tokens, plain_lengths), None
 
-    def group(h, grp, g_cond):
+    def group(h, grp, g_x):
+        g_cond, g_after = g_x
         for j in range(L.stack_size(grp)):
             blk = L.layer(grp, j)
             h = blk(h, temb, tokens, kv_lengths, g_cond) if j == 0 else blk(h, temb, tokens, plain_lengths)
+            if j == 0 and after is not None:
+                h = after(h, tokens, g_after)
         return h, None
 
     for seg in segments(n, adapter_layers):
@@ -105,11 +110,11 @@ def run_blocks(blocks, h, temb, tokens, *, kv_lengths=None, cond=None, adapter_l
             continue
         groups = (seg.stop - seg.start) // seg.period
         grouped = jax.tree.map(lambda t: t.reshape(groups, seg.period, *t.shape[1:]), sub)
-        g_cond = jax.tree.map(lambda t: t[seg.adapter:seg.adapter + groups], cond)
+        g_x = jax.tree.map(lambda t: t[seg.adapter:seg.adapter + groups], (cond, after_params))
         if scan_layers:
-            h, _ = L.scan(group, h, grouped, g_cond, remat=remat, remat_policy=policy)
+            h, _ = L.scan(group, h, grouped, g_x, remat=remat, remat_policy=policy)
         else:
             run = jax.checkpoint(group, policy=policy) if remat else group
             for g in range(groups):
-                h, _ = run(h, L.layer(grouped, g), pick(g_cond, g))
+                h, _ = run(h, L.layer(grouped, g), pick(g_x, g))
     return h

@@ -24,7 +24,7 @@ paper's every 2nd), the scanned unit is a group of p blocks, the first with the 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import flax.struct
 import jax
@@ -351,10 +351,15 @@ class CogVideoXTransformer3D(nnx.Module):
     def __call__(self, latents: jax.Array, text: jax.Array, timestep: jax.Array, *,
                  extra_tokens: jax.Array | None = None, extra_valid: jax.Array | None = None,
                  conditioning: Callable[[jax.Array], BlockConditioning] | None = None,
-                 adapter_layers: tuple[int, ...] = ()) -> jax.Array:
+                 adapter_layers: tuple[int, ...] = (),
+                 after_block: Callable[[jax.Array, Tokens, Any], jax.Array] | None = None,
+                 after_block_params: Any = None) -> jax.Array:
         """``extra_tokens`` (B, E, D) join the blocks of ``adapter_layers`` with the stacked
         ``conditioning(temb)``; ``extra_valid`` (B,) bool: False hides a sample's extra tokens (as
-        keys, by a shorter key length) and the caller zeroes its residuals, which is the plain model."""
+        keys, by a shorter key length) and the caller zeroes its residuals, which is the plain model.
+        ``after_block(seq, tokens, params_k)`` runs on the joint sequence after the k-th block of
+        ``adapter_layers``, with ``after_block_params`` stacked over those blocks (ConsisID's face
+        cross-attentions); it works with or without extra tokens."""
         cfg, p = self.cfg, self.cfg.patch_size
         b, f, h, w, _ = latents.shape
         if h % p or w % p:
@@ -387,7 +392,8 @@ class CogVideoXTransformer3D(nnx.Module):
             parts.append(jnp.zeros((b, pad, c.shape[-1]), x.dtype))
         seq = constrain(jnp.concatenate(parts, axis=1), ("batch", "seq", "act_embed"))
         seq = run_blocks(self.transformer_blocks, seq, temb, tokens, kv_lengths=kv_lengths, cond=cond,
-                         adapter_layers=tuple(adapter_layers), remat_policy=cfg.remat_policy,
+                         adapter_layers=tuple(adapter_layers), after=after_block, after_params=after_block_params,
+                         remat_policy=cfg.remat_policy,
                          scan_layers=cfg.scan_layers)
         x = seq[:, L_:L_ + N]
 
