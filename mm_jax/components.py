@@ -1,7 +1,7 @@
 """The registry of checkpoint components: what each one's config and network are.
 
 A component is one network of a pipeline folder (``transformer``, ``vae``, ``text_encoder``,
-``image_encoder``, ``adapter``, ``clip``, ``eva_clip``). The converter and the checkpoint loader both look components up
+``image_encoder``, ``adapter``, ``clip``, ``eva_clip``, ``consisid_transformer``). The converter and the checkpoint loader both look components up
 here, so adding a network means adding one ``ComponentSpec``. The classes are referenced directly
 (no "module:Class" strings), so a renamed class fails at import, not at first use; the models
 import nothing from here, so there is no cycle.
@@ -13,6 +13,7 @@ from typing import Any
 
 from mm_jax.models.clip import CLIPConfig, CLIPModel
 from mm_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionTower
+from mm_jax.models.consisid import ConsisIDConfig, ConsisIDTransformer3D
 from mm_jax.models.dit import CogVideoXTransformer3D, DiTConfig
 from mm_jax.models.eva_clip import EVAVisionConfig, EVAVisionTower
 from mm_jax.models.id_adapter import AdapterConfig, MagicMirrorAdapter
@@ -40,6 +41,11 @@ class ComponentSpec:
 COMPONENTS: dict[str, ComponentSpec] = {
     "transformer": ComponentSpec("transformer", DiTConfig, CogVideoXTransformer3D, ("CogVideoXTransformer3DModel",),
                                  stacks=("transformer_blocks",)),
+    # ConsisID's transformer (a pipeline folder's transformer/ of this class converts to it)
+    "consisid_transformer": ComponentSpec("consisid_transformer", ConsisIDConfig, ConsisIDTransformer3D,
+                                          ("ConsisIDTransformer3DModel",),
+                                          stacks=("transformer_blocks", "local_facial_extractor/layers",
+                                                  "perceiver_cross_attention")),
     "vae": ComponentSpec("vae", VAEConfig, AutoencoderKLCogVideoX, ("AutoencoderKLCogVideoX",)),
     "text_encoder": ComponentSpec("text_encoder", T5Config, T5Encoder, ("T5EncoderModel",),
                                   stacks=("encoder/block",)),

@@ -107,6 +107,20 @@ def convert_component(spec, cfg, mapping, tensors, out_dir: Path, dtype: str) ->
     return nparams
 
 
+def _subclass_spec(spec: components.ComponentSpec, folder: Path) -> components.ComponentSpec:
+    """The component a pipeline subfolder converts to: its config's class may name another one than
+    the folder (a ConsisID pipeline's transformer/ holds a ``ConsisIDTransformer3DModel``)."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        return spec
+    try:
+        cls = _source_class(json.loads(cfg_path.read_text()))
+    except json.JSONDecodeError:
+        return spec  # plan_component names the bad JSON
+    other = components.from_source_class(cls)
+    return other if other is not None and other.name != spec.name else spec
+
+
 def resolve_sources(src: Path, requested: list[str] | None):
     """-> (list of (spec, folder)), list of folders to copy verbatim."""
     if (src / "model_index.json").exists():
@@ -125,6 +139,7 @@ def resolve_sources(src: Path, requested: list[str] | None):
             if not folder.is_dir():
                 raise CheckpointError(f"{src}: pipeline folder has no {name}/ subfolder "
                                       f"(model_index.json lists: {', '.join(present)})")
+            spec = _subclass_spec(spec, folder)
             plan.append((spec, folder))
         return plan, copies
     if (src / "config.json").exists():

@@ -13,13 +13,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
+_DIT_RENAMES = [
+    (r"\.ff\.proj_in\.", ".ff.net.0.proj."),
+    (r"\.ff\.proj_out\.", ".ff.net.2."),
+    (r"\.attn1\.to_out\.", ".attn1.to_out.0."),
+]
+
 # our dotted path (regex) -> torch dotted path, applied in order, per component
 RENAMES: dict[str, list[tuple[str, str]]] = {
-    "transformer": [
-        (r"\.ff\.proj_in\.", ".ff.net.0.proj."),
-        (r"\.ff\.proj_out\.", ".ff.net.2."),
-        (r"\.attn1\.to_out\.", ".attn1.to_out.0."),
-    ],
+    "transformer": _DIT_RENAMES,
+    # the DiT's, after the LFE's: its layers are torch Sequentials [attention, Sequential(LN, Linear,
+    # GELU, Linear)] and its mappings Sequentials whose indices our attribute names carry (fc0, ln1, ...)
+    "consisid_transformer": [
+        (r"\.layers\.(\d+)\.attn\.", r".layers.\1.0."),
+        (r"\.layers\.(\d+)\.ff\.norm\.", r".layers.\1.1.0."),
+        (r"\.layers\.(\d+)\.ff\.proj_in\.", r".layers.\1.1.1."),
+        (r"\.layers\.(\d+)\.ff\.proj_out\.", r".layers.\1.1.3."),
+        (r"\.(mapping_\d+|id_embedding_mapping)\.(?:fc|ln)(\d)\.", r".\1.\2."),
+    ] + _DIT_RENAMES,
     # the position-bias table every block shares is stored in block 0 only
     "text_encoder": [
         (r"^\.encoder\.relative_attention_bias\.", ".encoder.block.0.layer.0.SelfAttention.relative_attention_bias."),
