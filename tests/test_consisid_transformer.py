@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from mm_jax import checkpoint
 from tests.conftest import max_rel_err, randomize_torch_params
@@ -121,3 +122,20 @@ def test_config_refuses_a_face_width_the_cross_attention_cannot_take():
         ConsisIDConfig.from_dict(dict(TINY, LFE_output_dim=2048))
     with pytest.raises(ValueError, match="num_layers 3 must be a multiple of cross_attn_interval 2"):
         ConsisIDConfig.from_dict(dict(TINY, num_layers=3))
+
+
+def test_release_sized_model_has_the_parameter_count_of_diffusers():
+    """The released shapes (5B-I2V backbone: 48 heads, 42 blocks, 32 input channels; face modules at
+    their defaults): 6,162,495,040 parameters in both, counted abstractly (torch on "meta")."""
+    import jax
+    from diffusers import ConsisIDTransformer3DModel
+
+    from mm_jax.models.consisid import ConsisIDConfig, ConsisIDTransformer3D
+
+    release = dict(num_attention_heads=48, attention_head_dim=64, in_channels=32, num_layers=42, is_train_face=True,
+                   use_rotary_positional_embeddings=True)
+    with torch.device("meta"):
+        want = sum(p.numel() for p in ConsisIDTransformer3DModel(**release).parameters())
+    abstract = nnx.eval_shape(lambda: ConsisIDTransformer3D(ConsisIDConfig.from_dict(release), rngs=nnx.Rngs(0)))
+    got = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert got == want == 6_162_495_040
