@@ -17,8 +17,8 @@ local insightface pack) over every frame, and reports per video and averaged ove
   100 * max(cos(CLIP image embedding, CLIP text embedding of the prompt), 0).
 
 ``--protocol consisid|opens2v|magicmirror`` computes a peer's published metrics instead, as its
-evaluation script does (``mm_jax/metrics/protocols.py``; metrics whose model is not ported yet are
-null with the reason), and ``--compare published`` prints the published rows beside the means.
+evaluation script does (``mm_jax/metrics/protocols.py``; metrics whose model is not ported yet, or
+whose weights are not given (``--curricularface`` for facesim_cur), are null with the reason), and ``--compare published`` prints the published rows beside the means.
 
 Exact definitions: ``mm_jax/metrics/face_metrics.py`` and ``mm_jax/metrics/text_alignment.py``.
 Metrics not computed (no ``--clip``; dynamic degree, which needs a RAFT flow model no package
@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plots", help="folder for one per-frame ID-similarity PNG per video (<name>.png)")
     ap.add_argument("--clip", help="mm_jax checkpoint with the 'clip' component (a whole CLIPModel converted with "
                                    "--components clip): adds clip_text_alignment for videos with a prompt")
+    ap.add_argument("--curricularface", metavar="PATH.safetensors",
+                    help="CurricularFace IR-101 for facesim_cur (--protocol consisid|opens2v): the file "
+                         "tools/convert_weights/curricularface_save.py writes from ConsisID's "
+                         "face_encoder/glint360k_curricular_face_r101_backbone.bin (the conversion reads the .bin "
+                         "with torch; the evaluation needs no torch); without it facesim_cur is null")
     ap.add_argument("--protocol", default="ours", choices=NAMES,
                     help="whose metrics: ours, or a peer's published protocol (mm_jax/metrics/protocols.py)")
     ap.add_argument("--compare", choices=("published",),
@@ -84,6 +89,9 @@ def main(argv=None) -> int:
         print("error: --compare published needs a peer protocol (--protocol consisid|opens2v|magicmirror); "
               "no paper publishes numbers for 'ours'", file=sys.stderr)
         return 2
+    if args.curricularface:
+        print(f"warning: --curricularface {args.curricularface}: --protocol ours has no facesim_cur; ignored "
+              "(use --protocol consisid or opens2v)", file=sys.stderr)
     from mm_jax import compile_cache
     from mm_jax.face import FaceAnalyzer
     from mm_jax.metrics import face_metrics, report, video_eval

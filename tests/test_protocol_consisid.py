@@ -5,7 +5,11 @@ The reference below is a re-statement of the arithmetic of PKU-YuanGroup/ConsisI
 largest face by a sorted()[-1], 25% grey-pad retry, cos clamped at 0, faceless frames skipped, 0 for
 a video without a face) and ``eval/get_clipscore.py`` (16 frames int(i*N/16), BGR arrays into
 transformers' ``CLIPProcessor``, mean ``logits_per_image``), run with insightface itself and
-transformers' CLIPModel on the stand-in face pack and a tiny random ViT-B/32-shaped CLIP."""
+transformers' CLIPModel on the stand-in face pack and a tiny random ViT-B/32-shaped CLIP. FaceSim-Cur
+(both scripts: the same faces, ``norm_crop(image_bgr, kps, 224)`` -> RGB -> ``inference`` (resize 112,
+``(x/255-0.5)/0.5``, IR, L2) -> clamped cos; ConsisID averages the frames with a face, OpenS2V-Eval also
+drops the zeros) runs TFace's IR restated in torch (``tests/test_curricularface.py``) with a tiny random
+config saved as the published ``.bin`` and converted by ``tools/convert_weights/curricularface_save.py``."""
 import json
 
 import cv2
@@ -18,6 +22,8 @@ from mm_jax import evaluate
 from mm_jax.demo.standin_faces import face_image, make_pack
 from tests.conftest import max_rel_err, randomize_torch_params
 from tests.test_clip_alignment import _tokenizer
+from tests.test_curricularface import TINY, randomize, torch_backbone
+from tools.convert_weights.curricularface_save import convert as save_curricularface
 from tools.convert_weights.from_torch import convert
 
 FACE, FACE2, PAD_ONLY = (95, 160), (95, 200), (108, 148)  # PAD_ONLY: found at 320 only after the grey pad
@@ -48,29 +54,54 @@ def _insightface_app(root):
     return app
 
 
-def _consisid_facesim_arc(app, frame_files, ref_file, num_frames=16):
-    """Their arithmetic: (frame indices, per-frame clamped cos or None, score); OpenS2V-Eval's
-    get_facesim.py is the same with 32 frames (its arc zero check tests the list: zeros stay)."""
-    def embed(rgb):
+def _their_facesim(app, frame_files, ref_file, num_frames=16, cur_model=None):
+    """Their arithmetic: (frame indices, per-frame clamped arc cos or None, arc score[, per-frame cur
+    cos or None, ConsisID cur score, OpenS2V-Eval cur score (zeros dropped)] with ``cur_model``);
+    OpenS2V-Eval's get_facesim.py is the same with 32 frames (its arc zero check tests the list: zeros stay)."""
+    from insightface.utils import face_align
+
+    def process_image(rgb):
         bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
         faces = app.get(bgr)
+        shift = None
         if not faces:
             h, w = bgr.shape[:2]
             faces = app.get(cv2.copyMakeBorder(bgr, int(h * 0.25), int(h * 0.25), int(w * 0.25), int(w * 0.25),
                                                cv2.BORDER_CONSTANT, value=(128, 128, 128)))
             if not faces:
-                return None
-        return sorted(faces, key=lambda f: (f["bbox"][2] - f["bbox"][0]) * (f["bbox"][3] - f["bbox"][1]))[-1]["embedding"]
+                return None, None
+            shift = np.array([int(w * 0.25), int(h * 0.25)])
+        f = sorted(faces, key=lambda f: (f["bbox"][2] - f["bbox"][0]) * (f["bbox"][3] - f["bbox"][1]))[-1]
+        kps = f["kps"]
+        if shift is not None:
+            kps -= shift  # in place on float32, as their face_kps -= np.array(sub_coord)
+        crop = cv2.cvtColor(face_align.norm_crop(bgr, landmark=kps, image_size=224), cv2.COLOR_BGR2RGB)
+        return crop, f["embedding"]
 
-    ref = embed(cv2.cvtColor(cv2.imread(str(ref_file)), cv2.COLOR_BGR2RGB))
+    @torch.no_grad()
+    def inference(img):
+        img = torch.from_numpy(np.transpose(cv2.resize(img, (112, 112)), (2, 0, 1))).unsqueeze(0).float()
+        img.div_(255).sub_(0.5).div_(0.5)
+        e = cur_model(img).numpy()[0]
+        return e / np.linalg.norm(e)
+
+    cos = lambda a, b: max(0.0, torch.nn.functional.cosine_similarity(torch.tensor(a), torch.tensor(b), dim=-1).item())
+    ref_crop, ref = process_image(cv2.cvtColor(cv2.imread(str(ref_file)), cv2.COLOR_BGR2RGB))
+    ref_cur = None if cur_model is None else inference(ref_crop)
     idx = np.linspace(0, len(frame_files) - 1, num_frames, dtype=int)
-    per = []
+    per, per_cur = [], []
     for i in idx:
-        e = embed(cv2.cvtColor(cv2.imread(str(frame_files[i])), cv2.COLOR_BGR2RGB))
-        per.append(None if e is None else
-                   max(0.0, torch.nn.functional.cosine_similarity(torch.tensor(ref), torch.tensor(e), dim=-1).item()))
+        crop, e = process_image(cv2.cvtColor(cv2.imread(str(frame_files[i])), cv2.COLOR_BGR2RGB))
+        per.append(None if e is None else cos(ref, e))
+        if cur_model is not None:
+            per_cur.append(None if crop is None else cos(ref_cur, inference(crop)))
     scores = [s for s in per if s is not None]
-    return idx.tolist(), per, (float(np.mean(scores)) if scores else 0.0)
+    out = (idx.tolist(), per, (float(np.mean(scores)) if scores else 0.0))
+    if cur_model is None:
+        return out
+    cur = [s for s in per_cur if s is not None]
+    nonzero = [s for s in cur if s != 0.0]
+    return out + (per_cur, float(np.mean(cur)) if cur else 0.0, float(np.mean(nonzero)) if nonzero else 0.0)
 
 
 def _consisid_clipscore(model, processor, frame_files, prompt):
@@ -109,22 +140,42 @@ def run(tmp_path_factory):
     tok = _tokenizer()
     tok.save_pretrained(root / "hf")
     ckpt = convert(root / "hf", root / "ckpt", ["clip"])
+    cur_model = torch_backbone(TINY)
+    randomize(cur_model)
+    cur_model.eval()
+    torch.save(cur_model.state_dict(), root / "cur.bin")
+    save_curricularface(root / "cur.bin", root / "cur.safetensors", TINY)
     (root / "prompts.jsonl").write_text("".join(json.dumps({"id": n, "prompt": PROMPT}) + "\n" for n in VIDEOS))
     rc = evaluate.main(["--protocol", "consisid", "--videos", str(root / "videos"), "--refs", str(root / "refs"),
                         "--face-models", str(pack), "--clip", str(ckpt), "--prompts", str(root / "prompts.jsonl"),
+                        "--curricularface", str(root / "cur.safetensors"),
                         "--out", str(root / "r.json"), "--quiet", "--compare", "published"])
     rep = json.loads((root / "r.json").read_text())
     processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 64},
                                                                  crop_size={"height": 64, "width": 64}), tokenizer=tok)
-    return dict(rc=rc, rep=rep, files=files, root=root, app=_insightface_app(root), model=model, processor=processor)
+    return dict(rc=rc, rep=rep, files=files, root=root, app=_insightface_app(root), model=model, processor=processor,
+                cur_model=cur_model)
 
 
-def test_facesim_arc_equals_consisids_arithmetic_on_insightface(run):
+def _assert_cur(v, per_cur, score, faces):
+    """Our facesim_cur row equals their per-frame clamped cosines (same frames skipped) and score."""
+    assert [s is None for s in v["per_frame"]["facesim_cur"]] == [s is None for s in per_cur]
+    got, want = ([s for s in p if s is not None] for p in (v["per_frame"]["facesim_cur"], per_cur))
+    err = np.max(np.abs(np.subtract(got, want)), initial=0.0)
+    assert err <= 1e-5 and abs(v["facesim_cur"] - score) <= 1e-5 and v["facesim_cur_faces"] == faces
+    return err
+
+
+def test_facesim_arc_and_cur_equal_consisids_arithmetic_on_insightface_and_torch(run):
     by_name = {v["name"]: v for v in run["rep"]["videos"]}
     assert run["rc"] == 0
+    errs = []
     for name in VIDEOS:
-        idx, per, score = _consisid_facesim_arc(run["app"], run["files"][name], run["root"] / "refs" / f"{name}.png")
+        idx, per, score, per_cur, cur, _ = _their_facesim(run["app"], run["files"][name],
+                                                          run["root"] / "refs" / f"{name}.png",
+                                                          cur_model=run["cur_model"])
         v = by_name[name]
+        errs.append(_assert_cur(v, per_cur, cur, sum(s is not None for s in per_cur)))
         assert v["facesim_arc_frames"] == idx
         assert [s is None for s in v["per_frame"]["facesim_arc"]] == [s is None for s in per]
         assert v["facesim_arc_faces"] == sum(s is not None for s in per)
@@ -135,20 +186,48 @@ def test_facesim_arc_equals_consisids_arithmetic_on_insightface(run):
     assert mix["facesim_arc_frames"] == [0, 1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13, 15, 16, 17, 19]
     assert sum(mix["per_frame"]["facesim_arc_padded"]) == 3  # frames 5, 6, 16 only found after the pad
     assert mix["facesim_arc_faces"] == 14  # 16 read, frames 2 and 11 have no face
+    assert mix["facesim_cur_faces"] == 14 and by_name["noface"]["facesim_cur"] == 0.0
+    assert len({round(s, 6) for s in mix["per_frame"]["facesim_cur"] if s is not None}) > 3  # not a constant net
+    print("facesim_cur per-frame max abs err vs torch", max(errs))
 
 
-def test_opens2v_facesim_arc_reads_32_linspace_frames_as_its_script(run):
+def test_opens2v_facesim_arc_and_cur_read_32_linspace_frames_as_its_script(run):
     root = run["root"]
     rc = evaluate.main(["--protocol", "opens2v", "--videos", str(root / "videos"), "--refs", str(root / "refs"),
-                        "--face-models", str(root / "models" / "buffalo_l"), "--out", str(root / "o.json"), "--quiet"])
-    by_name = {v["name"]: v for v in json.loads((root / "o.json").read_text())["videos"]}
-    assert rc == 0
+                        "--face-models", str(root / "models" / "buffalo_l"), "--out", str(root / "o.json"), "--quiet",
+                        "--curricularface", str(root / "cur.safetensors")])
+    rep = json.loads((root / "o.json").read_text())
+    by_name = {v["name"]: v for v in rep["videos"]}
+    assert rc == 0 and "facesim_cur" not in rep["not_computed"]
+    zeros = 0
     for name in VIDEOS:
-        idx, per, score = _consisid_facesim_arc(run["app"], run["files"][name], root / "refs" / f"{name}.png", 32)
+        idx, per, score, per_cur, _, cur = _their_facesim(run["app"], run["files"][name],
+                                                          root / "refs" / f"{name}.png", 32, run["cur_model"])
         v = by_name[name]
         assert v["facesim_arc_frames"] == idx and len(idx) == 32
         assert [s is None for s in v["per_frame"]["facesim_arc"]] == [s is None for s in per]
-        assert abs(v["facesim_arc"] - score) <= 1e-5 and v["facesim_cur"] is None
+        assert abs(v["facesim_arc"] - score) <= 1e-5
+        _assert_cur(v, per_cur, cur, sum(s is not None and s != 0.0 for s in per_cur))
+        zeros += sum(s == 0.0 for s in per_cur)
+    print("opens2v: frames clamped to 0 and dropped", zeros)
+
+
+def test_facesim_cur_clamps_negative_cosines_and_opens2v_drops_the_zeros(monkeypatch):
+    from mm_jax.metrics import consisid, facesim_cur
+
+    embs = {0: [1.0, 0.0], 1: [-0.6, 0.8], 3: [0.6, 0.8]}  # frame 2 has no face
+    monkeypatch.setattr(consisid, "aligned_face", lambda frame, hit: frame)
+    monkeypatch.setattr(facesim_cur, "embed_faces", lambda m, crops: np.array([embs[int(c[0, 0, 0])] for c in crops]))
+    frames = np.arange(4, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    hit = consisid.FaceHit(np.zeros(2), np.zeros((5, 2)), False)
+    hits = (np.array([0, 1, 2, 3]), [hit, hit, None, hit])
+    ours = facesim_cur.facesim_cur(frames, hits, np.array([1.0, 0.0]), model=None)
+    assert ours["per_frame"]["facesim_cur"] == pytest.approx([1.0, 0.0, None, 0.6])  # -0.6 clamped to 0
+    assert ours["facesim_cur"] == pytest.approx(1.6 / 3, abs=1e-12) and ours["facesim_cur_faces"] == 3
+    theirs = facesim_cur.facesim_cur(frames, hits, np.array([1.0, 0.0]), model=None, drop_zeros=True)
+    assert theirs["facesim_cur"] == pytest.approx(0.8, abs=1e-12) and theirs["facesim_cur_faces"] == 2
+    none = facesim_cur.facesim_cur(frames, (np.array([2]), [None]), np.array([1.0, 0.0]), model=None)
+    assert none["facesim_cur"] == 0.0 and none["facesim_cur_faces"] == 0
 
 
 def test_a_video_without_a_face_scores_zero_and_short_videos_repeat_frames(run):
@@ -192,10 +271,11 @@ def test_b32_image_features_of_bgr_frames_equal_transformers(run):
 def test_the_report_names_the_protocol_and_what_is_not_computed(run):
     rep = run["rep"]
     assert rep["protocol"]["name"] == "consisid" and "ConsisID" in rep["protocol"]["compares_with"]
-    assert set(rep["not_computed"]) == {"facesim_cur", "face_fid"} and all(rep["not_computed"].values())
+    assert set(rep["not_computed"]) == {"face_fid"} and all(rep["not_computed"].values())
     assert rep["absent"] == rep["not_computed"]
-    assert all(v["facesim_cur"] is None and v["face_fid"] is None for v in rep["videos"])
-    assert rep["mean"]["facesim_cur"] is None and rep["mean"]["videos_counted"]["facesim_arc"] == 3
+    assert all(v["facesim_cur"] is not None and v["face_fid"] is None for v in rep["videos"])
+    assert rep["mean"]["facesim_cur"] == pytest.approx(np.mean([v["facesim_cur"] for v in rep["videos"]]), abs=1e-12)
+    assert rep["mean"]["face_fid"] is None and rep["mean"]["videos_counted"]["facesim_arc"] == 3
     yours = rep["compare"]["rows"][-1]
     assert yours["model"] == "yours" and yours["facesim_arc"] == rep["mean"]["facesim_arc"]
     assert [r["model"] for r in rep["compare"]["rows"][:-1]] == ["ConsisID", "ID-Animator"]

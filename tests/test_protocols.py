@@ -11,6 +11,7 @@ from mm_jax import evaluate
 from mm_jax.demo.standin_faces import face_image, make_pack
 from mm_jax.metrics import published
 from mm_jax.metrics.protocols import PROTOCOLS, FrameRule, frame_indices
+from tools.convert_weights import curricularface_save
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,13 @@ def test_refusals_come_before_any_work_and_write_nothing(tmp_path, capsys):
     assert "fixes it at 0.5" in capsys.readouterr().err
     assert evaluate.main(base + ["--compare", "published"]) == 2
     assert "needs a peer protocol" in capsys.readouterr().err
+    assert evaluate.main(base + ["--protocol", "opens2v", "--curricularface", str(tmp_path / "cur.safetensors")]) == 2
+    assert f"--curricularface {tmp_path / 'cur.safetensors'}: no such file" in capsys.readouterr().err
+    (tmp_path / "cur.bin").write_bytes(b"")  # the published torch file: convert it first
+    assert evaluate.main(base + ["--protocol", "opens2v", "--curricularface", str(tmp_path / "cur.bin")]) == 2
+    assert "curricularface_save.py" in capsys.readouterr().err
+    assert curricularface_save.main([str(tmp_path / "none.bin"), str(tmp_path / "c.safetensors")]) == 2
+    assert "no such file" in capsys.readouterr().err and not (tmp_path / "c.safetensors").exists()
     assert not (tmp_path / "r.json").exists()
 
 
@@ -88,7 +96,7 @@ def test_opens2v_reports_every_metric_null_with_its_reason(case):
     assert rc == 0 and rep["protocol"]["name"] == "opens2v"
     assert set(rep["not_computed"]) == {"facesim_cur", "gmescore", "nexusscore", "naturalscore"}
     assert all(rep["videos"][0][k] is None for k in rep["not_computed"]) and rep["videos"][0]["frames"] == 4
-    assert "CurricularFace" in rep["not_computed"]["facesim_cur"]
+    assert rep["not_computed"]["facesim_cur"].startswith("needs --curricularface PATH")
 
 
 def test_compare_table_puts_your_means_in_the_published_units():

@@ -24,16 +24,39 @@ def check_args(proto: Protocol, args) -> None:
     if args.det_thresh != proto.det_thresh:
         raise ValueError(f"--det-thresh {args.det_thresh}: --protocol {proto.name} fixes it at {proto.det_thresh} "
                          "(the reference script's)")
+    cur = getattr(args, "curricularface", None)
+    if cur and "facesim_cur" in proto.enabled_by and not Path(cur).is_file():
+        raise ValueError(f"--curricularface {cur}: no such file (convert ConsisID's "
+                         "glint360k_curricular_face_r101_backbone.bin with tools/convert_weights/curricularface_save.py)")
+    if cur and "facesim_cur" not in proto.enabled_by:
+        warnings.warn(f"--curricularface {cur}: --protocol {proto.name} has no facesim_cur; ignored", stacklevel=2)
     pack = Path(args.face_models)
     if pack.is_dir() and not all(any(pack.rglob(f)) for f in BUFFALO_L):
         warnings.warn(f"--face-models {pack}: no {' and '.join(BUFFALO_L)}; --protocol {proto.name}'s reference "
                       f"uses insightface's {proto.face_pack} pack, so the numbers may not compare", stacklevel=2)
 
 
-def _consisid_row(frames, ref_emb, prompt, analyzer, scorer) -> dict:
-    from mm_jax.metrics import consisid
+def _face_rows(proto: Protocol, frames, ref, analyzer, cur_model) -> dict:
+    """FaceSim-Arc and (with ``cur_model``) FaceSim-Cur on the same detections; ``ref``: (ArcFace
+    embedding, CurricularFace embedding or None)."""
+    from mm_jax.metrics import consisid, facesim_cur
 
-    row = consisid.facesim_arc(frames, ref_emb, analyzer)
+    rule = proto.frames["facesim_arc"]
+    hits = consisid.frame_hits(frames, analyzer, rule)
+    row = consisid.facesim_arc(frames, ref[0], analyzer, rule, hits=hits)
+    if cur_model is not None:
+        if proto.frames["facesim_cur"] != rule:
+            raise ValueError(f"--protocol {proto.name}: facesim_cur and facesim_arc read different frames")
+        cur = facesim_cur.facesim_cur(frames, hits, ref[1], cur_model, drop_zeros=proto.name == "opens2v")
+        row["per_frame"].update(cur.pop("per_frame"))
+        row.update(cur)
+    return row
+
+
+def _consisid_row(frames, ref, prompt, analyzer, scorer, cur_model) -> dict:
+    from mm_jax.metrics import consisid, protocols
+
+    row = _face_rows(protocols.get("consisid"), frames, ref, analyzer, cur_model)
     if scorer is not None and prompt:
         cs = consisid.clipscore(frames, prompt, scorer)
         row["per_frame"].update(cs.pop("per_frame"))
@@ -53,22 +76,27 @@ def _magicmirror_row(frames, ref, analyzer, batch_size) -> dict:
                                                     "fm_ref": m["per_frame"]["fm_ref"]}}
 
 
-def evaluate(proto: Protocol, pairs, analyzer, scorer=None, batch_size: int = 32, progress: bool = True) -> list[dict]:
-    """One row per pair with the protocol's metrics (null where not computed)."""
+def evaluate(proto: Protocol, pairs, analyzer, scorer=None, batch_size: int = 32, progress: bool = True,
+             cur_model=None, not_computed: dict | None = None) -> list[dict]:
+    """One row per pair with the protocol's metrics (null where not computed: ``not_computed``,
+    default the protocol's). ``cur_model``: the CurricularFace IR for facesim_cur."""
     from tqdm import tqdm
 
     from mm_jax.face import NoFaceError
-    from mm_jax.metrics import consisid
+    from mm_jax.metrics import consisid, facesim_cur
     from mm_jax.metrics.video_eval import analyze_references, load_frames
 
+    not_computed = proto.not_computed if not_computed is None else not_computed
     if proto.name in ("consisid", "opens2v"):
         refs = {}
         for p in pairs:
             if p.ref not in refs:
                 try:
-                    refs[p.ref] = consisid.reference_embedding(analyzer, p.ref)
+                    hit = consisid.reference_hit(analyzer, p.ref)
                 except NoFaceError as e:
                     raise ValueError(f"reference {p.ref}: {e}") from None
+                refs[p.ref] = (hit.embedding, None if cur_model is None else
+                               facesim_cur.reference_embedding(cur_model, p.ref, hit))
     elif proto.name == "magicmirror":
         refs = analyze_references(pairs, analyzer)
     rows = []
@@ -76,12 +104,12 @@ def evaluate(proto: Protocol, pairs, analyzer, scorer=None, batch_size: int = 32
         frames = load_frames(p.video)
         row = {"name": p.name, "video": str(p.video), "ref": str(p.ref), "prompt": p.prompt, "frames": len(frames)}
         if proto.name == "consisid":
-            row |= _consisid_row(frames, refs[p.ref], p.prompt, analyzer, scorer)
+            row |= _consisid_row(frames, refs[p.ref], p.prompt, analyzer, scorer, cur_model)
         elif proto.name == "opens2v":
-            row |= consisid.facesim_arc(frames, refs[p.ref], analyzer, proto.frames["facesim_arc"])
+            row |= _face_rows(proto, frames, refs[p.ref], analyzer, cur_model)
         elif proto.name == "magicmirror":
             row |= _magicmirror_row(frames, refs[p.ref], analyzer, batch_size)
-        row |= {m: None for m in proto.not_computed}
+        row |= {m: None for m in not_computed}
         rows.append(row)
     return rows
 
@@ -108,6 +136,12 @@ def run(args, pairs_fn) -> int:
         if args.compare:
             published.table(proto.name)
         check_args(proto, args)
+        not_computed = proto.not_computed_with(args)
+        cur_model = None
+        if "facesim_cur" in proto.metrics and "facesim_cur" not in not_computed:
+            from mm_jax.metrics import facesim_cur
+
+            cur_model = facesim_cur.load(args.curricularface)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
         compile_cache.enable(compile_cache.resolve(args.compile_cache))
@@ -121,22 +155,23 @@ def run(args, pairs_fn) -> int:
             if (scorer.model.cfg.vision.patch_size, scorer.size) != (32, 224):
                 warnings.warn(f"--clip {args.clip}: ViT patch {scorer.model.cfg.vision.patch_size} at {scorer.size} px; "
                               f"{proto.name}'s published clipscore uses ViT-B/32 at 224", stacklevel=1)
-        rows = evaluate(proto, pairs, analyzer, scorer, args.batch_size, progress=not args.quiet)
+        rows = evaluate(proto, pairs, analyzer, scorer, args.batch_size, progress=not args.quiet,
+                        cur_model=cur_model, not_computed=not_computed)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     mean = face_metrics.mean_over_videos(rows, proto.metrics)
     settings = {k: getattr(args, k) for k in ("videos", "refs", "manifest", "prompts", "face_models", "clip",
-                                              "batch_size")}
+                                              "curricularface", "batch_size")}
     settings["seconds"] = round(time.time() - t0, 2)
-    rep = report.build_report(rows, mean, dict(proto.not_computed), protocols.__doc__, settings)
-    rep |= {"protocol": proto.describe(), "not_computed": dict(proto.not_computed)}
+    rep = report.build_report(rows, mean, dict(not_computed), protocols.__doc__, settings)
+    rep |= {"protocol": proto.describe(), "not_computed": dict(not_computed)}
     print(format_table(proto, rows, mean))
     if args.compare:
         rep["compare"] = {"source": published.table(proto.name)["source"],
                           "rows": published.compare_rows(proto.name, mean)}
         print(published.format_compare(proto.name, mean))
-    for k, why in proto.not_computed.items():
+    for k, why in not_computed.items():
         print(f"{k}: null, {why}", file=sys.stderr)
     for k, why in proto.reimplemented.items():
         print(f"{k}: {why}", file=sys.stderr)

@@ -18,8 +18,8 @@ import dataclasses
 
 import numpy as np
 
-CURRICULARFACE = ("needs the CurricularFace IR-101 port (JAX network + converter for "
-                  "glint360k_curricular_face_r101_backbone.bin; issue 24)")
+CURRICULARFACE = ("needs --curricularface PATH: the .safetensors that tools/convert_weights/curricularface_save.py "
+                  "writes from ConsisID's face_encoder/glint360k_curricular_face_r101_backbone.bin")
 INCEPTION = ("needs the torchvision Inception v3 port (issue 24); ConsisID's per-frame 'FID' with one activation "
              "per side is the squared L2 distance of the 2048-d features")
 RAFT = "needs the RAFT port (raft-things.pth, 20 iterations, VBench's top-5% flow rule; issue 24)"
@@ -44,6 +44,8 @@ class Protocol:
     frames: dict                         # metric -> FrameRule
     not_computed: dict                   # metric -> why it is null
     reimplemented: dict = dataclasses.field(default_factory=dict)  # metric -> why it is not the peer's code
+    enabled_by: dict = dataclasses.field(default_factory=dict)  # metric in not_computed -> the CLI argument
+    #                                                            (argparse dest) whose model path computes it
     face_pack: str = "buffalo_l"         # the insightface pack the reference script loads
     det_size: int = 640                  # detector input (square)
     det_thresh: float = 0.5
@@ -52,6 +54,11 @@ class Protocol:
 
     def computed(self) -> tuple[str, ...]:
         return tuple(m for m in self.metrics if m not in self.not_computed)
+
+    def not_computed_with(self, args) -> dict:
+        """``not_computed`` less the metrics whose model path (``enabled_by``) ``args`` gives."""
+        return {m: why for m, why in self.not_computed.items()
+                if not (m in self.enabled_by and getattr(args, self.enabled_by[m], None))}
 
     def describe(self) -> dict:
         """The protocol as it goes into the JSON report."""
@@ -70,10 +77,13 @@ PROTOCOLS = {
         frames={"facesim_arc": FrameRule("linspace", 16), "facesim_cur": FrameRule("linspace", 16),
                 "face_fid": FrameRule("linspace", 16), "clipscore": FrameRule("strided", 16)},
         not_computed={"facesim_cur": CURRICULARFACE, "face_fid": INCEPTION},
+        enabled_by={"facesim_cur": "curricularface"},
         det_size=320, needs_clip=True,
         notes="facesim_arc: largest face (last of equal areas), else the frame padded 25% with grey 128 and "
               "retried; per frame max(cos(ref, frame), 0); frames without a face skipped; a video without any "
-              "face scores 0. clipscore: the frames fed as BGR arrays (as their script does), prompt truncated "
+              "face scores 0. facesim_cur: the same faces, norm_crop(kps, 224) of the unpadded image -> RGB -> "
+              "112 -> CurricularFace IR-101, max(cos, 0), mean over the frames with a face (0 without one). "
+              "clipscore: the frames fed as BGR arrays (as their script does), prompt truncated "
               "to 77 tokens, mean over frames of logits_per_image = exp(logit_scale) * cos (100 * cos for "
               "openai/clip-vit-base-patch32), no clamp. Means over videos count every video."),
     "opens2v": Protocol(
@@ -86,6 +96,7 @@ PROTOCOLS = {
                       "gmescore": "needs GME-Qwen2-VL-7B, a 7B multimodal model with no port here",
                       "nexusscore": "needs YOLO-World + CLIP + GME-Qwen2-VL-7B, no port here",
                       "naturalscore": "needs the GPT-4o API (a hosted service; nothing is sent off this machine)"},
+        enabled_by={"facesim_cur": "curricularface"},
         det_size=320,
         notes="The face rule of consisid (buffalo_l at 320, largest face, grey-pad retry, clamp, faceless frames "
               "skipped, 0 without a face) over 32 decord linspace frames. facesim_cur (published, in percent) "
