@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mm_jax.metrics import dynamic_degree as dd
 from mm_jax.models.raft import RAFT, RAFTConfig
 from tests.conftest import max_rel_err
 from tools.convert_weights import raft as conv
@@ -62,7 +63,9 @@ def run():
     ja, jb = (x.permute(0, 2, 3, 1).numpy() for x in (a, b))
     ours_feats = dict(zip(("fmap1", "fmap2", "net", "inp"), nnx.jit(RAFT.features)(model, ja, jb)))
     ours = {it: nnx.jit(RAFT.__call__, static_argnums=3)(model, ja, jb, it) for it in ITERS}
-    return {"n": n, "sd": tm.state_dict(), "ref": ref, "ours": ours, "feats": feats, "ours_feats": ours_feats}
+    # the metric's path: two frames at 8 fps (both kept), raft_flow_fn's 20 updates
+    video = dd.video_dynamic(np.concatenate([ja, jb]), 8.0, dd.raft_flow_fn(model))
+    return {"n": n, "video": video, "sd": tm.state_dict(), "ref": ref, "ours": ours, "feats": feats, "ours_feats": ours_feats}
 
 
 def test_features_and_context_match_torch(run):
@@ -75,6 +78,14 @@ def test_upsampled_flow_matches_torch_after_1_5_and_20_iterations(run):
     for it in ITERS:
         assert max_rel_err(run["ours"][it][1], run["ref"][it][1]) <= 1e-5, it
     assert np.abs(run["ref"][20][1]).max() > 1.0  # 20 updates move the match by pixels
+
+
+def test_dynamic_degree_pair_score_on_our_raft_matches_torch_flow(run):
+    """The metric on our RAFT scores the pair as VBench's rule does on the torch flow (1e-5 relative)."""
+    ref = dd.pair_score(run["ref"][20][1][0])
+    (ours,) = run["video"]["scores"]
+    assert abs(ours - ref) <= 1e-5 * ref and ref > 1.0
+    assert (run["video"]["threshold"], run["video"]["needed"]) == (3.0, 0)  # 6*128/256, round(4*2/16)
 
 
 def test_coarse_flow_matches_torch(run):
