@@ -18,7 +18,7 @@ import numpy as np
 
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                              [41.5493, 92.3655], [70.7299, 92.2041]], np.float32)  # 112x112
-CLIP_SIZE = 224
+CLIP_SIZE = 224  # the default reference crop: the published CLIP ViT-L/14's image_size
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 PACK_HELP = ("an insightface model pack: a folder (or DIR/models/<pack>/) with an SCRFD detector and an ArcFace "
@@ -41,7 +41,7 @@ class FaceResult:
     kps: np.ndarray           # (5, 2) x, y of eyes, nose, mouth corners
     score: float
     embedding: np.ndarray     # (D,) L2-normalized ArcFace embedding (e_id), D = FaceModels.embedding_dim (512)
-    clip_crop: np.ndarray     # (224, 224, 3) float32 RGB, CLIP-normalized
+    clip_crop: np.ndarray     # (S, S, 3) float32 RGB, CLIP-normalized; S = the analyzer's clip_size
     num_faces: int
 
 
@@ -246,7 +246,12 @@ class FaceAnalyzer:
     """Detect (SCRFD), align (5-point similarity) and embed (ArcFace) faces with a local model pack."""
 
     def __init__(self, models: FaceModels | str | Path, det_size: int = 640, det_thresh: float = 0.5,
-                 nms_thresh: float = 0.4):
+                 nms_thresh: float = 0.4, clip_size: int = CLIP_SIZE):
+        """``clip_size``: the side of the reference crop ``analyze`` returns, the image encoder's
+        ``image_size`` (224 for CLIP ViT-L/14; a 336-px tower needs 336)."""
+        if clip_size <= 0:
+            raise ValueError(f"clip_size={clip_size}: must be a positive number of pixels")
+        self.clip_size = int(clip_size)
         if not 0.0 < det_thresh < 1.0 or not 0.0 < nms_thresh < 1.0:
             raise ValueError(f"det_thresh={det_thresh}, nms_thresh={nms_thresh}: both must lie in (0, 1)")
         if det_size <= 0 or det_size % 32:
@@ -353,12 +358,12 @@ class FaceAnalyzer:
 
     def analyze(self, image, name: str | None = None) -> FaceResult:
         """The largest face of an image (file path, or RGB uint8 array): box, landmarks, e_id and
-        the 224x224 CLIP crop. No face -> ``NoFaceError``; several -> a warning."""
+        the ``clip_size`` CLIP crop. No face -> ``NoFaceError``; several -> a warning."""
         label = name or (str(image) if not isinstance(image, np.ndarray) else "<array>")
         img = read_image(image)
         det, kps, n = self._largest(img, label)
         emb = self.embed_crops([self.align(img, kps, self.models.rec_size)])[0]
-        return FaceResult(det[:4], kps, float(det[4]), emb, self.clip_pixels(self.align(img, kps, CLIP_SIZE)), n)
+        return FaceResult(det[:4], kps, float(det[4]), emb, self.clip_pixels(self.align(img, kps, self.clip_size)), n)
 
     def analyze_frames(self, frames: Sequence[np.ndarray]) -> FrameFaces:
         """The largest face of each of many images (e.g. video frames, RGB uint8 (H, W, 3)): detection

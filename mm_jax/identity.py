@@ -47,8 +47,10 @@ class Embedder:
     def __init__(self, face_models: str | Path, clip_ckpt: str | Path, adapter_dir: str | Path, *, mesh=None):
         from mm_jax.face import FaceAnalyzer
 
-        self.faces = FaceAnalyzer(face_models)
         self.clip_ckpt, self.mesh, self.clip = Path(clip_ckpt), mesh, None
+        # the reference crop at the tower's own input size (its config; nothing is loaded)
+        image_size = checkpoint.load_config(self.clip_ckpt, "image_encoder").image_size
+        self.faces = FaceAnalyzer(face_models, clip_size=image_size)
         self.adapter_dir = Path(adapter_dir)
 
     @property

@@ -118,6 +118,16 @@ def test_analyze_gives_unit_e_id_and_the_clip_normalized_224_crop(analyzer):
     np.testing.assert_allclose(res.embedding, analyzer.embed_crops([FaceAnalyzer.align(img[..., ::-1].copy(), res.kps, 112)])[0], atol=1e-6)
 
 
+def test_analyze_crops_the_reference_at_the_image_encoders_size(pack):
+    img = face_image()
+    res = FaceAnalyzer(pack, clip_size=336).analyze(img)
+    assert res.clip_crop.shape == (336, 336, 3)
+    crop_rgb = FaceAnalyzer.align(img[..., ::-1].copy(), res.kps, 336)[..., ::-1]
+    np.testing.assert_allclose(res.clip_crop, (crop_rgb / 255.0 - CLIP_MEAN) / CLIP_STD, atol=1e-5)
+    with pytest.raises(ValueError, match="clip_size=0"):
+        FaceAnalyzer(pack, clip_size=0)
+
+
 def test_largest_face_wins_over_the_highest_score_with_a_warning(tmp_path):
     make_detector(tmp_path / "det.onnx", box=6.0, box_gain=-4.0)  # dimmer blob -> lower score, larger box
     make_recognizer(tmp_path / "rec.onnx")
