@@ -17,11 +17,6 @@ N_TENSORS = 94 * 5
 
 
 @pytest.fixture(scope="module")
-def model():
-    return InceptionV3Features(rngs=nnx.Rngs(0))
-
-
-@pytest.fixture(scope="module")
 def abstract():
     return nnx.eval_shape(lambda: InceptionV3Features(rngs=nnx.Rngs(0)))
 
@@ -47,7 +42,8 @@ def test_expected_keys_are_torchvisions_names_and_shapes(abstract):
     assert n_params == 27_161_264 - 2_049_000 - 3_326_696
 
 
-def test_converter_drops_aux_fc_and_loads_transposed(model):
+def test_converter_drops_aux_fc_and_loads_transposed():
+    model = nnx.eval_shape(lambda: InceptionV3Features(rngs=nnx.Rngs(0)))  # every tensor filled by the load
     sd = _state_dict(model)
     assert conv.load_state_dict(model, sd) == N_TENSORS
     kernel = np.asarray(model.Mixed_6b.branch7x7_2.conv.kernel.get_value())
@@ -70,16 +66,25 @@ def test_converter_names_every_missing_unexpected_and_misshapen_key(abstract):
     assert "unexpected key Mixed_8a.conv.weight" in msg
 
 
+def test_safetensors_copy_loads_without_torch(abstract, tmp_path):
+    sd = _state_dict(abstract, seed=1)
+    out = tmp_path / "inception_v3.safetensors"
+    assert conv.save_kept(sd, out) == N_TENSORS  # AuxLogits, fc and the BN counter left out
+    model = conv.load(out)
+    np.testing.assert_array_equal(np.asarray(model.Conv2d_1a_3x3.conv.kernel.get_value()),
+                                  sd["Conv2d_1a_3x3.conv.weight"].transpose(2, 3, 1, 0))
+
+
 def test_converter_cli_refuses_absent_file(tmp_path, capsys):
     assert conv.main([str(tmp_path / conv.FILE_NAME)]) == 2
     assert "no such file" in capsys.readouterr().err
 
 
-def test_config_and_input_checks(model):
+def test_config_and_input_checks(abstract):
     with pytest.raises(ValueError, match="channels_7x7"):
         InceptionV3Config(channels_7x7=(128, 160))
     with pytest.raises(ValueError, match="at least 75x75"):
-        model(np.zeros((1, 74, 80, 3), np.float32))
+        abstract(np.zeros((1, 74, 80, 3), np.float32))
 
 
 class _MeanColour:

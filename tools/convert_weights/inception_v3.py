@@ -1,6 +1,9 @@
 """Load torchvision's Inception v3 (``inception_v3_google-0cc3c7bd.pth``) into ``mm_jax.models.inception_v3``.
 
-    python tools/convert_weights/inception_v3.py PATH/inception_v3_google-0cc3c7bd.pth
+    python tools/convert_weights/inception_v3.py PATH/inception_v3_google-0cc3c7bd.pth [--out inception_v3.safetensors]
+
+``--out`` writes the used tensors (torchvision's names and layout) to a ``.safetensors`` that :func:`load` reads
+without torch, so evaluation needs torch only once, here.
 
 The file (torchvision's ``Inception_V3_Weights.IMAGENET1K_V1``, https://download.pytorch.org/models/
 inception_v3_google-0cc3c7bd.pth, BSD-3-Clause code; weights ported by torchvision from the paper's release) is a
@@ -99,25 +102,56 @@ def read_pth(path: str | Path) -> dict:
     return {k: v.float().numpy() for k, v in sd.items()}
 
 
+def read_weights(path: str | Path) -> dict:
+    """``{key: float32 array}`` from the published ``.pth`` (needs torch) or a ``.safetensors`` written by ``--out``."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return read_pth(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (write it with tools/convert_weights/inception_v3.py --out)")
+    from safetensors.numpy import load_file
+
+    return {k: v.astype(np.float32) for k, v in load_file(str(path)).items()}
+
+
+def save_kept(state_dict: dict, out: str | Path) -> int:
+    """Write the used tensors of ``state_dict`` (torch names and layout) to ``out`` (.safetensors); the count."""
+    from safetensors.numpy import save_file
+
+    tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in kept(state_dict).items()}
+    save_file(tensors, str(out), metadata={"source": FILE_NAME})
+    return len(tensors)
+
+
 def load(path: str | Path, config=None):
     """The feature extractor (``config`` or the published sizes, transform_input on) with the weights at ``path``."""
     from mm_jax.models.inception_v3 import InceptionV3Config, InceptionV3Features
 
     model = nnx.eval_shape(lambda: InceptionV3Features(config or InceptionV3Config(), rngs=nnx.Rngs(0)))
-    load_state_dict(model, read_pth(path), source=str(path))  # fills every abstract tensor (strict)
+    load_state_dict(model, read_weights(path), source=str(path))  # fills every abstract tensor (strict)
     return model
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    out = None
+    if len(argv) == 3 and argv[1] == "--out" and argv[2].endswith(".safetensors"):
+        argv, out = argv[:1], argv[2]
     if len(argv) != 1 or argv[0].startswith("-"):
-        print(f"usage: python tools/convert_weights/inception_v3.py PATH/{FILE_NAME}", file=sys.stderr)
+        print(f"usage: python tools/convert_weights/inception_v3.py PATH/{FILE_NAME} [--out X.safetensors]",
+              file=sys.stderr)
         return 2
     if not Path(argv[0]).is_file():
         print(f"{argv[0]}: no such file (torchvision publishes it as {FILE_NAME})", file=sys.stderr)
         return 2
-    model = load(argv[0])
-    print(f"{argv[0]}: {len(expected_keys(model))} tensors loaded into Inception v3 (features)")
+    sd = read_weights(argv[0])
+    from mm_jax.models.inception_v3 import InceptionV3Features
+
+    model = nnx.eval_shape(lambda: InceptionV3Features(rngs=nnx.Rngs(0)))
+    n = load_state_dict(model, sd, source=argv[0])  # strict check before anything is written
+    print(f"{argv[0]}: {n} tensors loaded into Inception v3 (features)")
+    if out:
+        print(f"{out}: {save_kept(sd, out)} tensors written")
     return 0
 
 
