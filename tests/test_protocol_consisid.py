@@ -82,7 +82,12 @@ def _their_facesim(app, frame_files, ref_file, num_frames=16, cur_model=None):
     def inference(img):
         img = torch.from_numpy(np.transpose(cv2.resize(img, (112, 112)), (2, 0, 1))).unsqueeze(0).float()
         img.div_(255).sub_(0.5).div_(0.5)
-        e = cur_model(img).numpy()[0]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a one-image forward: 5 ms on one thread, ~0.8 s with 2 on a busy 2-core host
+        try:
+            e = cur_model(img).numpy()[0]
+        finally:
+            torch.set_num_threads(threads)
         return e / np.linalg.norm(e)
 
     cos = lambda a, b: max(0.0, torch.nn.functional.cosine_similarity(torch.tensor(a), torch.tensor(b), dim=-1).item())
@@ -199,7 +204,7 @@ def test_opens2v_facesim_arc_and_cur_read_32_linspace_frames_as_its_script(run):
     rep = json.loads((root / "o.json").read_text())
     by_name = {v["name"]: v for v in rep["videos"]}
     assert rc == 0 and "facesim_cur" not in rep["not_computed"]
-    zeros = 0
+    zeros, errs = 0, []
     for name in VIDEOS:
         idx, per, score, per_cur, _, cur = _their_facesim(run["app"], run["files"][name],
                                                           root / "refs" / f"{name}.png", 32, run["cur_model"])
@@ -207,9 +212,9 @@ def test_opens2v_facesim_arc_and_cur_read_32_linspace_frames_as_its_script(run):
         assert v["facesim_arc_frames"] == idx and len(idx) == 32
         assert [s is None for s in v["per_frame"]["facesim_arc"]] == [s is None for s in per]
         assert abs(v["facesim_arc"] - score) <= 1e-5
-        _assert_cur(v, per_cur, cur, sum(s is not None and s != 0.0 for s in per_cur))
+        errs.append(_assert_cur(v, per_cur, cur, sum(s is not None and s != 0.0 for s in per_cur)))
         zeros += sum(s == 0.0 for s in per_cur)
-    print("opens2v: frames clamped to 0 and dropped", zeros)
+    print("opens2v: facesim_cur per-frame max abs err", max(errs), "frames clamped to 0 and dropped", zeros)
 
 
 def test_facesim_cur_clamps_negative_cosines_and_opens2v_drops_the_zeros(monkeypatch):
