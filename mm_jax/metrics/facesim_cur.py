@@ -60,9 +60,8 @@ def load(path: str | Path):
             raise ValueError(f"--curricularface {path}: metadata format {meta.get('format')!r}, expected {FORMAT!r} "
                              "(convert with tools/convert_weights/curricularface_save.py)")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    # to_dict writes the TAG ({"architectures": ...}), which the STRICT from_dict does not accept back
-    cfg = {k: v for k, v in json.loads(meta["config"]).items() if k not in CurricularFaceConfig.TAG}
-    model = nnx.eval_shape(lambda: CurricularFaceIR(CurricularFaceConfig.from_dict(cfg), rngs=nnx.Rngs(0)))
+    cfg = CurricularFaceConfig.from_dict(json.loads(meta["config"]))
+    model = nnx.eval_shape(lambda: CurricularFaceIR(cfg, rngs=nnx.Rngs(0)))
     flat = _flat(model)
     wrong = sorted(set(tensors) ^ {k for k, _ in flat})
     wrong += [k for k, v in flat if k in tensors and tuple(tensors[k].shape) != tuple(v.get_value().shape)]

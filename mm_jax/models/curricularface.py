@@ -34,6 +34,7 @@ NUM_STRIDED_STAGES = 4
 @dataclasses.dataclass(frozen=True)
 class CurricularFaceConfig(ConfigBase):
     """IR backbone sizes; the defaults are the released IR-101 at 112x112 (``IR_101([112, 112])``)."""
+    IGNORED = ("architectures",)                          # the tag to_dict writes
     input_size: int = 112                                 # square input side (112 or 224 in TFace)
     stem_channels: int = 64                               # input layer's conv width
     stage_channels: tuple[int, ...] = (64, 128, 256, 512)
