@@ -33,6 +33,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from mm_jax import parallel, presets
+from mm_jax.models import learned_positions
 from mm_jax.models import layers as L
 from mm_jax.models.block_runner import REMAT_POLICIES, run_blocks
 from mm_jax.models.config_base import ConfigBase
@@ -102,12 +103,14 @@ class DiTConfig(ConfigBase):
         unsupported = {
             "patch_size_t": self.patch_size_t is not None,
             "ofs_embed_dim": self.ofs_embed_dim is not None,
-            "use_learned_positional_embeddings": self.use_learned_positional_embeddings,
         }
         bad = [k for k, v in unsupported.items() if v]
         if bad:
-            raise ValueError(f"CogVideoX variants with {bad} (CogVideoX 1.5 / I2V) are not supported; "
-                             "supported: the 1.0 text-to-video models (2B sin-cos, 5B RoPE)")
+            raise ValueError(f"CogVideoX variants with {bad} (CogVideoX 1.5) are not supported; supported: the 1.0 "
+                             "models (2B sin-cos, 5B RoPE, 5B-I2V RoPE + learned positions)")
+        if self.use_learned_positional_embeddings and not self.use_rotary_positional_embeddings:
+            raise ValueError("use_learned_positional_embeddings needs use_rotary_positional_embeddings "
+                             "(as diffusers: learned positions exist only beside RoPE)")
         if self.activation_fn != "gelu-approximate" or self.timestep_activation_fn != "silu":
             raise ValueError(f"activation_fn {self.activation_fn!r} / timestep_activation_fn "
                              f"{self.timestep_activation_fn!r}: only 'gelu-approximate' / 'silu' are supported")
@@ -150,6 +153,10 @@ class PatchEmbed(nnx.Module):
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         p, c, d = cfg.patch_size, cfg.in_channels, cfg.inner_dim
         dtype, pdt = canonical_dtype(cfg.dtype), canonical_dtype(cfg.param_dtype)
+        if cfg.use_learned_positional_embeddings:  # CogVideoX-5B-I2V: the checkpoint's (1, L + N, D) table
+            self.pos_embedding = nnx.Param(L.partitioned(lambda key, shape, dt: jnp.asarray(
+                learned_positions.initial_table(cfg), dt), None, None, "embed")(
+                rngs.params(), learned_positions.table_shape(cfg), pdt))
         self.proj = nnx.Conv(c, d, kernel_size=(p, p), strides=(p, p), padding="VALID", use_bias=cfg.patch_bias,
                              dtype=dtype, param_dtype=pdt,
                              kernel_init=L.partitioned(nnx.initializers.lecun_normal(), "patch", "patch", "channels",
@@ -366,6 +373,8 @@ class CogVideoXTransformer3D(nnx.Module):
             raise ValueError(f"latent height/width ({h}, {w}) must be multiples of patch_size {p}")
         temb = self.time_embed(timestep)
         c, x = self.patch_embed(text, latents)
+        if cfg.use_learned_positional_embeddings:  # on [text, video], RoPE still applies in attention
+            c, x = learned_positions.add(cfg, self.patch_embed.pos_embedding[...], c, x, f, h, w)
         rope = None
         table = self.positional_tables(f, h, w)
         if cfg.use_rotary_positional_embeddings:
