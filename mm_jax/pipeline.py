@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mm_jax import checkpoint, parallel
+from mm_jax import checkpoint, image_conditioning, parallel
 from mm_jax import identity as id_lib
 from mm_jax import schedulers as sch
 from mm_jax.denoising import (ProgressFn, default_model_fn, denoise, denoise_step_fn,  # noqa: F401  (public here)
@@ -129,6 +129,9 @@ def check_requests(ckpt_dir: str | Path, requests: list[Request]) -> None:
                              f"{[getattr(first, f) for f in diff]}")
     vae_cfg = checkpoint.load_config(ckpt_dir, "vae")
     dit_cfg = checkpoint.load_config(ckpt_dir, "transformer")
+    if image_conditioning.kind(dit_cfg, vae_cfg) == "i2v":
+        raise ValueError(f"checkpoint {ckpt_dir} is image-to-video (transformer in_channels {dit_cfg.in_channels} = 2 x "
+                         "the VAE's latent channels): give the first frame (mm_jax.sample --image)")
     spatial, temporal = vae_cfg.spatial_compression, vae_cfg.temporal_compression_ratio
     for r in requests:
         r.settings.validate(spatial, temporal, dit_cfg.patch_size)

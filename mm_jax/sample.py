@@ -3,6 +3,9 @@
 With an identity (Magic Mirror): ``--adapter DIR --ref face.jpg --face-models DIR`` (or ``--id
 id.npz`` saved earlier with ``--save-id``); the prompt must name the subject with a class word.
 
+Image to video (a CogVideoX-5B-I2V checkpoint): ``--image first_frame.png`` (``mm_jax.image_to_video``);
+``--image-noise`` gives the VAE posterior sample's draw as ``--latents`` gives the initial noise.
+
 Prints the settings and the seed, shows a progress bar over denoising steps, and writes the
 frames (.mp4, .gif, .npy of floats in [0, 1], or a folder of PNGs) with a ``<out>.json`` sidecar
 of the settings. Bad input (frame count, sizes, a checkpoint missing a component, initial
@@ -83,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     idg.add_argument("--face-models", help="local insightface model pack folder (SCRFD detector + ArcFace)")
     idg.add_argument("--save-id", help="write the reference's embeddings to this .npz for reuse")
     idg.add_argument("--id", help="reuse embeddings saved with --save-id instead of --ref")
+    ig = ap.add_argument_group("image to video (CogVideoX-5B-I2V)")
+    ig.add_argument("--image", help="the first frame (an image-to-video checkpoint); resized (Lanczos) to --width x --height")
+    ig.add_argument("--image-noise", help="the VAE posterior sample's standard-normal draw for --image, .npy "
+                                          "(1, 1, H/8, W/8, C) (default: drawn from --seed)")
     bg = ap.add_argument_group("many videos")
     bg.add_argument("--prompts", help="JSONL file, one video per line: {prompt, out, seed?, negative_prompt?, ref? | id?}; "
                                      "models load once; a bad line is reported and skipped (exit 1 when any was)")
@@ -272,6 +279,11 @@ def _check(args):
     if args.prompts and (args.prompt or args.out or args.ref or args.id or args.latents or args.save_latents):
         raise ValueError("--prompts takes the prompts, outputs and references from its lines; do not also give "
                          "--prompt/--out/--ref/--id/--latents/--save-latents")
+    if args.image and (args.prompts or args.adapter or args.ref or args.id):
+        raise ValueError("--image (image to video) takes one --prompt; it does not combine with "
+                         "--prompts/--adapter/--ref/--id")
+    if args.image_noise and not args.image:
+        raise ValueError("--image-noise needs --image")
     if args.save_latents and not args.save_latents.endswith(".npy"):
         raise ValueError(f"--save-latents {args.save_latents}: must be an .npy path")
     if args.videos_per_batch is not None and args.videos_per_batch < 1:
@@ -295,14 +307,16 @@ def _check(args):
 
     quantize.check(args.quantize, "--quantize")
     pipeline.check_checkpoint(args.checkpoint)
-    latents = None
-    if args.latents:
-        try:
-            latents = np.load(args.latents)
-        except Exception as e:  # unreadable / not an .npy
-            raise ValueError(f"--latents {args.latents}: cannot read ({e})") from None
+    latents = _npy(args.latents, "--latents") if args.latents else None
     request = pipeline.Request(settings, None, latents)
-    pipeline.check_requests(args.checkpoint, [request])  # against the checkpoint's VAE and DiT
+    image = None
+    if args.image:  # image to video: the checkpoint must be one, the image readable
+        from mm_jax import image_to_video
+
+        noise = _npy(args.image_noise, "--image-noise") if args.image_noise else None
+        image = image_to_video.check(args.checkpoint, settings, args.image, latents=latents, noise=noise)
+    else:
+        pipeline.check_requests(args.checkpoint, [request])  # against the checkpoint's VAE and DiT
     rows = 2 if args.prompts or args.guidance > 1 else 1  # the DiT batch of one call: a CFG pair, or videos
     shape = args.mesh
     if not shape and not args.mesh_dcn:
@@ -320,7 +334,14 @@ def _check(args):
                                   text.load_tokenizer(Path(args.checkpoint) / "tokenizer"), settings.prompt,
                                   settings.max_sequence_length, ref=args.ref, id_file=args.id,
                                   embedder=faces.get() if args.ref else None)
-    return request, mesh, dtype, scheme, checked, faces
+    return request, mesh, dtype, scheme, checked, faces, image
+
+
+def _npy(path: str, flag: str) -> np.ndarray:
+    try:
+        return np.load(path)
+    except Exception as e:  # unreadable / not an .npy
+        raise ValueError(f"{flag} {path}: cannot read ({e})") from None
 
 
 def main(argv=None) -> int:
@@ -339,7 +360,7 @@ def main(argv=None) -> int:
     try:
         compile_cache.enable(compile_cache.resolve(args.compile_cache))
         profiling.check_dir(args.profile)
-        request, mesh, dtype, scheme, checked, faces = _check(args)
+        request, mesh, dtype, scheme, checked, faces, image = _check(args)
         if args.prompts:
             lines, failed, faces = _check_lines(args, request.settings, mesh)
     except (ValueError, FileNotFoundError) as e:
@@ -358,15 +379,24 @@ def main(argv=None) -> int:
     settings = request.settings
     meta = dict(dataclasses.asdict(settings), checkpoint=str(args.checkpoint), dtype=dtype,
                 quantize=args.quantize, mesh=dict(mesh.shape), attention=scheme,
-                latents=args.latents, adapter=args.adapter, reference=(ident.source if ident is not None else None))
+                latents=args.latents, adapter=args.adapter, reference=(ident.source if ident is not None else None),
+                **({"image": args.image, "image_noise": args.image_noise} if image is not None else {}))
     if main_process:
         print("settings: " + json.dumps(meta), file=sys.stderr)
     t0 = time.time()
     with profiling.trace(args.profile):  # the frames come back to the host inside: the trace holds all the work
-        [(_, frames, final)] = pipeline.iter_videos(
-            args.checkpoint, [pipeline.Request(settings, ident, request.latents)], mesh=mesh, dtype=dtype,
-            progress=not args.quiet, text_encoder_on_host=args.offload_text_encoder, vae_tiling=args.vae_tiling,
-            attention_parallelism=args.attention_parallelism, quantize=args.quantize)
+        if image is not None:
+            from mm_jax import image_to_video
+
+            frames, final = image_to_video.generate(
+                args.checkpoint, settings, image, latents=request.latents, mesh=mesh, dtype=dtype,
+                progress=not args.quiet, text_encoder_on_host=args.offload_text_encoder, vae_tiling=args.vae_tiling,
+                quantize=args.quantize, attention_parallelism=args.attention_parallelism)
+        else:
+            [(_, frames, final)] = pipeline.iter_videos(
+                args.checkpoint, [pipeline.Request(settings, ident, request.latents)], mesh=mesh, dtype=dtype,
+                progress=not args.quiet, text_encoder_on_host=args.offload_text_encoder, vae_tiling=args.vae_tiling,
+                attention_parallelism=args.attention_parallelism, quantize=args.quantize)
     if not main_process:
         return exit_codes.OK
     if args.save_latents:
