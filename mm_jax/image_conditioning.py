@@ -22,6 +22,7 @@ or drawn from ``image_noise_key(seed)``, a key of its own beside the initial noi
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -90,6 +91,13 @@ def image_latents(vae, image: jax.Array, noise: jax.Array, latent_frames: int) -
     sf = vae.cfg.scaling_factor
     z = z / sf if vae.cfg.invert_scale_latents else z * sf
     return jnp.pad(z, ((0, 0), (0, latent_frames - 1), (0, 0), (0, 0), (0, 0)))
+
+
+@functools.lru_cache(maxsize=None)
+def encode_fn():
+    """The compiled ``image_latents(vae, pixels, noise, latent_frames)`` (``latent_frames`` static):
+    what the sampler runs and the planner compiles as the ``vae_encode`` phase."""
+    return jax.jit(image_latents, static_argnums=3)
 
 
 def model_fn(dit, x, text_emb, t, extras):

@@ -92,8 +92,7 @@ def generate(ckpt_dir: str | Path, settings: SampleSettings, image: ImageInput, 
         jax.random.normal(ic.image_noise_key(settings.seed), ic.noise_shape(settings, vae_cfg), jnp.float32)
     vae = checkpoint.load_component(ckpt_dir, "vae", mesh=mesh, use_tiling=tiling)
     with jax.set_mesh(mesh):
-        cond = jax.jit(ic.image_latents, static_argnums=3)(vae, jnp.asarray(image.pixels), jnp.asarray(noise),
-                                                           x.shape[1])
+        cond = ic.encode_fn()(vae, jnp.asarray(image.pixels), jnp.asarray(noise), x.shape[1])
         cond = cond.astype(dtype)
     del vae
     gc.collect()
