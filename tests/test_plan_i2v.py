@@ -10,14 +10,14 @@ import pytest
 from mm_jax import plan as planner
 from mm_jax.plan import __main__ as cli
 from mm_jax.plan import targets
-from tests.test_plan import C_LAT, SAMPLE, tiny_models
+from tests.tiny_plan import C_LAT, SAMPLE, tiny_models
 
 pytestmark = pytest.mark.skipif(not targets.libtpu_installed(), reason="libtpu missing: the test extra installs it")
 
 
 def tiny_i2v_models() -> planner.Models:
     m = tiny_models()
-    dit = dataclasses.replace(m.transformer, in_channels=2 * C_LAT, max_text_seq_length=SAMPLE.text_length,
+    dit = dataclasses.replace(m.transformer, in_channels=2 * C_LAT, max_text_seq_length=SAMPLE.max_sequence_length,
                               use_learned_positional_embeddings=True)
     return dataclasses.replace(m, transformer=dit, adapter=None, source="tiny i2v")
 

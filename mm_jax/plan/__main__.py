@@ -129,8 +129,8 @@ def _settings(args, workload: str, cfg):
         d = SampleSettings()
         return SampleSettings(frames=args.frames or d.frames, height=args.height or d.height,
                               width=args.width or d.width, steps=args.steps, scheduler=args.scheduler,
-                              identity=args.identity and args.model != "i2v", vae_tiling=args.vae_tiling, dtype=args.dtype or d.dtype,
-                              quantize=args.quantize), None
+                              identity=args.identity and args.model != "i2v", vae_tiling=args.vae_tiling,
+                              dtype=args.dtype or d.dtype, quantize=args.quantize), None
     if args.quantize:
         raise ValueError(f"--quantize {args.quantize}: quantized sampling only (the sample workload)")
     stage = workload.split("-")[1]
