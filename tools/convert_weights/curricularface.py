@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from tools.convert_weights.safetensors_io import CheckpointError
+from tools.convert_weights.torch_files import read_state_dict
 
 FILE_NAME = "glint360k_curricular_face_r101_backbone.bin"
 LEAF_RENAMES = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
@@ -95,15 +96,7 @@ def load_state_dict(model: nnx.Module, state_dict: dict, source: str = "state di
 
 def read_bin(path: str | Path) -> dict:
     """The torch state dict at ``path`` as ``{key: float32 numpy array}`` (torch is needed here only)."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file (ConsisID publishes it as face_encoder/{FILE_NAME})")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict")
-    return {k: v.float().numpy() for k, v in sd.items()}
+    return read_state_dict(path, f"ConsisID publishes it as face_encoder/{FILE_NAME}")
 
 
 def load(path: str | Path, config=None):

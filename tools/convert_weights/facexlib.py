@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from tools.convert_weights.safetensors_io import CheckpointError
+from tools.convert_weights.torch_files import read_state_dict
 
 # our leaf name -> torch's
 LEAF_RENAMES = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
@@ -102,15 +103,7 @@ def _torch_shape(leaf: str, shape: tuple) -> tuple:
 
 def read_pth(path: str | Path) -> dict:
     """A torch ``.pth`` state dict as ``{key: float32 numpy array}`` (torch is needed here only)."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file (facexlib publishes it as {', '.join(FILES.values())})")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict")
-    return {k: v.float().numpy() for k, v in sd.items()}
+    return read_state_dict(path, f"facexlib publishes it as {', '.join(FILES.values())}")
 
 
 def load(name: str, path: str | Path) -> nnx.Module:

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from tools.convert_weights.safetensors_io import CheckpointError
+from tools.convert_weights.torch_files import read_state_dict
 
 FILE_NAME = "inception_v3_google-0cc3c7bd.pth"
 LEAF_RENAMES = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
@@ -91,15 +92,7 @@ def load_state_dict(model: nnx.Module, state_dict: dict, source: str = "state di
 
 def read_pth(path: str | Path) -> dict:
     """The torch state dict at ``path`` as ``{key: float32 numpy array}`` (torch is needed here only)."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file (torchvision publishes it as {FILE_NAME})")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict")
-    return {k: v.float().numpy() for k, v in sd.items()}
+    return read_state_dict(path, f"torchvision publishes it as {FILE_NAME}")
 
 
 def read_weights(path: str | Path) -> dict:
