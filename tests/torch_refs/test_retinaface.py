@@ -62,5 +62,5 @@ def test_detect_faces_matches_facexlib_on_a_photo(detector_run):
     print("detections", want.shape, "max abs err (pixels, scores)", np.abs(got - want).max())
     assert got.shape == want.shape
     np.testing.assert_allclose(got[:, 4], want[:, 4], atol=1e-5)      # scores
-    np.testing.assert_allclose(got[:, :4], want[:, :4], atol=1e-2)    # box corners, pixels
-    np.testing.assert_allclose(got[:, 5:], want[:, 5:], atol=1e-2)    # landmarks, pixels
+    np.testing.assert_allclose(got[:, :4], want[:, :4], atol=1e-3)    # box corners, pixels (4.6e-4 measured)
+    np.testing.assert_allclose(got[:, 5:], want[:, 5:], atol=1e-3)    # landmarks, pixels
