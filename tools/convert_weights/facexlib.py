@@ -10,10 +10,11 @@ every tensor of the file must be used (only BatchNorm's ``num_batches_tracked`` 
 dropped); otherwise a ``CheckpointError`` lists every missing, unexpected and misshapen key. The
 transform follows from the kind of tensor: a conv kernel goes from (out, in, kh, kw) to
 (kh, kw, in, out), everything else is copied. Run as a script it checks files and prints counts.
+The mapping itself is ``mm_jax.face_weights`` (sampling reads the published files with it, without
+torch); this module keeps the converter's names for it.
 """
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
@@ -24,85 +25,32 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mm_jax import face_weights as fw
 from tools.convert_weights.safetensors_io import CheckpointError
 from tools.convert_weights.torch_files import read_state_dict
 
-# our leaf name -> torch's
-LEAF_RENAMES = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
-# per network, our dotted path (regex) -> torch's: a torch Sequential(conv, bn) is our ConvBN(conv, bn)
-RENAMES = {
-    "retinaface": [(r"\.conv\.", ".0."), (r"\.bn\.", ".1.")],
-    "bisenet": [(r"\.downsample\.conv\.", ".downsample.0."), (r"\.downsample\.bn\.", ".downsample.1.")],
-}
-DROPPED_SUFFIXES = ("num_batches_tracked",)
-STRIP_PREFIX = "module."
-FILES = {"retinaface": "detection_Resnet50_Final.pth", "bisenet": "parsing_bisenet.pth"}
-
-
-def build(name: str, seed: int = 0) -> nnx.Module:
-    """A randomly initialised network of that name (``retinaface`` or ``bisenet``)."""
-    from mm_jax.models.bisenet import BiSeNet
-    from mm_jax.models.retinaface import RetinaFace
-
-    if name not in FILES:
-        raise ValueError(f"network {name!r}: choose from {', '.join(FILES)}")
-    return (RetinaFace if name == "retinaface" else BiSeNet)(rngs=nnx.Rngs(seed))
-
-
-def torch_key(name: str, path: tuple) -> str:
-    """Our state path (``("body", "layer1", 0, "conv1", "kernel")``) -> facexlib's key."""
-    parts = [str(p) for p in path]
-    parts[-1] = LEAF_RENAMES.get(parts[-1], parts[-1])
-    key = "." + ".".join(parts) + "."
-    for pat, rep in RENAMES[name]:
-        key = re.sub(pat, rep, key)
-    return key.strip(".")
-
-
-def _to_ours(leaf: str, arr: np.ndarray) -> np.ndarray:
-    return arr.transpose(2, 3, 1, 0) if leaf == "kernel" else arr
+# the key mapping lives in mm_jax (sampling reads the published files with it): its names here
+LEAF_RENAMES = fw.FACEXLIB_LEAVES
+RENAMES = fw.FACEXLIB_RENAMES
+DROPPED_SUFFIXES = fw.DROPPED_SUFFIXES
+STRIP_PREFIX = fw.DDP_PREFIX
+FILES = fw.FACEXLIB_FILES
+build = fw.build_facexlib
+torch_key = fw.facexlib_key
 
 
 def load_state_dict(model: nnx.Module, name: str, state_dict: dict, source: str = "state dict") -> int:
     """Fill ``model`` (a ``build(name)`` module) in place from a facexlib state dict
-    (``{key: array}``, numpy or torch); returns the number of tensors loaded."""
-    found = {}
-    for k, v in state_dict.items():
-        kk = k[len(STRIP_PREFIX):] if k.startswith(STRIP_PREFIX) else k
-        if not kk.endswith(DROPPED_SUFFIXES):
-            found[kk] = v
-    flat = nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat)))
-    problems, used, values = [], set(), []
-    for path, var in flat:
-        tk, leaf = torch_key(name, path), str(path[-1])
-        want = tuple(var.get_value().shape)
-        if tk not in found:
-            problems.append(f"missing key {tk} (expected shape {list(_torch_shape(leaf, want))})")
-            continue
-        used.add(tk)
-        arr = _to_ours(leaf, np.asarray(found[tk].detach().cpu().numpy() if hasattr(found[tk], "detach")
-                                        else found[tk], np.float32))
-        if arr.shape != want:
-            problems.append(f"shape mismatch for {tk}: expected {list(_torch_shape(leaf, want))}, "
-                            f"found {list(_torch_shape(leaf, arr.shape))}")
-            continue
-        values.append((var, arr))
-    problems += [f"unexpected key {k} (shape {list(np.shape(found[k]))}): not part of {name}"
-                 for k in sorted(set(found) - used)]
-    if problems:
-        raise CheckpointError(f"{source} does not match facexlib's {name} ({len(problems)} problem(s)):\n  "
-                              + "\n  ".join(problems))
-    for var, arr in values:
-        var.set_value(arr.astype(var.get_value().dtype))
-    return len(values)
-
-
-def _torch_shape(leaf: str, shape: tuple) -> tuple:
-    return (shape[3], shape[2], shape[0], shape[1]) if leaf == "kernel" else tuple(shape)
+    (``{key: array}``, numpy or torch); returns the number of tensors loaded. A mismatch is a
+    ``CheckpointError`` listing every missing, unexpected and misshapen key."""
+    try:
+        return fw.load_facexlib_state_dict(model, name, state_dict, source)
+    except fw.FaceWeightsError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def read_pth(path: str | Path) -> dict:
-    """A torch ``.pth`` state dict as ``{key: float32 numpy array}`` (torch is needed here only)."""
+    """A torch ``.pth`` state dict as ``{key: float32 numpy array}``."""
     return read_state_dict(path, f"facexlib publishes it as {', '.join(FILES.values())}")
 
 
