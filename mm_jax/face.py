@@ -40,7 +40,7 @@ class FaceResult:
     bbox: np.ndarray          # (4,) x1, y1, x2, y2 in image pixels
     kps: np.ndarray           # (5, 2) x, y of eyes, nose, mouth corners
     score: float
-    embedding: np.ndarray     # (D,) L2-normalized ArcFace embedding (e_id), D = FaceModels.embedding_dim (512)
+    embedding: np.ndarray     # (D,) ArcFace embedding (e_id; L2-normalized unless the analyzer says raw), D = 512
     clip_crop: np.ndarray     # (S, S, 3) float32 RGB, CLIP-normalized; S = the analyzer's clip_size
     num_faces: int
 
@@ -246,9 +246,11 @@ class FaceAnalyzer:
     """Detect (SCRFD), align (5-point similarity) and embed (ArcFace) faces with a local model pack."""
 
     def __init__(self, models: FaceModels | str | Path, det_size: int = 640, det_thresh: float = 0.5,
-                 nms_thresh: float = 0.4, clip_size: int = CLIP_SIZE):
+                 nms_thresh: float = 0.4, clip_size: int = CLIP_SIZE, normalize: bool = True):
         """``clip_size``: the side of the reference crop ``analyze`` returns, the image encoder's
-        ``image_size`` (224 for CLIP ViT-L/14; a 336-px tower needs 336)."""
+        ``image_size`` (224 for CLIP ViT-L/14; a 336-px tower needs 336). ``normalize=False`` gives
+        the recognizer's raw embeddings, as insightface's ``Face.embedding`` (ConsisID's ``id_cond``)."""
+        self.normalize = bool(normalize)
         if clip_size <= 0:
             raise ValueError(f"clip_size={clip_size}: must be a positive number of pixels")
         self.clip_size = int(clip_size)
@@ -319,8 +321,8 @@ class FaceAnalyzer:
 
     def embed_crops(self, crops_bgr: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
         """Aligned BGR uint8 crops (S, S, 3), S the recognizer's input (112) -> (N, D) float32,
-        L2-normalized, D the recognizer's width; onnxruntime batches of ``batch_size`` (1 for
-        fixed-batch exports)."""
+        L2-normalized unless the analyzer is raw (``normalize=False``), D the recognizer's width;
+        onnxruntime batches of ``batch_size`` (1 for fixed-batch exports)."""
         s = self.models.rec_size
         for i, c in enumerate(crops_bgr):
             if np.shape(c) != (s, s, 3):
@@ -337,6 +339,8 @@ class FaceAnalyzer:
         if not feats:
             return np.zeros((0, self.models.embedding_dim), np.float32)
         f = np.concatenate(feats)
+        if not self.normalize:
+            return f.astype(np.float32)
         return (f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
     @staticmethod
