@@ -13,6 +13,11 @@ The rule, as VBench computes it per video:
    least that many pair scores exceed the threshold (with a needed count of 0, any pair at all suffices;
    a single kept frame is never dynamic).
 4. The score of a set of videos is the fraction that is dynamic.
+
+Weights (``--raft``): the ``.safetensors`` that ``tools/convert_weights/raft.py raft-things.pth --out
+raft.safetensors`` writes (RAFT's torch names and layout, the config in the metadata); :func:`load_raft` reads it
+without torch. The frame rate comes from the video (:func:`video_fps`: an mp4's container rate) or, for frames
+without one (.npy, .gif, a folder of images), from ``--fps``.
 """
 from __future__ import annotations
 
@@ -23,6 +28,10 @@ import numpy as np
 ITERS = 20           # RAFT updates VBench runs
 TOP_FRACTION = 0.05  # the pair score averages the top 5% of flow magnitudes
 TARGET_FPS = 8       # frames kept every round(fps / 8)
+FORMAT = "mm_jax.raft"
+DROP_PARTS = ("bn",)  # our norm holder, no torch module
+HOW = ("tools/convert_weights/raft.py raft-things.pth --out raft.safetensors writes it from princeton-vl/RAFT's "
+       "published raft-things.pth, the file VBench uses")
 
 
 def frame_interval(fps: float) -> int:
@@ -105,3 +114,51 @@ def raft_flow_fn(model, iters: int = ITERS) -> Callable:
 
     run = nnx.jit(lambda m, a, b: m(a, b, iters)[1])
     return lambda a, b: run(model, a, b)
+
+
+def save_raft(model, path) -> int:
+    """Write a ``RAFT`` to ``path`` (.safetensors, torch names, config in the metadata); the tensor count."""
+    import json
+
+    from mm_jax.metrics import torch_named
+
+    meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}
+    return torch_named.save(model, path, meta, DROP_PARTS)
+
+
+def load_raft(path):
+    """The ``RAFT`` that :func:`save_raft` wrote to ``path``; a ValueError names what does not match."""
+    import json
+
+    from flax import nnx
+
+    from mm_jax.metrics import torch_named
+    from mm_jax.models.raft import RAFT, RAFTConfig
+
+    tensors, meta = torch_named.read(path, "--raft", HOW)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"--raft {path}: metadata format {meta.get('format')!r}, expected {FORMAT!r} ({HOW})")
+    cfg = RAFTConfig.from_dict({k: v for k, v in json.loads(meta["config"]).items() if k not in RAFTConfig.TAG})
+    model = nnx.eval_shape(lambda: RAFT(cfg, rngs=nnx.Rngs(0)))
+    torch_named.fill(model, tensors, f"--raft {path}", DROP_PARTS)
+    return model
+
+
+def video_fps(path, fps: float | None = None) -> tuple[float, str]:
+    """``(frame rate, where it came from)`` of a video: an mp4's container rate (it wins over ``fps``), else
+    ``fps`` (``--fps``); a ValueError when neither gives one."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".mp4":
+        import imageio.v3 as iio
+
+        rate = float(iio.immeta(path, plugin="pyav").get("fps") or 0)
+        if rate > 0:
+            return rate, "mp4"
+    if fps is None:
+        raise ValueError(f"video {path}: no frame rate in the file (.npy, .gif, image folders carry none); "
+                         "pass --fps (dynamic_degree keeps every round(fps/8)-th frame)")
+    if not fps > 0:
+        raise ValueError(f"--fps {fps}: must be positive")
+    return float(fps), "--fps"

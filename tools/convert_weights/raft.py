@@ -1,6 +1,6 @@
 """Load RAFT's published ``raft-things.pth`` into ``mm_jax.models.raft``.
 
-    python tools/convert_weights/raft.py CKPTS/raft/raft-things.pth
+    python tools/convert_weights/raft.py CKPTS/raft/raft-things.pth [--out raft.safetensors]
 
 The file (princeton-vl/RAFT's ``models.zip``; VBench fetches the same file as
 ``~/.cache/vbench/raft_model/models/raft-things.pth``) is a torch state dict saved through
@@ -11,7 +11,8 @@ are not tensors of ours: BatchNorm's ``num_batches_tracked`` counters (dropped) 
 a strided residual block, which torch saves twice (as ``norm3.*`` and as ``downsample.1.*``, one module);
 those must equal their ``downsample.1`` twin. A conv kernel goes from (out, in, kh, kw) to
 (kh, kw, in, out), everything else is copied. Run as a script it checks the file and prints the tensor
-count; exit 2 when the file is absent.
+count; exit 2 when the file is absent. ``--out`` writes the loaded tensors (torch names and layout, the config
+in the metadata) to the ``.safetensors`` that ``python -m mm_jax.evaluate --raft`` reads without torch.
 """
 from __future__ import annotations
 
@@ -108,14 +109,21 @@ def load(path: str | Path, config=None):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    out = None
+    if len(argv) == 3 and argv[1] == "--out" and argv[2].endswith(".safetensors"):
+        argv, out = argv[:1], argv[2]
     if len(argv) != 1 or argv[0].startswith("-"):
-        print(f"usage: python tools/convert_weights/raft.py PATH/{FILE_NAME}", file=sys.stderr)
+        print(f"usage: python tools/convert_weights/raft.py PATH/{FILE_NAME} [--out X.safetensors]", file=sys.stderr)
         return 2
     if not Path(argv[0]).is_file():
         print(f"{argv[0]}: no such file (princeton-vl/RAFT publishes it in models.zip)", file=sys.stderr)
         return 2
     model = load(argv[0])
     print(f"{argv[0]}: {len(expected_keys(model))} tensors loaded into RAFT")
+    if out:
+        from mm_jax.metrics.dynamic_degree import save_raft
+
+        print(f"{out}: {save_raft(model, out)} tensors written")
     return 0
 
 
