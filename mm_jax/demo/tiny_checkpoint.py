@@ -1,5 +1,6 @@
 """Tiny random checkpoints in our own format, built offline with no torch: a CogVideoX backbone
-(tokenizer, T5, DiT, VAE, scheduler) and a Magic Mirror adapter folder (CLIP tower + adapter).
+(tokenizer, T5, DiT, VAE, scheduler; text-to-video, image-to-video or ConsisID) and a Magic Mirror
+adapter folder (CLIP tower + adapter).
 
 The sizes are the smallest that still exercise every code path (RoPE DiT with 2 blocks, a 4-level
 VAE with 8x spatial / 4x temporal compression, a 2-layer T5). Used by the demo, the notebook's
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 from flax import nnx
 
 SCHEDULER = {"_class_name": "CogVideoXDDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -36,10 +38,40 @@ def build_tokenizer(folder: Path, vocab_size: int = 64):
     return tok
 
 
-def build_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
-    """Write a tiny random backbone checkpoint folder (the layout the converter produces)."""
-    from mm_jax import checkpoint
+# ConsisID's face modules at tiny sizes (LFE_output_dim = int(inner_dim * 2 / 3) = 21 for the DiT's width 32)
+TINY_FACE_MODULES = dict(cross_attn_interval=2, cross_attn_dim_head=8, cross_attn_num_heads=2, LFE_depth=10,
+                         LFE_dim_head=8, LFE_num_heads=2, LFE_num_id_token=5, LFE_num_querie=4, LFE_output_dim=21,
+                         LFE_ff_mult=2, LFE_num_scale=5)
+
+
+def build_tiny_checkpoint(folder: Path, seed: int = 0, image_to_video: bool = False) -> Path:
+    """Write a tiny random backbone checkpoint folder (the layout the converter produces).
+    ``image_to_video``: a CogVideoX-5B-I2V stand-in instead: the DiT takes 2 x the VAE's latent
+    channels (noise ++ image latents) and adds a random learned positional table on top of RoPE,
+    covering 9 frames of 64 x 64 (its only size)."""
     from mm_jax.models.dit import CogVideoXTransformer3D, DiTConfig
+
+    return _build(folder, seed, image_to_video, "transformer",
+                  lambda fields, rngs: CogVideoXTransformer3D(DiTConfig(**fields), rngs=rngs))
+
+
+def build_tiny_consisid_checkpoint(folder: Path, id_dim: int, vit_dim: int, seed: int = 0) -> Path:
+    """Write a tiny random ConsisID checkpoint folder (what the converter writes from a
+    ``ConsisIDPipeline``): the image-to-video stand-in's DiT with ConsisID's face modules
+    (component ``consisid_transformer``) taking ``id_cond`` of width ``id_dim`` and EVA hidden
+    states of width ``vit_dim`` (a face encoder folder's sizes)."""
+    from mm_jax.models.consisid import ConsisIDConfig, ConsisIDTransformer3D
+
+    def make(fields, rngs):
+        cfg = ConsisIDConfig(**fields, **TINY_FACE_MODULES, LFE_id_dim=id_dim, LFE_vit_dim=vit_dim)
+        return ConsisIDTransformer3D(cfg, rngs=rngs)
+
+    return _build(folder, seed, True, "consisid_transformer", make)
+
+
+def _build(folder: Path, seed: int, image_to_video: bool, dit_name: str, make_dit) -> Path:
+    """The tokenizer, T5, VAE and scheduler, and the DiT ``make_dit(fields, rngs)`` saved as ``dit_name``."""
+    from mm_jax import checkpoint
     from mm_jax.models.t5 import T5Config, T5Encoder
     from mm_jax.models.vae import AutoencoderKLCogVideoX, VAEConfig
 
@@ -48,16 +80,19 @@ def build_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
     tok = build_tokenizer(folder / "tokenizer")
     rngs = nnx.Rngs(seed)
     t5 = T5Encoder(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2), rngs=rngs)
-    dit = CogVideoXTransformer3D(DiTConfig(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-                                           num_layers=2, text_embed_dim=32, time_embed_dim=16, sample_width=8,
-                                           sample_height=8, sample_frames=9), rngs=rngs)
+    dit = make_dit(dict(num_attention_heads=2, attention_head_dim=16, in_channels=8 if image_to_video else 4,
+                        out_channels=4, num_layers=2, text_embed_dim=32, time_embed_dim=16, sample_width=8,
+                        sample_height=8, sample_frames=9, use_learned_positional_embeddings=image_to_video), rngs)
+    if image_to_video:  # the table starts as sin-cos with zero text rows: random, so the test sees every row
+        table = dit.patch_embed.pos_embedding
+        table.value = 0.1 * jax.random.normal(jax.random.key(seed + 3), table.value.shape, table.value.dtype)
     vae = AutoencoderKLCogVideoX(VAEConfig(latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
                                            norm_num_groups=4, sample_height=64, sample_width=64), rngs=rngs)
-    for name, module in (("text_encoder", t5), ("transformer", dit), ("vae", vae)):
+    for name, module in (("text_encoder", t5), (dit_name, dit), ("vae", vae)):
         checkpoint.save_module(folder, name, module)
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
-    checkpoint.write_index(folder, ["text_encoder", "transformer", "vae", "tokenizer", "scheduler"])
+    checkpoint.write_index(folder, ["text_encoder", dit_name, "vae", "tokenizer", "scheduler"])
     return folder
 
 
