@@ -54,3 +54,122 @@ def test_torch_pickle_refuses_anything_but_tensors(tmp_path):
         torch_pickle.load(tmp_path / "junk.pth")
     with pytest.raises(FileNotFoundError, match="no such file"):
         torch_pickle.load(tmp_path / "absent.pth")
+
+
+# -- the face encoder on the tiny folder --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from tests.tiny_consisid_faces import make_face_folder
+
+    return make_face_folder(tmp_path_factory.mktemp("face_encoder"))
+
+
+@pytest.fixture(scope="module")
+def encoder(folder):
+    from mm_jax.consisid_faces import FaceEncoder
+
+    return FaceEncoder(folder)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    """A 240x320 PNG: dark texture with one bright square (the stand-in SCRFD's face)."""
+    from PIL import Image
+
+    from mm_jax.demo.standin_faces import face_image
+
+    path = tmp_path_factory.mktemp("photos") / "face.png"
+    Image.fromarray(face_image(at=(96, 160), size=6)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def result(encoder, photo):
+    prepared = encoder.analyze(photo)
+    return prepared, encoder.embed(prepared)
+
+
+def test_a_folder_missing_files_names_each_and_the_layout(tmp_path):
+    from mm_jax.consisid_faces import FaceEncoder
+
+    (tmp_path / "parsing_bisenet.pth").write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as e:
+        FaceEncoder(tmp_path)
+    msg = str(e.value)
+    for name in ("detection_Resnet50_Final.pth", "EVA02_CLIP_L_336_psz14_s6B.pt",
+                 "models/antelopev2/scrfd_10g_bnkps.onnx", "models/antelopev2/glintr100.onnx"):
+        assert name in msg.split("expected")[0]
+    assert "parsing_bisenet.pth" not in msg.split("expected")[0] and "face_encoder/" in msg
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        FaceEncoder(tmp_path / "absent")
+
+
+@pytest.mark.slow  # shares one ~30 s CPU setup: RetinaFace-R50 and BiSeNet compiled at their real size
+def test_identity_is_raw_antelope_and_unit_eva_vector_with_five_hidden_states(folder, result):
+    import torch
+
+    from mm_jax.consisid_face import FACE_SIZE
+    from mm_jax.face import FaceAnalyzer
+    from mm_jax.models import eva_clip, retinaface as rf
+    from tests.tiny_consisid_faces import EVA_TINY, LANDMARKS_PX
+    from tools.convert_weights import eva_clip as ec
+
+    prepared, ident = result
+    assert prepared.antelope_found and prepared.source.endswith("face.png")
+    assert ident.image.shape == (FACE_SIZE, FACE_SIZE, 3) and ident.image.dtype == np.uint8
+    assert ident.id_cond.shape == (1, 512 + EVA_TINY["embed_dim"]) and ident.id_vit_hidden.shape == (5, 1, 10, 32)
+    # RetinaFace: the firing stride-32 anchor nearest the centre of the 320x240 photo, landmarks around it
+    anchor = (np.array(prepared.face.box[:2]) + np.array(prepared.face.box[2:4])) / 2
+    assert prepared.face.box[2] - prepared.face.box[0] == pytest.approx(rf.MIN_SIZES[2][0], abs=1e-3)
+    assert np.all((anchor - 16) % 32 == 0) and np.abs(anchor - [160, 120]).max() <= 16
+    np.testing.assert_allclose(prepared.face.landmarks, anchor + LANDMARKS_PX, atol=1e-3)
+    # the raw (not unit) glintr100 embedding of the largest antelopev2 face
+    from PIL import Image
+
+    raw = FaceAnalyzer(folder / "models/antelopev2", normalize=False).analyze(np.asarray(Image.open(prepared.source)))
+    np.testing.assert_array_equal(ident.id_cond[0, :512], raw.embedding)
+    assert abs(np.linalg.norm(raw.embedding) - 1) > 0.1
+    # the EVA vector, unit length, and the hidden states: the tower read by torch.load and the converter
+    sd = {k: v.numpy() for k, v in torch.load(folder / "EVA02_CLIP_L_336_psz14_s6B.pt", weights_only=True).items()}
+    tower = ec.to_module(*ec.convert_state_dict(sd))
+    feats, hidden = tower(eva_clip.preprocess(prepared.face.grey[None], EVA_TINY["image_size"]))
+    feats = np.asarray(feats) / np.linalg.norm(np.asarray(feats))
+    np.testing.assert_allclose(ident.id_cond[0, 512:], feats[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ident.id_vit_hidden, np.asarray(hidden), rtol=1e-5, atol=1e-5)
+    assert np.linalg.norm(ident.id_cond[0, 512:]) == pytest.approx(1, abs=1e-6)
+    # the pipeline image: the colour crop, white where parsing says background
+    white = (prepared.face.grey == 1).all(-1)
+    assert 0 < white.mean() < 1
+    assert (ident.image[white] == 255).all()
+    np.testing.assert_array_equal(ident.image[~white], prepared.face.crop_bgr[..., ::-1][~white])
+
+
+@pytest.mark.slow  # shares one ~30 s CPU setup: RetinaFace-R50 and BiSeNet compiled at their real size
+def test_without_an_antelope_face_glintr100_embeds_the_aligned_crop(encoder):
+    import cv2
+
+    from mm_jax.demo.standin_faces import face_image
+
+    dark = face_image(size=0) // 2  # no bright square: the stand-in SCRFD finds nothing
+    with pytest.warns(UserWarning, match="antelopev2 found no face"):
+        prepared = encoder.analyze(dark)
+    assert not prepared.antelope_found
+    small = cv2.resize(prepared.face.crop_bgr, (112, 112), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(prepared.antelope, encoder.faces.embed_crops([small])[0])
+
+
+@pytest.mark.slow  # shares one ~30 s CPU setup: RetinaFace-R50 and BiSeNet compiled at their real size
+def test_no_retinaface_face_is_a_no_face_error_naming_the_photo(folder, photo, tmp_path):
+    import shutil
+
+    import torch
+
+    from mm_jax.consisid_faces import FaceEncoder
+    from mm_jax.face import NoFaceError
+    from tests.tiny_consisid_faces import retinaface_state_dict
+
+    blind = shutil.copytree(folder, tmp_path / "blind")
+    torch.save(retinaface_state_dict(detects=False), blind / "detection_Resnet50_Final.pth")
+    with pytest.raises(NoFaceError, match=r"face\.png: RetinaFace found no face with score > 0\.97"):
+        FaceEncoder(blind).analyze(photo)
