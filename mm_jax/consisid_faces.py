@@ -67,6 +67,26 @@ def check_folder(folder: str | Path, flag: str = "--face-models") -> Path:
     return folder
 
 
+PIPELINE_FACE_FOLDER = "face_encoder"
+
+
+def check_pipeline_folder(src: str | Path) -> Path | None:
+    """For ConsisID's published folder (``model_index.json`` names ``ConsisIDPipeline``): its
+    ``face_encoder/``, checked to hold every file ``FaceEncoder`` reads (``FileNotFoundError`` naming
+    each missing one); ``None`` for any other folder. The converter calls this before writing."""
+    import json
+
+    src = Path(src)
+    index = src / "model_index.json"
+    try:
+        cls = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        return None  # the converter names a bad index itself
+    if cls != "ConsisIDPipeline":
+        return None
+    return check_folder(src / PIPELINE_FACE_FOLDER, flag=f"--src {src} (a ConsisIDPipeline folder):")
+
+
 def read_photo(ref) -> tuple[np.ndarray, str]:
     """(RGB uint8 (H, W, 3) EXIF-transposed, a label) from an image path or an RGB uint8 array, as
     ``process_face_embeddings_infer`` reads it (PIL; arrays go through ``Image.fromarray`` too)."""

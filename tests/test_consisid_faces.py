@@ -173,3 +173,25 @@ def test_no_retinaface_face_is_a_no_face_error_naming_the_photo(folder, photo, t
     torch.save(retinaface_state_dict(detects=False), blind / "detection_Resnet50_Final.pth")
     with pytest.raises(NoFaceError, match=r"face\.png: RetinaFace found no face with score > 0\.97"):
         FaceEncoder(blind).analyze(photo)
+
+
+def test_converter_refuses_a_consisid_folder_whose_face_encoder_lacks_files(tmp_path, capsys):
+    import json
+
+    from mm_jax.consisid_faces import FILES
+    from tools.convert_weights import from_torch
+
+    src = tmp_path / "ConsisID-preview"
+    (src / "face_encoder").mkdir(parents=True)
+    (src / "model_index.json").write_text(json.dumps({"_class_name": "ConsisIDPipeline"}))
+    (src / "face_encoder" / FILES["eva_clip"]).write_bytes(b"")
+    assert from_torch.main(["--src", str(src), "--dst", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "ConsisIDPipeline" in err and "face_encoder" in err
+    named = err.split("expected")[0]
+    assert all(f in named for k, f in FILES.items() if k != "eva_clip") and FILES["eva_clip"] not in named
+    assert not (tmp_path / "out").exists()
+    for rel in FILES.values():  # complete: the check passes (the face files are read as published, not converted)
+        (src / "face_encoder" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / "face_encoder" / rel).write_bytes(b"")
+    assert from_torch.main(["--src", str(src), "--dst", str(tmp_path / "out")]) == 0

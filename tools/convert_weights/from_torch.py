@@ -177,6 +177,10 @@ def convert(src: str | Path, dst: str | Path, components_: list[str] | None = No
     if dst.exists() and not overwrite:
         raise CheckpointError(f"--dst {dst} exists; pass --overwrite to replace it")
     plan, copies = resolve_sources(src, components_)
+    if components_ is None:  # ConsisID's folder: sampling reads face_encoder/ as published; check it holds it all
+        from mm_jax.consisid_faces import check_pipeline_folder
+
+        check_pipeline_folder(src)
     checked = [(spec, *plan_component(spec, folder)) for spec, folder in plan]  # all checks before writing
     tokenizers = {spec.name: tokenizer_files(spec, folder) for spec, folder in plan}
     dst.parent.mkdir(parents=True, exist_ok=True)
