@@ -17,12 +17,14 @@ local insightface pack) over every frame, and reports per video and averaged ove
   100 * max(cos(CLIP image embedding, CLIP text embedding of the prompt), 0).
 
 ``--protocol consisid|opens2v|magicmirror`` computes a peer's published metrics instead, as its
-evaluation script does (``mm_jax/metrics/protocols.py``; metrics whose model is not ported yet, or
-whose weights are not given (``--curricularface`` for facesim_cur), are null with the reason), and ``--compare published`` prints the published rows beside the means.
+evaluation script does (``mm_jax/metrics/protocols.py``; metrics whose weights are not given
+(``--curricularface`` for facesim_cur, ``--inception`` for face_fid, ``--raft`` for dynamic_degree) or whose
+model has no port are null with the reason), and ``--compare published`` prints the published rows beside the
+means.
 
 Exact definitions: ``mm_jax/metrics/face_metrics.py`` and ``mm_jax/metrics/text_alignment.py``.
-Metrics not computed (no ``--clip``; dynamic degree, which needs a RAFT flow model no package
-provides) are reported as null with the reason. Bad input (unpaired files, a reference without a
+Metrics not computed (no ``--clip``; dynamic degree, which ``--protocol magicmirror --raft`` computes) are
+reported as null with the reason. Bad input (unpaired files, a reference without a
 face, an unreadable video or manifest) exits with code 2 and writes nothing.
 """
 from __future__ import annotations
@@ -54,8 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "tools/convert_weights/curricularface_save.py writes from ConsisID's "
                          "face_encoder/glint360k_curricular_face_r101_backbone.bin (the conversion reads the .bin "
                          "with torch; the evaluation needs no torch); without it facesim_cur is null")
-    ap.add_argument("--protocol", default="ours", choices=NAMES,
-                    help="whose metrics: ours, or a peer's published protocol (mm_jax/metrics/protocols.py)")
+    ap.add_argument("--inception", metavar="PATH.safetensors",
+                    help="Inception v3 for face_fid (--protocol consisid): the file tools/convert_weights/inception_v3.py "
+                         "writes with --out from torchvision's published inception_v3_google-0cc3c7bd.pth (the "
+                         "conversion reads the .pth with torch; the evaluation needs no torch); without it face_fid is null")
+    ap.add_argument("--raft", metavar="PATH.safetensors",
+                    help="RAFT for dynamic_degree (--protocol magicmirror): the file tools/convert_weights/raft.py "
+                         "writes with --out from princeton-vl/RAFT's published raft-things.pth (the file VBench uses); "
+                         "without it dynamic_degree is null")
+    ap.add_argument("--fps", type=float, default=None,
+                    help="frame rate of videos that carry none (.npy, .gif, folders of frames) for dynamic_degree; "
+                         "an mp4's own rate is used")
+    ap.add_argument("--protocol", default=None, choices=NAMES,
+                    help="whose metrics: ours (the default), or a peer's published protocol (mm_jax/metrics/protocols.py)")
     ap.add_argument("--compare", choices=("published",),
                     help="print the published rows of the protocol's paper beside your means (not with 'ours')")
     ap.add_argument("--batch-size", type=int, default=32, help="frames per recognizer batch")
@@ -81,6 +94,7 @@ def _pairs(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.protocol = args.protocol or "ours"
     if args.protocol != "ours":
         from mm_jax.metrics import protocol_eval
 
@@ -89,9 +103,11 @@ def main(argv=None) -> int:
         print("error: --compare published needs a peer protocol (--protocol consisid|opens2v|magicmirror); "
               "no paper publishes numbers for 'ours'", file=sys.stderr)
         return 2
-    if args.curricularface:
-        print(f"warning: --curricularface {args.curricularface}: --protocol ours has no facesim_cur; ignored "
-              "(use --protocol consisid or opens2v)", file=sys.stderr)
+    for flag, metric, protos in (("curricularface", "facesim_cur", "consisid or opens2v"),
+                                 ("inception", "face_fid", "consisid"), ("raft", "dynamic_degree", "magicmirror")):
+        if getattr(args, flag):
+            print(f"warning: --{flag} {getattr(args, flag)}: --protocol ours has no {metric}; ignored "
+                  f"(use --protocol {protos})", file=sys.stderr)
     from mm_jax import compile_cache
     from mm_jax.face import FaceAnalyzer
     from mm_jax.metrics import face_metrics, report, video_eval

@@ -17,14 +17,19 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from mm_jax import evaluate
 from mm_jax.demo.standin_faces import face_image, make_pack
+from mm_jax.models.inception_v3 import InceptionV3Config, InceptionV3Features
 from tests.conftest import max_rel_err, randomize_torch_params
 from tests.test_clip_alignment import _tokenizer
 from tests.test_curricularface import TINY, randomize, torch_backbone
 from tools.convert_weights.curricularface_save import convert as save_curricularface
 from tools.convert_weights.from_torch import convert
+from tools.convert_weights.inception_v3 import expected_keys as inception_keys
+from tools.convert_weights.inception_v3 import load as load_inception
+from tools.convert_weights.inception_v3 import save_kept as save_inception
 
 FACE, FACE2, PAD_ONLY = (95, 160), (95, 200), (108, 148)  # PAD_ONLY: found at 320 only after the grey pad
 PROMPT = "a man waves"
@@ -44,6 +49,23 @@ def _frame(kind, seed):
 MIX = ["face", "face", "dark", "face", "face", "pad", "pad", "face", "two", "face", "face", "dark", "face", "face",
        "face", "face", "pad", "face", "face", "face"]
 VIDEOS = {"mix": MIX, "noface": ["dark"] * 3, "short": ["face", "pad", "two", "face", "dark"]}
+INCEPTION = InceptionV3Config(pool_features=(2, 3, 4), channels_7x7=(3, 4, 5, 6))  # narrow where it may be
+
+
+def _inception_state_dict(seed=0) -> dict:
+    """Random torchvision-named Inception v3 tensors (scaled He init, BN near identity), as the published file."""
+    rng = np.random.default_rng(seed)
+    abstract = nnx.eval_shape(lambda: InceptionV3Features(INCEPTION, rngs=nnx.Rngs(0)))
+    sd = {}
+    for k, shape in inception_keys(abstract).items():
+        if k.endswith("conv.weight"):
+            sd[k] = rng.standard_normal(shape).astype(np.float32) * np.sqrt(2.0 / np.prod(shape[1:]))
+        elif k.endswith("running_var"):
+            sd[k] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        else:
+            sd[k] = (rng.standard_normal(shape) * 0.1 + (k.endswith("bn.weight"))).astype(np.float32)
+    sd["fc.weight"], sd["fc.bias"] = np.zeros((1000, 2048), np.float32), np.zeros((1000,), np.float32)
+    return sd
 
 
 def _insightface_app(root):
@@ -54,29 +76,33 @@ def _insightface_app(root):
     return app
 
 
+def _their_process_image(app, rgb):
+    """Their ``process_image``: (224 RGB crop, ArcFace embedding) of the largest face, or (None, None)."""
+    from insightface.utils import face_align
+
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    faces = app.get(bgr)
+    shift = None
+    if not faces:
+        h, w = bgr.shape[:2]
+        faces = app.get(cv2.copyMakeBorder(bgr, int(h * 0.25), int(h * 0.25), int(w * 0.25), int(w * 0.25),
+                                           cv2.BORDER_CONSTANT, value=(128, 128, 128)))
+        if not faces:
+            return None, None
+        shift = np.array([int(w * 0.25), int(h * 0.25)])
+    f = sorted(faces, key=lambda f: (f["bbox"][2] - f["bbox"][0]) * (f["bbox"][3] - f["bbox"][1]))[-1]
+    kps = f["kps"]
+    if shift is not None:
+        kps -= shift  # in place on float32, as their face_kps -= np.array(sub_coord)
+    crop = cv2.cvtColor(face_align.norm_crop(bgr, landmark=kps, image_size=224), cv2.COLOR_BGR2RGB)
+    return crop, f["embedding"]
+
+
 def _their_facesim(app, frame_files, ref_file, num_frames=16, cur_model=None):
     """Their arithmetic: (frame indices, per-frame clamped arc cos or None, arc score[, per-frame cur
     cos or None, ConsisID cur score, OpenS2V-Eval cur score (zeros dropped)] with ``cur_model``);
     OpenS2V-Eval's get_facesim.py is the same with 32 frames (its arc zero check tests the list: zeros stay)."""
-    from insightface.utils import face_align
-
-    def process_image(rgb):
-        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-        faces = app.get(bgr)
-        shift = None
-        if not faces:
-            h, w = bgr.shape[:2]
-            faces = app.get(cv2.copyMakeBorder(bgr, int(h * 0.25), int(h * 0.25), int(w * 0.25), int(w * 0.25),
-                                               cv2.BORDER_CONSTANT, value=(128, 128, 128)))
-            if not faces:
-                return None, None
-            shift = np.array([int(w * 0.25), int(h * 0.25)])
-        f = sorted(faces, key=lambda f: (f["bbox"][2] - f["bbox"][0]) * (f["bbox"][3] - f["bbox"][1]))[-1]
-        kps = f["kps"]
-        if shift is not None:
-            kps -= shift  # in place on float32, as their face_kps -= np.array(sub_coord)
-        crop = cv2.cvtColor(face_align.norm_crop(bgr, landmark=kps, image_size=224), cv2.COLOR_BGR2RGB)
-        return crop, f["embedding"]
+    process_image = lambda rgb: _their_process_image(app, rgb)
 
     @torch.no_grad()
     def inference(img):
@@ -150,10 +176,12 @@ def run(tmp_path_factory):
     cur_model.eval()
     torch.save(cur_model.state_dict(), root / "cur.bin")
     save_curricularface(root / "cur.bin", root / "cur.safetensors", TINY)
+    save_inception(_inception_state_dict(), root / "inception.safetensors")  # the converter's --out writer
     (root / "prompts.jsonl").write_text("".join(json.dumps({"id": n, "prompt": PROMPT}) + "\n" for n in VIDEOS))
     rc = evaluate.main(["--protocol", "consisid", "--videos", str(root / "videos"), "--refs", str(root / "refs"),
                         "--face-models", str(pack), "--clip", str(ckpt), "--prompts", str(root / "prompts.jsonl"),
                         "--curricularface", str(root / "cur.safetensors"),
+                        "--inception", str(root / "inception.safetensors"),
                         "--out", str(root / "r.json"), "--quiet", "--compare", "published"])
     rep = json.loads((root / "r.json").read_text())
     processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 64},
@@ -276,11 +304,12 @@ def test_b32_image_features_of_bgr_frames_equal_transformers(run):
 def test_the_report_names_the_protocol_and_what_is_not_computed(run):
     rep = run["rep"]
     assert rep["protocol"]["name"] == "consisid" and "ConsisID" in rep["protocol"]["compares_with"]
-    assert set(rep["not_computed"]) == {"face_fid"} and all(rep["not_computed"].values())
-    assert rep["absent"] == rep["not_computed"]
-    assert all(v["facesim_cur"] is not None and v["face_fid"] is None for v in rep["videos"])
+    assert rep["not_computed"] == {} and rep["absent"] == {}
+    assert all(v[m] is not None for v in rep["videos"] for m in ("facesim_arc", "facesim_cur", "clipscore", "face_fid"))
     assert rep["mean"]["facesim_cur"] == pytest.approx(np.mean([v["facesim_cur"] for v in rep["videos"]]), abs=1e-12)
-    assert rep["mean"]["face_fid"] is None and rep["mean"]["videos_counted"]["facesim_arc"] == 3
+    assert rep["mean"]["face_fid"] == pytest.approx(np.mean([v["face_fid"] for v in rep["videos"]]), rel=1e-12)
+    assert rep["mean"]["videos_counted"] == {m: 3 for m in ("facesim_arc", "facesim_cur", "clipscore", "face_fid")}
+    assert "squared L2 distance" in rep["protocol"]["notes"]
     yours = rep["compare"]["rows"][-1]
     assert yours["model"] == "yours" and yours["facesim_arc"] == rep["mean"]["facesim_arc"]
     assert [r["model"] for r in rep["compare"]["rows"][:-1]] == ["ConsisID", "ID-Animator"]
@@ -314,3 +343,31 @@ def test_a_face_found_after_the_pad_has_its_landmarks_in_the_original_pixels(run
     np.testing.assert_allclose(hit.kps, faces[-1]["kps"] - np.array([80, 60]), atol=1e-4)
     direct = consisid.face_embedding(an, _frame("face", seed=1))
     assert not direct.padded and np.abs(direct.kps.mean(axis=0) - [FACE[1], FACE[0]]).max() < 6
+
+
+def test_face_fid_equals_face_fid_py_on_their_crops_through_the_converters_model(run):
+    """face_fid from the CLI (our loader of the converter's file, crops shared with FaceSim-Cur) equals
+    ``face_fid.frame_fids`` (checked against torchvision and ConsisID's script in tests/torch_refs) on the crops of
+    their ``process_image`` through the converter's own loader: 'short' reads frames 0-4 as linspace(0, 4, 16),
+    frame 4 has no face; 'noface' scores 0."""
+    from mm_jax.metrics import face_fid as ff
+
+    by_name = {v["name"]: v for v in run["rep"]["videos"]}
+    model = load_inception(run["root"] / "inception.safetensors", INCEPTION)
+    jitted = nnx.jit(lambda m, x: m(x))
+    app = run["app"]
+    ref_crop, _ = _their_process_image(app, iio.imread(run["root"] / "refs" / "short.png")[..., :3])
+    crops = [_their_process_image(app, iio.imread(f)[..., :3])[0] for f in run["files"]["short"]]
+    with_face = [i for i, c in enumerate(crops) if c is not None]
+    assert with_face == [0, 1, 2, 3]
+    fids = ff.frame_fids(lambda x: jitted(model, x), ref_crop, [crops[i] for i in with_face])
+    reads = np.linspace(0, 4, 16, dtype=int)
+    want = [None if i not in with_face else float(fids[with_face.index(i)]) for i in reads]
+    short = by_name["short"]
+    got = short["per_frame"]["face_fid"]
+    assert [g is None for g in got] == [w is None for w in want] and short["face_fid_faces"] == 15
+    err = max(abs(g - w) / abs(w) for g, w in zip(got, want) if w is not None)
+    assert err <= 1e-5 and len({float(f) for f in fids}) == 4  # four different crops, four different values
+    assert short["face_fid"] == pytest.approx(np.mean([w for w in want if w is not None]), rel=1e-5)
+    assert by_name["noface"]["face_fid"] == 0.0 and by_name["noface"]["face_fid_faces"] == 0
+    print("face_fid per-frame max rel err vs face_fid.py on their crops", err)

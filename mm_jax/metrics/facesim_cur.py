@@ -93,17 +93,20 @@ def reference_embedding(model, image, hit) -> np.ndarray:
     return embed_faces(model, [aligned_face(image, hit)])[0]
 
 
-def facesim_cur(frames: np.ndarray, hits, ref_emb: np.ndarray, model, drop_zeros: bool = False) -> dict:
+def facesim_cur(frames: np.ndarray, hits, ref_emb: np.ndarray, model, drop_zeros: bool = False,
+                crops: dict | None = None) -> dict:
     """FaceSim-Cur of (N, H, W, 3) RGB uint8 frames given ``consisid.frame_hits`` (shared with
     FaceSim-Arc): the score, the faces counted, and per read frame the clamped cosine (None: no face).
-    ``drop_zeros``: OpenS2V-Eval's rule (clamped-to-zero frames leave the mean too)."""
+    ``drop_zeros``: OpenS2V-Eval's rule (clamped-to-zero frames leave the mean too). ``crops``: read position ->
+    its ``consisid.aligned_face`` crop when already cut (shared with the face FID)."""
     from mm_jax.metrics.consisid import aligned_face
 
     idx, hits = hits
     found = [k for k, h in enumerate(hits) if h is not None]
     per_frame = [None] * len(hits)
     if found:
-        embs = embed_faces(model, [aligned_face(frames[idx[k]], hits[k]) for k in found]).astype(np.float64)
+        cut = [crops[k] if crops is not None else aligned_face(frames[idx[k]], hits[k]) for k in found]
+        embs = embed_faces(model, cut).astype(np.float64)
         ref = np.asarray(ref_emb, np.float64)
         cos = embs @ ref / np.maximum(np.linalg.norm(embs, axis=-1) * np.linalg.norm(ref), 1e-8)
         for k, c in zip(found, cos):

@@ -9,6 +9,8 @@ Frame rules (``frame_indices``), N the number of decoded frames:
   every repeat is read, as ConsisID's ``get_facesim_fid.py`` reads them).
 * ``strided``: ``int(i * N / k)`` for i < k (ConsisID's ``get_clipscore.py``).
 * ``all``: every frame.
+* ``every``: frames ``0, k, 2k, ...`` with ``k = max(1, round(fps / count))`` (VBench's dynamic degree, count 8;
+  needs the video's fps, ``dynamic_degree.frame_interval``).
 
 ``ours`` is today's default evaluation (``mm_jax/metrics/video_eval.py``), not described here.
 """
@@ -20,19 +22,22 @@ import numpy as np
 
 CURRICULARFACE = ("needs --curricularface PATH: the .safetensors that tools/convert_weights/curricularface_save.py "
                   "writes from ConsisID's face_encoder/glint360k_curricular_face_r101_backbone.bin")
-INCEPTION = ("needs the torchvision Inception v3 port (issue 24); ConsisID's per-frame 'FID' with one activation "
+INCEPTION = ("needs --inception PATH: the .safetensors that tools/convert_weights/inception_v3.py writes from "
+             "torchvision's inception_v3_google-0cc3c7bd.pth (--out); ConsisID's per-frame 'FID' with one activation "
              "per side is the squared L2 distance of the 2048-d features")
-RAFT = "needs the RAFT port (raft-things.pth, 20 iterations, VBench's top-5% flow rule; issue 24)"
+RAFT = ("needs --raft PATH: the .safetensors that tools/convert_weights/raft.py writes from princeton-vl/RAFT's "
+        "raft-things.pth (--out); VBench's rule: 20 iterations, top-5% flow, threshold 6*min(H,W)/256")
 
 
 @dataclasses.dataclass(frozen=True)
 class FrameRule:
-    kind: str          # "linspace" | "strided" | "all"
-    count: int = 0     # frames chosen (linspace, strided)
+    kind: str          # "linspace" | "strided" | "all" | "every"
+    count: int = 0     # frames chosen (linspace, strided); target fps (every)
 
     def describe(self) -> str:
         return {"linspace": f"np.linspace(0, N-1, {self.count}, dtype=int)",
-                "strided": f"int(i*N/{self.count}) for i < {self.count}", "all": "all N frames"}[self.kind]
+                "strided": f"int(i*N/{self.count}) for i < {self.count}", "all": "all N frames",
+                "every": f"every max(1, round(fps/{self.count}))-th frame"}[self.kind]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +55,7 @@ class Protocol:
     det_size: int = 640                  # detector input (square)
     det_thresh: float = 0.5
     needs_clip: bool = False             # a CLIP checkpoint (--clip) is required
+    seed: int | None = None              # the sampling seed the published numbers used (benchmarks)
     notes: str = ""
 
     def computed(self) -> tuple[str, ...]:
@@ -65,7 +71,7 @@ class Protocol:
         return {"name": self.name, "compares_with": self.compares_with, "reference_code": self.reference_code,
                 "face_pack": self.face_pack, "det_size": self.det_size, "det_thresh": self.det_thresh,
                 "frames": {m: r.describe() for m, r in self.frames.items()},
-                "reimplemented": dict(self.reimplemented), "notes": self.notes}
+                "reimplemented": dict(self.reimplemented), "seed": self.seed, "notes": self.notes}
 
 
 PROTOCOLS = {
@@ -77,12 +83,15 @@ PROTOCOLS = {
         frames={"facesim_arc": FrameRule("linspace", 16), "facesim_cur": FrameRule("linspace", 16),
                 "face_fid": FrameRule("linspace", 16), "clipscore": FrameRule("strided", 16)},
         not_computed={"facesim_cur": CURRICULARFACE, "face_fid": INCEPTION},
-        enabled_by={"facesim_cur": "curricularface"},
+        enabled_by={"facesim_cur": "curricularface", "face_fid": "inception"},
         det_size=320, needs_clip=True,
         notes="facesim_arc: largest face (last of equal areas), else the frame padded 25% with grey 128 and "
               "retried; per frame max(cos(ref, frame), 0); frames without a face skipped; a video without any "
               "face scores 0. facesim_cur: the same faces, norm_crop(kps, 224) of the unpadded image -> RGB -> "
               "112 -> CurricularFace IR-101, max(cos, 0), mean over the frames with a face (0 without one). "
+              "face_fid: the same 224 crops (reference and each frame with a face) resized to 299 (PIL bilinear), "
+              "ToTensor, Inception v3 pooled features; with one activation per side the script's FID is the squared L2 "
+              "distance of the two feature vectors; mean over the frames with a face (0 without one). "
               "clipscore: the frames fed as BGR arrays (as their script does), prompt truncated "
               "to 77 tokens, mean over frames of logits_per_image = exp(logit_scale) * cos (100 * cos for "
               "openai/clip-vit-base-patch32), no clamp. Means over videos count every video."),
@@ -97,9 +106,9 @@ PROTOCOLS = {
                       "nexusscore": "needs YOLO-World + CLIP + GME-Qwen2-VL-7B, no port here",
                       "naturalscore": "needs the GPT-4o API (a hosted service; nothing is sent off this machine)"},
         enabled_by={"facesim_cur": "curricularface"},
-        det_size=320,
-        notes="The face rule of consisid (buffalo_l at 320, largest face, grey-pad retry, clamp, faceless frames "
-              "skipped, 0 without a face) over 32 decord linspace frames. facesim_cur (published, in percent) "
+        det_size=320, seed=42,
+        notes="Videos sampled with seed 42 (the benchmark's). The face rule of consisid (buffalo_l at 320, "
+              "largest face, grey-pad retry, clamp, faceless frames skipped, 0 without a face) over 32 decord linspace frames. facesim_cur (published, in percent) "
               "drops zero scores from the mean; facesim_arc keeps them (the script's zero check tests the list, "
               "`arc_scores != 0.0`); not published on the leaderboard. A reference without a face is an error "
               "here (exit 2); the script skips that video."),
@@ -108,14 +117,19 @@ PROTOCOLS = {
         compares_with="Magic Mirror (arXiv 2501.03931v2) Table 1",
         reference_code="VBench vbench/dynamic_degree.py (dynamic degree); FM_ref/FM_inter have no published code",
         metrics=("dynamic_degree", "fm_ref", "fm_inter"),
-        frames={"dynamic_degree": FrameRule("all"), "fm_ref": FrameRule("all"), "fm_inter": FrameRule("all")},
+        frames={"dynamic_degree": FrameRule("every", 8), "fm_ref": FrameRule("all"), "fm_inter": FrameRule("all")},
         not_computed={"dynamic_degree": RAFT},
+        enabled_by={"dynamic_degree": "raft"},
         reimplemented={m: "re-implementation: the paper describes FM_ref/FM_inter without code or normalization; "
                           "ours (mm_jax/metrics/face_metrics.py) normalizes by the inter-ocular distance, so the "
                           "scale may differ from the published numbers" for m in ("fm_ref", "fm_inter")},
         det_size=640,
-        notes="dynamic_degree reads every round(fps/8)-th frame (VBench); not computed yet. fm_ref/fm_inter over "
-              "all frames with a face, as `--protocol ours` computes them."),
+        notes="dynamic_degree (VBench): frames 0, k, 2k, ... with k = max(1, round(fps/8)) (fps from the mp4, else "
+              "--fps), padded to multiples of 8 by edge replication, RAFT raft-things 20 iterations per consecutive "
+              "pair, pair score = mean of the top 5% flow magnitudes; a video is dynamic when at least round(4n/16) "
+              "pair scores (n kept frames) exceed 6*min(H,W)/256; per video 1.0 (dynamic) or 0.0, the mean over videos "
+              "is the published fraction. fm_ref/fm_inter over all frames with a face, as `--protocol ours` computes "
+              "them."),
 }
 
 NAMES = ("ours",) + tuple(PROTOCOLS)
@@ -137,4 +151,6 @@ def frame_indices(rule: FrameRule, n: int) -> np.ndarray:
         return np.array([int(i * n / rule.count) for i in range(rule.count)], dtype=int)
     if rule.kind == "all":
         return np.arange(n)
+    if rule.kind == "every":
+        raise ValueError("frame rule 'every' depends on the video's fps: use dynamic_degree.frame_interval")
     raise ValueError(f"frame rule {rule.kind!r}: allowed 'linspace', 'strided', 'all'")

@@ -14,7 +14,8 @@ from mm_jax.metrics.pairing import Pair
 ABSENT = {
     "clip_text_alignment": "not computed: pass --clip DIR (a CLIP model converted with "
                            "tools/convert_weights/from_torch.py --components clip) and prompts",
-    "dynamic_degree": "not computed: it needs a RAFT optical-flow model, which no installed package provides",
+    "dynamic_degree": "not computed by --protocol ours: use --protocol magicmirror --raft PATH (VBench's rule on "
+                      "the RAFT port)",
 }
 NO_PROMPT = "not computed for this video: it has no prompt (--prompts or the manifest's prompt)"
 

@@ -1,0 +1,100 @@
+"""``--protocol magicmirror --raft``: VBench's dynamic degree from the CLI equals VBench's rule (``VBenchRule``,
+restated from ``vbench/dynamic_degree.py`` in ``tests/test_raft_dynamic_degree.py``) applied by hand to the flows
+of the same RAFT (a tiny random config, saved as ``tools/convert_weights/raft.py --out`` saves it; the port's
+equality with torch at the release sizes is ``tests/test_raft.py``). Two videos of a bright square moving 4 px per
+frame over a fixed background: an mp4 at 24 fps (its own rate: every 3rd of 13 frames kept, 5 kept, 1 pair needed)
+and a .npy of 3 frames at ``--fps 30`` (every 4th frame: one kept frame, no pair, never dynamic)."""
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from mm_jax import evaluate
+from mm_jax.demo.standin_faces import face_image, make_pack
+from mm_jax.metrics import dynamic_degree as dd
+from mm_jax.models.raft import RAFT, RAFTConfig
+from mm_jax.video_io import read_video, write_frames
+from tests.test_raft_dynamic_degree import VBenchRule
+
+pytestmark = pytest.mark.slow  # ~40 s on a quiet 2-core host: two RAFT compiles (CLI and the hand rule)
+
+TINY = RAFTConfig(stem_channels=8, layer_channels=(8, 8, 16), feature_dim=16, hidden_dim=8, context_dim=8,
+                  corr_levels=2, corr_radius=1, corr_channels=(8, 8), flow_channels=(8, 8), motion_dim=8,
+                  flow_head_dim=8, mask_dim=8)
+
+
+def _moving(n):
+    return np.stack([face_image(at=(96, 140 + 4 * i), seed=0) for i in range(n)])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mm")
+    pack = make_pack(root / "pack" / "buffalo_l")
+    (root / "videos").mkdir(), (root / "refs").mkdir()
+    write_frames(root / "videos" / "walk.mp4", _moving(13).astype(np.float32) / 255.0, fps=24)
+    np.save(root / "videos" / "blink.npy", _moving(3).astype(np.float32) / 255.0)
+    for name in ("walk", "blink"):
+        iio.imwrite(root / "refs" / f"{name}.png", face_image(at=(96, 160)))
+    model = RAFT(TINY, rngs=nnx.Rngs(0))
+    dd.save_raft(model, root / "raft.safetensors")
+    argv = ["--protocol", "magicmirror", "--videos", str(root / "videos"), "--refs", str(root / "refs"),
+            "--face-models", str(pack), "--out", str(root / "r.json"), "--quiet", "--raft",
+            str(root / "raft.safetensors"), "--fps", "30", "--compare", "published"]
+    rc = evaluate.main(argv)
+    return dict(rc=rc, rep=json.loads((root / "r.json").read_text()), root=root, model=model, argv=argv)
+
+
+def _vbench_by_hand(frames, fps, model):
+    """VBench's DynamicDegree on ``frames`` with ``model``'s flow: (verdict, pair scores, threshold, needed)."""
+    step = nnx.jit(lambda m, a, b: m(a, b, 20)[1])
+    kept = [torch.from_numpy(frames[i].astype(np.float32)).permute(2, 0, 1)[None]
+            for i in VBenchRule.kept(len(frames), fps)]
+    thres, needed = VBenchRule.params(kept[0], len(kept))
+    scores = []
+    for a, b in zip(kept[:-1], kept[1:]):
+        a, b = (VBenchRule.pad(x).permute(0, 2, 3, 1).numpy() for x in (a, b))
+        flow = np.asarray(step(model, a, b))
+        scores.append(VBenchRule.get_score(torch.from_numpy(flow).permute(0, 3, 1, 2)))
+    return VBenchRule.check_move(scores, thres, needed), scores, thres, needed
+
+
+def test_dynamic_degree_from_the_cli_equals_vbenchs_rule_by_hand(run):
+    assert run["rc"] == 0
+    rep = run["rep"]
+    by_name = {v["name"]: v for v in rep["videos"]}
+    walk, blink = by_name["walk"], by_name["blink"]
+    assert (walk["fps"], walk["fps_source"], blink["fps"], blink["fps_source"]) == (24.0, "mp4", 30.0, "--fps")
+    assert walk["dynamic_frames"] == [0, 3, 6, 9, 12] and blink["dynamic_frames"] == [0]
+    frames = read_video(run["root"] / "videos" / "walk.mp4")
+    verdict, scores, thres, needed = _vbench_by_hand(frames, 24.0, run["model"])
+    assert (walk["dynamic_threshold"], walk["dynamic_needed"]) == (thres, needed) == (6.0 * 240 / 256, 1)
+    err = max(abs(a - b) / abs(b) for a, b in zip(walk["dynamic_scores"], scores))
+    assert len(walk["dynamic_scores"]) == 4 and err <= 1e-5
+    assert walk["dynamic"] is verdict is True and walk["dynamic_degree"] == 1.0
+    assert blink["dynamic"] is False and blink["dynamic_scores"] == [] and blink["dynamic_degree"] == 0.0
+    assert rep["mean"]["dynamic_degree"] == 0.5 and rep["not_computed"] == {}
+    assert rep["compare"]["rows"][-1]["dynamic_degree"] == 0.5 and "2501.03931v2" in rep["protocol"]["compares_with"]
+    assert walk["fm_inter"] is not None and set(rep["protocol"]["reimplemented"]) == {"fm_ref", "fm_inter"}
+    print("dynamic_degree pair scores", walk["dynamic_scores"], "threshold", thres, "max rel err", err)
+
+
+def test_bad_raft_inputs_exit_2_before_any_work_naming_them(run, tmp_path, capsys):
+    argv, root = list(run["argv"]), run["root"]
+    argv[argv.index("--out") + 1] = str(tmp_path / "r.json")
+    missing = argv.copy()
+    missing[missing.index("--raft") + 1] = str(tmp_path / "raft.safetensors")
+    assert evaluate.main(missing) == 2
+    assert f"--raft {tmp_path / 'raft.safetensors'}: no such file" in capsys.readouterr().err
+    (tmp_path / "raft-things.pth").write_bytes(b"")  # the published torch file: convert it first
+    pth = argv.copy()
+    pth[pth.index("--raft") + 1] = str(tmp_path / "raft-things.pth")
+    assert evaluate.main(pth) == 2
+    assert "tools/convert_weights/raft.py raft-things.pth --out" in capsys.readouterr().err
+    no_fps = argv[:argv.index("--fps")] + argv[argv.index("--fps") + 2:]
+    assert evaluate.main(no_fps) == 2
+    assert f"video {root / 'videos' / 'blink.npy'}: no frame rate" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
