@@ -71,9 +71,10 @@ PIPELINE_FACE_FOLDER = "face_encoder"
 
 
 def check_pipeline_folder(src: str | Path) -> Path | None:
-    """For ConsisID's published folder (``model_index.json`` names ``ConsisIDPipeline``): its
-    ``face_encoder/``, checked to hold every file ``FaceEncoder`` reads (``FileNotFoundError`` naming
-    each missing one); ``None`` for any other folder. The converter calls this before writing."""
+    """For ConsisID's published folder (``model_index.json`` names ``ConsisIDPipeline``) that has a
+    ``face_encoder/``: that folder, checked to hold every file ``FaceEncoder`` reads
+    (``FileNotFoundError`` naming each missing one); ``None`` for any other folder, or one without
+    ``face_encoder/`` (its face files may live elsewhere). The converter calls this before writing."""
     import json
 
     src = Path(src)
@@ -82,7 +83,7 @@ def check_pipeline_folder(src: str | Path) -> Path | None:
         cls = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
     except (json.JSONDecodeError, AttributeError):
         return None  # the converter names a bad index itself
-    if cls != "ConsisIDPipeline":
+    if cls != "ConsisIDPipeline" or not (src / PIPELINE_FACE_FOLDER).exists():
         return None
     return check_folder(src / PIPELINE_FACE_FOLDER, flag=f"--src {src} (a ConsisIDPipeline folder):")
 

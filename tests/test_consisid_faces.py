@@ -182,8 +182,10 @@ def test_converter_refuses_a_consisid_folder_whose_face_encoder_lacks_files(tmp_
     from tools.convert_weights import from_torch
 
     src = tmp_path / "ConsisID-preview"
-    (src / "face_encoder").mkdir(parents=True)
+    src.mkdir()
     (src / "model_index.json").write_text(json.dumps({"_class_name": "ConsisIDPipeline"}))
+    assert from_torch.main(["--src", str(src), "--dst", str(tmp_path / "no_faces")]) == 0  # face files elsewhere
+    (src / "face_encoder").mkdir()
     (src / "face_encoder" / FILES["eva_clip"]).write_bytes(b"")
     assert from_torch.main(["--src", str(src), "--dst", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
