@@ -15,6 +15,12 @@ references and prompts; the report is ``OUT/report.json`` / ``report.csv`` / ``p
 videos that exist (``OUT/evaluated.jsonl``): a prompt that failed to sample (named by the sampler)
 leaves the others scored, and the exit code is 1.
 ``--dry-run`` writes the manifest and the prompts file and prints the sample command.
+
+``--benchmark opens2v DIR`` takes the prompts and references from a published benchmark folder instead
+(``mm_jax/metrics/benchmarks.py``: OpenS2V-Eval's Human-Domain cases, no ``--refs``/``--prompts``): video
+``OUT/videos/<case id>.mp4`` per case, sampled with the benchmark's seed (42; a ``--seed`` after ``--`` is
+refused), then ``python -m mm_jax.evaluate --benchmark opens2v DIR --videos OUT/videos`` (the opens2v protocol;
+``--curricularface`` computes its FaceSim-Cur) writes ``OUT/report.json``.
 """
 from __future__ import annotations
 
@@ -36,9 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--adapter", required=True)
     ap.add_argument("--face-models", required=True)
-    ap.add_argument("--refs", required=True, help="a reference photo, or a folder of them")
+    ap.add_argument("--refs", help="a reference photo, or a folder of them (not with --benchmark)")
+    ap.add_argument("--benchmark", nargs=2, metavar=("NAME", "DIR"),
+                    help="a published benchmark folder (opens2v: BestWishYsh/OpenS2V-Eval) instead of --prompts/--refs")
+    ap.add_argument("--curricularface", metavar="PATH.safetensors",
+                    help="with --benchmark opens2v: CurricularFace IR-101 for its FaceSim-Cur (see mm_jax.evaluate)")
     ap.add_argument("--out-dir", required=True)
-    ap.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help='JSONL of {"id", "prompt", "class_word"}')
+    ap.add_argument("--prompts", default=None, help='JSONL of {"id", "prompt", "class_word"} '
+                                                   f"(default {DEFAULT_PROMPTS.relative_to(DEFAULT_PROMPTS.parents[2])})")
     ap.add_argument("--clip", help="mm_jax 'clip' checkpoint: also report CLIP text alignment (see mm_jax.evaluate)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     ap.add_argument("--all-refs", action="store_true", help="every prompt with every reference")
@@ -55,31 +66,70 @@ def plan(prompts: dict[str, str], refs: list[Path], out: Path, all_refs: bool) -
     return jobs
 
 
+def plan_benchmark(name: str, root: Path, limit: int | None = None) -> tuple[list[dict], int]:
+    """Manifest entries {"video", "ref", "prompt", "seed"} for a benchmark's cases, and its seed."""
+    from mm_jax.metrics import benchmarks, protocols
+
+    seed = protocols.get(name).seed
+    cases = benchmarks.cases(name, root)[:limit]
+    return [{"video": f"videos/{c.id}.mp4", "ref": str(c.ref.resolve()), "prompt": c.prompt, "seed": seed}
+            for c in cases], seed
+
+
+def _benchmark(args, extra) -> tuple[list[dict], list[str]]:
+    """(jobs, evaluate arguments) for --benchmark; ValueError / FileNotFoundError on bad input."""
+    if args.refs or args.prompts or args.all_refs:
+        raise ValueError(f"--benchmark {' '.join(args.benchmark)} brings its own references and prompts: "
+                         "leave out --refs, --prompts and --all-refs")
+    if "--seed" in extra:
+        raise ValueError(f"--benchmark {args.benchmark[0]}: the published numbers use the benchmark's seed; "
+                         "leave --seed out of the sample options")
+    jobs, _ = plan_benchmark(args.benchmark[0], Path(args.benchmark[1]), args.limit)
+    out = Path(args.out_dir)
+    ev = ["--benchmark", *args.benchmark, "--videos", str(out / "videos"), "--face-models", args.face_models,
+          "--out", str(out / "report.json"), *(["--curricularface", args.curricularface] if args.curricularface
+                                               else [])]
+    return jobs, ev
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     from mm_jax import evaluate, sample
 
-    refs_path = Path(args.refs)
-    refs = (sorted(p for p in refs_path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if refs_path.is_dir()
-            else [refs_path] if refs_path.is_file() else [])
-    if not refs:
-        print(f"error: --refs {refs_path}: no reference images ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
-        return 2
-    try:
-        prompts = read_prompts(Path(args.prompts))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    prompts = dict(list(prompts.items())[:args.limit]) if args.limit else prompts
+    if args.benchmark:
+        try:
+            jobs, eval_args = _benchmark(args, extra)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    else:
+        refs_path = Path(args.refs) if args.refs else None
+        refs = ([] if refs_path is None else
+                sorted(p for p in refs_path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if refs_path.is_dir()
+                else [refs_path] if refs_path.is_file() else [])
+        if not refs:
+            print(f"error: --refs {refs_path}: no reference images ({', '.join(IMAGE_SUFFIXES)})" if refs_path else
+                  "error: give --refs (a photo or a folder of them) or --benchmark NAME DIR", file=sys.stderr)
+            return 2
+        try:
+            prompts = read_prompts(Path(args.prompts or DEFAULT_PROMPTS))
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        prompts = dict(list(prompts.items())[:args.limit]) if args.limit else prompts
+        out = Path(args.out_dir)
+        jobs = plan(prompts, refs, out, args.all_refs)
+        eval_args = ["--manifest", str(out / "evaluated.jsonl"), "--face-models", args.face_models,
+                     "--out", str(out / "report.json"), "--csv", str(out / "report.csv"),
+                     "--plots", str(out / "plots"), *(["--clip", args.clip] if args.clip else [])]
     out = Path(args.out_dir)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     (out / "ids").mkdir(exist_ok=True)
-    jobs = plan(prompts, refs, out, args.all_refs)
     (out / "manifest.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
-    todo = [{"prompt": j["prompt"], "out": str(out / j["video"]), "ref": j["ref"]} for j in jobs
-            if not (out / j["video"]).exists()]
+    todo = [{"prompt": j["prompt"], "out": str(out / j["video"]), "ref": j["ref"]}
+            | ({"seed": j["seed"]} if "seed" in j else {}) for j in jobs if not (out / j["video"]).exists()]
     (out / "todo.jsonl").write_text("".join(json.dumps(t) + "\n" for t in todo))
     cmd = ["--checkpoint", args.checkpoint, "--adapter", args.adapter, "--face-models", args.face_models,
            "--prompts", str(out / "todo.jsonl"), *extra]
@@ -97,9 +147,7 @@ def main(argv=None) -> int:
     if len(done) < len(jobs):
         print(f"evaluating the {len(done)} of {len(jobs)} videos that were sampled", file=sys.stderr)
     (out / "evaluated.jsonl").write_text("".join(json.dumps(j) + "\n" for j in done))
-    rc_eval = evaluate.main(["--manifest", str(out / "evaluated.jsonl"), "--face-models", args.face_models,
-                             "--out", str(out / "report.json"), "--csv", str(out / "report.csv"),
-                             "--plots", str(out / "plots"), *(["--clip", args.clip] if args.clip else [])])
+    rc_eval = evaluate.main(eval_args)
     return rc_eval or rc
 
 

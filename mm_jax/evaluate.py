@@ -20,7 +20,8 @@ local insightface pack) over every frame, and reports per video and averaged ove
 evaluation script does (``mm_jax/metrics/protocols.py``; metrics whose weights are not given
 (``--curricularface`` for facesim_cur, ``--inception`` for face_fid, ``--raft`` for dynamic_degree) or whose
 model has no port are null with the reason), and ``--compare published`` prints the published rows beside the
-means.
+means. ``--benchmark opens2v DIR`` pairs the videos with OpenS2V-Eval's references and prompts
+(``mm_jax/metrics/benchmarks.py``).
 
 Exact definitions: ``mm_jax/metrics/face_metrics.py`` and ``mm_jax/metrics/text_alignment.py``.
 Metrics not computed (no ``--clip``; dynamic degree, which ``--protocol magicmirror --raft`` computes) are
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fps", type=float, default=None,
                     help="frame rate of videos that carry none (.npy, .gif, folders of frames) for dynamic_degree; "
                          "an mp4's own rate is used")
+    ap.add_argument("--benchmark", nargs=2, metavar=("NAME", "DIR"),
+                    help="a published benchmark folder in its own layout (opens2v: BestWishYsh/OpenS2V-Eval with "
+                         "Human-Domain_Eval.json): pairs the --videos named <case id> with its references and "
+                         "prompts instead of --refs; sets --protocol NAME")
     ap.add_argument("--protocol", default=None, choices=NAMES,
                     help="whose metrics: ours (the default), or a peer's published protocol (mm_jax/metrics/protocols.py)")
     ap.add_argument("--compare", choices=("published",),
@@ -83,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _pairs(args):
     from mm_jax.metrics import pairing
 
+    if args.benchmark:
+        from mm_jax.metrics import benchmarks
+
+        if args.manifest or args.refs or args.prompts:
+            raise ValueError(f"--benchmark {' '.join(args.benchmark)} pairs videos with its own references and "
+                             "prompts: leave out --manifest, --refs and --prompts")
+        if not args.videos:
+            raise ValueError("--benchmark NAME DIR needs --videos DIR (the generated videos, named <case id>.mp4)")
+        return benchmarks.pairs(args.benchmark[0], args.benchmark[1], Path(args.videos))
     prompts = pairing.read_prompts(Path(args.prompts)) if args.prompts else None
     if args.manifest:
         return pairing.pair_by_manifest(Path(args.manifest), args.videos and Path(args.videos),
@@ -94,6 +108,14 @@ def _pairs(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.benchmark:
+        from mm_jax.metrics.benchmarks import NAMES as BENCHMARKS
+
+        if args.benchmark[0] not in BENCHMARKS or args.protocol not in (None, args.benchmark[0]):
+            print(f"error: --benchmark {args.benchmark[0]}: known benchmarks are {list(BENCHMARKS)}, each "
+                  f"evaluated with its own protocol (not --protocol {args.protocol})", file=sys.stderr)
+            return 2
+        args.protocol = args.benchmark[0]
     args.protocol = args.protocol or "ours"
     if args.protocol != "ours":
         from mm_jax.metrics import protocol_eval

@@ -211,6 +211,8 @@ def run(args, pairs_fn) -> int:
     mean = face_metrics.mean_over_videos(rows, proto.metrics)
     settings = {k: getattr(args, k) for k in ("videos", "refs", "manifest", "prompts", "face_models", "clip",
                                               "curricularface", "inception", "raft", "fps", "batch_size")}
+    if args.benchmark:
+        settings["benchmark"] = {"name": args.benchmark[0], "dir": args.benchmark[1], "seed": proto.seed}
     settings["seconds"] = round(time.time() - t0, 2)
     rep = report.build_report(rows, mean, dict(not_computed), protocols.__doc__, settings)
     rep |= {"protocol": proto.describe(), "not_computed": dict(not_computed)}
