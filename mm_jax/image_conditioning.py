@@ -100,10 +100,16 @@ def encode_fn():
     return jax.jit(image_latents, static_argnums=3)
 
 
+def with_image(x, image_latents):
+    """The DiT input of an image-conditioned step: x (V or 2V, F, h, w, C) ++ the image latents
+    (V, F, h, w, C) on channels, the latents repeated for the CFG pair as x is."""
+    img = image_latents.astype(x.dtype)
+    if x.shape[0] != img.shape[0]:  # the CFG pair: the same image latents for both halves
+        img = jnp.concatenate([img] * (x.shape[0] // img.shape[0]), axis=0)
+    return jnp.concatenate([x, img], axis=-1)
+
+
 def model_fn(dit, x, text_emb, t, extras):
     """The DiT of an I2V step (``denoising.denoise``'s ``model_fn``): ``extras`` holds the image
     latents (V, F, h, w, C) of the V videos; x is (V or 2V, F, h, w, C), [x, x] with CFG."""
-    img = extras.astype(x.dtype)
-    if x.shape[0] != img.shape[0]:  # the CFG pair: the same image latents for both halves
-        img = jnp.concatenate([img] * (x.shape[0] // img.shape[0]), axis=0)
-    return dit(jnp.concatenate([x, img], axis=-1), text_emb, t)
+    return dit(with_image(x, extras), text_emb, t)

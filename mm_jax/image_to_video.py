@@ -38,11 +38,21 @@ def check(ckpt_dir: str | Path, settings: SampleSettings, image, *, latents: np.
           noise: np.ndarray | None = None) -> ImageInput:
     """Every check that needs no model -> the ``ImageInput``; ``FileNotFoundError`` / ``ValueError``
     naming what is wrong: the checkpoint (complete, and image-to-video), the settings against its
-    VAE and DiT (the learned positional table fixes the latent height and width), the image,
-    the initial latents' and the posterior noise's shapes."""
+    VAE and DiT (``check_conditioned``), the image."""
     pipeline.check_checkpoint(ckpt_dir)
-    vae_cfg = checkpoint.load_config(ckpt_dir, "vae")
-    dit_cfg = checkpoint.load_config(ckpt_dir, "transformer")
+    check_conditioned(ckpt_dir, checkpoint.load_config(ckpt_dir, "transformer"), checkpoint.load_config(ckpt_dir, "vae"),
+                      settings, latents=latents, noise=noise)
+    pixels = ic.load_image(image, settings.height, settings.width)
+    return ImageInput(pixels, None if noise is None else np.asarray(noise, np.float32),
+                      str(image) if isinstance(image, (str, Path)) else None)
+
+
+def check_conditioned(ckpt_dir: str | Path, dit_cfg, vae_cfg, settings: SampleSettings, *,
+                      latents: np.ndarray | None = None, noise: np.ndarray | None = None) -> None:
+    """The checks of a first-frame-conditioned run (CogVideoX-5B-I2V, ConsisID) against its DiT and
+    VAE configs; ``ValueError`` naming what is wrong: the DiT must take 2 x the VAE's latent channels,
+    the settings must fit the VAE and DiT (the learned positional table fixes the latent height and
+    width), the initial latents and the posterior noise must have their shapes."""
     if ic.kind(dit_cfg, vae_cfg) != "i2v":
         raise ValueError(f"checkpoint {ckpt_dir} is text-to-video (transformer in_channels {dit_cfg.in_channels} = "
                          "the VAE's latent channels); an image needs an image-to-video checkpoint (CogVideoX-5B-I2V)")
@@ -59,9 +69,6 @@ def check(ckpt_dir: str | Path, settings: SampleSettings, image, *, latents: np.
     if noise is not None and tuple(np.shape(noise)) != ic.noise_shape(settings, vae_cfg):
         raise ValueError(f"image noise has shape {tuple(np.shape(noise))}; these settings need "
                          f"{ic.noise_shape(settings, vae_cfg)} (1, 1, height/8, width/8, latent channels)")
-    pixels = ic.load_image(image, settings.height, settings.width)
-    return ImageInput(pixels, None if noise is None else np.asarray(noise, np.float32),
-                      str(image) if isinstance(image, (str, Path)) else None)
 
 
 def generate(ckpt_dir: str | Path, settings: SampleSettings, image: ImageInput, *,

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mm_jax.sample_inputs import jsonl_lines as _lines, load_npy as _npy, sampling_mesh
+
 
 def build_parser() -> argparse.ArgumentParser:
     from mm_jax import frame_counts
@@ -111,24 +113,6 @@ def _info(args) -> int:
     print(f"adapter ({'from ' + args.adapter if args.adapter else 'default config for this DiT'}): {n:,} params "
           f"(+{100 * n / dit_n:.1f}%), in blocks {list(ad_cfg.adapter_layers)}")
     return 0
-
-
-def _lines(path: str):
-    """(line number, dict) for each non-empty line of a JSONL file; a line that is not a JSON object
-    gives (number, error message)."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ValueError(f"--prompts {path}: cannot read ({e})") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield n, f"not JSON ({e})"
-            continue
-        yield n, (d if isinstance(d, dict) else "not a JSON object")
 
 
 def _check_identity(args, adapter_cfg, dit_cfg, tokenizer, prompt: str, max_length: int, *, ref=None, id_file=None,
@@ -269,9 +253,7 @@ def _check(args):
     """Every input check that needs no model: flags, settings against the checkpoint, initial
     latents, the mesh, identity files and the reference's face. Raises ``ValueError`` /
     ``FileNotFoundError`` naming what is wrong; places nothing on the devices, writes nothing."""
-    import jax
-
-    from mm_jax import parallel, pipeline, video_io
+    from mm_jax import pipeline, video_io
 
     for flag in ("prompt", "out"):
         if not getattr(args, flag) and not args.prompts:
@@ -318,10 +300,7 @@ def _check(args):
     else:
         pipeline.check_requests(args.checkpoint, [request])  # against the checkpoint's VAE and DiT
     rows = 2 if args.prompts or args.guidance > 1 else 1  # the DiT batch of one call: a CFG pair, or videos
-    shape = args.mesh
-    if not shape and not args.mesh_dcn:
-        shape = parallel.sampling_mesh_shape(len(jax.devices()), parallel.device_memory_bytes(), rows)
-    mesh = parallel.make_mesh(shape, dcn=args.mesh_dcn)
+    mesh = sampling_mesh(args.mesh, args.mesh_dcn, rows)
     dtype = args.dtype or pipeline.default_dtype()
     scheme = pipeline.attention_scheme(args.checkpoint, mesh, args.attention_parallelism)
     checked, faces = (None, None), None
@@ -335,13 +314,6 @@ def _check(args):
                                   settings.max_sequence_length, ref=args.ref, id_file=args.id,
                                   embedder=faces.get() if args.ref else None)
     return request, mesh, dtype, scheme, checked, faces, image
-
-
-def _npy(path: str, flag: str) -> np.ndarray:
-    try:
-        return np.load(path)
-    except Exception as e:  # unreadable / not an .npy
-        raise ValueError(f"{flag} {path}: cannot read ({e})") from None
 
 
 def main(argv=None) -> int:
