@@ -84,8 +84,14 @@ def _analytic_denoise_flops(b=2, text=16, frames=3, h=8, w=8, face=4, adapter_bl
     return float(f)
 
 
-def test_denoise_flops_are_within_5_percent_of_the_analytic_count_with_the_splash_kernel_counted():
-    p = plan_tiny("v5e-1")
+@pytest.fixture(scope="module")
+def denoise_v5e_1():
+    """The tiny denoising step planned for one v5e chip, compiled once for the two tests that read it."""
+    return plan_tiny("v5e-1")
+
+
+def test_denoise_flops_are_within_5_percent_of_the_analytic_count_with_the_splash_kernel_counted(denoise_v5e_1):
+    p = denoise_v5e_1
     c = p.phases[0].compiled
     assert c is not None, p.phases[0].error
     want = _analytic_denoise_flops()
@@ -96,8 +102,8 @@ def test_denoise_flops_are_within_5_percent_of_the_analytic_count_with_the_splas
     assert c.xla_flops < want  # XLA alone misses the attention
 
 
-def test_the_identity_step_compiles_with_splash_on_a_2x2_mesh_with_tensor_2_and_splits_its_work():
-    one, four = plan_tiny("v5e-1"), plan_tiny("v5e-4", mesh="fsdp=2,tensor=2")
+def test_the_identity_step_compiles_with_splash_on_a_2x2_mesh_with_tensor_2_and_splits_its_work(denoise_v5e_1):
+    one, four = denoise_v5e_1, plan_tiny("v5e-4", mesh="fsdp=2,tensor=2")
     c1, c4 = one.phases[0].compiled, four.phases[0].compiled
     assert c4 is not None, four.phases[0].error
     # each device's kernel call (inside attention_parallel's shard_map) takes its shard:
