@@ -109,3 +109,21 @@ def test_bad_raft_inputs_exit_2_before_any_work_naming_them(run, tmp_path, capsy
     assert evaluate.main(no_fps) == 2
     assert f"video {root / 'videos' / 'blink.npy'}: no frame rate" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_raft_converter_out_file_is_what_raft_reads(tmp_path):
+    """``tools/convert_weights/raft.py raft-things.pth --out`` on a release-size state dict saved as the published
+    file is (``module.`` prefixes, BN counters, the norm3 twins) gives the file ``--raft`` loads: every tensor equal."""
+    from mm_jax.metrics import torch_named
+    from tests.test_raft import torch_model
+    from tools.convert_weights import raft as conv
+
+    sd = {f"module.{k}": v for k, v in torch_model().state_dict().items()}
+    torch.save(sd, tmp_path / "raft-things.pth")
+    assert conv.main([str(tmp_path / "raft-things.pth"), "--out", str(tmp_path / "raft.safetensors")]) == 0
+    ours = torch_named.tensors_of(dd.load_raft(tmp_path / "raft.safetensors"), dd.DROP_PARTS)
+    want = {k[len("module."):]: v.numpy() for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    twins = {k for k in want if ".norm3." in k and k.replace(".norm3.", ".downsample.1.") in want}
+    assert twins and set(ours) == set(want) - twins and len(ours) == len(conv.expected_keys(dd.load_raft(
+        tmp_path / "raft.safetensors")))
+    assert all(np.array_equal(ours[k], want[k]) for k in ours)
