@@ -345,6 +345,7 @@ def test_a_face_found_after_the_pad_has_its_landmarks_in_the_original_pixels(run
     assert not direct.padded and np.abs(direct.kps.mean(axis=0) - [FACE[1], FACE[0]]).max() < 6
 
 
+@pytest.mark.slow  # an Inception v3 compile of its own: ~75 s on a busy 2-core host
 def test_face_fid_equals_face_fid_py_on_their_crops_through_the_converters_model(run):
     """face_fid from the CLI (our loader of the converter's file, crops shared with FaceSim-Cur) equals
     ``face_fid.frame_fids`` (checked against torchvision and ConsisID's script in tests/torch_refs) on the crops of
