@@ -6,6 +6,9 @@ id.npz`` saved earlier with ``--save-id``); the prompt must name the subject wit
 Image to video (a CogVideoX-5B-I2V checkpoint): ``--image first_frame.png`` (``mm_jax.image_to_video``);
 ``--image-noise`` gives the VAE posterior sample's draw as ``--latents`` gives the initial noise.
 
+ConsisID (its released weights): ``--model consisid --ref face.jpg --face-models DIR`` or ``--id id.npz``
+(``mm_jax.sample_consisid``).
+
 Prints the settings and the seed, shows a progress bar over denoising steps, and writes the
 frames (.mp4, .gif, .npy of floats in [0, 1], or a folder of PNGs) with a ``<out>.json`` sidecar
 of the settings. Bad input (frame count, sizes, a checkpoint missing a component, initial
@@ -45,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mm_jax.sample", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="mm_jax checkpoint folder (from_torch.py --components all)")
+    ap.add_argument("--model", choices=("cogvideox", "consisid"), default="cogvideox",
+                    help="consisid: a ConsisID checkpoint with --ref/--id (mm_jax.sample_consisid)")
     ap.add_argument("--prompt", help="what happens; with --ref it must contain a class word (man, woman, ...)")
     ap.add_argument("--out", help="output: .mp4, .gif, .npy (float frames (F,H,W,3)) or a folder for PNGs")
     ap.add_argument("--negative-prompt", default="")
@@ -85,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     idg = ap.add_argument_group("identity (Magic Mirror)")
     idg.add_argument("--adapter", help="mm_jax checkpoint folder with the 'adapter' (and optionally 'image_encoder') component")
     idg.add_argument("--ref", help="reference photo of the person")
-    idg.add_argument("--face-models", help="local insightface model pack folder (SCRFD detector + ArcFace)")
+    idg.add_argument("--face-models", help="local insightface model pack folder (SCRFD detector + ArcFace); "
+                                           "with --model consisid: ConsisID's face_encoder/ folder")
     idg.add_argument("--save-id", help="write the reference's embeddings to this .npz for reuse")
     idg.add_argument("--id", help="reuse embeddings saved with --save-id instead of --ref")
     ig = ap.add_argument_group("image to video (CogVideoX-5B-I2V)")
@@ -253,8 +259,11 @@ def _check(args):
     """Every input check that needs no model: flags, settings against the checkpoint, initial
     latents, the mesh, identity files and the reference's face. Raises ``ValueError`` /
     ``FileNotFoundError`` naming what is wrong; places nothing on the devices, writes nothing."""
-    from mm_jax import pipeline, video_io
+    from mm_jax import consisid_pipeline, pipeline, video_io
 
+    if consisid_pipeline.is_consisid(args.checkpoint):
+        raise ValueError(f"checkpoint {args.checkpoint} is ConsisID ({consisid_pipeline.TRANSFORMER}): sample it with "
+                         "--model consisid and --ref/--id")
     for flag in ("prompt", "out"):
         if not getattr(args, flag) and not args.prompts:
             raise ValueError(f"--{flag} is required (or --prompts FILE)")
@@ -327,6 +336,10 @@ def main(argv=None) -> int:
     except ValueError as e:  # a launcher variable set wrong
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.REFUSED
+    if args.model == "consisid":  # ConsisID's half of the CLI
+        from mm_jax import sample_consisid
+
+        return sample_consisid.run(args)
     if args.info:
         return _info(args)
     try:
