@@ -149,16 +149,27 @@ class FaceEncoder:
             self._eva = parallel.shard_module(tower, self.mesh or parallel.make_mesh())
         return self._eva
 
+    def _antelope(self, rgb: np.ndarray, label: str) -> np.ndarray | None:
+        """The raw glintr100 embedding of antelopev2's largest face, None when it finds none. Ties in
+        area go as in ``FaceAnalysis.get`` + ``sorted(..., key=area)[-1]``: the last in detection order."""
+        bgr = np.ascontiguousarray(rgb[..., ::-1])
+        boxes, kps = self.faces.detect(bgr)
+        if len(boxes) == 0:
+            return None
+        areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
+        i = sorted(range(len(boxes)), key=lambda j: areas[j])[-1]
+        if len(boxes) > 1:
+            warnings.warn(f"{len(boxes)} faces found in {label} by antelopev2; using the largest", stacklevel=3)
+        return self.faces.embed_crops([self.faces.align(bgr, kps[i], self.faces.models.rec_size)])[0]
+
     def analyze(self, ref) -> PreparedFace:
         """Steps 1-4 of the module docstring for ``ref`` (an image path or an RGB uint8 array)."""
         import cv2
 
         rgb, label = read_photo(ref)
         rgb = cf.resize_long_side(rgb, cf.MAX_LONG_SIDE)
-        try:
-            antelope, found = self.faces.analyze(rgb, name=label).embedding, True
-        except NoFaceError:
-            antelope, found = None, False
+        antelope = self._antelope(rgb, label)
+        found = antelope is not None
         detector, parser = self._nets()
         try:
             face = cf.prepare_face(detector, parser, rgb)
