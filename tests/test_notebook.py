@@ -42,12 +42,15 @@ def test_committed_notebook_has_a_parameters_cell_first_and_no_outputs():
 
 
 @pytest.mark.slow  # ~1-2 min each on 2 CPU cores: kernel start, tiny checkpoint, compiling the step and the VAE
-@pytest.mark.parametrize("mode,devices", [("identity", 8), ("text-to-video", 1), ("image-to-video", 1)])
+@pytest.mark.parametrize("mode,devices", [("identity", 8), ("text-to-video", 1), ("image-to-video", 1),
+                                          ("consisid", 1)])
 def test_notebook_runs_in_tiny_mode_and_writes_the_video(tmp_path, kernel_path, monkeypatch, mode, devices):
     """Each mode of the notebook (MODE in its parameters cell); the identity one on 8 fake CPU
     devices (the mesh it picks from the device count: the CFG pair on data=2, the sequence on
     context=4), as on a v5e-8. Image to video animates a generated first frame with a tiny
-    CogVideoX-5B-I2V stand-in (8 input channels, a random learned positional table)."""
+    CogVideoX-5B-I2V stand-in (8 input channels, a random learned positional table); consisid reads
+    a face photo with the tiny face folder of ``tests/tiny_consisid_faces.py`` (RetinaFace-R50,
+    BiSeNet, a 21-layer EVA tower, stand-in antelopev2) into a tiny ConsisID checkpoint."""
     import imageio.v3 as iio
 
     from tests.conftest import fake_devices_env
@@ -68,7 +71,12 @@ def test_notebook_runs_in_tiny_mode_and_writes_the_video(tmp_path, kernel_path, 
     assert f"mesh {want}" in printed
     # the progress bar (text tqdm here: no ipywidgets in the test env) reached the last step
     assert "denoising" in printed and "2/2" in printed
-    if mode == "image-to-video":
-        assert "first frame: " + str(tmp_path / "run" / "picture.png") in printed
+    picture = str(tmp_path / "run" / "picture.png")
+    if mode == "image-to-video":  # the memory plan compiled the I2V sampler's phases for a v5e-1 (libtpu, no TPU)
+        assert f"first frame: {picture}" in printed
+        assert "sample on v5e-1" in printed and "FAILED" not in printed
+    if mode == "consisid":  # the face encoder's arrays, sized for the tiny transformer: 512 + EVA's 24, width 32
+        assert f"reference: {picture}" in printed
+        assert "face: crop (512, 512, 3), id_cond (1, 536), id_vit_hidden (5, 1, 10, 32)" in printed
     last = nb.cells[-1]
     assert any("text/html" in o.get("data", {}) for o in last.outputs)  # the video is shown inline
