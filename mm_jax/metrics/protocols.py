@@ -84,8 +84,9 @@ PROTOCOLS = {
                 "face_fid": FrameRule("linspace", 16), "clipscore": FrameRule("strided", 16)},
         not_computed={"facesim_cur": CURRICULARFACE, "face_fid": INCEPTION},
         enabled_by={"facesim_cur": "curricularface", "face_fid": "inception"},
-        det_size=320, needs_clip=True,
-        notes="facesim_arc: largest face (last of equal areas), else the frame padded 25% with grey 128 and "
+        det_size=320, needs_clip=True, seed=42,
+        notes="Videos of ConsisID's eval set sampled with seed 42 (eval/eval_all_in_once.py's default). "
+              "facesim_arc: largest face (last of equal areas), else the frame padded 25% with grey 128 and "
               "retried; per frame max(cos(ref, frame), 0); frames without a face skipped; a video without any "
               "face scores 0. facesim_cur: the same faces, norm_crop(kps, 224) of the unpadded image -> RGB -> "
               "112 -> CurricularFace IR-101, max(cos, 0), mean over the frames with a face (0 without one). "
