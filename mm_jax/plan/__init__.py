@@ -33,8 +33,10 @@ def phases_for(workload: str, models: Models, platform: str, sample: SampleSetti
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
     if workload == "sample":
-        from mm_jax.plan import i2v
+        from mm_jax.plan import consisid, i2v
 
+        if consisid.is_consisid(models):  # ConsisID: the I2V backbone with face tokens
+            return consisid.sample_phases(models, sample or SampleSettings(identity=False), platform, kind)
         if i2v.is_i2v(models):  # image to video: the transformer takes 2 x the VAE's latent channels
             return i2v.sample_phases(models, sample or SampleSettings(identity=False), platform, kind)
         return phases.sample_phases(models, sample or SampleSettings(), platform, kind)

@@ -63,9 +63,10 @@ def build_parser():
     ap.add_argument("--scheduler", default="ddim", choices=("ddim", "dpm"), help="sample: the step's scheduler")
     ap.add_argument("--identity", action=argparse.BooleanOptionalAction, default=True,
                     help="sample: the adapter in the DiT (Magic Mirror); --no-identity: plain CogVideoX")
-    ap.add_argument("--model", default="magic-mirror", choices=("magic-mirror", "i2v"),
+    ap.add_argument("--model", default="magic-mirror", choices=("magic-mirror", "i2v", "consisid"),
                     help="the real models planned (without --checkpoint): CogVideoX-5B (+ the Magic Mirror adapter "
-                         "unless --no-identity), or CogVideoX-5B-I2V image to video (sample workload, no identity)")
+                         "unless --no-identity), CogVideoX-5B-I2V image to video, or the released ConsisID (on "
+                         "5B-I2V, with its EVA-CLIP face tower) (these two: sample workload, no Magic Mirror identity)")
     ap.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=True,
                     help="sample: decode in spatial tiles (what sample_identity does on accelerators)")
     ap.add_argument("--remat", default=None, choices=tuple(REMAT_POLICIES),
@@ -129,7 +130,7 @@ def _settings(args, workload: str, cfg):
         d = SampleSettings()
         return SampleSettings(frames=args.frames or d.frames, height=args.height or d.height,
                               width=args.width or d.width, steps=args.steps, scheduler=args.scheduler,
-                              identity=args.identity and args.model != "i2v", vae_tiling=args.vae_tiling,
+                              identity=args.identity and args.model == "magic-mirror", vae_tiling=args.vae_tiling,
                               dtype=args.dtype or d.dtype, quantize=args.quantize), None
     if args.quantize:
         raise ValueError(f"--quantize {args.quantize}: quantized sampling only (the sample workload)")
@@ -145,7 +146,7 @@ def _settings(args, workload: str, cfg):
     return None, dataclasses.replace(t, **over)
 
 
-PHASES = {"sample": ("text_encoder", "vae_encode", "denoise", "vae_decode"), "train-image": ("train_step",),
+PHASES = {"sample": ("text_encoder", "vae_encode", "face", "denoise", "vae_decode"), "train-image": ("train_step",),
           "train-video": ("train_step",)}
 
 # the README's matrix (--table without --target/--workload): the runtimes users sample on, and the
@@ -221,15 +222,16 @@ def main(argv=None) -> int:
         args.mesh_dcn = aot.dcn_spec(args.mesh_dcn)  # checked here: a bad spec exits 2 before anything compiles
         args.compile_cache = compile_cache.resolve(args.compile_cache)
         cfg = config_lib.load(args.config, overrides) if args.config else None
-        if args.model == "i2v" and args.checkpoint:
-            raise ValueError("--model i2v plans the real CogVideoX-5B-I2V; a --checkpoint is planned as its configs "
+        if args.model != "magic-mirror" and args.checkpoint:
+            real = {"i2v": "CogVideoX-5B-I2V", "consisid": "ConsisID"}[args.model]
+            raise ValueError(f"--model {args.model} plans the real {real}; a --checkpoint is planned as its configs "
                              "say (an I2V checkpoint is recognised by itself)")
         if args.checkpoint:
             models = Models.from_checkpoint(args.checkpoint, args.adapter)
-        elif args.model == "i2v":
-            from mm_jax.plan import i2v
+        elif args.model in ("i2v", "consisid"):
+            from mm_jax.plan import consisid, i2v
 
-            models = i2v.real_models()
+            models = (i2v if args.model == "i2v" else consisid).real_models()
         else:
             models = Models.real()
         if args.dit:

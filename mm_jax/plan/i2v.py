@@ -9,11 +9,13 @@
 
 A model is image-to-video when its transformer takes twice the VAE's latent channels
 (``image_conditioning.kind``): ``phases_for`` routes it here, from the presets (``--model i2v``)
-or from a converted I2V checkpoint's configs.
+or from a converted I2V checkpoint's configs. ``I2VParts`` is what ConsisID's phases
+(``plan/consisid.py``, the same backbone plus face tokens) share with these.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,19 +39,81 @@ def is_i2v(models: Models) -> bool:
     return image_conditioning.kind(models.transformer, models.vae) == "i2v"
 
 
-def sample_phases(models: Models, s: SampleSettings, platform: str, kind: str | None = None) -> list[Phase]:
-    """text_encoder, vae_encode, denoise (x steps), vae_decode: what ``image_to_video.generate`` runs."""
-    from mm_jax import checkpoint, denoising, image_conditioning, pipeline, text
+@dataclasses.dataclass(frozen=True)
+class I2VParts:
+    """The checked settings and the phases an image-conditioned sampler shares (I2V, ConsisID):
+    the text encoder, the VAE encode of the first frame, the decode, and the denoising step's
+    arguments around its DiT and ``extras``."""
+    s: SampleSettings
+    component: str           # the DiT's component name ("transformer", "consisid_transformer")
+    dit_cfg: Any
+    t5_cfg: Any
+    latent_shape: tuple
+    schedule: Any
+    guidance: Any
+    impl: str | None
+    cfg_on: bool
+    text_phase: Phase
+    vae_encode: Phase
+    vae_decode: Phase
+
+    @property
+    def n_text(self) -> int:
+        return 2 if self.cfg_on else 1
+
+    def dit(self, mesh):
+        """The DiT as the sampler holds it: restored onto ``mesh``, its linear layers quantized."""
+        from mm_jax import checkpoint
+        from mm_jax.models import quantize
+
+        return quantize.quantize_model(checkpoint.abstract_model(self.component, self.dit_cfg, mesh), self.s.quantize)
+
+    def dit_gb(self) -> float:
+        from mm_jax.models import quantize
+
+        return quantize.weight_bytes(self.dit(None)) / 1e9
+
+    def step_args(self, mesh, extras) -> tuple:
+        """``denoising.denoise_step_fn``'s arguments: (dit, x, x0, text, schedule, guidance, key, i, extras)."""
+        from mm_jax import checkpoint, text
+        from mm_jax.plan.aot import replicated
+
+        dt, shape = jnp.dtype(self.s.dtype), self.latent_shape
+        ids = replicated(mesh, (self.n_text, self.s.max_sequence_length), jnp.int32)
+        emb = _shape_on(mesh, text.encode_ids, checkpoint.abstract_model("text_encoder", self.t5_cfg, mesh), ids)
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        return (self.dit(mesh), replicated(mesh, shape, dt), replicated(mesh, shape, jnp.float32),
+                replicated(mesh, emb.shape, dt), jax.tree.map(lambda a: _sds(mesh, a), self.schedule),
+                _sds(mesh, self.guidance), replicated(mesh, key.shape, key.dtype), replicated(mesh, (), jnp.int32),
+                extras)
+
+    def image_latents(self, mesh):
+        """The image latents the step takes (its ``extras`` in I2V)."""
+        from mm_jax.plan.aot import replicated
+
+        return replicated(mesh, self.latent_shape, jnp.dtype(self.s.dtype))
+
+    def denoise_what(self, name: str) -> str:
+        qn = f", linear layers {self.s.quantize}" if self.s.quantize else ""
+        return (f"{name} ({self.dit_cfg.in_channels} input channels, learned positions "
+                f"{self.dit_cfg.use_learned_positional_embeddings}), CFG batch {self.n_text}, {self.s.scheduler}, "
+                f"{self.s.dtype}{qn}, attention {self.impl or 'default'}; DiT weights {self.dit_gb():.2f} GB")
+
+
+def parts(models: Models, s: SampleSettings, platform: str, kind: str | None = None,
+          component: str = "transformer", what: str = "image-to-video") -> I2VParts:
+    """``I2VParts`` for ``models`` (checked: the text encoder's sizes, no Magic Mirror identity, a
+    size the learned positional table covers)."""
+    from mm_jax import checkpoint, denoising, image_conditioning, pipeline
     from mm_jax import schedulers as sch
-    from mm_jax.models import learned_positions, quantize
+    from mm_jax.models import learned_positions
     from mm_jax.plan import phases
     from mm_jax.plan.aot import replicated
 
     if s.identity:
-        raise ValueError("image-to-video takes no identity adapter (Magic Mirror): plan it with --no-identity")
+        raise ValueError(f"{what} takes no identity adapter (Magic Mirror): plan it with --no-identity")
     text_phase = phases.sample_phases(models, s, platform, kind)[0]  # checks the sizes too
-    q, impl, cfg_on = s.quantize, default_attention_impl(platform, kind), s.guidance > 1.0
-    dt = jnp.dtype(s.dtype)
+    impl = default_attention_impl(platform, kind)
     dit_cfg = _replace(models.transformer, dtype=s.dtype, param_dtype=s.dtype, attention_impl=impl,
                        remat_policy="none")
     vae_cfg = _replace(models.vae, use_tiling=s.vae_tiling)
@@ -59,38 +123,33 @@ def sample_phases(models: Models, s: SampleSettings, platform: str, kind: str | 
         learned_positions.check_size(dit_cfg, latent_shape[1], latent_shape[2], latent_shape[3], s.max_sequence_length)
     schedule = jax.tree.map(np.asarray, sch.make_schedule(
         sch.SchedulerConfig.from_dict(models.scheduler, kind=s.scheduler), s.steps))
-    guidance = denoising.guidance_per_step(schedule, s.guidance, False)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    n_text = 2 if cfg_on else 1
+    tiling = f"tiling {'on' if s.vae_tiling else 'off'}"
 
     def vae_encode(mesh):
         return image_conditioning.encode_fn(), (
             checkpoint.abstract_model("vae", vae_cfg, mesh), replicated(mesh, (1, 1, s.height, s.width, 3), jnp.float32),
             replicated(mesh, (1, 1) + latent_shape[2:], jnp.float32), latent_shape[1])
 
-    def denoise(mesh):
-        t5_cfg = _replace(models.text_encoder, dtype=s.dtype, param_dtype=s.dtype)
-        ids = replicated(mesh, (n_text, s.max_sequence_length), jnp.int32)
-        emb = _shape_on(mesh, text.encode_ids, checkpoint.abstract_model("text_encoder", t5_cfg, mesh), ids)
-        dit = quantize.quantize_model(checkpoint.abstract_model("transformer", dit_cfg, mesh), q)
-        args = (dit, replicated(mesh, latent_shape, dt), replicated(mesh, latent_shape, jnp.float32),
-                replicated(mesh, emb.shape, dt), jax.tree.map(lambda a: _sds(mesh, a), schedule),
-                _sds(mesh, guidance), replicated(mesh, key.shape, key.dtype), replicated(mesh, (), jnp.int32),
-                replicated(mesh, latent_shape, dt))  # extras: the image latents
-        return denoising.denoise_step_fn(s.scheduler, cfg_on, image_conditioning.model_fn), args
-
     def vae_decode(mesh):
         return pipeline.decode_fn(), (checkpoint.abstract_model("vae", vae_cfg, mesh),
                                       replicated(mesh, latent_shape, jnp.float32))
 
-    dit_gb = quantize.weight_bytes(quantize.quantize_model(checkpoint.abstract_model("transformer", dit_cfg), q)) / 1e9
-    qn = f", linear layers {q}" if q else ""
-    tiling = f"tiling {'on' if s.vae_tiling else 'off'}"
-    return [text_phase,
-            Phase("vae_encode", vae_encode, 1, f"VAE encode of the first frame {(1, 1, s.height, s.width, 3)}, "
-                                               f"float32, {tiling}"),
-            Phase("denoise", denoise, s.steps, f"I2V DiT ({dit_cfg.in_channels} input channels, learned positions "
-                                               f"{dit_cfg.use_learned_positional_embeddings}), CFG batch {n_text}, "
-                                               f"{s.scheduler}, {s.dtype}{qn}, attention {impl or 'default'}; "
-                                               f"DiT weights {dit_gb:.2f} GB"),
-            Phase("vae_decode", vae_decode, 1, f"VAE decode {latent_shape}, float32, {tiling}")]
+    return I2VParts(s, component, dit_cfg, _replace(models.text_encoder, dtype=s.dtype, param_dtype=s.dtype),
+                    latent_shape, schedule, denoising.guidance_per_step(schedule, s.guidance, False), impl,
+                    s.guidance > 1.0, text_phase,
+                    Phase("vae_encode", vae_encode, 1, f"VAE encode of the first frame {(1, 1, s.height, s.width, 3)}, "
+                                                       f"float32, {tiling}"),
+                    Phase("vae_decode", vae_decode, 1, f"VAE decode {latent_shape}, float32, {tiling}"))
+
+
+def sample_phases(models: Models, s: SampleSettings, platform: str, kind: str | None = None) -> list[Phase]:
+    """text_encoder, vae_encode, denoise (x steps), vae_decode: what ``image_to_video.generate`` runs."""
+    from mm_jax import denoising, image_conditioning
+
+    p = parts(models, s, platform, kind)
+
+    def denoise(mesh):
+        return (denoising.denoise_step_fn(s.scheduler, p.cfg_on, image_conditioning.model_fn),
+                p.step_args(mesh, p.image_latents(mesh)))
+
+    return [p.text_phase, p.vae_encode, Phase("denoise", denoise, s.steps, p.denoise_what("I2V DiT")), p.vae_decode]
