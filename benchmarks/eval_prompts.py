@@ -20,7 +20,11 @@ leaves the others scored, and the exit code is 1.
 (``mm_jax/metrics/benchmarks.py``: OpenS2V-Eval's Human-Domain cases, no ``--refs``/``--prompts``): video
 ``OUT/videos/<case id>.mp4`` per case, sampled with the benchmark's seed (42; a ``--seed`` after ``--`` is
 refused), then ``python -m mm_jax.evaluate --benchmark opens2v DIR --videos OUT/videos`` (the opens2v protocol;
-``--curricularface`` computes its FaceSim-Cur) writes ``OUT/report.json``.
+``--curricularface`` computes its FaceSim-Cur) writes ``OUT/report.json``. ``--benchmark consisid DIR`` (ConsisID's
+eval set, BestWishYsh/ConsisID-preview-Data) samples every photo of ``eval/face_images`` with every prompt of
+``video_caption_eval_old.csv`` to ``OUT/videos/<photo file name>--<index>.mp4`` with seed 42 (the sampler's
+defaults, 50 steps and guidance 6.0, are their script's) and evaluates with the consisid protocol, which needs
+``--clip`` (CLIP ViT-B/32); ``--curricularface`` and ``--inception`` add FaceSim-Cur and the face FID.
 """
 from __future__ import annotations
 
@@ -44,9 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--face-models", required=True)
     ap.add_argument("--refs", help="a reference photo, or a folder of them (not with --benchmark)")
     ap.add_argument("--benchmark", nargs=2, metavar=("NAME", "DIR"),
-                    help="a published benchmark folder (opens2v: BestWishYsh/OpenS2V-Eval) instead of --prompts/--refs")
+                    help="a published benchmark folder (opens2v: BestWishYsh/OpenS2V-Eval; consisid: "
+                         "BestWishYsh/ConsisID-preview-Data) instead of --prompts/--refs")
     ap.add_argument("--curricularface", metavar="PATH.safetensors",
-                    help="with --benchmark opens2v: CurricularFace IR-101 for its FaceSim-Cur (see mm_jax.evaluate)")
+                    help="with --benchmark opens2v|consisid: CurricularFace IR-101 for FaceSim-Cur (see mm_jax.evaluate)")
+    ap.add_argument("--inception", metavar="PATH.safetensors",
+                    help="with --benchmark consisid: Inception v3 for its face FID (see mm_jax.evaluate)")
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--prompts", default=None, help='JSONL of {"id", "prompt", "class_word"} '
                                                    f"(default {DEFAULT_PROMPTS.relative_to(DEFAULT_PROMPTS.parents[2])})")
@@ -84,11 +91,21 @@ def _benchmark(args, extra) -> tuple[list[dict], list[str]]:
     if "--seed" in extra:
         raise ValueError(f"--benchmark {args.benchmark[0]}: the published numbers use the benchmark's seed; "
                          "leave --seed out of the sample options")
+    from mm_jax.metrics import protocols
+
     jobs, _ = plan_benchmark(args.benchmark[0], Path(args.benchmark[1]), args.limit)
+    needs_clip = protocols.get(args.benchmark[0]).needs_clip
+    if needs_clip and not args.clip:
+        raise ValueError(f"--benchmark {args.benchmark[0]}: its protocol's clipscore needs --clip (CLIP ViT-B/32 "
+                         "converted with --components clip; see python -m mm_jax.evaluate --help)")
+    if args.clip and not needs_clip:
+        print(f"warning: --clip {args.clip}: --benchmark {args.benchmark[0]}'s protocol has no CLIP metric; ignored",
+              file=sys.stderr)
     out = Path(args.out_dir)
+    flags = ("clip",) * needs_clip + ("curricularface", "inception")
+    models = [x for flag in flags if getattr(args, flag) for x in (f"--{flag}", getattr(args, flag))]
     ev = ["--benchmark", *args.benchmark, "--videos", str(out / "videos"), "--face-models", args.face_models,
-          "--out", str(out / "report.json"), *(["--curricularface", args.curricularface] if args.curricularface
-                                               else [])]
+          "--out", str(out / "report.json"), *models]
     return jobs, ev
 
 

@@ -20,8 +20,9 @@ local insightface pack) over every frame, and reports per video and averaged ove
 evaluation script does (``mm_jax/metrics/protocols.py``; metrics whose weights are not given
 (``--curricularface`` for facesim_cur, ``--inception`` for face_fid, ``--raft`` for dynamic_degree) or whose
 model has no port are null with the reason), and ``--compare published`` prints the published rows beside the
-means. ``--benchmark opens2v DIR`` pairs the videos with OpenS2V-Eval's references and prompts
-(``mm_jax/metrics/benchmarks.py``).
+means. ``--benchmark opens2v|consisid DIR`` pairs the videos named ``<case id>`` with a published benchmark's
+references and prompts (OpenS2V-Eval's Human-Domain cases; ConsisID's eval set, every photo with every prompt,
+case id ``<photo file name>--<index>``; ``mm_jax/metrics/benchmarks.py``) and reports the benchmark's seed.
 
 Exact definitions: ``mm_jax/metrics/face_metrics.py`` and ``mm_jax/metrics/text_alignment.py``.
 Metrics not computed (no ``--clip``; dynamic degree, which ``--protocol magicmirror --raft`` computes) are
@@ -70,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "an mp4's own rate is used")
     ap.add_argument("--benchmark", nargs=2, metavar=("NAME", "DIR"),
                     help="a published benchmark folder in its own layout (opens2v: BestWishYsh/OpenS2V-Eval with "
-                         "Human-Domain_Eval.json): pairs the --videos named <case id> with its references and "
-                         "prompts instead of --refs; sets --protocol NAME")
+                         "Human-Domain_Eval.json; consisid: BestWishYsh/ConsisID-preview-Data with "
+                         "video_caption_eval_old.csv and eval/face_images/): pairs the --videos named <case id> "
+                         "(.mp4, .gif, .npy or a folder of frames) with its references and prompts instead of "
+                         "--refs; sets --protocol NAME")
     ap.add_argument("--protocol", default=None, choices=NAMES,
                     help="whose metrics: ours (the default), or a peer's published protocol (mm_jax/metrics/protocols.py)")
     ap.add_argument("--compare", choices=("published",),

@@ -9,25 +9,44 @@ OpenS2V-Eval (the Hugging Face dataset BestWishYsh/OpenS2V-Eval; PKU-YuanGroup/O
 The Human-Domain cases are the ids containing ``singlehuman``, ``singleface``, ``faceobj`` or ``humanobj`` (the
 filter of ``eval/get_facesim.py``); a case's reference is its first ``img_paths`` entry under a ``/man/``,
 ``/woman/``, ``/crop_man/`` or ``/crop_woman/`` folder, relative to DIR (their ``get_image_path_from_json``), its
-prompt the ``prompt`` field (``eval/get_gmescore.py``). The generated video of a case is ``<case id>.mp4``. The
+prompt the ``prompt`` field (``eval/get_gmescore.py``). The
 published numbers were sampled with seed 42 (``protocols.PROTOCOLS["opens2v"].seed``).
 
-ConsisID's evaluation set is not read: its layout is not described in the project's design notes.
+ConsisID's evaluation set (the Hugging Face dataset BestWishYsh/ConsisID-preview-Data; PKU-YuanGroup/ConsisID
+``eval/eval_all_in_once.py``)::
+
+    DIR/video_caption_eval_old.csv  columns index,Class,Original_Prompt,Refined_man,Refined_woman
+    DIR/eval/face_images/           photos named <number>_..., taken in natural order (natsort)
+
+Every photo with every CSV row is one case: its prompt is ``Refined_woman`` when ``woman`` is in the photo's file
+name, else ``Refined_man``, with ``{class_token}`` replaced by the row's ``Class``; its id (the output name) is
+``<photo file name>--<index>``, e.g. ``001_man.png--3``. The published numbers were sampled with seed 42
+(``protocols.PROTOCOLS["consisid"].seed``), guidance 6.0 and 50 steps (their script's defaults).
+
+For both, the generated video of a case is ``<case id>`` plus ``.mp4``, ``.gif`` or ``.npy``, or a folder ``<case id>`` of
+PNG/JPEG frames (``pairing.list_videos``; two videos of one name are refused).
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import re
 import warnings
 from pathlib import Path
 
-from mm_jax.metrics.pairing import Pair, list_videos
+from mm_jax.metrics.pairing import IMAGE_SUFFIXES, Pair, list_videos
 
-NAMES = ("opens2v",)
+NAMES = ("opens2v", "consisid")
 OPENS2V_JSON = "Human-Domain_Eval.json"
 OPENS2V_HUMAN = ("singlehuman", "singleface", "faceobj", "humanobj")
 OPENS2V_REF_DIRS = ("/man/", "/woman/", "/crop_woman/", "/crop_man/")
 LAYOUT = "the layout of BestWishYsh/OpenS2V-Eval: DIR/Images/..., DIR/Human-Domain_Eval.json"
+CONSISID_CSV = "video_caption_eval_old.csv"
+CONSISID_FACES = "eval/face_images"
+CONSISID_COLUMNS = ("index", "Class", "Refined_man", "Refined_woman")  # the columns their script reads
+CONSISID_LAYOUT = (f"the layout of BestWishYsh/ConsisID-preview-Data: DIR/{CONSISID_CSV} (columns index,Class,"
+                   f"Original_Prompt,Refined_man,Refined_woman), DIR/{CONSISID_FACES}/<number>_....png")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,18 +56,71 @@ class Case:
     ref: Path       # the reference photo (absolute or relative to the working directory)
 
 
-def _check(name: str) -> None:
-    if name not in NAMES:
-        raise ValueError(f"--benchmark {name!r}: known benchmarks are {list(NAMES)} (ConsisID's evaluation set "
-                         "layout is not described in the design notes, so it is not read)")
-
-
 def cases(name: str, root) -> list[Case]:
-    """The benchmark's Human-Domain cases with a reference photo, in the JSON's order. A case without such a
+    """The benchmark's cases in the order its script runs them (see the module docstring); a folder not in the
+    benchmark's layout is a ValueError / FileNotFoundError naming what is wrong."""
+    if name == "opens2v":
+        return _opens2v_cases(name, Path(root))
+    if name == "consisid":
+        return _consisid_cases(name, Path(root))
+    raise ValueError(f"--benchmark {name!r}: known benchmarks are {list(NAMES)}")
+
+
+def natural_key(name: str) -> tuple:
+    """natsort's default order: runs of digits compare as numbers, the rest as text ("2_a" before "10_a")."""
+    return tuple(int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", name)))
+
+
+def _consisid_cases(name: str, root: Path) -> list[Case]:
+    """Every photo of ``eval/face_images`` (natural order) with every row of the CSV (file order)."""
+    path, faces = root / CONSISID_CSV, root / CONSISID_FACES
+    if not path.is_file():
+        raise FileNotFoundError(f"--benchmark {name} {root}: no {CONSISID_CSV} ({CONSISID_LAYOUT})")
+    if not faces.is_dir():
+        raise FileNotFoundError(f"--benchmark {name} {root}: no {CONSISID_FACES}/ folder ({CONSISID_LAYOUT})")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in CONSISID_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"--benchmark {name} {path}: no column {', '.join(missing)} (has {reader.fieldnames}; "
+                             f"{CONSISID_LAYOUT})")
+        rows = list(reader)
+    if not rows:
+        raise ValueError(f"--benchmark {name} {path}: no rows")
+    for i, r in enumerate(rows, 2):
+        empty = [c for c in CONSISID_COLUMNS if not (r.get(c) or "").strip()]
+        if empty:
+            raise ValueError(f"--benchmark {name} {path} line {i}: empty {', '.join(empty)}")
+    # pandas reads an all-integer column as int64, so their names carry "3" for "003" or " 3"
+    as_int = all(re.fullmatch(r"\s*[+-]?\d+\s*", r["index"]) for r in rows)
+    entries = sorted((p.name for p in faces.iterdir()), key=natural_key)
+    photos = [n for n in entries if (faces / n).is_file() and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    if len(photos) < len(entries):
+        warnings.warn(f"--benchmark {name} {faces}: {len(entries) - len(photos)} entries are no photo "
+                      f"({', '.join(IMAGE_SUFFIXES)}), ignored: {sorted(set(entries) - set(photos))[:8]}", stacklevel=3)
+    if not photos:
+        raise ValueError(f"--benchmark {name} {faces}: no photo ({', '.join(IMAGE_SUFFIXES)})")
+    bad = [n for n in photos if not n.split("_")[0].isdigit()]
+    if bad:
+        raise ValueError(f"--benchmark {name} {faces}: photo names start with their number and '_' "
+                         f"(their script reads int(name.split('_')[0])): {bad[:8]}")
+    out = []
+    for photo in photos:
+        column = "Refined_woman" if "woman" in photo else "Refined_man"
+        for r in rows:
+            index = str(int(r["index"])) if as_int else r["index"]
+            out.append(Case(f"{photo}--{index}", r[column].replace("{class_token}", r["Class"]), faces / photo))
+    ids = [c.id for c in out]
+    if len(set(ids)) < len(ids):
+        raise ValueError(f"--benchmark {name} {path}: the index column repeats a value, so two cases would share "
+                         f"a video name: {sorted({i for i in ids if ids.count(i) > 1})[:8]}")
+    return out
+
+
+def _opens2v_cases(name: str, root: Path) -> list[Case]:
+    """OpenS2V-Eval's Human-Domain cases with a reference photo, in the JSON's order. A case without such a
     reference is skipped with a warning (their script skips it too); a named reference that is absent, a JSON
     that is absent or not in the layout is a ValueError / FileNotFoundError naming it."""
-    _check(name)
-    root = Path(root)
     path = root / OPENS2V_JSON
     if not path.is_file():
         raise FileNotFoundError(f"--benchmark {name} {root}: no {OPENS2V_JSON} ({LAYOUT})")
@@ -91,11 +163,12 @@ def pairs(name: str, root, videos) -> list[Pair]:
     out = [Pair(c.id, found[c.id], c.ref, c.prompt) for c in todo if c.id in found]
     other = sorted(set(found) - ids)
     if other:
-        warnings.warn(f"--videos {videos}: {len(other)} video(s) are no Human-Domain case of {name}, ignored: "
+        warnings.warn(f"--videos {videos}: {len(other)} video(s) are no case of {name}, ignored: "
                       f"{other[:8]}", stacklevel=2)
     if not out:
         raise ValueError(f"--videos {videos}: no video named after a {name} case id (e.g. {todo[0].id}.mp4)")
     if len(out) < len(todo):
-        warnings.warn(f"--benchmark {name}: {len(todo) - len(out)} of {len(todo)} cases have no video in {videos}; "
-                      "the means cover the others only", stacklevel=2)
+        missing = [c.id for c in todo if c.id not in found]
+        warnings.warn(f"--benchmark {name}: {len(missing)} of {len(todo)} cases have no video in {videos}; "
+                      f"the means cover the others only; missing: {missing[:8]}", stacklevel=2)
     return out
