@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mm_jax.face import NoFaceError
+from mm_jax.face import ImageSizeError, NoFaceError
 from mm_jax.models import retinaface as rf
 
 CONF_THRESHOLD = 0.97       # ConsisID's get_face_landmarks_5(... 0.97)
@@ -154,6 +154,9 @@ def resize_long_side(image: np.ndarray, long_side: int = MAX_LONG_SIDE) -> np.nd
     if max(h, w) <= long_side:
         return image
     k = long_side / max(h, w)
+    if int(h * k) < 1 or int(w * k) < 1:
+        raise ImageSizeError(f"image of {h}x{w} pixels (height x width): shrunk to a long side of {long_side} "
+                             f"it would be {int(h * k)}x{int(w * k)}")
     return cv2.resize(image, (int(w * k), int(h * k)), interpolation=cv2.INTER_LANCZOS4)
 
 

@@ -29,7 +29,7 @@ from flax import nnx
 
 from mm_jax import consisid_face as cf
 from mm_jax.consisid_identity import ConsisIDIdentity
-from mm_jax.face import NoFaceError
+from mm_jax.face import ImageSizeError, NoFaceError
 
 ANTELOPE = "models/antelopev2"
 FILES = {  # what FaceEncoder reads, relative to the folder (parsing_parsenet.pth is published too, unused)
@@ -153,7 +153,10 @@ class FaceEncoder:
         """The raw glintr100 embedding of antelopev2's largest face, None when it finds none. Ties in
         area go as in ``FaceAnalysis.get`` + ``sorted(..., key=area)[-1]``: the last in detection order."""
         bgr = np.ascontiguousarray(rgb[..., ::-1])
-        boxes, kps = self.faces.detect(bgr)
+        try:
+            boxes, kps = self.faces.detect(bgr)
+        except ImageSizeError as e:
+            raise ImageSizeError(f"{label}: {e}") from None
         if len(boxes) == 0:
             return None
         areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
@@ -167,7 +170,10 @@ class FaceEncoder:
         import cv2
 
         rgb, label = read_photo(ref)
-        rgb = cf.resize_long_side(rgb, cf.MAX_LONG_SIDE)
+        try:
+            rgb = cf.resize_long_side(rgb, cf.MAX_LONG_SIDE)
+        except ImageSizeError as e:
+            raise ImageSizeError(f"{label}: {e}") from None
         antelope = self._antelope(rgb, label)
         found = antelope is not None
         detector, parser = self._nets()

@@ -197,3 +197,13 @@ def test_converter_refuses_a_consisid_folder_whose_face_encoder_lacks_files(tmp_
         (src / "face_encoder" / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / "face_encoder" / rel).write_bytes(b"")
     assert from_torch.main(["--src", str(src), "--dst", str(tmp_path / "out")]) == 0
+
+
+@pytest.mark.slow  # shares the tiny folder of the encoder tests
+def test_a_photo_too_thin_for_antelopev2_is_named(encoder):
+    from mm_jax.face import ImageSizeError
+
+    with pytest.raises(ImageSizeError, match=r"<array>: image of 1x2000 pixels .* would be 0x1024"):
+        encoder.analyze(np.zeros((1, 2000, 3), np.uint8))  # the long side shrinks to 1024 first
+    with pytest.raises(ImageSizeError, match=r"<array>: image of 1x900 pixels .* too thin for the detector"):
+        encoder.analyze(np.zeros((1, 900, 3), np.uint8))
