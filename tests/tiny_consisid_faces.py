@@ -23,9 +23,6 @@ import numpy as np
 
 FACE_LOGIT = 12.0              # softmax([0, 12]) = 1 - 6.1e-6 face, > 0.97
 EVA_TINY = dict(image_size=42, patch_size=14, width=32, layers=21, head_width=16, mlp_hidden=85, embed_dim=24)
-# the 5 landmarks (eyes, nose, mouth corners) in pixels from the firing anchor's centre: the FFHQ template
-# shrunk 4x about its mean, so the aligned crop is a 4x zoom of the image around the anchor
-LANDMARKS_PX = None  # set below from the template
 
 
 def _landmarks_px() -> np.ndarray:
@@ -34,6 +31,8 @@ def _landmarks_px() -> np.ndarray:
     return ((FFHQ_TEMPLATE - FFHQ_TEMPLATE.mean(0)) / 4).astype(np.float32)
 
 
+# the 5 landmarks (eyes, nose, mouth corners) in pixels from the firing anchor's centre: the FFHQ template
+# shrunk 4x about its mean, so the aligned crop is a 4x zoom of the image around the anchor
 LANDMARKS_PX = _landmarks_px()
 
 
