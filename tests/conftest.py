@@ -124,3 +124,34 @@ def assert_stacks_have_a_leading_layers_axis(component: str, ours, num_layers: d
         assert axes[0] == "layers" and len(axes) == v.get_value().ndim, (key, axes)
         assert v.get_value().shape[0] == num_layers[stack], (key, v.get_value().shape)
     assert seen == set(num_layers) == set(components.get(component).stacks)
+
+
+@pytest.fixture(scope="module")
+def module_compile_cache(tmp_path_factory) -> str:
+    """A persistent compilation cache folder for one module's in-process runs (pass it as their
+    ``compile_cache``), so a program the module compiled once is read back by its later runs.
+    JAX's cache settings are put back after the module: no other module reads these programs."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {name: getattr(jax.config, name) for name in names}
+    yield str(tmp_path_factory.mktemp("xla_cache"))
+    for name, value in before.items():
+        jax.config.update(name, value)
+    jax_cache.reset_cache()
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> dict:
+    """The assets ``configs/video.py:tiny`` builds with its setup hook (random tiny backbone and
+    adapter, stand-in face models, the synthetic set, the reference face), built once per session
+    for the modules that only read them: {config field: path}."""
+    from mm_jax import config
+    from mm_jax.demo import assets
+
+    cfg = config.load("configs/video.py:tiny", ["sample.enabled=True"])  # enabled: the reference face too
+    assets.prepare(cfg, tmp_path_factory.mktemp("tiny_assets"))
+    return {k: cfg[k.split(".")[0]][k.split(".")[1]] for k in
+            ("model.checkpoint", "model.adapter", "data.face_models", "data.path", "sample.ref")}

@@ -36,13 +36,11 @@ def _sample(workdir: Path, processes: int, *argv: str) -> subprocess.CompletedPr
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_assets):
     """{1: (folder, stderr per case), 2: ...}: each case run on 1 process (8 devices) and 2 (4 each)."""
-    from mm_jax.demo import assets
-
     root = tmp_path_factory.mktemp("mp_sample")
-    backbone, adapter = assets.tiny_models(root)
-    faces, ref = assets.standin_faces(root), assets.reference_face(root)
+    backbone, adapter = tiny_assets["model.checkpoint"], tiny_assets["model.adapter"]
+    faces, ref = tiny_assets["data.face_models"], tiny_assets["sample.ref"]
     common = ["--checkpoint", str(backbone), "--frames", "9", "--height", "64", "--width", "64", "--steps", "2",
               "--mesh", MESH, "--quiet"]
     ident = ["--adapter", str(adapter), "--face-models", str(faces)]

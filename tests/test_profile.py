@@ -16,13 +16,11 @@ def _trace(folder: Path) -> bytes:
     return path.read_bytes()
 
 
-@pytest.mark.slow  # builds the tiny checkpoint, then one 2-step sample (over 30 s on a loaded 2-core machine)
-def test_sample_profile_writes_a_trace_naming_the_blocks_and_stages_and_refuses_a_file(tmp_path, capsys):
+@pytest.mark.slow  # one 2-step sample of the tiny checkpoint (over 30 s on a loaded 2-core machine)
+def test_sample_profile_writes_a_trace_naming_the_blocks_and_stages_and_refuses_a_file(tiny_assets, tmp_path, capsys):
     from mm_jax import sample
-    from mm_jax.demo.tiny_checkpoint import build_tiny_checkpoint
 
-    ckpt = str(build_tiny_checkpoint(tmp_path / "tiny"))
-    common = ["--checkpoint", ckpt, "--prompt", "a man is walking", *SMALL]
+    common = ["--checkpoint", tiny_assets["model.checkpoint"], "--prompt", "a man is walking", *SMALL]
     (tmp_path / "file").write_text("")
     assert sample.main([*common, "--out", str(tmp_path / "no.npy"), "--profile", str(tmp_path / "file")]) == 2
     assert "--profile" in capsys.readouterr().err and not (tmp_path / "no.npy").exists()
@@ -33,15 +31,12 @@ def test_sample_profile_writes_a_trace_naming_the_blocks_and_stages_and_refuses_
     assert (tmp_path / "v.npy").exists()
 
 
-@pytest.mark.slow  # builds the tiny training assets, then 3 steps
-def test_train_profile_traces_the_steps_after_the_first(tmp_path, capsys):
-    from mm_jax import config, train
-    from mm_jax.demo import assets
+@pytest.mark.slow  # 3 steps on the tiny training assets
+def test_train_profile_traces_the_steps_after_the_first(tiny_assets, tmp_path, capsys):
+    from mm_jax import train
 
-    cfg = config.load("configs/video.py:tiny")
-    assets.prepare(cfg, tmp_path / "assets")
-    over = [f"--config.{k}={cfg[k.split('.')[0]][k.split('.')[1]]}"
-            for k in ("model.checkpoint", "model.adapter", "data.face_models", "data.path")]
+    over = [f"--config.{k}={tiny_assets[k]}" for k in ("model.checkpoint", "model.adapter", "data.face_models",
+                                                      "data.path")]
     argv = ["--config", "configs/video.py:tiny", *over, "--config.train.steps=3", "--config.train.profile_steps=1",
             "--config.sample.enabled=False", "--no-progress", "--workdir", str(tmp_path / "run"),
             "--profile", str(tmp_path / "prof")]
