@@ -12,7 +12,6 @@ import pytest
 from flax import nnx
 
 from mm_jax import checkpoint, config, train as train_cli
-from mm_jax.demo import assets as demo_assets
 from mm_jax.training.loop import TrainingDiverged, train
 from mm_jax.training.logs import read_history
 from tests.conftest import fake_devices_env
@@ -21,13 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """Tiny models, stand-in faces and a synthetic dataset, built once for the module."""
-    root = tmp_path_factory.mktemp("train_assets")
-    cfg = config.load("configs/video.py:tiny")
-    demo_assets.prepare(cfg, root)
-    return {k: v for k, v in (("model.checkpoint", cfg.model.checkpoint), ("model.adapter", cfg.model.adapter),
-                               ("data.face_models", cfg.data.face_models), ("data.path", cfg.data.path))}
+def assets(tiny_assets, module_compile_cache):
+    """Tiny models, stand-in faces and a synthetic dataset (built once per session), and one compile
+    cache folder: the module's in-process runs compile the tiny train step once, not once a run."""
+    keys = ("model.checkpoint", "model.adapter", "data.face_models", "data.path")
+    return {**{k: tiny_assets[k] for k in keys}, "compile_cache": module_compile_cache}
 
 
 def _cfg(assets, spec="configs/video.py:tiny", *over):
@@ -153,9 +150,10 @@ def test_the_train_cli_trains_on_a_tfds_dataset(assets, tmp_path, capsys):
 
 
 @pytest.mark.slow  # over 30 s on 2 CPU cores
-def test_one_step_on_a_2x2x2_mesh_equals_the_one_device_step(tmp_path):
+def test_one_step_on_a_2x2x2_mesh_equals_the_one_device_step(tiny_assets):
     env = fake_devices_env()
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_step_check.py"), str(tmp_path)],
+    built = Path(tiny_assets["model.checkpoint"]).parents[1]  # the script's tiny_models(folder) finds them built
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_step_check.py"), str(built)],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "params_rel_err" in r.stdout
@@ -250,7 +248,7 @@ def test_each_process_loads_the_rows_its_devices_hold_and_put_batch_assembles_th
 def test_a_local_workdir_the_processes_do_not_share_is_refused_by_name(assets, tmp_path):
     """Each process given its own folder at "the same" path (as hosts with their own disks are):
     process 1 does not see process 0's marker, so the run exits 2 naming it, before writing."""
-    args = " ".join(f"--config.{k}={v}" for k, v in assets.items())
+    args = " ".join(f"--config.{k}={v}" for k, v in assets.items() if k != "compile_cache")  # 2 CPU processes: off
     r = _launch(2, 1, "sh", "-c", f"{sys.executable} -m mm_jax.train --config configs/video.py:tiny {args} "
                                   f"--config.sample.enabled=False --no-progress --workdir {tmp_path}/$JAX_PROCESS_ID")
     assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
