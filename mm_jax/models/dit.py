@@ -147,7 +147,7 @@ class PatchEmbed(nnx.Module):
     """Text projection and per-frame 2D patches (``CogVideoXPatchEmbed``, 1.0 models).
 
     text (B, L, T) -> (B, L, D); latents (B, F, H, W, C) -> (B, F*(H/p)*(W/p), D), tokens frame-major.
-    ``proj`` is the patch conv (kernel (p, p, C, D), stride p).
+    ``proj`` holds the patch conv's parameters (kernel (p, p, C, D), stride p), applied as a matmul.
     """
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
@@ -165,9 +165,18 @@ class PatchEmbed(nnx.Module):
         self.text_proj = _dense(cfg, cfg.text_embed_dim, d, ("mlp", "embed"), rngs=rngs)
 
     def __call__(self, text: jax.Array, latents: jax.Array):
+        # The patch conv as a matmul over (p, p, C) patches gathered from the latents: the conv's
+        # (B*F, H/p, W/p, D) output reshaped to tokens was a relayout (W/p = 45 rows per tile of 8)
+        # that libtpu took minutes to compile for the 5B step; gathering the patches relayouts the
+        # 48x smaller (C = 16) input instead.
         b, f, h, w, c = latents.shape
-        x = self.proj(latents.reshape(b * f, h, w, c))
-        return self.text_proj(text), x.reshape(b, -1, x.shape[-1])
+        p, conv = self.proj.kernel_size[0], self.proj
+        patches = latents.reshape(b, f, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
+        patches = patches.reshape(b, f * (h // p) * (w // p), p * p * c).astype(conv.dtype)
+        x = jnp.dot(patches, conv.kernel[...].reshape(p * p * c, -1).astype(conv.dtype))
+        if conv.bias is not None:
+            x = x + conv.bias[...].astype(conv.dtype)
+        return self.text_proj(text), x
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -235,7 +244,11 @@ class AdaLayerNormZero(nnx.Module):
         shift_t = tokens.per_token(e_shift, shift, f[0])
         scale_t = tokens.per_token(e_scale, scale, f[1])
         gate_t = tokens.per_token(e_gate, gate, f[2])
-        return self.norm(h) * (1 + scale_t) + shift_t, gate_t
+        # The modulated activations are materialized before the q/k/v and feed-forward matmuls read
+        # them: fused into those matmuls' operands, the per-token select chain above made libtpu's
+        # backend take ~30 s per matmul fusion ("slow compilation", retried) in the 5B step. The
+        # barrier changes no value, only what XLA may fuse.
+        return jax.lax.optimization_barrier(self.norm(h) * (1 + scale_t) + shift_t), gate_t
 
 
 class Attention(nnx.Module):
