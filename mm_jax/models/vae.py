@@ -188,14 +188,6 @@ def run_in_frame_batches(net: nnx.Module, x: jax.Array, batch: int, **kw) -> jax
     return jnp.concatenate([y0, ys], axis=1)
 
 
-TPU_ROWS = 8   # the padded tile's latent rows and columns are a multiple of this (the TPU's sublanes)
-
-
-def _pad_to(x, h: int, w: int):
-    """x (B, T, h', w', ...) zero-padded at the bottom/right to (h, w)."""
-    return jnp.pad(x, [(0, 0), (0, 0), (0, h - x.shape[2]), (0, w - x.shape[3])] + [(0, 0)] * (x.ndim - 4))
-
-
 # -- tiles over devices ------------------------------------------------------------------------
 
 def mesh_devices() -> int:
@@ -357,9 +349,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
         groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
         real = {(i, j): (min(tile[0], h - i), min(tile[1], w - j)) for i, j in starts}
         if padded:
-            # the one tile shape, rounded up to TPU_ROWS: libtpu compiles a 3x3x3 conv over 30x45
-            # latents' 512 channels for v5e in 22 CPU-s, over 32x48 in 11 (its (8, 128) tiles)
-            full = tuple(-(-min(t, n) // TPU_ROWS) * TPU_ROWS for t, n in zip(tile, (h, w)))
+            full = (min(tile[0], h), min(tile[1], w))
             groups[full] = starts
             ph, pw = max(i + full[0] for i, _ in starts) - h, max(j + full[1] for _, j in starts) - w
             x = jnp.pad(x, [(0, 0), (0, 0), (0, ph), (0, pw)] + [(0, 0)] * (x.ndim - 4))
@@ -373,10 +363,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
             net = nnx.merge(graphdef, jax.lax.with_sharding_constraint(state, P()))
         done, outs = {}, None
         for (th, tw), members in groups.items():
-            # each crop holds its own tile only (zeros beyond it, where a larger padded shape
-            # would reach into the next tile)
-            crops = jnp.stack([_pad_to(x[:, :, i:i + real[(i, j)][0], j:j + real[(i, j)][1]], th, tw)
-                               for i, j in members])
+            crops = jnp.stack([x[:, :, i:i + th, j:j + tw] for i, j in members])
             if spread and outs is not None:
                 # one group after the other: without the barrier XLA may run the groups together and
                 # hold all their buffers (tiny VAE, v5e-4 fsdp=2,tensor=2: 228 MB temporaries, 115 with it)
