@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.common import time_it
-from mm_jax.models.dit import CogVideoXTransformer3D, DiTConfig
+from mm_jax.models.dit import CogVideoXTransformer3D
+from mm_jax.models.dit_config import DiTConfig
 from mm_jax.models.id_adapter import AdapterConfig, MagicMirrorAdapter, count_params, identity_forward
 
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 def has_scan_field() -> bool:
     import dataclasses
 
-    from mm_jax.models.dit import DiTConfig
+    from mm_jax.models.dit_config import DiTConfig
 
     return "scan_layers" in {f.name for f in dataclasses.fields(DiTConfig)}
 

@@ -109,7 +109,7 @@ def compare_on_cpu(args) -> None:
 
     print(machine_report(sys.argv))
     frames, h, w, dtype = shapes(False)
-    from mm_jax.models.dit import DiTConfig
+    from mm_jax.models.dit_config import DiTConfig
 
     cfg = DiTConfig(num_layers=args.layers, dtype=dtype, param_dtype=dtype)
     flops = dit_forward_flops(cfg, BATCH, frames, h, w, TEXT_LEN)
@@ -156,7 +156,8 @@ def run_on_gpu(args) -> None:
     from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
     from flax import nnx
 
-    from mm_jax.models.dit import CogVideoXTransformer3D, DiTConfig
+    from mm_jax.models.dit import CogVideoXTransformer3D
+    from mm_jax.models.dit_config import DiTConfig
 
     print(machine_report(sys.argv))
     layers = args.layers or 42

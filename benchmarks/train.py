@@ -44,7 +44,8 @@ from flax import nnx
 
 from benchmarks.common import dit_forward_flops, load_average, machine_report, side_report
 from mm_jax import parallel, schedulers as sch
-from mm_jax.models.dit import CogVideoXTransformer3D, DiTConfig
+from mm_jax.models.dit import CogVideoXTransformer3D
+from mm_jax.models.dit_config import DiTConfig
 from mm_jax.models.id_adapter import AdapterConfig, MagicMirrorAdapter
 from mm_jax.demo.tiny_checkpoint import SCHEDULER
 from mm_jax.training.models import TrainModels

@@ -14,7 +14,8 @@ from typing import Any
 from mm_jax.models.clip import CLIPConfig, CLIPModel
 from mm_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionTower
 from mm_jax.models.consisid import ConsisIDConfig, ConsisIDTransformer3D
-from mm_jax.models.dit import CogVideoXTransformer3D, DiTConfig
+from mm_jax.models.dit import CogVideoXTransformer3D
+from mm_jax.models.dit_config import DiTConfig
 from mm_jax.models.eva_clip import EVAVisionConfig, EVAVisionTower
 from mm_jax.models.id_adapter import AdapterConfig, MagicMirrorAdapter
 from mm_jax.models.t5 import T5Config, T5Encoder

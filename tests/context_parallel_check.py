@@ -18,7 +18,8 @@ from flax import nnx  # noqa: E402
 
 from mm_jax import parallel  # noqa: E402
 from mm_jax.models import attention_parallel  # noqa: E402
-from mm_jax.models.dit import CogVideoXTransformer3D, DiTConfig  # noqa: E402
+from mm_jax.models.dit import CogVideoXTransformer3D  # noqa: E402
+from mm_jax.models.dit_config import DiTConfig  # noqa: E402
 from mm_jax.models.id_adapter import AdapterConfig, MagicMirrorAdapter  # noqa: E402
 
 # each scheme on the whole mesh as context, beside the CFG pair on data, and with heads on tensor

@@ -10,7 +10,7 @@ import pytest
 
 from mm_jax import config as mm_config
 from mm_jax.checkpoint import abstract_model, param_shapes
-from mm_jax.models.dit import DiTConfig
+from mm_jax.models.dit_config import DiTConfig
 from mm_jax.models.id_adapter import AdapterConfig
 from mm_jax.models.layers import stack_size
 

@@ -130,7 +130,8 @@ def test_scanned_or_unrolled_blocks_with_or_without_remat_give_the_same_output_a
     import jax.numpy as jnp
     from flax import nnx
 
-    from mm_jax.models.dit import CogVideoXTransformer3D, DiTConfig
+    from mm_jax.models.dit import CogVideoXTransformer3D
+    from mm_jax.models.dit_config import DiTConfig
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 2, 8, 12, 4), dtype=np.float32)

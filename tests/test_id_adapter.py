@@ -231,7 +231,7 @@ def test_fusion_warns_when_it_drops_real_tokens():
 
 
 def test_added_parameter_count_of_the_5b_adapter():
-    from mm_jax.models.dit import DiTConfig
+    from mm_jax.models.dit_config import DiTConfig
 
     cfg = AdapterConfig.for_dit(DiTConfig(), clip_width=1024)
     assert cfg == AdapterConfig()

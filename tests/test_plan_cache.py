@@ -13,7 +13,7 @@ import pytest
 from mm_jax import checkpoint
 from mm_jax.demo.tiny_checkpoint import SCHEDULER
 from mm_jax.models.clip_vision import CLIPVisionConfig
-from mm_jax.models.dit import DiTConfig
+from mm_jax.models.dit_config import DiTConfig
 from mm_jax.models.t5 import T5Config
 from mm_jax.models.vae import VAEConfig
 from mm_jax.plan import targets

@@ -16,7 +16,7 @@ from flax import nnx
 from mm_jax import plan as planner
 from mm_jax.demo.tiny_checkpoint import SCHEDULER
 from mm_jax.models.clip_vision import CLIPVisionConfig
-from mm_jax.models.dit import DiTConfig
+from mm_jax.models.dit_config import DiTConfig
 from mm_jax.models.t5 import T5Config
 from mm_jax.models.vae import VAEConfig
 from mm_jax.training.models import adapter_config

@@ -49,7 +49,8 @@ def build_tiny_checkpoint(folder: Path, seed: int = 0, image_to_video: bool = Fa
     ``image_to_video``: a CogVideoX-5B-I2V stand-in instead: the DiT takes 2 x the VAE's latent
     channels (noise ++ image latents) and adds a random learned positional table on top of RoPE,
     covering 9 frames of 64 x 64 (its only size)."""
-    from mm_jax.models.dit import CogVideoXTransformer3D, DiTConfig
+    from mm_jax.models.dit import CogVideoXTransformer3D
+    from mm_jax.models.dit_config import DiTConfig
 
     return _build(folder, seed, image_to_video, "transformer",
                   lambda fields, rngs: CogVideoXTransformer3D(DiTConfig(**fields), rngs=rngs))

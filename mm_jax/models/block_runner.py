@@ -71,8 +71,8 @@ def run_blocks(blocks, h, temb, tokens, *, kv_lengths=None, cond=None, adapter_l
     ``after(h, tokens, params)`` runs after each block of ``adapter_layers`` with its entry of
     ``after_params`` (stacked like ``cond``); without ``cond`` and ``after`` no block is special.
 
-    The types live in ``dit.py`` (which imports this module): ``blocks`` is the stacked
-    ``CogVideoXBlock``, ``tokens`` a ``Tokens``, ``cond`` a ``BlockConditioning``."""
+    The types live in ``dit.py`` and ``dit_embeddings.py`` (which this module must not import):
+    ``blocks`` is the stacked ``CogVideoXBlock``, ``tokens`` a ``Tokens``, ``cond`` a ``BlockConditioning``."""
     n = L.stack_size(blocks)
     b = h.shape[0]
     if cond is None and after is None:

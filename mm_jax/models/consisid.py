@@ -23,7 +23,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mm_jax.models import layers as L
-from mm_jax.models.dit import CogVideoXTransformer3D, DiTConfig, Tokens
+from mm_jax.models.dit import CogVideoXTransformer3D
+from mm_jax.models.dit_config import DiTConfig
+from mm_jax.models.dit_embeddings import Tokens
 from mm_jax.models.layers import canonical_dtype
 
 

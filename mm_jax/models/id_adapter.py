@@ -24,7 +24,8 @@ import numpy as np
 from flax import nnx
 
 from mm_jax.models.config_base import ConfigBase
-from mm_jax.models.dit import BlockConditioning, CogVideoXTransformer3D
+from mm_jax.models.dit import CogVideoXTransformer3D
+from mm_jax.models.dit_embeddings import BlockConditioning
 from mm_jax.models import layers as L
 from mm_jax.models.layers import attention, canonical_dtype
 from mm_jax.text import CLASS_WORDS
