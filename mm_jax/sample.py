@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mm_jax.sample_inputs import jsonl_lines as _lines, load_npy as _npy, sampling_mesh
+from mm_jax.sample_inputs import jsonl_lines as _lines, line_settings, load_npy as _npy, sampling_mesh
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +166,7 @@ def _check_lines(args, base, mesh):
     """``--prompts``' input checks, before any work: each line's fields, output, seed and identity
     (class word, files, the reference's face). A bad line is reported by number and skipped ->
     (good lines as (number, settings, out, checked identity), failed numbers, the face models)."""
-    from mm_jax import checkpoint, distributed, identity, text, video_io
+    from mm_jax import checkpoint, distributed, identity, text
 
     failed, lines = [], []  # lines: (line number, settings, out, (kind, identity-or-face) or (None, None))
     main_process = distributed.is_main()
@@ -188,17 +188,7 @@ def _check_lines(args, base, mesh):
             fail(n, d)
             continue
         try:
-            unknown = sorted(set(d) - {"prompt", "out", "seed", "negative_prompt", "ref", "id"})
-            if unknown:
-                raise ValueError(f"unknown field(s) {unknown}")
-            if not d.get("prompt") or not d.get("out"):
-                raise ValueError("needs 'prompt' and 'out'")
-            video_io.output_kind(d["out"])
-            seed = d.get("seed", base.seed)
-            if not isinstance(seed, int):
-                raise ValueError(f"seed {seed!r}: must be an integer")
-            settings = dataclasses.replace(base, prompt=d["prompt"], seed=seed,
-                                           negative_prompt=d.get("negative_prompt", base.negative_prompt))
+            settings = line_settings(d, base)
             checked = (None, None)
             if d.get("ref") or d.get("id"):
                 if not args.adapter:

@@ -29,9 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mm_jax.sample_inputs import jsonl_lines, load_npy, sampling_mesh
+from mm_jax.sample_inputs import jsonl_lines, line_settings, load_npy, sampling_mesh
 
-LINE_FIELDS = {"prompt", "out", "seed", "negative_prompt", "ref", "id"}
 
 
 @dataclasses.dataclass
@@ -145,21 +144,11 @@ def _check(args):
         try:
             if isinstance(d, str):
                 raise ValueError(d)
-            unknown = sorted(set(d) - LINE_FIELDS)
-            if unknown:
-                raise ValueError(f"unknown field(s) {unknown}")
-            if not d.get("prompt") or not d.get("out"):
-                raise ValueError("needs 'prompt' and 'out'")
+            s = line_settings(d, settings)
             if bool(d.get("ref")) == bool(d.get("id")):
                 raise ValueError("needs an identity: either 'ref' (a photo) or 'id' (an .npz), not both")
             if d.get("ref") and not args.face_models:
                 raise ValueError("'ref' needs --face-models DIR")
-            video_io.output_kind(d["out"])
-            seed = d.get("seed", settings.seed)
-            if not isinstance(seed, int):
-                raise ValueError(f"seed {seed!r}: must be an integer")
-            s = dataclasses.replace(settings, prompt=d["prompt"], seed=seed,
-                                    negative_prompt=d.get("negative_prompt", settings.negative_prompt))
             ident, face = _identity(dit_cfg, faces, ref=d.get("ref"), id_file=d.get("id"))
         except (ValueError, FileNotFoundError) as e:
             failed.append(n)

@@ -2,10 +2,15 @@
 the ``--prompts`` JSONL lines, ``.npy`` inputs and the default sampling mesh, one home for both."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
+
+from mm_jax import video_io
+
+LINE_FIELDS = frozenset({"prompt", "out", "seed", "negative_prompt", "ref", "id"})
 
 
 def jsonl_lines(path: str):
@@ -24,6 +29,24 @@ def jsonl_lines(path: str):
             yield n, f"not JSON ({e})"
             continue
         yield n, (d if isinstance(d, dict) else "not a JSON object")
+
+
+def line_settings(d: dict, base):
+    """The sampling settings of one ``--prompts`` line ``d``: ``base`` with the line's prompt, seed
+    and negative prompt. ``ValueError`` naming the problem for an unknown field, a missing
+    ``prompt``/``out``, an ``out`` that is not a video or image path, or a seed that is not an
+    integer. (``ref``/``id`` are allowed here; each CLI checks them against its own flags.)"""
+    unknown = sorted(set(d) - LINE_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}")
+    if not d.get("prompt") or not d.get("out"):
+        raise ValueError("needs 'prompt' and 'out'")
+    video_io.output_kind(d["out"])
+    seed = d.get("seed", base.seed)
+    if not isinstance(seed, int):
+        raise ValueError(f"seed {seed!r}: must be an integer")
+    return dataclasses.replace(base, prompt=d["prompt"], seed=seed,
+                               negative_prompt=d.get("negative_prompt", base.negative_prompt))
 
 
 def load_npy(path: str, flag: str) -> np.ndarray:
