@@ -75,8 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                     help="compute/param dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     ap.add_argument("--quantize", default=None, metavar="MODE",
-                    help="the DiT's and T5's linear layers quantized: int8 (TPU, A100/A800), fp8 (H100), or "
-                         "int8-weights (weights only: memory); attention stays in --dtype (default: none)")
+                    help="the DiT's and T5's linear layers quantized: int8 (TPU, A100/A800), fp8 (H100: also the "
+                         "DiT's self-attention on cuDNN's fp8 kernel, where it has no key mask), fp8-linears (fp8 "
+                         "linear layers, attention in --dtype), or int8-weights (weights only: memory); other "
+                         "attention stays in --dtype (TPU: splash, CPU: no fp8 attention; a warning says so) "
+                         "(default: none)")
     ap.add_argument("--fps", type=int, default=8)
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--profile", metavar="DIR", help="write a profiler trace of the generation to DIR/process_K "

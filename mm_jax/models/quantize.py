@@ -8,7 +8,10 @@ Modes (``MODES``):
 * ``int8``: int8 weights (per output channel) and int8 activations (per token, dynamic absmax),
   int8 x int8 -> int32 matmuls: TPU v5e/v6e/v5p and A100/A800 run these at twice the bf16 rate.
 * ``fp8``: the same with float8_e4m3fn weights and activations, fp32 accumulation: H100's fp8
-  tensor cores (twice the bf16 rate).
+  tensor cores (twice the bf16 rate). The DiT's self-attention also runs cuDNN's fp8 flash
+  attention (``ATTENTION``, ``mm_jax.models.fp8_attention``) where it would run the bf16 cuDNN
+  kernel; on CPU and TPU there is none, and it stays in the compute dtype with a warning.
+* ``fp8-linears``: ``fp8``'s linear layers with the attention kept in the compute dtype (bf16 cuDNN).
 * ``int8-weights``: int8 weights only; activations stay in the compute dtype and the weight is
   dequantized into the matmul. A memory mode (the weights at about half their bf16 bytes) for
   where activations cannot be quantized; the matmuls run at the bf16 rate.
@@ -16,8 +19,8 @@ Modes (``MODES``):
 Every ``nnx.Linear`` whose path (``"/"``-joined, e.g. ``transformer_blocks/attn1/to_q``) matches
 ``include`` becomes a ``QuantizedLinear``: the DiT's attention projections, feed-forward, AdaLN
 modulations, text projection and output projection; T5's attention and gated feed-forward. The
-attention itself (QK^T, softmax, PV in the attention kernel), LayerNorms, the patch convolution and
-embeddings keep the compute dtype. Stacked layers (``layers.stack``: a leading ``layers`` axis run
+attention itself (QK^T, softmax, PV in the attention kernel; but for ``fp8``'s, above), LayerNorms,
+the patch convolution and embeddings keep the compute dtype. Stacked layers (``layers.stack``: a leading ``layers`` axis run
 under ``lax.scan``) are quantized per layer and per output channel (scale ``(layers, out, 1)``), so
 the scan slices the int8 kernel and its scale together. The quantized kernel is stored transposed,
 ``(..., out, in)``: cuBLAS's int8 and fp8 GEMMs take both operands with the contraction in the
@@ -53,9 +56,11 @@ import qwix
 
 @dataclasses.dataclass(frozen=True)
 class Scheme:
-    """What one mode quantizes: the weights' type and the activations' (None: not quantized)."""
+    """What one mode quantizes: the weights' type and the activations' (None: not quantized), and
+    whether the DiT's self-attention runs the fp8 kernel (``ATTENTION``)."""
     weight: Any
     activation: Any | None
+    fp8_attention: bool = False
 
     @property
     def name(self) -> str:
@@ -64,16 +69,28 @@ class Scheme:
 
 MODES: dict[str, Scheme] = {
     "int8": Scheme(jnp.int8, jnp.int8),
-    "fp8": Scheme(jnp.float8_e4m3fn, jnp.float8_e4m3fn),
+    "fp8": Scheme(jnp.float8_e4m3fn, jnp.float8_e4m3fn, fp8_attention=True),
     "int8-weights": Scheme(jnp.int8, None),
+    "fp8-linears": Scheme(jnp.float8_e4m3fn, jnp.float8_e4m3fn),
 }
 DEFAULT_INCLUDE = ".*"   # every nnx.Linear of the model
+ATTENTION = "cudnn-fp8"  # the attention kernel of mode fp8 (``layers.ATTENTION_IMPLS``)
+ATTENTION_MODULES = r"(.*/)?attn1"  # the DiT's self-attention modules (their ``impl`` is the kernel's name)
 
 
 def check(mode: str | None, field: str = "quantize") -> None:
     """Refuse an unknown mode (``None`` is no quantization) with a ValueError naming ``field``."""
     if mode is not None and mode not in MODES:
         raise ValueError(f"{field}={mode!r}: choose from {', '.join(MODES)} (or none)")
+
+
+def attention_impl(mode: str | None, impl: str | None) -> str | None:
+    """The kernel the DiT's self-attention gets under ``mode`` when its config says ``impl``: ``ATTENTION``
+    in place of the bf16 cuDNN kernel (``impl`` "cudnn", or None: the backend's default, which is
+    cuDNN on NVIDIA GPUs) for a mode with fp8 attention; ``impl`` otherwise (an explicit other kernel
+    is kept)."""
+    check(mode)
+    return ATTENTION if mode is not None and MODES[mode].fp8_attention and impl in (None, "cudnn") else impl
 
 
 def matmul_type(mode: str | None) -> str | None:
@@ -95,6 +112,7 @@ class QuantizedLinear(nnx.Module):
                  dtype):
         self.kernel, self.kernel_scale, self.bias = kernel, kernel_scale, bias
         self.weight_type, self.activation_type, self.dtype = scheme.weight, scheme.activation, dtype
+        self.mode = scheme.name
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = qwix.QArray(self.kernel[...], self.kernel_scale[...], qtype=self.weight_type)
@@ -150,7 +168,9 @@ def _quantized(lin: nnx.Linear, scheme: Scheme) -> QuantizedLinear:
 def quantize_model(model: nnx.Module, mode: str | None, *, include: str = DEFAULT_INCLUDE) -> nnx.Module:
     """Replace every ``nnx.Linear`` of ``model`` whose path matches ``include`` (``re.fullmatch``)
     by a ``QuantizedLinear`` of ``mode``, in place, and return ``model`` (a ``model`` that is itself
-    an ``nnx.Linear`` is returned quantized). ``mode`` None: unchanged.
+    an ``nnx.Linear`` is returned quantized). ``mode`` None: unchanged. A mode with fp8 attention
+    also sets the kernel of every module at ``ATTENTION_MODULES`` with an ``impl`` attribute (the
+    DiT's self-attention) to ``attention_impl(mode, impl)``.
     Works on restored modules (the weights are quantized on their devices, keeping their
     sharding) and on abstract ones (``jax.ShapeDtypeStruct`` leaves, as the planner builds them).
     The original kernels are dropped (freed once nothing else holds them)."""
@@ -169,6 +189,9 @@ def quantize_model(model: nnx.Module, mode: str | None, *, include: str = DEFAUL
         for p in path[:-1]:
             parent = parent[p] if isinstance(p, int) else getattr(parent, p)
         setattr(parent, path[-1], _quantized(lin, scheme))
+    for path, m in nnx.iter_modules(model):
+        if scheme.fp8_attention and hasattr(m, "impl") and re.fullmatch(ATTENTION_MODULES, "/".join(map(str, path))):
+            m.impl = attention_impl(mode, m.impl)
     return model
 
 
@@ -176,7 +199,7 @@ def quantized_mode(model: nnx.Module) -> str | None:
     """The mode a model was quantized with (None: none of its layers is quantized)."""
     for _, m in nnx.iter_modules(model):
         if isinstance(m, QuantizedLinear):
-            return Scheme(m.weight_type, m.activation_type).name
+            return m.mode
     return None
 
 

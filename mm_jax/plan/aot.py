@@ -46,9 +46,10 @@ body once, so for the models' scanned layers it reads low by about the layer cou
 * collectives: every all-reduce, all-gather, reduce-scatter, all-to-all and collective-permute
   (``-start`` forms included, ``-done`` not), times how often it runs; bytes = the op's result size
   per device.
-* ``quantized_flops``: the part of ``xla_flops`` in matmuls whose operands are 8-bit
-  (``quantized`` = "int8" for s8/u8, "fp8" for f8 types): ``--quantize`` runs them at the chip's
-  int8 / fp8 peak (``targets.Target.quantized_peak``).
+* ``quantized_flops``: the part of ``flops`` in matmuls whose operands are 8-bit
+  (``quantized`` = "int8" for s8/u8, "fp8" for f8 types), and in the fp8 attention kernels
+  (``QUANTIZED_KERNELS``: cuDNN's ``__cudnn$fmhaSoftmaxF8``, also ``quantized_kernel_flops``):
+  ``--quantize`` runs them at the chip's int8 / fp8 peak (``targets.Target.quantized_peak``).
 * ``uncounted``: what the numbers above miss: loops whose trip count could not be derived
   (counted once) and attention kernels with no mark (their FLOPs are not counted).
 """
@@ -65,7 +66,8 @@ import numpy as np
 from mm_jax.plan import hlo
 from mm_jax.plan.targets import Target
 
-KERNEL_IMPLS = ("splash", "cudnn")   # attention implementations that are custom calls to XLA
+KERNEL_IMPLS = ("splash", "cudnn", "cudnn-fp8")   # attention implementations that are custom calls to XLA
+QUANTIZED_KERNELS = {"cudnn-fp8": "fp8"}           # those whose matmuls run at the chip's 8-bit peak
 BACKWARD_FACTOR = 2.5                # a flash-attention backward costs ~2.5 forwards (dQ, dK, dV, recomputed P)
 MARK = "mm_attention__"
 EIGHT_BIT = ("s8", "u8", "f8e4m3fn", "f8e5m2")   # HLO element types of quantized matmul operands
@@ -139,12 +141,14 @@ class KernelCall:
         return 4.0 * self.b * self.n * self.s * self.t * self.dh / self.shards
 
     def name(self) -> str:
-        return f"{MARK}{self.impl}__{self.b}_{self.s}_{self.t}_{self.n}_{self.dh}__{self.shards}"
+        """A Python identifier (the op_name metadata is matched as \\w+): "-" in the impl written "_"."""
+        impl = self.impl.replace("-", "_")
+        return f"{MARK}{impl}__{self.b}_{self.s}_{self.t}_{self.n}_{self.dh}__{self.shards}"
 
     @classmethod
     def parse(cls, name: str) -> "KernelCall":
         impl, dims, shards = name[len(MARK):].split("__")
-        return cls(impl, *map(int, dims.split("_")), int(shards))
+        return cls(impl.replace("_", "-"), *map(int, dims.split("_")), int(shards))
 
 
 @contextlib.contextmanager
@@ -200,8 +204,11 @@ def kernel_counts(module: hlo.Module) -> tuple[dict[tuple[KernelCall, str], int]
     return counts, unmarked
 
 
-def kernel_flops(counts: dict[tuple[KernelCall, str], int]) -> float:
-    return sum(c.forward_flops * (BACKWARD_FACTOR if d == "backward" else 1.0) * n for (c, d), n in counts.items())
+def kernel_flops(counts: dict[tuple[KernelCall, str], int], quantized: str | None = None) -> float:
+    """The kernels' FLOPs per run; ``quantized`` ("fp8"): only those of kernels in that type
+    (``QUANTIZED_KERNELS``)."""
+    return sum(c.forward_flops * (BACKWARD_FACTOR if d == "backward" else 1.0) * n for (c, d), n in counts.items()
+               if quantized is None or QUANTIZED_KERNELS.get(c.impl) == quantized)
 
 
 # -- collectives ------------------------------------------------------------------------------
@@ -231,6 +238,8 @@ class Compiled:
     uncounted: list = dataclasses.field(default_factory=list)
     quantized_flops: float = 0.0
     quantized: str | None = None     # "int8" | "fp8": the type of those matmuls
+    quantized_kernel_flops: float = 0.0   # the part of quantized_flops in fp8 attention kernels (cudnn-fp8)
+    kernel_targets: dict = dataclasses.field(default_factory=dict)   # {kernel custom-call target: executions}
     cache_hit: bool | None = None    # read from the planner's compile cache (None: no cache)
 
     @property
@@ -279,6 +288,9 @@ def compile(fn, args: tuple, mesh, cache_dir: str | None = None) -> Compiled:
     counts, unmarked = kernel_counts(module)
     by_type = module.flops_by_type()
     eight_bit = {t: f for t, f in by_type.items() if t in EIGHT_BIT}
+    fp8_kernels = kernel_flops(counts, "fp8")
+    if fp8_kernels:
+        eight_bit["f8 attention kernels"] = fp8_kernels
     return Compiled(
         argument_bytes=mem["argument_size_in_bytes"], output_bytes=mem["output_size_in_bytes"],
         alias_bytes=mem["alias_size_in_bytes"], temp_bytes=mem["temp_size_in_bytes"],
@@ -289,4 +301,5 @@ def compile(fn, args: tuple, mesh, cache_dir: str | None = None) -> Compiled:
         uncounted=[f"loop {w}: trip count unknown, counted once" for w in module.unknown_loops] + unmarked,
         quantized_flops=sum(eight_bit.values()),
         quantized=("fp8" if any(t.startswith("f8") for t in eight_bit) else "int8") if eight_bit else None,
+        quantized_kernel_flops=fp8_kernels, kernel_targets=module.kernel_targets(),
         cache_hit=stored is not None if k else None)

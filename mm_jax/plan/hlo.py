@@ -343,6 +343,15 @@ class Module:
             d["bytes"] += m * nbytes(parts)
         return out
 
+    def kernel_targets(self) -> dict[str, int]:
+        """{custom-call target: executions} of the attention kernels (``KERNEL_TARGETS``), e.g.
+        ``__cudnn$fmhaSoftmax`` (bf16 cuDNN), ``__cudnn$fmhaSoftmaxF8`` (fp8 cuDNN)."""
+        out: dict[str, int] = {}
+        for ins, m in self.executed():
+            if ins.op == "custom-call" and KERNEL_TARGETS.match(ins.proto.custom_call_target):
+                out[ins.proto.custom_call_target] = out.get(ins.proto.custom_call_target, 0) + m
+        return out
+
     def kernel_calls(self, mark: str) -> dict[tuple[str, str], int]:
         """{(marked name, "forward" | "backward"): executions} of the attention kernels' custom
         calls (splash's Mosaic ``tpu_custom_call``s, cuDNN's ``__cudnn$fmha*``), named by the

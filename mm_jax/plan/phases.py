@@ -112,7 +112,7 @@ class SampleSettings(sample_settings.SampleSettings):
     identity: bool = True          # the adapter's face tokens and CAN in the DiT (Magic Mirror)
     vae_tiling: bool = True
     dtype: str = "bfloat16"
-    quantize: str | None = None    # the DiT's and T5's linear layers: "int8" | "fp8" | "int8-weights" (models.quantize)
+    quantize: str | None = None    # "int8" | "fp8" (+ fp8 attention) | "fp8-linears" | "int8-weights" (models.quantize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,7 +273,8 @@ def sample_phases(models: Models, s: SampleSettings, platform: str, kind: str | 
     qn = f", linear layers {q}" if q else ""
     return [Phase("text_encoder", text_encoder, 1, f"T5 encoder, {n_text} x {s.max_sequence_length} tokens, {s.dtype}{qn}"),
             Phase("denoise", denoise, s.steps, f"{ident}, CFG batch {n_text}, {s.scheduler}, {s.dtype}{qn}, "
-                                               f"attention {impl or 'default'}; DiT weights {dit_gb:.2f} GB"),
+                                               f"attention {quantize.attention_impl(q, impl) or 'default'}; "
+                                               f"DiT weights {dit_gb:.2f} GB"),
             Phase("vae_decode", vae_decode, 1, f"VAE decode {latent_shape}, float32, "
                                                f"tiling {'on' if s.vae_tiling else 'off'}")]
 

@@ -5,14 +5,16 @@ JSON (other scripts read it; the names below are kept)::
     {"target", "workload", "mesh", "mesh_dcn", "slices", "settings", "models", "unit", "ideal_seconds_per_unit",
      "phases": [{"name", "argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "peak_bytes",
                  "hbm_bytes", "usable_bytes", "fits", "margin_bytes", "flops", "xla_flops",
-                 "kernel_flops", "quantized_flops", "quantized", "ideal_seconds", "runs", "compile_seconds" (= "lower_seconds": trace +
+                 "kernel_flops", "quantized_flops", "quantized", "quantized_kernel_flops", "kernel_targets",
+                 "ideal_seconds", "runs", "compile_seconds" (= "lower_seconds": trace +
                  lower, + "xla_compile_seconds"), "collectives", "kernels", "uncounted", "error"}]}
 
 Phase names: ``text_encoder``, ``denoise``, ``vae_decode`` (workload ``sample``), ``train_step``
 (``train-image``, ``train-video``). Bytes and FLOPs are per device; ``fits`` is
 ``peak_bytes <= usable_bytes`` with ``usable_bytes = hbm_bytes * hbm_fraction``; ``ideal_seconds``
 is ``flops / peak bf16 FLOP/s`` of one run (the time at 100% MFU), the 8-bit matmuls of a quantized
-plan (``quantized_flops``) at the chip's int8 / fp8 peak instead; ``runs`` is how often the phase
+plan (``quantized_flops``, with the fp8 attention kernels' ``quantized_kernel_flops``) at the chip's
+int8 / fp8 peak instead; ``runs`` is how often the phase
 runs per video or training step; a phase that failed to compile has ``error`` and null numbers.
 ``cache_hit``: the phase's compiled program was read from the planner's compile cache (then
 ``xla_compile_seconds`` is the read), false: compiled, null: no cache (``compile_cache``: its
@@ -102,6 +104,7 @@ class Plan:
                 d.update({k: None for k in ("argument_bytes", "temp_bytes", "output_bytes", "alias_bytes",
                                             "generated_code_bytes", "peak_bytes", "margin_bytes", "flops",
                                             "xla_flops", "kernel_flops", "quantized_flops", "quantized",
+                                            "quantized_kernel_flops", "kernel_targets",
                                             "ideal_seconds", "compile_seconds",
                                             "lower_seconds", "xla_compile_seconds", "cache_hit", "collectives",
                                             "kernels", "uncounted")})
@@ -110,7 +113,9 @@ class Plan:
                          alias_bytes=c.alias_bytes, generated_code_bytes=c.generated_code_bytes,
                          peak_bytes=c.peak_bytes, margin_bytes=self.usable_bytes - c.peak_bytes, flops=c.flops,
                          xla_flops=c.xla_flops, kernel_flops=c.kernel_flops, quantized_flops=c.quantized_flops,
-                         quantized=c.quantized, ideal_seconds=self.ideal_seconds(p),
+                         quantized=c.quantized, quantized_kernel_flops=c.quantized_kernel_flops,
+                         kernel_targets=c.kernel_targets,
+                         ideal_seconds=self.ideal_seconds(p),
                          compile_seconds=c.lower_seconds + c.compile_seconds, lower_seconds=c.lower_seconds,
                          xla_compile_seconds=c.compile_seconds, cache_hit=c.cache_hit,
                          collectives=c.collectives, kernels=c.kernels, uncounted=c.uncounted)
@@ -160,10 +165,14 @@ class Plan:
                     f"{k} x{v['count']} ({v['bytes'] / GIB:.3f} GiB)" for k, v in sorted(coll.items())) or "none"))
                 if p.compiled.kernels:
                     lines.append("    attention kernels (calls per run): " + ", ".join(
-                        f"{k} x{n}" for k, n in sorted(p.compiled.kernels.items())))
+                        f"{k} x{n}" for k, n in sorted(p.compiled.kernels.items())) + " (custom calls: " + ", ".join(
+                        f"{k} x{n}" for k, n in sorted(p.compiled.kernel_targets.items())) + ")")
                 if p.compiled.quantized:
+                    att = p.compiled.quantized_kernel_flops
+                    att = f", {att / 1e12:.3f} of them in fp8 attention kernels" if att else ""
                     lines.append(f"    quantized matmuls: {p.compiled.quantized_flops / 1e12:.3f} TFLOP "
-                                 f"({p.compiled.quantized}) at {self.target.quantized_peak(p.compiled.quantized) / 1e12:g}"
+                                 f"({p.compiled.quantized}{att}) at "
+                                 f"{self.target.quantized_peak(p.compiled.quantized) / 1e12:g}"
                                  f" TOPS, the rest at {self.target.peak_flops / 1e12:g} TFLOP/s bf16")
                 for note in p.compiled.uncounted:
                     lines.append(f"    NOT COUNTED: {note}")

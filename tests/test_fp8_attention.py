@@ -1,0 +1,126 @@
+"""fp8 attention (``mm_jax.models.fp8_attention``, ``--quantize fp8``): the emulation of cuDNN's fp8
+kernel rounds q, k, v, the probabilities and the output to e4m3 and stays within a measured bound
+of exact attention; mode fp8 switches the DiT's self-attention to it and fp8-linears does not;
+where the kernel cannot run the call says so once and runs the bf16 path; the planner compiles
+the kernel for an H100 and counts its FLOPs at the fp8 peak (needs the CUDA plugin).
+
+The deviation of whole sampled videos (final latents and frames, the tiny pipeline, the same noise)
+is bounded in tests/test_quantize.py (run "fp8-att")."""
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mm_jax.models import fp8_attention as F
+from mm_jax.models import layers, quantize
+from mm_jax.plan import targets
+
+
+def _qkv(s=300, n=4, dh=64, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    return tuple(jax.random.normal(k, (2, s, n, dh)) for k in (k1, k2, k3))
+
+
+def test_per_tensor_quantization_uses_the_whole_e4m3_range():
+    x = jnp.array([[-3.0, 0.5], [1e-3, 1.5]])
+    x8, descale = F.quantize_per_tensor(x)
+    assert x8.dtype == jnp.float8_e4m3fn and float(jnp.max(jnp.abs(x8.astype(jnp.float32)))) == 448.0
+    np.testing.assert_allclose(np.asarray(x8.astype(jnp.float32) * descale), np.asarray(x), rtol=2 ** -4)
+
+
+def test_reference_rounds_the_output_to_e4m3_and_stays_close_to_exact_attention():
+    """Random q, k, v (2 x 300 tokens x 4 heads x 64): the emulated fp8 attention's output times
+    scale_o (224 / amax v) is e4m3-representable, and its relative RMS error against exact float32
+    attention is 0.0585 (normalized-probability rounding: 0.0599), bounded at 0.08; attention with
+    only q, k, v rounded (no probability or output rounding) is closer still (the roundings after
+    the inputs add error)."""
+    q, k, v = _qkv()
+    exact = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    rms = lambda a: float(jnp.sqrt(jnp.mean((a - exact) ** 2)) / jnp.sqrt(jnp.mean(exact ** 2)))  # noqa: E731
+    out = F.reference_fp8_attention(q, k, v, block_q=128)
+    scale_o = F.E4M3_MAX / F.O_HEADROOM / jnp.max(jnp.abs(v))
+    scaled = out * scale_o
+    np.testing.assert_allclose(np.asarray(scaled.astype(jnp.float8_e4m3fn).astype(jnp.float32)), np.asarray(scaled),
+                               rtol=1e-5)
+    deq = lambda t: F.quantize_per_tensor(t)[0].astype(jnp.float32) * F.quantize_per_tensor(t)[1]  # noqa: E731
+    inputs_only = jax.nn.dot_product_attention(deq(q), deq(k), deq(v), implementation="xla")
+    err, err_norm, err_in = rms(out), rms(F.reference_fp8_attention(q, k, v, normalized=True)), rms(inputs_only)
+    print(f"relative RMS vs exact: flash-form {err:.4f}, normalized {err_norm:.4f}, inputs only {err_in:.4f}")
+    assert err <= 0.08 and err_norm <= 0.08
+    assert err_in < err
+    # query blocks do not change the numbers (each block sees every key)
+    np.testing.assert_allclose(np.asarray(F.reference_fp8_attention(q, k, v, block_q=64)), np.asarray(out), atol=1e-6)
+
+
+def _tiny_dit(attention_impl=None):
+    """A tiny DiT, abstract (shapes only: quantize_model works on those as the planner's)."""
+    from mm_jax import checkpoint
+    from mm_jax.models.dit import DiTConfig
+
+    cfg = DiTConfig(num_attention_heads=2, attention_head_dim=16, num_layers=2, text_embed_dim=32,
+                    time_embed_dim=16, in_channels=4, out_channels=4, sample_frames=5, sample_height=8,
+                    sample_width=8, attention_impl=attention_impl)
+    return checkpoint.abstract_model("transformer", cfg)
+
+
+def _impls(model):
+    return {"/".join(map(str, p)): m.impl for p, m in nnx.iter_modules(model) if hasattr(m, "impl")}
+
+
+def test_fp8_mode_switches_the_dit_self_attention_and_fp8_linears_keeps_it():
+    fp8 = quantize.quantize_model(_tiny_dit(), "fp8")
+    assert _impls(fp8) == {"transformer_blocks/attn1": "cudnn-fp8"}
+    assert quantize.quantized_mode(fp8) == "fp8"
+    lin = quantize.quantize_model(_tiny_dit(), "fp8-linears")
+    assert _impls(lin) == {"transformer_blocks/attn1": None} and quantize.quantized_mode(lin) == "fp8-linears"
+    # an explicit other kernel is kept; the bf16 cuDNN one is the one fp8 replaces
+    assert _impls(quantize.quantize_model(_tiny_dit("chunked"), "fp8")) == {"transformer_blocks/attn1": "chunked"}
+    assert _impls(quantize.quantize_model(_tiny_dit("cudnn"), "fp8")) == {"transformer_blocks/attn1": "cudnn-fp8"}
+    assert _impls(quantize.quantize_model(_tiny_dit(), "int8")) == {"transformer_blocks/attn1": None}
+
+
+def test_cudnn_fp8_on_cpu_or_with_key_lengths_runs_the_default_kernel_and_says_so_once():
+    q, k, v = _qkv(s=40, n=2, dh=16)
+    F._WARNED.clear()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        a = layers.attention(q, k, v, implementation="cudnn-fp8")
+        layers.attention(q, k, v, implementation="cudnn-fp8")
+        lengths = jnp.array([30, 40])
+        b = layers.attention(q, k, v, kv_lengths=lengths, implementation="fp8-reference")
+    msgs = [str(x.message) for x in w]
+    assert msgs == ["attention: cuDNN's fp8 attention runs on NVIDIA GPUs (H100) only, not cpu; these calls run the "
+                    "'chunked' kernel in the compute dtype instead",
+                    "attention: cuDNN's fp8 attention takes no key mask or key lengths (jax 0.10.2: no kv_seqlen for "
+                    "fp8); these calls run the 'chunked' kernel in the compute dtype instead"], msgs
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(layers.attention(q, k, v, implementation="chunked")))
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(
+        layers.attention(q, k, v, kv_lengths=lengths, implementation="chunked")))
+
+
+@pytest.mark.slow
+def test_h100_sample_plan_compiles_the_fp8_attention_kernel_and_counts_it_at_the_fp8_peak():
+    """Needs the CUDA plugin (the cuda12 extra). The tiny DiT's denoising step for h100x1 with
+    --quantize fp8: the compiled HLO holds cuDNN's fp8 custom call, its FLOPs are the bf16 cuDNN
+    kernel's (the same shapes) and count at the 1979 TOPS fp8 peak with the fp8 linear layers."""
+    if not targets.cuda_plugin_installed():
+        pytest.skip("the CUDA plugin is not installed (pip install -e '.[cuda12]'); this path did not run")
+    from tests.tiny_plan import plan_tiny
+
+    bf, lin, fp8 = (plan_tiny("h100x1", identity=False, quantize=m) for m in (None, "fp8-linears", "fp8"))
+    cb, cl, cq = (p.phases[0].compiled for p in (bf, lin, fp8))
+    assert cb is not None and cl is not None and cq is not None, [p.phases[0].error for p in (bf, lin, fp8)]
+    [(name, calls)] = cq.kernels.items()
+    assert name.startswith("cudnn-fp8 forward") and calls == 2
+    assert cq.kernel_targets == {"__cudnn$fmhaSoftmaxF8": 2}, cq.kernel_targets  # the fp8 custom call in the HLO
+    assert cl.kernel_targets == {"__cudnn$fmhaSoftmax": 2}, cl.kernel_targets
+    assert list(cl.kernels) == [name.replace("cudnn-fp8", "cudnn")]
+    assert cq.quantized == "fp8" and cq.quantized_kernel_flops == cb.kernel_flops > 0
+    assert cq.quantized_flops == pytest.approx(cl.quantized_flops + cq.kernel_flops, rel=1e-9)
+    want = (cq.flops - cq.quantized_flops) / 989e12 + cq.quantized_flops / 1979e12
+    assert fp8.ideal_seconds(fp8.phases[0]) == pytest.approx(want, rel=1e-9)
+    assert fp8.ideal_seconds(fp8.phases[0]) < lin.ideal_seconds(lin.phases[0]) < bf.ideal_seconds(bf.phases[0])
+    assert "attention cudnn-fp8" in fp8.phases[0].what and "attention cudnn;" in lin.phases[0].what
