@@ -1,7 +1,10 @@
 """python -m mm_jax.plan: the JSON other scripts read, the README table written between its markers,
 bad input refused by name with exit 2 before anything compiles, settings from a training config,
 a phase that fails to compile reported with exit 1; on tiny checkpoint folders holding only the
-models' configs."""
+models' configs. The module's runs share one planner compile cache (``mm_jax.plan.cache``): a phase
+an earlier test compiled (the v5e-1 text encoder) is read back, with the same numbers
+(tests/test_plan_cache.py), instead of compiled again. (The denoising step is compiled again: its
+second lowering in a process carries 4 more loop arguments, so its key differs.)"""
 from __future__ import annotations
 
 import json
@@ -21,7 +24,8 @@ pytestmark = pytest.mark.skipif(not targets.libtpu_installed(), reason="libtpu m
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    """Checkpoint folders of the tiny models holding only what the planner reads: the configs."""
+    """Checkpoint folders of the tiny models holding only what the planner reads (the configs), and
+    the module's planner compile cache folder."""
     root = tmp_path_factory.mktemp("plan_ckpt")
     m = tiny_models()
     backbone, adapter = root / "backbone", root / "adapter"
@@ -33,13 +37,13 @@ def tiny_ckpt(tmp_path_factory):
         checkpoint.write_index(folder, list(comps))
     (backbone / "scheduler").mkdir()
     (backbone / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
-    return backbone, adapter
+    return backbone, adapter, root / "plan_cache"
 
 
 def _cli(tiny_ckpt, *args):
-    backbone, adapter = tiny_ckpt
+    backbone, adapter, cache = tiny_ckpt
     return cli.main(["--checkpoint", str(backbone), "--adapter", str(adapter), "--frames", "9", "--height", "64",
-                     "--width", "64", "--steps", "4", *args])
+                     "--width", "64", "--steps", "4", "--compile-cache", str(cache), *args])
 
 
 def test_cli_json_has_the_fields_other_scripts_read(tiny_ckpt, tmp_path, capsys):
