@@ -82,30 +82,48 @@ def test_fp8_mode_switches_the_dit_self_attention_and_fp8_linears_keeps_it():
     assert _impls(quantize.quantize_model(_tiny_dit(), "int8")) == {"transformer_blocks/attn1": None}
 
 
-def test_cudnn_fp8_on_cpu_or_with_key_lengths_runs_the_default_kernel_and_says_so_once():
+def test_cudnn_fp8_on_cpu_runs_the_default_kernel_and_says_so_once():
     q, k, v = _qkv(s=40, n=2, dh=16)
     F._WARNED.clear()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         a = layers.attention(q, k, v, implementation="cudnn-fp8")
-        layers.attention(q, k, v, implementation="cudnn-fp8")
-        lengths = jnp.array([30, 40])
-        b = layers.attention(q, k, v, kv_lengths=lengths, implementation="fp8-reference")
+        layers.attention(q, k, v, kv_lengths=jnp.array([30, 40]), implementation="cudnn-fp8")
+        layers.attention(q, k, v, kv_lengths=jnp.array([30, 40]), implementation="fp8-reference")
     msgs = [str(x.message) for x in w]
     assert msgs == ["attention: cuDNN's fp8 attention runs on NVIDIA GPUs (H100) only, not cpu; these calls run the "
-                    "'chunked' kernel in the compute dtype instead",
-                    "attention: cuDNN's fp8 attention takes no key mask or key lengths (jax 0.10.2: no kv_seqlen for "
-                    "fp8); these calls run the 'chunked' kernel in the compute dtype instead"], msgs
+                    "'chunked' kernel in the compute dtype instead"], msgs
     np.testing.assert_array_equal(np.asarray(a), np.asarray(layers.attention(q, k, v, implementation="chunked")))
-    np.testing.assert_array_equal(np.asarray(b), np.asarray(
-        layers.attention(q, k, v, kv_lengths=lengths, implementation="chunked")))
+
+
+def test_hidden_keys_through_the_extra_value_channel_equal_masked_attention():
+    """Key lengths (70 of 100 keys for row 0, all for row 1) without a mask in the kernel: the hidden
+    keys' k and v zeroed, their mass read from one more value channel (head dim 64 -> 80). With exact
+    attention as the kernel it equals masked attention (relative RMS 1.2e-7 measured, bound 1e-5); with
+    the fp8 emulation the relative RMS error vs exact masked attention is 0.0563, bounded at 0.08; a
+    kernel whose extra channel reads 0 (the hidden keys' mass ignored) is off by 0.151."""
+    q, k, v = _qkv(s=100)
+    lengths = jnp.array([70, 100])
+    hidden = ~layers.lengths_mask(lengths, 100)
+    exact = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="xla")
+    rms = lambda a: float(jnp.sqrt(jnp.mean((a - exact) ** 2)) / jnp.sqrt(jnp.mean(exact ** 2)))  # noqa: E731
+    plain = lambda q, k, v, scale: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")  # noqa: E731
+    assert F.padded_head_dim(64) == 80
+    via_channel = F.with_hidden_keys(plain, q, k, v, hidden)
+    assert rms(via_channel) < 1e-5, rms(via_channel)
+    fp8 = layers.attention(q, k, v, kv_lengths=lengths, implementation="fp8-reference")
+    np.testing.assert_allclose(np.asarray(fp8), np.asarray(F.reference_fp8_attention(q, k, v, None, hidden)))
+    wrong = F.with_hidden_keys(lambda *a: plain(*a).at[..., 64].set(0.0), q, k, v, hidden)
+    print(f"relative RMS vs exact masked: channel {rms(via_channel):.2e}, fp8 {rms(fp8):.4f}, wrong {rms(wrong):.4f}")
+    assert rms(fp8) <= 0.08 and rms(wrong) > 0.08
 
 
 @pytest.mark.slow
 def test_h100_sample_plan_compiles_the_fp8_attention_kernel_and_counts_it_at_the_fp8_peak():
     """Needs the CUDA plugin (the cuda12 extra). The tiny DiT's denoising step for h100x1 with
     --quantize fp8: the compiled HLO holds cuDNN's fp8 custom call, its FLOPs are the bf16 cuDNN
-    kernel's (the same shapes) and count at the 1979 TOPS fp8 peak with the fp8 linear layers."""
+    kernel's (the same shapes) and count at the 1979 TOPS fp8 peak with the fp8 linear layers; with
+    the adapter's key lengths it compiles too, on the padded head dim."""
     if not targets.cuda_plugin_installed():
         pytest.skip("the CUDA plugin is not installed (pip install -e '.[cuda12]'); this path did not run")
     from tests.tiny_plan import plan_tiny
@@ -124,3 +142,9 @@ def test_h100_sample_plan_compiles_the_fp8_attention_kernel_and_counts_it_at_the
     assert fp8.ideal_seconds(fp8.phases[0]) == pytest.approx(want, rel=1e-9)
     assert fp8.ideal_seconds(fp8.phases[0]) < lin.ideal_seconds(lin.phases[0]) < bf.ideal_seconds(bf.phases[0])
     assert "attention cudnn-fp8" in fp8.phases[0].what and "attention cudnn;" in lin.phases[0].what
+    # with the adapter the CFG batch hides the identity tokens from the negative row (key lengths):
+    # the fp8 call takes one more value channel, Dh 128 -> 144, and is counted so
+    ident = plan_tiny("h100x1", quantize="fp8").phases[0].compiled
+    assert ident is not None and ident.kernel_targets == {"__cudnn$fmhaSoftmaxF8": 2}, ident
+    [name] = ident.kernels
+    assert name.startswith("cudnn-fp8 forward") and "Dh144 " in name, name

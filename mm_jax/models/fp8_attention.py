@@ -24,11 +24,15 @@ row maximum, exp(S - max) in (0, 1], and the row sum divides the float32 accumul
 a running one per key block (the same values up to one rescale in float32), so it agrees with the
 kernel in distribution, not bit for bit (tensor-core fp8 accumulation is not emulated either).
 
+Masks: jax's fp8 path takes neither a mask nor key lengths ("Expected 'None' for bias, mask,
+q_seqlen, and kv_seqlen"), and the Magic Mirror DiT's CFG batch hides its identity tokens from the
+negative row by key lengths. ``with_hidden_keys`` masks exactly through one more value channel
+(the head dim padded 64 -> 80): see there.
+
 Where fp8 attention cannot run, ``fallback_reason`` says why and ``layers.attention`` runs the
 backend's bf16 kernel with a warning (once per reason): not a GPU (CPU, TPU: splash stays bf16),
-a key mask or key lengths (jax's fp8 path takes neither: "Expected 'None' for bias, mask, q_seqlen,
-and kv_seqlen"), a head dim that is not a multiple of 16 or above 256 (jax's inference check), or
-ring attention over a context axis (its blocks are XLA einsums, no kernel).
+a head dim (padded, for a masked call) that is not a multiple of 16 or above 256 (jax's inference
+check), or ring attention over a context axis (its blocks are XLA einsums, no kernel).
 """
 from __future__ import annotations
 
@@ -75,27 +79,60 @@ def fp8_params(dq, dk, dv, scale_o) -> dict[str, jax.Array]:
     return p
 
 
-def cudnn_fp8_attention(q, k, v, scale: float | None = None) -> jax.Array:
+def padded_head_dim(h: int) -> int:
+    """The head dim of a masked call (``with_hidden_keys``): one more channel, rounded up to 16."""
+    return -(-(h + 1) // 16) * 16
+
+
+def with_hidden_keys(fn, q, k, v, hidden, scale: float | None = None) -> jax.Array:
+    """``fn(q, k, v, scale)`` (attention without masks) with the keys where ``hidden`` (B, T) is True
+    left out, exactly up to the kernel's roundings: the hidden keys get k = 0 and v = 0, and one more
+    value channel (q, k, v padded with zeros to ``padded_head_dim``) is a = max|v| on the hidden keys
+    and 0 elsewhere. That channel's output is a * f, f the softmax mass on the hidden keys, so the
+    first Dh output channels over (1 - f) are the attention over the seen keys. k = 0 puts the hidden
+    keys' scores at 0, below the row maximum over the seen keys in practice, so f stays small (the
+    5B's CFG batch hides 32 identity tokens of 17,808). Costs the padded head dim (64 -> 80)."""
+    b, t, n, h = k.shape
+    scale = h ** -0.5 if scale is None else scale
+    hide = hidden[:, :, None, None]
+    k, v = jnp.where(hide, 0, k), jnp.where(hide, 0, v)
+    a = jnp.maximum(jnp.max(jnp.abs(v.astype(jnp.float32))), jnp.finfo(jnp.float32).tiny)
+    hp = padded_head_dim(h)
+    pad = ((0, 0), (0, 0), (0, 0), (0, hp - h))
+    ind = jnp.broadcast_to(jnp.where(hide, a, 0.0), (b, t, n, 1)).astype(v.dtype)
+    vp = jnp.concatenate([v, ind, jnp.zeros((b, t, n, hp - h - 1), v.dtype)], axis=-1)
+    o = fn(jnp.pad(q, pad), jnp.pad(k, pad), vp, scale).astype(jnp.float32)
+    seen = jnp.maximum(1.0 - o[..., h:h + 1] / a, 1e-6)  # 1 - f (a row that sees no key: garbage, finite)
+    return (o[..., :h] / seen).astype(q.dtype)
+
+
+def cudnn_fp8_attention(q, k, v, scale: float | None = None, hidden=None) -> jax.Array:
     """softmax(q k^T * scale) v on cuDNN's fp8 flash kernel: q (B, S, N, Dh), k/v (B, T, N, Dh) in any
-    float dtype -> (B, S, N, Dh) in q's dtype. No masks (see the module docstring)."""
+    float dtype -> (B, S, N, Dh) in q's dtype; ``hidden`` (B, T) bool: keys left out
+    (``with_hidden_keys``)."""
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if hidden is not None:
+        return with_hidden_keys(cudnn_fp8_attention, q, k, v, hidden, scale)
     q8, k8, v8, dq, dk, dv, scale_o = _quantized_inputs(q, k, v)
     out, _amax_s, _amax_o = dot_product_attention(q8, k8, v8, fp8_params=fp8_params(dq, dk, dv, scale_o),
                                                   scale=float(scale), qkv_layout="BTNH", use_fp8=True)
     return (out.astype(jnp.float32) / scale_o).astype(q.dtype)
 
 
-def reference_fp8_attention(q, k, v, scale: float | None = None, *, block_q: int = 512,
+def reference_fp8_attention(q, k, v, scale: float | None = None, hidden=None, *, block_q: int = 512,
                             normalized: bool = False) -> jax.Array:
     """The same computation in XLA ops with cuDNN's fp8 roundings (the module docstring): q, k, v per
     tensor in e4m3, the probabilities x ``S_SCALE`` in e4m3, the output x scale_o in e4m3; one query
     block (``block_q`` rows, all heads) at a time under ``lax.map``, each against every key.
     ``normalized``: round the normalized probabilities instead of exp(S - row max) (the SDPA graph's
-    literal reading; a flash kernel rounds the latter)."""
+    literal reading; a flash kernel rounds the latter). ``hidden``: as ``cudnn_fp8_attention``."""
     b, s, n, h = q.shape
     scale = h ** -0.5 if scale is None else scale
+    if hidden is not None:
+        return with_hidden_keys(lambda *a: reference_fp8_attention(*a, block_q=block_q, normalized=normalized),
+                                q, k, v, hidden, scale)
     q8, k8, v8, dq, dk, dv, scale_o = _quantized_inputs(q, k, v)
     bq = min(block_q, s)
     nq = -(-s // bq)
@@ -117,15 +154,13 @@ def reference_fp8_attention(q, k, v, scale: float | None = None, *, block_q: int
     return o.astype(q.dtype)
 
 
-def fallback_reason(impl: str, q, key_mask, kv_lengths, platform: str, ring: bool) -> str | None:
+def fallback_reason(impl: str, q, masked: bool, platform: str, ring: bool) -> str | None:
     """Why ``impl`` ("cudnn-fp8" or "fp8-reference", which runs anywhere) cannot run this call (None:
-    it can). ``platform``: the one compiled for; ``ring``: the call runs ring attention over a
-    context axis."""
-    h = q.shape[-1]
+    it can). ``masked``: the call hides keys (``with_hidden_keys`` pads the head dim); ``platform``:
+    the one compiled for; ``ring``: the call runs ring attention over a context axis."""
+    h = padded_head_dim(q.shape[-1]) if masked else q.shape[-1]
     if impl == "cudnn-fp8" and platform not in ("gpu", "cuda"):
         return f"cuDNN's fp8 attention runs on NVIDIA GPUs (H100) only, not {platform}"
-    if key_mask is not None or kv_lengths is not None:
-        return "cuDNN's fp8 attention takes no key mask or key lengths (jax 0.10.2: no kv_seqlen for fp8)"
     if impl == "cudnn-fp8" and (h % 16 or h > 256):
         return f"cuDNN's fp8 attention needs a head dim that is a multiple of 16 and <= 256, not {h}"
     if ring:
@@ -133,10 +168,19 @@ def fallback_reason(impl: str, q, key_mask, kv_lengths, platform: str, ring: boo
     return None
 
 
-def warn_fallback(reason: str, fallback: str) -> None:
-    """Say once per reason that fp8 attention did not run and which kernel did."""
-    if reason in _WARNED:
-        return
-    _WARNED.add(reason)
-    warnings.warn(f"attention: {reason}; these calls run the {fallback!r} kernel in the compute dtype instead",
-                  stacklevel=4)
+def choose(impl: str, q, key_mask, kv_lengths, parallelism: str | None, default: str) -> str:
+    """``impl`` where fp8 attention can run this call (``layers.attention``), else ``default`` (the
+    backend's kernel), with a warning once per reason."""
+    from mm_jax import parallel
+    from mm_jax.models import attention_parallel as ap
+    from mm_jax.models.platform import target_platform
+
+    ring = key_mask is None and parallel.device_count() > 1 and ap.scheme(q.shape[2], None, parallelism) == "ring"
+    why = fallback_reason(impl, q, key_mask is not None or kv_lengths is not None, target_platform(), ring)
+    if why is None:
+        return impl
+    if why not in _WARNED:
+        _WARNED.add(why)
+        warnings.warn(f"attention: {why}; these calls run the {default!r} kernel in the compute dtype instead",
+                      stacklevel=3)
+    return default

@@ -244,14 +244,14 @@ def _splash(q, k, v, key_mask, kv_lengths, scale):
     return splash_attention(q, k, v, _key_mask(key_mask, kv_lengths, k.shape[1]), scale)
 
 
-def _cudnn_fp8(q, k, v, key_mask, kv_lengths, scale):  # unmasked calls only (``attention`` routes them);
-    from mm_jax.models.fp8_attention import cudnn_fp8_attention  # kv_lengths: shard_map's full lengths
-    return cudnn_fp8_attention(q, k, v, scale)
+def _fp8(name):  # masks as the keys they hide (fp8_attention.with_hidden_keys)
+    def run(q, k, v, key_mask, kv_lengths, scale):
+        from mm_jax.models import fp8_attention as f
 
-
-def _fp8_reference(q, k, v, key_mask, kv_lengths, scale):
-    from mm_jax.models.fp8_attention import reference_fp8_attention
-    return reference_fp8_attention(q, k, v, scale)
+        m = _key_mask(key_mask, kv_lengths, k.shape[1])
+        fn = f.cudnn_fp8_attention if name == "cudnn-fp8" else f.reference_fp8_attention
+        return fn(q, k, v, scale, None if m is None else ~m)
+    return run
 
 
 ATTENTION_IMPLS: dict[str, Callable] = {  # (q, k, v, key_mask, kv_lengths, scale) -> out
@@ -259,8 +259,8 @@ ATTENTION_IMPLS: dict[str, Callable] = {  # (q, k, v, key_mask, kv_lengths, scal
     "xla": _xla,
     "cudnn": _cudnn,
     "splash": _splash,  # TPU Pallas kernel, mm_jax/models/splash.py
-    "cudnn-fp8": _cudnn_fp8,  # cuDNN's fp8 flash attention (H100), mm_jax/models/fp8_attention.py
-    "fp8-reference": _fp8_reference,  # its numerics in XLA ops, any backend (a test reference)
+    "cudnn-fp8": _fp8("cudnn-fp8"),  # cuDNN's fp8 flash attention (H100), mm_jax/models/fp8_attention.py
+    "fp8-reference": _fp8("fp8-reference"),  # its numerics in XLA ops, any backend (a test reference)
 }
 
 
@@ -313,17 +313,6 @@ def _warn_cudnn_fallback(dtype) -> None:
                   stacklevel=3)
 
 
-def _fp8_or_fallback(impl, q, key_mask, kv_lengths, parallelism):
-    """``impl`` where fp8 attention can run this call, else the backend's default kernel, with a warning."""
-    from mm_jax.models import attention_parallel as ap, fp8_attention
-
-    ring = key_mask is None and parallel.device_count() > 1 and ap.scheme(q.shape[2], None, parallelism) == "ring"
-    why = fp8_attention.fallback_reason(impl, q, key_mask, kv_lengths, target_platform(), ring)
-    if why is not None:
-        fp8_attention.warn_fallback(why, default_attention_impl())
-    return impl if why is None else default_attention_impl()
-
-
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array | None = None,
               kv_lengths: jax.Array | None = None, scale: float | None = None, bias: jax.Array | None = None,
               implementation: str | None = None, parallelism: str | None = None) -> jax.Array:
@@ -335,7 +324,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array |
     bias (T5's relative positions; short sequences, so it always takes the "xla" path).
     ``implementation``: a key of ``ATTENTION_IMPLS`` or None for the backend default. cuDNN needs
     bf16/fp16 inputs; fp32 falls back to "xla" with a warning. "cudnn-fp8" (``fp8_attention``) runs
-    unmasked calls on an NVIDIA GPU; others fall back to the default kernel with a warning.
+    on NVIDIA GPUs; elsewhere the default kernel runs, with a warning.
 
     Under a multi-device mesh (and without a general ``key_mask``) the kernel runs per shard in
     ``shard_map`` (``attention_parallel``): batch and heads split by the logical rules, and a
@@ -348,8 +337,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array |
         return jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), mask=mask, scale=scale,
                                             implementation="xla")
     impl = implementation or default_attention_impl()
-    if impl in ("cudnn-fp8", "fp8-reference"):
-        impl = _fp8_or_fallback(impl, q, key_mask, kv_lengths, parallelism)
+    fp8 = impl in ("cudnn-fp8", "fp8-reference")
+    if fp8:
+        from mm_jax.models import fp8_attention
+        impl = fp8_attention.choose(impl, q, key_mask, kv_lengths, parallelism, default_attention_impl())
     if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
         _warn_cudnn_fallback(q.dtype)
         impl = "xla"
@@ -362,8 +353,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array |
     from mm_jax.models import attention_parallel as ap
 
     if key_mask is None and parallel.device_count() > 1:
-        return ap.sharded_attention(lambda q, k, v, n: kernel(q, k, v, None, n, scale), q, k, v, kv_lengths, scale,
-                                    parallelism=parallelism)
+        full = fp8 and kv_lengths is None  # the fp8 kernels hide keys at a cost (a value channel): none here
+        return ap.sharded_attention(lambda q, k, v, n: kernel(q, k, v, None, None if full else n, scale), q, k, v,
+                                    kv_lengths, scale, parallelism=parallelism)
     return kernel(q, k, v, key_mask, kv_lengths, scale)
 
 

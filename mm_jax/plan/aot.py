@@ -39,7 +39,8 @@ body once, so for the models' scanned layers it reads low by about the layer cou
   ``mm_jax.models.layers.attention``). 4·B·N·S·T·Dh per forward call (QK^T and PV), 2.5x that per
   backward (splash's backward is a ``dq`` and a ``dkv`` kernel: counted once; cuDNN's is one
   ``...Backward`` call); a remat recompute is a forward. S and T are the unpadded query and key
-  lengths (splash pads them to its block and the head dim 64 to 128: that padding is not counted),
+  lengths (splash pads them to its block and the head dim 64 to 128: that padding is not counted;
+  a masked cuDNN fp8 call's extra value channel, Dh 64 -> 80, is: the model pads it itself),
   masked keys are counted (the kernel computes them). Divided over the devices that split q by the
   activation rule ``("batch", "seq", "act_heads")`` of ``mm_jax.parallel`` (what splash's
   ``shard_map`` uses); a call inside ``shard_map`` already holds one device's shard.
@@ -181,6 +182,10 @@ def counting_kernels():
                 for entry in parallel.logical_to_spec(("batch", "seq", "act_heads", None), q.shape, sizes):
                     shards *= parallel.spec_shards(entry, auto)
             b, s, n, dh = q.shape
+            if impl == "cudnn-fp8" and (key_mask is not None or kv_lengths is not None):
+                from mm_jax.models.fp8_attention import padded_head_dim
+
+                dh = padded_head_dim(dh)  # a masked fp8 call computes with one more (padded) channel
             kc = KernelCall(impl, b, s, k.shape[1], n, dh, shards)
             fn = lambda q, k, v, key_mask, kv_lengths: real(q, k, v, key_mask, kv_lengths, scale)  # noqa: E731
             fn.__name__ = fn.__qualname__ = kc.name()
