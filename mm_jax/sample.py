@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute/param dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     ap.add_argument("--quantize", default=None, metavar="MODE",
                     help="the DiT's and T5's linear layers quantized: int8 (TPU, A100/A800), fp8 (H100: also the "
-                         "DiT's self-attention on cuDNN's fp8 kernel, where it has no key mask), fp8-linears (fp8 "
+                         "DiT's self-attention on cuDNN's fp8 kernel), fp8-linears (fp8 "
                          "linear layers, attention in --dtype), or int8-weights (weights only: memory); other "
                          "attention stays in --dtype (TPU: splash, CPU: no fp8 attention; a warning says so) "
                          "(default: none)")

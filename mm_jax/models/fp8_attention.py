@@ -24,6 +24,12 @@ row maximum, exp(S - max) in (0, 1], and the row sum divides the float32 accumul
 a running one per key block (the same values up to one rescale in float32), so it agrees with the
 kernel in distribution, not bit for bit (tensor-core fp8 accumulation is not emulated either).
 
+What the planner's ideal time leaves out: it counts matmul FLOPs only, at the fp8 peak (1979 TOPS
+on an H100 SXM). A flash kernel also takes one exponential per (query, key) pair, and an H100 does
+those at 3.9 TFLOP/s (FlashAttention-3, Shah et al. 2024): at head dim 64 (4 x 64 = 256 matmul
+FLOPs per exponential) that caps attention at ~1000 TFLOP/s, the bf16 matmul peak, so the fp8
+kernel's real gain over bf16 is bounded by how well the bf16 kernel overlaps its exponentials.
+
 Masks: jax's fp8 path takes neither a mask nor key lengths ("Expected 'None' for bias, mask,
 q_seqlen, and kv_seqlen"), and the Magic Mirror DiT's CFG batch hides its identity tokens from the
 negative row by key lengths. ``with_hidden_keys`` masks exactly through one more value channel

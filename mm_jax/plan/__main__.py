@@ -79,7 +79,7 @@ def build_parser():
                     help="train: what trains (default: adapter)")
     ap.add_argument("--quantize", default=None, metavar="MODE",
                     help="sample: the DiT's and T5's linear layers in int8 (TPU, A100/A800), fp8 (H100; with the "
-                         "DiT's unmasked self-attention on cuDNN's fp8 kernel), fp8-linears (attention bf16) or "
+                         "DiT's self-attention on cuDNN's fp8 kernel), fp8-linears (attention bf16) or "
                          "int8-weights; their 8-bit matmuls and fp8 attention kernels counted at the chip's "
                          "int8/fp8 peak")
     ap.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
