@@ -107,7 +107,8 @@ def test_hidden_keys_through_the_extra_value_channel_equal_masked_attention():
     hidden = ~layers.lengths_mask(lengths, 100)
     exact = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="xla")
     rms = lambda a: float(jnp.sqrt(jnp.mean((a - exact) ** 2)) / jnp.sqrt(jnp.mean(exact ** 2)))  # noqa: E731
-    plain = lambda q, k, v, scale: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")  # noqa: E731
+    def plain(q, k, v, scale):
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
     assert F.padded_head_dim(64) == 80
     via_channel = F.with_hidden_keys(plain, q, k, v, hidden)
     assert rms(via_channel) < 1e-5, rms(via_channel)
@@ -181,7 +182,8 @@ def test_sharded_fp8_attention_per_shard_with_and_without_key_lengths():
         exact_masked = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="xla")
         print(plain_calls, len(calls) > plain_calls, rms(full, exact_full), rms(masked, exact_masked))
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=fake_devices_env(4))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=fake_devices_env(4))
     assert out.returncode == 0, out.stderr[-3000:]
     plain_calls, masked_used, err_full, err_masked = out.stdout.strip().splitlines()[-1].split()
     print(f"relative RMS: unmasked {err_full}, masked {err_masked}")

@@ -20,9 +20,9 @@ Every ``nnx.Linear`` whose path (``"/"``-joined, e.g. ``transformer_blocks/attn1
 ``include`` becomes a ``QuantizedLinear``: the DiT's attention projections, feed-forward, AdaLN
 modulations, text projection and output projection; T5's attention and gated feed-forward. The
 attention itself (QK^T, softmax, PV in the attention kernel; but for ``fp8``'s, above), LayerNorms,
-the patch convolution and embeddings keep the compute dtype. Stacked layers (``layers.stack``: a leading ``layers`` axis run
-under ``lax.scan``) are quantized per layer and per output channel (scale ``(layers, out, 1)``), so
-the scan slices the int8 kernel and its scale together. The quantized kernel is stored transposed,
+the patch convolution and embeddings keep the compute dtype. Stacked layers (``layers.stack``: a
+leading ``layers`` axis run under ``lax.scan``) are quantized per layer and per output channel
+(scale ``(layers, out, 1)``), so the scan slices the int8 kernel and its scale together. The quantized kernel is stored transposed,
 ``(..., out, in)``: cuBLAS's int8 and fp8 GEMMs take both operands with the contraction in the
 minor dimension ("TN"), and with the ``(in, out)`` layout XLA:GPU transposes every layer's weights
 outside the layer loop (the h100x1 fp8 step's temporaries went from 1.84 to 8.54 GiB).
