@@ -10,7 +10,9 @@ bit-identical to the uninterrupted run; checkpoints move between 2 processes and
 Runs are shared (a run costs about a minute of compiling on 2 cores): the uninterrupted 2-process
 run and the 1-process run are module fixtures, and one interrupted chain serves the SIGTERM and
 the kill -9 tests. Every run's wall time is printed (``pytest -s``) and summed at the end: 8 runs,
-939 s on 2 CPU cores shared with other work (the module: 17 min with building the assets).
+939 s on 2 CPU cores shared with other work, 868 s at load ~13 (the module: 18 min there, 109 s of it
+building the session's assets, conftest.tiny_assets, which a whole-suite run has already built).
+Edits to mm_jax/ during a run break the bit-identical claims (the relaunches import the new code).
 """
 from __future__ import annotations
 
@@ -27,8 +29,7 @@ import numpy as np
 import psutil
 import pytest
 
-from mm_jax import config, exit_codes
-from mm_jax.demo import assets as demo_assets
+from mm_jax import exit_codes
 from mm_jax.training.logs import read_history
 from tests.conftest import fake_devices_env
 
@@ -154,14 +155,11 @@ def _resumed_from(run: Run) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """Tiny models, stand-in faces, the synthetic set and the reference face, built once: the runs
-    get their paths (the setup hook would otherwise build them in every process of every run)."""
-    root = tmp_path_factory.mktemp("mp_assets")
-    cfg = config.load("configs/video.py:tiny", ["sample.enabled=True"])
-    demo_assets.prepare(cfg, root)
-    return {k: cfg[k.split(".")[0]][k.split(".")[1]] for k in
-            ("model.checkpoint", "model.adapter", "data.face_models", "data.path", "sample.ref")}
+def assets(tiny_assets):
+    """Tiny models, stand-in faces, the synthetic set and the reference face, built once per session
+    (conftest.tiny_assets, which the other training and sampling modules read too): the runs get
+    their paths (the setup hook would otherwise build them in every process of every run)."""
+    return dict(tiny_assets)
 
 
 @pytest.fixture(scope="module")
