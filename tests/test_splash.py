@@ -95,3 +95,14 @@ def test_sharded_call_runs_the_kernel_per_shard_under_a_mesh(mesh):
                          env=fake_devices_env(4))
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+def test_a_traced_call_leaves_no_tracer_behind():
+    """The kernel is built in each trace: one kept from an earlier trace (an lru_cache) carried that
+    trace's mask arrays as tracers, which the next lowering for a TPU took as extra arguments (the
+    same step lowered to two programs, and the planner's compile cache missed)."""
+    q, k, v, _ = inputs(64)
+    f = lambda q, k, v: splash.splash_attention(q, k, v, interpret=True)
+    with jax.checking_leaks():
+        first, second = (jax.jit(f).lower(q, k, v).as_text() for _ in range(2))
+    assert first == second

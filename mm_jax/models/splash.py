@@ -21,7 +21,6 @@ The Pallas TPU module is imported lazily, so importing this file (and mm_jax) ne
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -81,10 +80,13 @@ def reference_kernel(q, k, v, q_ids, kv_ids):
     return jnp.einsum("nst,ntd->nsd", p, v.astype(jnp.float32)).astype(q.dtype)
 
 
-@functools.lru_cache(maxsize=None)
 def make_kernel(heads: int, sp: int, tp: int, bq: int, bkv: int, interpret: bool = False):
     """A single-device splash MHA kernel over a full (unmasked) block pattern; masking comes from
-    the segment ids. Backward block sizes are set so the kernel is differentiable (training)."""
+    the segment ids. Backward block sizes are set so the kernel is differentiable (training).
+    Built anew in each trace (0.29 s for the 5B's 48 heads x 17920 tokens): its mask-info arrays are
+    made while tracing, so a kernel cached across traces held one trace's tracers, which the next
+    trace took as arguments (the same step lowered twice in one process differed and the
+    planner's compile cache missed)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
