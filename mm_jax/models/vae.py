@@ -29,7 +29,7 @@ from mm_jax.models import vae_tiling
 from mm_jax.models.config_base import ConfigBase
 from mm_jax.models.layers import canonical_dtype
 from mm_jax.models.vae_layers import (Cache, CausalConv3d, DownBlock3D, MidBlock3D, SpatialNorm3D, UpBlock3D, group_norm,
-                                     valid_mask)
+                                     resnet_chain, valid_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +146,13 @@ class Decoder3D(nnx.Module):
         cache = cache or {}
         new = {}
         h, new["conv_in"] = self.conv_in(z, cache.get("conv_in"))
-        h, new["mid_block"] = self.mid_block(h, z, cache.get("mid_block"), valid)
-        for i, blk in enumerate(self.up_blocks):
+        # the mid block's resnets and the first up block's are one chain: where they have one body
+        # (the 5B: six 512 -> 512 blocks at the latent size) they run under one scan
+        first = self.up_blocks[0]
+        h, (new["mid_block"], new["up_block_0"]) = resnet_chain(
+            [(self.mid_block.resnets, cache.get("mid_block")), (first.resnets, cache.get("up_block_0"))], h, z, valid)
+        h = first.upsample(h, z, valid)
+        for i, blk in enumerate(self.up_blocks[1:], 1):
             h, new[f"up_block_{i}"] = blk(h, z, cache.get(f"up_block_{i}"), valid)
         h = jax.nn.silu(self.norm_out(h, z, valid))
         if valid is not None:

@@ -6,6 +6,11 @@ config; these layers take what they need (widths, groups, eps, dtypes), not the 
 Every ``__call__`` that holds a temporal conv takes ``cache`` and returns ``(out, new_cache)``;
 the cache is a dict pytree mirroring the module tree (None for a fresh first batch).
 
+Consecutive resnets of one body (same structure, same parameter shapes) run under one
+``lax.scan`` over their stacked parameters (``resnet_chain``): the TPU backend spends its compile
+time lowering each 3x3x3 convolution, and a scanned body is lowered once (the 5B decoder: 18
+resnets in 6 bodies), with the same numbers as one block after the other.
+
 The decoder's layers also take ``valid`` (None, or the traced (height, width) of the latents that
 are real, at the top left of a zero-padded tile): every GroupNorm then takes its statistics over
 the valid region only and every spatial conv sees zeros outside it, so the valid region's outputs
@@ -235,12 +240,72 @@ class Upsample3D(nnx.Module):
         return self.conv(x)
 
 
-def _resnets(resnets, x, zq, cache: Cache, valid=None):
-    """Run a list of ResnetBlock3D, threading each one's cache entry ``resnet_i``."""
-    cache = cache or {}
-    new = {}
+def _same_body(a: nnx.Module, b: nnx.Module) -> bool:
+    """Whether two modules have one structure and parameters of the same shapes and dtypes (so one
+    compiled body serves both)."""
+    (ga, sa), (gb, sb) = nnx.split(a), nnx.split(b)
+    la, lb = jax.tree.leaves(sa), jax.tree.leaves(sb)
+    return ga == gb and len(la) == len(lb) and all(u.shape == v.shape and u.dtype == v.dtype for u, v in zip(la, lb))
+
+
+def _runs(resnets) -> list[list[int]]:
+    """The indices of ``resnets`` in runs of consecutive blocks with one body (``_same_body``)."""
+    runs: list[list[int]] = []
     for i, r in enumerate(resnets):
-        x, new[f"resnet_{i}"] = r(x, zq, cache.get(f"resnet_{i}"), valid)
+        if runs and _same_body(resnets[runs[-1][0]], r):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def _scan_resnets(blocks, x, zq, caches, valid):
+    """Consecutive ResnetBlock3D of one body under one ``lax.scan`` over their stacked parameters
+    (and caches): the compiler lowers the block's convolutions once, not once per block (the TPU
+    backend's time goes to lowering each 3x3x3 convolution). Returns (x, [cache per block])."""
+    graphdef = nnx.graphdef(blocks[0])
+    stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+    params = stack([nnx.state(b) for b in blocks])
+    # a first frame batch has no caches (all None); later ones have every block's
+    cache_in = None if all(c is None for c in caches) else stack(caches)
+
+    def body(h, pc):
+        state, c = pc
+        h, nc = nnx.merge(graphdef, state)(h, zq, c, valid)
+        return h, nc
+
+    x, out = jax.lax.scan(body, x, (params, cache_in))
+    return x, [jax.tree.map(lambda a: a[k], out) for k in range(len(blocks))]
+
+
+def resnet_chain(parts, x, zq, valid=None):
+    """Run the ResnetBlock3D lists of several blocks one after the other, ``parts`` = [(resnets,
+    cache of their block)], threading each one's cache entry ``resnet_i``; consecutive blocks of one
+    body run under one scan (``_scan_resnets``), also across parts (the decoder's mid block and
+    first up block), with the same numbers as one by one. Returns (x, [new cache per part])."""
+    blocks, caches, where = [], [], []
+    for p, (resnets, cache) in enumerate(parts):
+        for i, r in enumerate(resnets):
+            blocks.append(r)
+            caches.append((cache or {}).get(f"resnet_{i}"))
+            where.append((p, f"resnet_{i}"))
+    outs: list = [None] * len(blocks)
+    for run in _runs(blocks):
+        if len(run) == 1:
+            x, outs[run[0]] = blocks[run[0]](x, zq, caches[run[0]], valid)
+        else:
+            x, got = _scan_resnets([blocks[k] for k in run], x, zq, [caches[k] for k in run], valid)
+            for k, c in zip(run, got):
+                outs[k] = c
+    new: list[dict] = [{} for _ in parts]
+    for (p, name), c in zip(where, outs):
+        new[p][name] = c
+    return x, new
+
+
+def _resnets(resnets, x, zq, cache: Cache, valid=None):
+    """Run a list of ResnetBlock3D (``resnet_chain`` of one part)."""
+    x, (new,) = resnet_chain([(resnets, cache)], x, zq, valid)
     return x, new
 
 
@@ -275,9 +340,13 @@ class UpBlock3D(nnx.Module):
 
     def __call__(self, x, zq, cache: Cache = None, valid=None):
         x, new = _resnets(self.resnets, x, zq, cache, valid)
+        return self.upsample(x, zq, valid), new
+
+    def upsample(self, x, zq, valid=None):
+        """The block's upsampler (if any) after its resnets."""
         for u in self.upsamplers:
             x = u(_zero_outside(x, valid_mask(x, zq, valid)))  # its 3x3 conv sees zeros outside
-        return x, new
+        return x
 
 
 class MidBlock3D(nnx.Module):
