@@ -9,7 +9,8 @@ the cache is a dict pytree mirroring the module tree (None for a fresh first bat
 Consecutive resnets of one body (same structure, same parameter shapes) run under one
 ``lax.scan`` over their stacked parameters (``resnet_chain``): the TPU backend spends its compile
 time lowering each 3x3x3 convolution, and a scanned body is lowered once (the 5B decoder: 18
-resnets in 6 bodies), with the same numbers as one block after the other.
+resnets in 6 bodies), with the same numbers as one block after the other. The encoder's resnets
+run one by one (``ENCODER_SCAN``: the scan cost the train step's frozen encoder 8.9 GiB of peak).
 
 The decoder's layers also take ``valid`` (None, or the traced (height, width) of the latents that
 are real, at the top left of a zero-padded tile): every GroupNorm then takes its statistics over
@@ -40,6 +41,11 @@ from flax import nnx
 from mm_jax.models import layers as L
 
 Cache = Optional[dict]
+
+# The encoder's resnets run one by one: under the scan the v5p-8 train-video step (the frozen
+# encoder inside it) compiled in 177 s instead of 192 s but peaked at 46.78 GiB instead of 37.86
+# (benchmarks/compile_time.py, load 0.1-0.4), so the scan is the decoder's only.
+ENCODER_SCAN = False
 
 # backends on which CausalConv3d runs its conv as temporal taps (see the module docstring)
 TEMPORAL_TAPS_BACKENDS = ("cpu",)
@@ -278,11 +284,12 @@ def _scan_resnets(blocks, x, zq, caches, valid):
     return x, [jax.tree.map(lambda a: a[k], out) for k in range(len(blocks))]
 
 
-def resnet_chain(parts, x, zq, valid=None):
+def resnet_chain(parts, x, zq, valid=None, scan: bool = True):
     """Run the ResnetBlock3D lists of several blocks one after the other, ``parts`` = [(resnets,
     cache of their block)], threading each one's cache entry ``resnet_i``; consecutive blocks of one
     body run under one scan (``_scan_resnets``), also across parts (the decoder's mid block and
-    first up block), with the same numbers as one by one. Returns (x, [new cache per part])."""
+    first up block), with the same numbers as one by one. ``scan=False``: every block on its own.
+    Returns (x, [new cache per part])."""
     blocks, caches, where = [], [], []
     for p, (resnets, cache) in enumerate(parts):
         for i, r in enumerate(resnets):
@@ -290,7 +297,7 @@ def resnet_chain(parts, x, zq, valid=None):
             caches.append((cache or {}).get(f"resnet_{i}"))
             where.append((p, f"resnet_{i}"))
     outs: list = [None] * len(blocks)
-    for run in _runs(blocks):
+    for run in (_runs(blocks) if scan else [[k] for k in range(len(blocks))]):
         if len(run) == 1:
             x, outs[run[0]] = blocks[run[0]](x, zq, caches[run[0]], valid)
         else:
@@ -303,9 +310,9 @@ def resnet_chain(parts, x, zq, valid=None):
     return x, new
 
 
-def _resnets(resnets, x, zq, cache: Cache, valid=None):
+def _resnets(resnets, x, zq, cache: Cache, valid=None, scan: bool = True):
     """Run a list of ResnetBlock3D (``resnet_chain`` of one part)."""
-    x, (new,) = resnet_chain([(resnets, cache)], x, zq, valid)
+    x, (new,) = resnet_chain([(resnets, cache)], x, zq, valid, scan)
     return x, new
 
 
@@ -321,7 +328,7 @@ class DownBlock3D(nnx.Module):
         self.downsamplers = nnx.List([Downsample3D(cout, compress_time, **kw)] if add_down else [])
 
     def __call__(self, x, cache: Cache = None):
-        x, new = _resnets(self.resnets, x, None, cache)
+        x, new = _resnets(self.resnets, x, None, cache, scan=ENCODER_SCAN)
         for d in self.downsamplers:
             x = d(x)
         return x, new
@@ -357,4 +364,5 @@ class MidBlock3D(nnx.Module):
                                                dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(2)])
 
     def __call__(self, x, zq=None, cache: Cache = None, valid=None):
-        return _resnets(self.resnets, x, zq, cache, valid)
+        """The encoder's mid block (the decoder chains its resnets with the first up block's)."""
+        return _resnets(self.resnets, x, zq, cache, valid, scan=ENCODER_SCAN if zq is None else True)
